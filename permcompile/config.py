@@ -1,0 +1,75 @@
+"""User-facing configuration: frozen dataclasses, parsed and validated once."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+STRATEGIES = ("none", "random", "greedy", "hungarian", "learned")
+CRITERIA = ("magnitude", "wanda", "ria")
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """N:M sparsity: keep ``n`` of every ``m`` consecutive weights along a layer's input (K) axis."""
+
+    n: int = 2
+    m: int = 4
+
+    @classmethod
+    def parse(cls, text: str) -> "Sparsity":
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+        if not match:
+            raise UsageError(f"--sparsity must look like N:M (for example 2:4), got {text!r}")
+        n, m = int(match.group(1)), int(match.group(2))
+        if m < 2 or n < 1 or n >= m:
+            raise UsageError(f"--sparsity {text!r} is invalid: need 1 <= N < M (for example 2:4 or 4:8)")
+        return cls(n, m)
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """Hyper-parameters of the learned (Sinkhorn) permutation search."""
+
+    block_size: int = 64
+    steps: int = 60
+    lr: float = 0.05
+    sinkhorn_iters: int = 8
+    tau_start: float = 1.0
+    tau_end: float = 0.05
+    loss: str = "mse"  # "mse" or "cosine"
+    task_loss: bool = False
+    residual: str = "global"  # "global" (zero glue) or "per-layer"
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything ``optimize()`` needs besides the model."""
+
+    sparsity: Sparsity = Sparsity()
+    permutation: str = "hungarian"
+    criterion: str = "wanda"
+    precision: str = "fp32"
+    prune: bool = True
+    calib: str | None = None  # path; None -> embedded default
+    calib_samples: int = 32
+    calib_seq_len: int = 128
+    seed: int = 0
+    device: str = "cpu"
+    prune_embeddings: bool = False  # embeddings and LM head stay dense by default
+    learn: LearnConfig = field(default_factory=LearnConfig)
+
+    def __post_init__(self) -> None:
+        if self.permutation not in STRATEGIES:
+            raise UsageError(f"unknown permutation strategy {self.permutation!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.criterion not in CRITERIA:
+            raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.calib_samples < 1 or self.calib_seq_len < 2:
+            raise UsageError("calibration needs at least 1 sample of at least 2 tokens")
