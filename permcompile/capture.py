@@ -97,3 +97,37 @@ def linear_nodes(captured: Captured) -> list[tuple[torch.fx.Node, str, str]]:
             if isinstance(w, torch.fx.Node) and w.name in captured.placeholder_to_param:
                 out.append((node, node_module(node), captured.placeholder_to_param[w.name]))
     return out
+
+
+_PASS_THROUGH = {"view", "reshape", "_unsafe_view", "contiguous", "clone", "to", "_to_copy", "alias", "slice",
+                 "select", "squeeze", "unsqueeze", "transpose", "permute", "float", "detach", "dropout"}
+
+
+def output_linears(captured: Captured) -> set[str]:
+    """Names of linear nodes whose result reaches a graph output through shape-only ops (LM heads)."""
+    heads: set[str] = set()
+    out_node = next(n for n in captured.graph.nodes if n.op == "output")
+    stack = _flatten_nodes(out_node.args)
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node.name in seen or node.op != "call_function":
+            continue
+        seen.add(node.name)
+        name = str(node.target)
+        op = name.split(".")[1] if name.startswith("aten.") else name
+        if op in ("linear", "addmm", "mm", "matmul"):
+            heads.add(node.name)
+        elif op in _PASS_THROUGH and node.args and isinstance(node.args[0], torch.fx.Node):
+            stack.append(node.args[0])
+    return heads
+
+
+def _flatten_nodes(x) -> list:
+    if isinstance(x, torch.fx.Node):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [n for y in x for n in _flatten_nodes(y)]
+    if isinstance(x, dict):
+        return [n for y in x.values() for n in _flatten_nodes(y)]
+    return []

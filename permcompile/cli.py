@@ -1,0 +1,204 @@
+"""The ``permcompile`` command line.
+
+Every error a user can cause prints one line (``error: ...``) and exits non-zero (2 for usage errors,
+1 for failed checks); ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from .errors import PermcompileError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _run(fn, debug: bool):
+    try:
+        return fn()
+    except PermcompileError as exc:
+        if debug:
+            traceback.print_exc()
+        msg = str(exc).strip()
+        click.echo(f"error: {msg}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted (nothing was written to the output)", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc.strerror or exc} ({exc.filename or ''})".replace(" ()", ""), err=True)
+        sys.exit(1)
+    except Exception as exc:  # a bug: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        click.echo(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug for details)",
+                   err=True)
+        sys.exit(1)
+
+
+def _range(text: str, name: str) -> tuple[int, int, int]:
+    try:
+        parts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{name} must be MIN,OPT,MAX integers, got {text!r}")
+    if len(parts) != 3 or not (1 <= parts[0] <= parts[1] <= parts[2]):
+        raise click.BadParameter(f"{name} must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
+    return tuple(parts)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="permcompile")
+def main():
+    """permcompile: channel permutations for N:M (2:4) sparse Transformers, folded into the weights."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--out", "out", required=True, help="Output folder, or X.plan for a TensorRT engine (artifacts go to X/).")
+@click.option("--sparsity", default="2:4", show_default=True, help="N:M pattern along each layer's input axis.")
+@click.option("--permutation", default="hungarian", show_default=True,
+              help="Permutation strategy: none, random, greedy, hungarian or learned.")
+@click.option("--criterion", default="wanda", show_default=True, help="Mask criterion: magnitude, wanda or ria.")
+@click.option("--calib", default=None, help="Calibration data: text file/folder, saved dataset, data file or image folder "
+                                            "(default: the embedded sample).")
+@click.option("--calib-samples", default=32, show_default=True, type=int, help="Number of calibration samples.")
+@click.option("--calib-seq-len", default=128, show_default=True, type=int, help="Tokens per calibration sample.")
+@click.option("--precision", default="fp32", show_default=True, help="ONNX precision: fp32 or fp16.")
+@click.option("--no-prune", is_flag=True, help="Permute and fold only; the model's function is unchanged.")
+@click.option("--prune-embeddings", is_flag=True, help="Also prune output heads (LM head), which stay dense by default.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same result).")
+@click.option("--device", default="cpu", show_default=True, help="Device for learning: cpu or cuda.")
+@click.option("--steps", default=None, type=int, help="Learned strategy: optimisation steps per group.")
+@click.option("--block-size", default=None, type=int, help="Learned strategy: Sinkhorn block size.")
+@click.option("--task-loss", is_flag=True, help="Learned strategy: add the end-to-end loss term.")
+@click.option("--residual", default="global", show_default=True, help="Learned strategy: residual permutation global or per-layer.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted learned run from its checkpoints.")
+@click.option("--batch", default="1,1,8", show_default=True, help="TensorRT profile batch MIN,OPT,MAX.")
+@click.option("--seq", default="1,128,512", show_default=True, help="TensorRT profile sequence MIN,OPT,MAX.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading pickled .bin weights (unsafe for untrusted files).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples, calib_seq_len, precision, no_prune,
+             prune_embeddings, seed, device, steps, block_size, task_loss, residual, resume, batch, seq, force,
+             trust_pickle, quiet, debug):
+    """Permute, fold, prune to N:M, export and verify MODEL (short name or HF folder)."""
+    batch_range = _range(batch, "--batch")
+    seq_range = _range(seq, "--seq")
+
+    def go():
+        from dataclasses import replace
+
+        from .config import LearnConfig, OptimizeConfig, Sparsity
+        from .pipeline import optimize as run
+
+        learn = LearnConfig(task_loss=task_loss, residual=residual)
+        if steps is not None:
+            learn = replace(learn, steps=steps)
+        if block_size is not None:
+            learn = replace(learn, block_size=block_size)
+        config = OptimizeConfig(sparsity=Sparsity.parse(sparsity), permutation=permutation, criterion=criterion,
+                                precision=precision, prune=not no_prune, calib=calib, calib_samples=calib_samples,
+                                calib_seq_len=calib_seq_len, seed=seed, device=device,
+                                prune_embeddings=prune_embeddings, learn=learn)
+        spec = model
+        if trust_pickle:
+            os.environ["PERMCOMPILE_TRUST_PICKLE"] = "1"
+        result = run(spec, out, config, force=force, batch_range=batch_range, seq_range=seq_range, quiet=quiet,
+                     resume=resume)
+        _print_summary(result.report)
+
+    _run(go, debug)
+
+
+def _print_summary(report: dict) -> None:
+    groups = report.get("groups", [])
+    moved = [g for g in groups if g["strategy"] != "none"]
+    click.echo(f"model {report['model']}  sparsity {report['sparsity']}  permutation {report['permutation']}  "
+               f"criterion {report['criterion']}")
+    if moved:
+        ki = report.get("kept_importance", {})
+        click.echo(f"groups permuted: {len(moved)}/{len(groups)}  kept importance (mean over groups): "
+                   f"identity {ki.get('identity', 0):.4f} -> chosen {ki.get('chosen', 0):.4f}")
+    click.echo(f"pruned layers: {len(report.get('pruned_layers', []))}  dense: {len(report.get('dense_layers', []))}  "
+               f"glue ops: {report.get('glue_ops', 0)}")
+    checks = report.get("checks", [])
+    click.echo(f"checks: {sum(c['passed'] for c in checks)}/{len(checks)} passed")
+    click.echo("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items()))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the coupling groups as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def inspect(model, as_json, debug):
+    """Print MODEL's coupling groups: consumers, producers, passengers and pins."""
+
+    def go():
+        from .capture import capture
+        from .models import load_model
+        from .passes.coupling import analyze
+        from .passes.groups import groups_to_json
+
+        loaded = load_model(model)
+        captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
+        groups = analyze(captured)
+        if as_json:
+            click.echo(groups_to_json(groups))
+            return
+        click.echo(f"{loaded.name}: {len(groups)} coupling groups (captured in {captured.seconds:.1f}s)")
+        header = f"{'group':<48} {'kind':<9} {'size':>5} {'cons':>4} {'prod':>4} {'pass':>4} {'blocks':>6} {'fixed':>5}"
+        click.echo(header)
+        click.echo("-" * len(header))
+        for g in groups:
+            blocks = len(set(g.blocks)) if g.blocks else 1
+            click.echo(f"{g.name[:48]:<48} {g.kind:<9} {g.size:>5} {len(g.consumers):>4} {len(g.producers):>4} "
+                       f"{len(g.passengers):>4} {blocks:>6} {len(set(g.fixed)):>5}")
+            for pin in g.pins[:3]:
+                click.echo(f"    pinned by {pin.op} at {pin.node} ({pin.module or 'top'}): {pin.reason}")
+        click.echo("consumers = linears whose input channels move; fixed = channels pinned in place.")
+
+    _run(go, debug)
+
+
+@main.command()
+@click.argument("out")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def verify(out, as_json, debug):
+    """Re-check an OUT folder: N:M in model.onnx and hf/, file integrity, ONNX Runtime vs torch."""
+
+    def go():
+        from pathlib import Path
+
+        from .errors import UsageError, VerificationError
+        from .export.verify import format_checks, verify_artifacts
+
+        folder = Path(out)
+        if folder.suffix == ".plan":
+            folder = folder.with_suffix("")
+        if not (folder / "report.json").is_file():
+            raise UsageError(f"{out} is not a permcompile output folder (no report.json)")
+        checks = verify_artifacts(folder)
+        if as_json:
+            click.echo(json.dumps([c.__dict__ for c in checks], indent=1))
+        else:
+            click.echo(format_checks(checks))
+        failed = [c for c in checks if not c.passed]
+        if failed:
+            raise VerificationError(f"{len(failed)} of {len(checks)} checks failed")
+
+    _run(go, debug)
+
+
+if __name__ == "__main__":
+    main()

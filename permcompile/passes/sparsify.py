@@ -1,0 +1,233 @@
+"""Choose permutations per group and enforce N:M masks: the orchestration around ``permcompile.math``.
+
+Every consumer of a group contributes its importance matrix ``[out, K]`` (criterion scores). The
+group's objective is the importance kept by the N:M mask *in permuted order*, summed over its
+consumers, so one permutation serves all the layers that share it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..math.nm import criterion_scores, is_nm, kept_importance, nm_mask
+from .fold import member_source
+from .groups import Group, Member
+
+
+@dataclass
+class LinearInfo:
+    module: str  # module FQN
+    param: str  # weight FQN
+    k_axis: int  # 1 for nn.Linear ([out, K]); 0 for GPT-2 Conv1D ([K, out])
+    shape: tuple[int, ...]
+    prune: bool = True
+    reason: str = ""  # why it stays dense
+
+    @property
+    def k(self) -> int:
+        return self.shape[self.k_axis]
+
+
+@dataclass
+class GroupResult:
+    name: str
+    kind: str
+    size: int
+    strategy: str
+    kept_identity: float
+    kept_chosen: float
+    seconds: float
+    consumers: int
+    fixed: int
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class MaskResult:
+    layers: list[dict] = field(default_factory=list)
+    dense: list[dict] = field(default_factory=list)
+
+
+def weight_kout(model: nn.Module, info_or_member) -> torch.Tensor:
+    """The weight in consumer orientation ``[out, K]`` (a view, no copy)."""
+    param = info_or_member.param
+    axis = info_or_member.k_axis if isinstance(info_or_member, LinearInfo) else info_or_member.axis
+    w = model.get_parameter(param)
+    return w if axis == 1 else w.t()
+
+
+def _act_norm(stats: dict, module: str) -> torch.Tensor | None:
+    s = stats.get(module) if stats else None
+    return None if s is None else s.norm.float()
+
+
+def consumer_scores(model, member_or_info, stats, criterion: str) -> torch.Tensor:
+    w = weight_kout(model, member_or_info).detach().float()
+    act = _act_norm(stats, member_or_info.module)
+    if criterion != "magnitude" and act is None:
+        raise KeyError(f"no calibration statistics for {member_or_info.module}")
+    return criterion_scores(criterion, w, act)
+
+
+def group_score_matrix(group: Group, model: nn.Module, stats: dict, criterion: str, pruned: set[str],
+                       m: int, normalize: bool = True) -> torch.Tensor | None:
+    """Stack every pruned consumer's scores in group-element columns: ``[rows, group.size]``.
+
+    A consumer whose positions carry an element several times (GQA ``o_proj``) contributes one block of
+    rows per replica. Consumers whose N:M stripes do not line up with the group's stripes are left out
+    of the objective (they are still folded correctly).
+    """
+    blocks = []
+    n = group.size
+    for mem in group.consumers:
+        if mem.param not in pruned:
+            continue
+        s = consumer_scores(model, mem, stats, criterion)
+        if normalize:
+            s = s / s.mean().clamp_min(1e-30)
+        index = mem.index_tensor(s.shape[1])
+        if not bool((index % m == torch.arange(index.numel()) % m).all()):
+            continue
+        counts = torch.bincount(index, minlength=n)
+        order = torch.argsort(index, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        for r in range(int(counts.max())):
+            present = counts > r
+            cols = torch.zeros(n, dtype=torch.long)
+            cols[present] = order[starts[present] + r]
+            block = s[:, cols] * present.to(s.dtype)
+            blocks.append(block)
+    if not blocks:
+        return None
+    return torch.cat(blocks, dim=0)
+
+
+def choose_permutations(groups: list[Group], model: nn.Module, stats: dict, criterion: str, strategy: str,
+                        n: int, m: int, pruned: set[str], seed: int = 0,
+                        progress=None) -> tuple[dict[str, torch.Tensor], list[GroupResult]]:
+    """One permutation per group with the named heuristic strategy (``none``/``random``/``greedy``/``hungarian``)."""
+    from ..math.strategies import STRATEGIES
+
+    fn = STRATEGIES[strategy]
+    perms: dict[str, torch.Tensor] = {}
+    results: list[GroupResult] = []
+    gen = torch.Generator().manual_seed(seed)
+    for group in groups:
+        start = time.perf_counter()
+        scores = group_score_matrix(group, model, stats, criterion, pruned, m)
+        if scores is None or group.size % m != 0 or group.movable < 2:
+            note = "no pruned consumer" if scores is None else (
+                "size not divisible by M" if group.size % m else "every element pinned")
+            ident = torch.arange(group.size)
+            perms[group.name] = ident
+            k = kept_importance(scores, n, m) if scores is not None and group.size % m == 0 else 0.0
+            results.append(GroupResult(group.name, group.kind, group.size, "none", k, k, 0.0,
+                                       len(group.consumers), len(set(group.fixed)), note))
+            if progress:
+                progress(group.name)
+            continue
+        perm = fn(scores, n, m, group.block_labels(), group.fixed_mask(), gen)
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        if not group.is_valid(perm):  # post-condition of every strategy
+            raise RuntimeError(f"strategy {strategy} returned an invalid permutation for {group.name}")
+        total = float(scores.sum())
+        k0 = kept_importance(scores, n, m) / total
+        k1 = kept_importance(scores, n, m, perm) / total
+        perms[group.name] = perm
+        results.append(GroupResult(group.name, group.kind, group.size, strategy, k0, k1,
+                                   time.perf_counter() - start, len(group.consumers), len(set(group.fixed))))
+        if progress:
+            progress(group.name)
+    return perms, results
+
+
+def permute_stats_(stats: dict, groups: list[Group], perms: dict[str, torch.Tensor]) -> None:
+    """Reorder calibration statistics the way ``fold_`` reordered the consumers' input channels."""
+    for group in groups:
+        perm = perms.get(group.name)
+        if perm is None or torch.equal(perm, torch.arange(group.size)):
+            continue
+        for mem in group.consumers:
+            s = stats.get(mem.module)
+            if s is None:
+                continue
+            src = member_source(mem, perm, s.sumsq.numel())
+            s.permute_(src)
+
+
+@torch.no_grad()
+def apply_masks_(model: nn.Module, linears: list[LinearInfo], stats: dict, criterion: str, n: int,
+                 m: int) -> MaskResult:
+    """Zero all but the N highest-scoring weights in every group of M along K (in stored order)."""
+    result = MaskResult()
+    for info in linears:
+        if not info.prune:
+            result.dense.append({"module": info.module, "param": info.param, "reason": info.reason})
+            continue
+        w = weight_kout(model, info)
+        scores = consumer_scores(model, info, stats, criterion)
+        mask = nm_mask(scores, n, m)
+        total = float(scores.sum())
+        kept = float((scores * mask).sum())
+        w.mul_(mask.to(w.dtype))
+        result.layers.append({"module": info.module, "param": info.param, "shape": list(info.shape),
+                              "k": info.k, "sparsity": float(1 - mask.float().mean()),
+                              "kept_importance": kept / total if total else 1.0})
+    check_nm(model, linears, n, m)
+    return result
+
+
+def check_nm(model: nn.Module, linears: list[LinearInfo], n: int, m: int) -> None:
+    """Post-condition: every pruned weight is N:M along its input axis."""
+    bad = [i.module for i in linears if i.prune and not is_nm(weight_kout(model, i), n, m)]
+    if bad:
+        raise AssertionError(f"weights not {n}:{m} along K after masking: {', '.join(bad[:5])}")
+
+
+def unstructured_masks_(model: nn.Module, linears: list[LinearInfo], stats: dict, criterion: str,
+                        sparsity: float = 0.5) -> None:
+    """The upper-bound baseline: the same criterion, unstructured per output row."""
+    from ..math.nm import unstructured_mask
+
+    with torch.no_grad():
+        for info in linears:
+            if info.prune:
+                w = weight_kout(model, info)
+                w.mul_(unstructured_mask(consumer_scores(model, info, stats, criterion), sparsity).to(w.dtype))
+
+
+def select_linears(model: nn.Module, captured, groups: list[Group], m: int,
+                   prune_embeddings: bool = False) -> list[LinearInfo]:
+    """Every linear layer of the graph, with whether it is pruned and, if not, why."""
+    from ..capture import linear_nodes, output_linears
+
+    heads = output_linears(captured)
+    tied = {p for p, c in captured.aliases.items() if p != c} | {c for p, c in captured.aliases.items() if p != c}
+    out: list[LinearInfo] = []
+    seen = set()
+    for node, module, param in linear_nodes(captured):
+        if param in seen:
+            continue
+        seen.add(param)
+        shape = captured.param_shapes[param]
+        k_axis = 1 if str(node.target) == "aten.linear.default" else 0
+        info = LinearInfo(module, param, k_axis, shape)
+        if not prune_embeddings and (node.name in heads or param in tied):
+            info.prune, info.reason = False, "output head (embeddings and LM head stay dense)"
+        elif info.k % m != 0:
+            info.prune, info.reason = False, f"K={info.k} not divisible by M={m}"
+        out.append(info)
+    return out
+
+
+def group_member(group: Group, param: str) -> Member | None:
+    for mem in group.members:
+        if mem.param == param:
+            return mem
+    return None

@@ -1,0 +1,340 @@
+"""``optimize()``: the whole compiler, one step after another.
+
+capture → groups → calibrate → permute → fold → mask → export → verify
+
+Read this file top to bottom to see what ``permcompile optimize`` does. Each step lives in its own
+module; this one only orders them, times them, and writes the output folder atomically (a temporary
+folder renamed into place only after every check passed; a failed check leaves ``OUT.failed/``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import OptimizeConfig
+from .errors import MissingDependencyError, PermcompileError, UsageError, VerificationError
+
+
+@dataclass
+class OptimizeResult:
+    out_dir: Path
+    report: dict
+    engine_path: Path | None = None
+
+
+@dataclass
+class _Timer:
+    timings: dict = field(default_factory=dict)
+    quiet: bool = False
+
+    def step(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.start = time.perf_counter()
+                if not timer.quiet:
+                    print(f"[permcompile] {name} ...", file=sys.stderr, flush=True)
+                return self
+
+            def __exit__(self, *exc):
+                timer.timings[name] = round(time.perf_counter() - self.start, 3)
+                return False
+
+        return _Ctx()
+
+
+def resolve_outputs(out: str | os.PathLike, force: bool) -> tuple[Path, Path | None]:
+    """``OUT`` → (artifact folder, engine path or None). ``X.plan`` puts artifacts in ``X/``."""
+    out = Path(out)
+    plan = None
+    if out.suffix == ".plan":
+        plan = out
+        out = out.with_suffix("")
+    for target in [out] + ([plan] if plan else []):
+        if target.exists() and not force:
+            raise UsageError(f"output {target} already exists (use --force to replace it)")
+    parent = out.resolve().parent
+    if not parent.exists():
+        raise UsageError(f"output folder's parent {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to {parent} (read-only or no permission)")
+    return out, plan
+
+
+def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeConfig(), *, force: bool = False,
+             batch_range: tuple[int, int, int] = (1, 1, 8), seq_range: tuple[int, int, int] = (1, 128, 512),
+             quiet: bool = False, resume: bool = False, checkpoint_dir: str | None = None) -> OptimizeResult:
+    """Compile ``model`` (a short name, an HF folder, or an ``nn.Module``) into ``out``.
+
+    Example::
+
+        from permcompile import optimize, OptimizeConfig
+        optimize("minilm", "out/minilm", OptimizeConfig(permutation="hungarian", criterion="wanda"))
+    """
+    from .calib.data import load_calibration
+    from .calib.stats import collect_input_stats
+    from .capture import capture
+    from .models import load_model
+    from .passes.coupling import analyze
+    from .passes.fold import fold_
+    from .passes.sparsify import apply_masks_, choose_permutations, permute_stats_, select_linears
+
+    torch.manual_seed(config.seed)
+    out_dir, plan_path = resolve_outputs(out, force)
+    t = _Timer(quiet=quiet)
+    n, m = config.sparsity.n, config.sparsity.m
+
+    with t.step("load"):
+        loaded = load_model(model)
+    net = loaded.model
+    with t.step("capture"):
+        captured = capture(net, loaded.example_inputs(), loaded.forward_kwargs())
+    with t.step("analyze"):
+        groups = analyze(captured)
+        linears = select_linears(net, captured, groups, m, config.prune_embeddings)
+    if not any(i.prune for i in linears):
+        raise UsageError(f"no linear layer of this model can take {config.sparsity} sparsity "
+                         f"(input sizes: {sorted({i.k for i in linears})})")
+    pruned = {i.param for i in linears if i.prune}
+
+    with t.step("calibrate"):
+        batches = load_calibration(config.calib, loaded, config.calib_samples, config.calib_seq_len, config.seed)
+        stats = collect_input_stats(net, batches, progress=not quiet)
+
+    with t.step("permute"):
+        if config.permutation == "learned":
+            from .passes.learn import learn_permutations
+
+            perms, group_results = learn_permutations(
+                loaded, groups, stats, batches, config, pruned=pruned, quiet=quiet,
+                resume=resume, checkpoint_dir=checkpoint_dir)
+        else:
+            perms, group_results = choose_permutations(
+                groups, net, stats, config.criterion, config.permutation, n, m, pruned, seed=config.seed)
+
+    verify_inputs = _verification_inputs(loaded, batches)
+    with torch.no_grad():
+        dense_ref = [_main_output(net, b, loaded) for b in verify_inputs]
+    with t.step("fold"):
+        fold_report = fold_(net, groups, perms)
+        permute_stats_(stats, groups, perms)
+        fold_err = _max_rel_err(net, verify_inputs, dense_ref, loaded)
+    if fold_err > 1e-4:
+        raise VerificationError(f"folding changed the model's output (relative error {fold_err:.2e}); "
+                                "this is a bug in the coupling analysis, please report it")
+
+    mask_result = None
+    if config.prune:
+        with t.step("mask"):
+            mask_result = apply_masks_(net, linears, stats, config.criterion, n, m)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
+    try:
+        report = {
+            "model": loaded.name, "source": loaded.source, "family": loaded.family,
+            "auto_class": loaded.auto_class, "sparsity": str(config.sparsity),
+            "permutation": config.permutation, "criterion": config.criterion, "precision": config.precision,
+            "pruned": config.prune, "config": _config_dict(config),
+            "groups": [r.to_dict() for r in group_results],
+            "glue_ops": fold_report.glue_ops,
+            "fold": {"groups_permuted": fold_report.groups_permuted, "tensors_changed": fold_report.tensors_changed,
+                     "max_rel_err": fold_err},
+            "pruned_layers": mask_result.layers if mask_result else [],
+            "dense_layers": (mask_result.dense if mask_result else
+                             [{"module": i.module, "param": i.param, "reason": "--no-prune"} for i in linears]),
+            "input_names": list(loaded.example_inputs().keys()),
+            "timings": t.timings,
+        }
+        kept = [r for r in group_results if r.strategy != "none" or r.kept_identity]
+        if kept:
+            report["kept_importance"] = {
+                "identity": sum(r.kept_identity for r in kept) / len(kept),
+                "chosen": sum(r.kept_chosen for r in kept) / len(kept),
+            }
+        with t.step("export"):
+            _write_artifacts(tmp, loaded, groups, perms, config, report, mask_result)
+        with t.step("verify"):
+            from .export.verify import format_checks, verify_artifacts
+
+            checks = verify_artifacts(tmp, model=net, batches=verify_inputs)
+        report["checks"] = [asdict(c) for c in checks]
+        report["timings"] = t.timings
+        _write_report(tmp, report)
+        failed = [c for c in checks if not c.passed]
+        if failed:
+            dest = out_dir.with_name(out_dir.name + ".failed")
+            _replace(tmp, dest)
+            raise VerificationError(f"verification failed, artifacts kept in {dest}:\n{format_checks(failed)}")
+        _replace(tmp, out_dir)
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    engine = None
+    if plan_path is not None:
+        engine = _build_engine(out_dir, plan_path, config, loaded, batch_range, seq_range, report, t)
+    if not quiet:
+        print(f"[permcompile] wrote {out_dir}" + (f" and {engine}" if engine else ""), file=sys.stderr)
+    return OptimizeResult(out_dir, report, engine)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _config_dict(config: OptimizeConfig) -> dict:
+    d = asdict(config)
+    d["sparsity"] = str(config.sparsity)
+    return d
+
+
+def _verification_inputs(loaded, batches: list[dict]) -> list[dict]:
+    inputs = [dict(b) for b in batches[:2]]
+    gen = torch.Generator().manual_seed(1234)
+    ex = loaded.example_inputs(batch=2, seq=16)
+    rand = {}
+    for k, v in ex.items():
+        if v.dtype in (torch.long, torch.int64, torch.int32) and k == "input_ids":
+            hi = int(getattr(loaded.model.config, "vocab_size", int(v.max()) + 1))
+            rand[k] = torch.randint(0, hi, tuple(v.shape), generator=gen)
+        elif v.is_floating_point():
+            rand[k] = torch.randn(tuple(v.shape), generator=gen)
+        else:
+            rand[k] = v
+    inputs.append(rand)
+    return inputs
+
+
+def _main_output(net, batch: dict, loaded) -> torch.Tensor:
+    out = net(**batch, **loaded.forward_kwargs())
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits") and out.logits is not None:
+        return out.logits
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out[0]
+
+
+@torch.no_grad()
+def _max_rel_err(net, inputs, refs, loaded) -> float:
+    worst = 0.0
+    for b, ref in zip(inputs, refs):
+        y = _main_output(net, b, loaded)
+        worst = max(worst, float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
+    return worst
+
+
+def permutations_payload(groups, perms, config: OptimizeConfig, model_name: str) -> dict:
+    entries = []
+    for g in groups:
+        perm = perms.get(g.name)
+        is_id = perm is None or torch.equal(torch.as_tensor(perm), torch.arange(g.size))
+        d = g.to_dict()
+        d["perm"] = None if is_id else [int(x) for x in perm]
+        entries.append(d)
+    return {"format": "permcompile.permutations/1", "model": model_name, "sparsity": str(config.sparsity),
+            "strategy": config.permutation, "criterion": config.criterion, "seed": config.seed, "groups": entries}
+
+
+def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_result) -> None:
+    from .export.onnx import export_onnx
+    from .export.triton import write_triton_repo
+    from .export.verify import onnx_initializer_for_param
+
+    net = loaded.model
+    (tmp / "permutations.json").write_text(
+        json.dumps(permutations_payload(groups, perms, config, loaded.name), indent=1, sort_keys=True))
+    if hasattr(net, "save_pretrained"):
+        net.save_pretrained(tmp / "hf", safe_serialization=True)
+        for extra in (loaded.tokenizer, loaded.image_processor):
+            if extra is not None:
+                try:
+                    extra.save_pretrained(tmp / "hf")
+                except Exception:  # a tokenizer that cannot save is not worth failing the run
+                    pass
+    info = export_onnx(net, loaded.example_inputs(), tmp / "model.onnx", config.precision,
+                       forward_kwargs=loaded.forward_kwargs())
+    report["onnx"] = _jsonable(info)
+    try:
+        import onnx
+
+        proto = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
+        for layer in report["pruned_layers"]:
+            layer["onnx_initializer"] = onnx_initializer_for_param(proto, layer["param"])
+    except Exception as exc:  # mapping is best effort; verify falls back to structure checks
+        report["onnx_mapping_error"] = str(exc)
+    ex = loaded.example_inputs()
+    inputs = []
+    for k, v in ex.items():
+        dims = [-1] * v.dim()
+        if loaded.family == "vision":
+            dims = [-1] + list(v.shape[1:])
+        inputs.append((k, str(v.dtype).replace("torch.", ""), dims))
+    write_triton_repo(tmp / "triton", "model", onnx_path=tmp / "model.onnx", inputs=inputs,
+                      outputs=[("output", "float16" if config.precision == "fp16" else "float32", [-1])],
+                      sparse=config.prune)
+    _write_report(tmp, report)
+
+
+def _jsonable(obj):
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: _jsonable(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _write_report(folder: Path, report: dict) -> None:
+    from .export.verify import file_digests
+
+    report = dict(report)
+    report.pop("files", None)
+    report["files"] = file_digests(folder)
+    (folder / "report.json").write_text(json.dumps(_jsonable(report), indent=1, sort_keys=True))
+
+
+def _replace(src: Path, dest: Path) -> None:
+    if dest.exists():
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        else:
+            dest.unlink()
+    os.replace(src, dest)
+
+
+def _build_engine(out_dir, plan_path, config, loaded, batch_range, seq_range, report, t) -> Path:
+    from .export.tensorrt import build_engine
+
+    ex = loaded.example_inputs()
+    profiles = {}
+    for k, v in ex.items():
+        if loaded.family == "vision":
+            rest = tuple(v.shape[1:])
+            profiles[k] = tuple((b,) + rest for b in batch_range)
+        else:
+            profiles[k] = tuple((b, s) for b, s in zip(batch_range, seq_range))
+    with t.step("tensorrt"):
+        try:
+            info = build_engine(out_dir / "model.onnx", plan_path, config.precision, profiles, sparse=config.prune)
+        except MissingDependencyError as exc:
+            raise MissingDependencyError(f"{exc} (the ONNX artifacts are in {out_dir})") from exc
+    report["tensorrt"] = _jsonable(info)
+    report["timings"] = t.timings
+    _write_report(out_dir, report)
+    return Path(plan_path)
+
+
+__all__ = ["optimize", "OptimizeResult", "resolve_outputs", "PermcompileError"]
