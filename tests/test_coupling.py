@@ -174,8 +174,9 @@ class _Weird(nn.Module):
         x = self.emb(input_ids) * self.scale
         h = torch.tanh(self.a(x)) * torch.sigmoid(self.b(x))
         x = x + self.c(h)
-        y = torch.cumsum(self.d(x), dim=-1)  # channel-mixing op the pass does not understand
-        return self.head(x) + self.e(y).sum(-1, keepdim=True)
+        u = self.d(x)
+        y = torch.cumsum(u, dim=-1)  # channel-mixing op the pass does not understand: pins u's channels
+        return self.head(x) + self.e(u).sum(-1, keepdim=True) + y.sum(-1, keepdim=True)
 
 
 def test_unseen_architecture_and_unknown_op_pins():
