@@ -163,9 +163,13 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
         with t.step("export"):
             _write_artifacts(tmp, loaded, groups, perms, config, report, mask_result)
         with t.step("verify"):
-            from .export.verify import format_checks, verify_artifacts
+            from .export.verify import compare_ort_torch, format_checks, verify_artifacts
 
-            checks = verify_artifacts(tmp, model=net, batches=verify_inputs)
+            checks = verify_artifacts(tmp)
+            # the in-memory model on calibration inputs, besides verify's random inputs on the reloaded hf/
+            calib_cmp = compare_ort_torch(net, tmp / "model.onnx", verify_inputs[:2], loaded.forward_kwargs(),
+                                          precision=config.precision)
+            checks.append(calib_cmp.as_check("onnxruntime_vs_torch_calibration"))
         report["checks"] = [asdict(c) for c in checks]
         report["timings"] = t.timings
         _write_report(tmp, report)
@@ -272,16 +276,8 @@ def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_resu
             layer["onnx_initializer"] = onnx_initializer_for_param(proto, layer["param"])
     except Exception as exc:  # mapping is best effort; verify falls back to structure checks
         report["onnx_mapping_error"] = str(exc)
-    ex = loaded.example_inputs()
-    inputs = []
-    for k, v in ex.items():
-        dims = [-1] * v.dim()
-        if loaded.family == "vision":
-            dims = [-1] + list(v.shape[1:])
-        inputs.append((k, str(v.dtype).replace("torch.", ""), dims))
-    write_triton_repo(tmp / "triton", "model", onnx_path=tmp / "model.onnx", inputs=inputs,
-                      outputs=[("output", "float16" if config.precision == "fp16" else "float32", [-1])],
-                      sparse=config.prune)
+    write_triton_repo(tmp / "triton", "model", onnx_path=tmp / "model.onnx", sparse=config.prune,
+                      precision=config.precision)
     _write_report(tmp, report)
 
 

@@ -157,8 +157,10 @@ def permute_stats_(stats: dict, groups: list[Group], perms: dict[str, torch.Tens
             s = stats.get(mem.module)
             if s is None:
                 continue
-            src = member_source(mem, perm, s.sumsq.numel())
-            s.permute_(src)
+            src = member_source(mem, perm, s.sum_sq.numel())
+            s.sum_sq = s.sum_sq[src]
+            if s.sum is not None:
+                s.sum = s.sum[src]
 
 
 @torch.no_grad()

@@ -1,0 +1,780 @@
+"""Export a (permuted, pruned) model to ONNX with ``torch.onnx.export(..., dynamo=True)``.
+
+What ``export_onnx`` produces
+-----------------------------
+* One graph input per example kwarg (same names, same order), one output: the model's main tensor
+  (``logits`` when the model returns them, else ``last_hidden_state``, else the first output).
+* Dynamic axes: dim 0 ("batch") of every input; dim 1 ("seq") of every integer input of rank >= 2
+  (token ids, masks, token types, positions). Image inputs get a dynamic batch only.
+* Weight initializers are named after the torch parameter whose values they carry. torch 2.13's exporter
+  turns ``nn.Linear`` on 3-D activations into ``MatMul(x, W^T)`` and its optimizer constant-folds the
+  transpose into an *anonymous* ``[K, N]`` initializer (``val_76``); linear on 2-D activations becomes
+  ``Gemm(transB=1)`` with the ``[N, K]`` parameter; GPT-2's ``Conv1D`` (``addmm``) becomes
+  ``Gemm(transB=0)`` with the ``[K, N]`` parameter, named after the wrapper's FQN (``model.h.0...``).
+  We rename every such initializer to the inner model's parameter FQN (``model.layers.0.mlp.down_proj.weight``)
+  after checking, value by value, that it really holds that parameter (possibly transposed), using the
+  ``pkg.torch.onnx.name_scopes`` / ``pkg.torch.onnx.fx_node`` metadata the exporter stores on each node.
+  :attr:`OnnxExportInfo.initializer_map` records param FQN -> initializer name.
+* FP16: the model is deep-copied with its parameters cast to fp16 (buffers such as RoPE ``inv_freq`` stay
+  fp32) and exported directly ("half" method). This keeps the model's own mixed precision (Llama's RMSNorm
+  and RoPE run in fp32 in torch, and so they do in the graph) and ONNX Runtime's CPU provider runs the
+  result (checked for Llama, GPT-2, BERT, ViT, MiniLM). Float inputs
+  (``pixel_values``) stay fp32 at the graph boundary and are cast inside the graph; the output is fp16.
+  If the half export fails, we fall back to exporting fp32 and converting the graph with
+  :func:`convert_to_fp16` (all float tensors become fp16; float inputs stay fp32 via a Cast; outputs fp16).
+* Weights go to an external data file (``<name>.data``) only when they exceed 2 GB (protobuf's limit).
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import inspect
+import logging
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import PermcompileError, UsageError
+
+__all__ = [
+    "OnnxExportError",
+    "OnnxExportInfo",
+    "TensorSpec",
+    "WeightUse",
+    "ExportWrapper",
+    "export_onnx",
+    "convert_to_fp16",
+    "iter_weight_uses",
+    "onnx_io_specs",
+    "main_output",
+    "default_forward_kwargs",
+    "EXTERNAL_DATA_THRESHOLD",
+    "WRAPPER_PREFIX",
+]
+
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of weights above which they go to an external file
+WRAPPER_PREFIX = "model."  # the export wrapper holds the user's model as ``self.model``
+_META_WRAPPER = "permcompile.wrapper_prefix"
+_MIN_OPSET = 18
+_TEXT_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids",
+                "decoder_attention_mask"}
+
+
+class OnnxExportError(PermcompileError):
+    """The model could not be exported to ONNX (or the exported graph is unusable)."""
+
+    exit_code = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Data classes
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: ``dtype`` is a numpy dtype name, ``shape`` ints or axis names."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def dims(self) -> list[int]:
+        """Shape with every symbolic/unknown axis as -1 (Triton style)."""
+        return [d if isinstance(d, int) and d >= 0 else -1 for d in self.shape]
+
+
+@dataclass
+class OnnxExportInfo:
+    path: Path
+    precision: str
+    opset: int
+    input_names: list[str]
+    output_name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dynamic_axes: dict[str, dict[int, str]]
+    initializer_map: dict[str, str]  # torch parameter FQN -> ONNX initializer name (MatMul/Gemm weights)
+    export_seconds: float
+    size_bytes: int  # model file + external data
+    external_data: bool
+    fp16_method: str | None = None  # "half" or "convert" for fp16 exports
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """A constant weight feeding a MatMul (input B) or Gemm (input B), possibly through Transpose/Cast.
+
+    ``k_axis`` is the axis *of the stored initializer* that is the reduction (K) axis of the op.
+    ``param`` is the torch parameter FQN guessed from the node's exporter metadata (None if unknown).
+    """
+
+    init: str
+    node: str
+    op: str
+    k_axis: int
+    shape: tuple[int, ...]
+    param: str | None
+    via: tuple[str, ...]  # op types walked through between the initializer and the op
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrapper around the user's model
+# --------------------------------------------------------------------------------------------------
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def _has_var_kwargs(fn) -> bool:
+    try:
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+
+
+def default_forward_kwargs(model: nn.Module, forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``use_cache=False`` / ``return_dict=True`` where the model takes them, then the caller's kwargs."""
+    out: dict[str, Any] = {}
+    is_hf = any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+    var_kw = _has_var_kwargs(model.forward)
+    for key, value in (("use_cache", False), ("return_dict", True)):
+        if _accepts(model.forward, key) or (is_hf and var_kw and key == "return_dict"):
+            out[key] = value
+    out.update(dict(forward_kwargs or {}))
+    return out
+
+
+def main_output(out: Any) -> Tensor:
+    """The model's main tensor: ``logits``, else ``last_hidden_state``, else the first tensor."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        for key in ("logits", "last_hidden_state"):
+            value = out.get(key)
+            if isinstance(value, Tensor):
+                return value
+        for value in out.values():
+            if isinstance(value, Tensor):
+                return value
+    if isinstance(out, (tuple, list)):
+        for value in out:
+            if isinstance(value, Tensor):
+                return value
+    raise OnnxExportError(f"cannot find an output tensor in the model's {type(out).__name__} output")
+
+
+def _output_name(out: Any) -> str:
+    if isinstance(out, Mapping):
+        for key in ("logits", "last_hidden_state"):
+            if isinstance(out.get(key), Tensor):
+                return key
+        for key, value in out.items():
+            if isinstance(value, Tensor):
+                return str(key)
+    return "output"
+
+
+class ExportWrapper(nn.Module):
+    """Calls ``model(**dict(zip(names, args)), **forward_kwargs)`` and returns the main tensor.
+
+    Positional ``*args`` (not ``**kwargs``) because ``torch.export`` only accepts ``dynamic_shapes`` keyed
+    by the forward's parameter names. Float inputs are cast to ``float_dtype`` (fp16 export) inside the
+    graph, so clients keep sending fp32 images.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], forward_kwargs: Mapping[str, Any] | None = None,
+                 float_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model = model  # attribute name must match WRAPPER_PREFIX
+        self.names = list(names)
+        self.forward_kwargs = default_forward_kwargs(model, forward_kwargs)
+        self.float_dtype = float_dtype
+        # plain modules such as nn.Sequential take their inputs positionally
+        self.positional = not _has_var_kwargs(model.forward) and not all(_accepts(model.forward, n) for n in names)
+
+    def raw(self, *args: Tensor) -> Any:
+        """The model's unmodified output."""
+        if self.float_dtype is not None:
+            args = tuple(a.to(self.float_dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+        if self.positional:
+            return self.model(*args, **self.forward_kwargs)
+        return self.model(**dict(zip(self.names, args)), **self.forward_kwargs)
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return main_output(self.raw(*args))
+
+
+# --------------------------------------------------------------------------------------------------
+# Graph helpers (shared with verify.py)
+# --------------------------------------------------------------------------------------------------
+def _attr(node, name: str, default=None):
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _meta(proto) -> dict[str, str]:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def _param_from_metadata(node, prefix: str = "") -> str | None:
+    """Guess the torch weight FQN of a MatMul/Gemm node from the exporter's metadata."""
+    meta = _meta(node)
+    scopes = meta.get("pkg.torch.onnx.name_scopes")
+    fqn = None
+    if scopes:
+        try:
+            names = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            names = []
+        # [..., '<module fqn>', '<op name>']: the module owning the op is the second to last entry.
+        if len(names) >= 2 and names[-2]:
+            fqn = f"{names[-2]}.weight"
+    if fqn and prefix and fqn.startswith(prefix):
+        fqn = fqn[len(prefix):]
+    return fqn
+
+
+def _fx_placeholders(node) -> list[str]:
+    """``p_model_layers_0_mlp_up_proj_weight``-style parameter placeholders named in the fx node."""
+    text = _meta(node).get("pkg.torch.onnx.fx_node", "")
+    args = text.split("args = ", 1)[-1]
+    return re.findall(r"%(p_\w+)", args)
+
+
+def iter_weight_uses(model_proto) -> Iterator[WeightUse]:
+    """Every constant weight used as input B of a MatMul or Gemm (through Transpose / Cast / Identity).
+
+    K axis: MatMul B of rank r -> axis r-2 (rank-1 B is skipped); Gemm -> axis 1 if transB else 0; a
+    Transpose with ``perm`` on the path maps output axis a to input axis ``perm[a]``.
+    """
+    import onnx
+
+    graph = model_proto.graph
+    prefix = _meta(model_proto).get(_META_WRAPPER, "")
+    shapes: dict[str, tuple[int, ...]] = {i.name: tuple(i.dims) for i in graph.initializer}
+    producer: dict[str, Any] = {}
+    for node in graph.node:
+        for out in node.output:
+            producer[out] = node
+        if node.op_type == "Constant":
+            value = _attr(node, "value")
+            if isinstance(value, onnx.TensorProto):
+                shapes[node.output[0]] = tuple(value.dims)
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        cur = node.input[1]
+        via: list[str] = []
+        rank = None
+        perms: list[list[int]] = []
+        ok = True
+        while cur not in shapes:
+            prod = producer.get(cur)
+            if prod is None:
+                ok = False
+                break
+            if prod.op_type == "Transpose":
+                perms.append(list(_attr(prod, "perm", []) or []))
+            elif prod.op_type not in ("Cast", "Identity"):
+                ok = False
+                break
+            via.append(prod.op_type)
+            cur = prod.input[0]
+        if not ok:
+            continue
+        shape = shapes[cur]
+        rank = len(shape)
+        if rank < 2:
+            continue
+        if node.op_type == "MatMul":
+            axis = rank - 2
+        else:
+            axis = 1 if _attr(node, "transB", 0) else 0
+        # walk back from the op's view through each Transpose (nearest the op first)
+        for perm in perms:
+            if not perm:
+                perm = list(range(rank))[::-1]
+            axis = perm[axis]
+        yield WeightUse(init=cur, node=node.name, op=node.op_type, k_axis=axis, shape=shape,
+                        param=_param_from_metadata(node, prefix), via=tuple(via))
+
+
+def _np_dtype_name(elem_type: int) -> str:
+    import onnx
+
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except Exception:  # noqa: BLE001 - exotic types (bfloat16, float8)
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def _value_spec(value_info) -> TensorSpec:
+    t = value_info.type.tensor_type
+    shape: list[int | str] = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value"):
+            shape.append(int(d.dim_value))
+        else:
+            shape.append(d.dim_param or "?")
+    return TensorSpec(value_info.name, _np_dtype_name(t.elem_type), tuple(shape))
+
+
+def onnx_io_specs(path_or_proto) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Graph inputs (initializers excluded) and outputs of an ONNX file or ModelProto."""
+    import onnx
+
+    proto = path_or_proto
+    if not isinstance(proto, onnx.ModelProto):
+        proto = onnx.load(str(path_or_proto), load_external_data=False)
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [_value_spec(v) for v in proto.graph.input if v.name not in inits]
+    outputs = [_value_spec(v) for v in proto.graph.output]
+    return inputs, outputs
+
+
+# --------------------------------------------------------------------------------------------------
+# FP16 converter (fallback when exporting a .half() model fails)
+# --------------------------------------------------------------------------------------------------
+def convert_to_fp16(model_proto, keep_float_inputs: bool = True, keep_float_outputs: bool = False):
+    """Convert every float32 tensor of an ONNX graph to float16, in place, and return the model.
+
+    Initializers, Constant / ConstantOfShape values, ``Cast(to=FLOAT)`` targets, value_info, and graph
+    inputs / outputs are all rewritten. With ``keep_float_inputs`` a float32 graph input stays float32 and
+    is cast to fp16 right after entering the graph; likewise ``keep_float_outputs`` appends a Cast back to
+    float32. Subgraphs (If / Loop / Scan bodies) are converted too. Unlike a ``.half()`` export this
+    computes reductions (norm variances, softmax) in fp16 too, hence only a fallback.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+
+    def conv_tensor(t: TensorProto) -> TensorProto:
+        if t.data_type != FLOAT:
+            return t
+        arr = numpy_helper.to_array(t)
+        # clamp finite values to fp16's range (finfo(float32).min masks would otherwise become -inf)
+        arr = np.where(np.isfinite(arr), np.clip(arr, -65504.0, 65504.0), arr).astype(np.float16)
+        new = numpy_helper.from_array(arr, t.name)
+        t.CopyFrom(new)
+        return t
+
+    def conv_type(tp) -> None:
+        if tp.HasField("tensor_type") and tp.tensor_type.elem_type == FLOAT:
+            tp.tensor_type.elem_type = HALF
+        elif tp.HasField("sequence_type"):
+            conv_type(tp.sequence_type.elem_type)
+        elif tp.HasField("optional_type"):
+            conv_type(tp.optional_type.elem_type)
+
+    def conv_graph(graph, top: bool) -> None:
+        for init in graph.initializer:
+            conv_tensor(init)
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    conv_tensor(a.t)
+                elif a.type == onnx.AttributeProto.TENSORS:
+                    for t in a.tensors:
+                        conv_tensor(t)
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    conv_graph(a.g, False)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        conv_graph(g, False)
+                elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == FLOAT:
+                    a.i = HALF  # Cast(to=FLOAT), EyeLike/Random*(dtype=FLOAT)
+        for vi in graph.value_info:
+            conv_type(vi.type)
+        if not top:
+            for vi in list(graph.input) + list(graph.output):
+                conv_type(vi.type)
+            return
+        new_nodes = []
+        for vi in graph.input:
+            if vi.type.tensor_type.elem_type != FLOAT:
+                continue
+            if keep_float_inputs:
+                inner = f"{vi.name}__fp16"
+                for node in graph.node:
+                    for i, name in enumerate(node.input):
+                        if name == vi.name:
+                            node.input[i] = inner
+                new_nodes.append(helper.make_node("Cast", [vi.name], [inner], to=HALF, name=f"{vi.name}__cast_fp16"))
+            else:
+                conv_type(vi.type)
+        for node in reversed(new_nodes):
+            graph.node.insert(0, node)
+        for vi in graph.output:
+            if vi.type.tensor_type.elem_type != FLOAT:
+                continue
+            if keep_float_outputs:
+                inner = f"{vi.name}__fp16"
+                for node in graph.node:
+                    for i, name in enumerate(node.output):
+                        if name == vi.name:
+                            node.output[i] = inner
+                    for i, name in enumerate(node.input):
+                        if name == vi.name:
+                            node.input[i] = inner
+                graph.node.append(helper.make_node("Cast", [inner], [vi.name], to=FLOAT, name=f"{vi.name}__cast_fp32"))
+            else:
+                conv_type(vi.type)
+
+    conv_graph(model_proto.graph, True)
+    for func in model_proto.functions:
+        for node in func.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    conv_tensor(a.t)
+                elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == FLOAT:
+                    a.i = HALF
+    return model_proto
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+def _one_line(exc: BaseException) -> str:
+    """A one-line summary of an exporter error (torch's messages are multi-page)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    return line[:300]
+
+
+def _dynamic_spec(name: str, tensor: Tensor) -> dict[int, str]:
+    axes = {0: "batch"} if tensor.dim() >= 1 else {}
+    if tensor.dim() >= 2 and (name in _TEXT_INPUTS or not tensor.is_floating_point()):
+        axes[1] = "seq"
+    return axes
+
+
+def _grow_examples(example: dict[str, Tensor], axes: dict[str, dict[int, str]]) -> dict[str, Tensor]:
+    """torch.export specialises dimensions of size 0/1: repeat such dynamic dims up to 2."""
+    out = {}
+    for name, t in example.items():
+        for ax in axes.get(name, {}):
+            if t.shape[ax] < 2:
+                reps = [1] * t.dim()
+                reps[ax] = 2
+                t = t.repeat(*reps)
+        out[name] = t
+    return out
+
+
+def _model_bytes(model: nn.Module, itemsize: int | None) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * (itemsize if (itemsize and t.is_floating_point()) else t.element_size())
+    return total
+
+
+def _rename_values(graph, renames: Mapping[str, str]) -> None:
+    """Apply ``renames`` (old -> new) to every reference in ``graph`` and nested subgraphs, in one pass."""
+    import onnx
+
+    if not renames:
+        return
+    for init in graph.initializer:
+        if init.name in renames:
+            init.name = renames[init.name]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _rename_values(a.g, renames)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    _rename_values(g, renames)
+    for vi in list(graph.value_info) + list(graph.input):
+        if vi.name in renames:
+            vi.name = renames[vi.name]
+
+
+def _postprocess(proto, model: nn.Module, axes: dict[str, dict[int, str]], check_values: bool) -> tuple[dict[str, str], list[str]]:
+    """Name initializers after torch FQNs, name dynamic axes, and return (param -> initializer map, warnings)."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    notes: list[str] = []
+    prefix = WRAPPER_PREFIX
+    # name_scopes metadata still carry the wrapper's "model." prefix: record it for iter_weight_uses
+    proto.metadata_props.add(key=_META_WRAPPER, value=prefix)
+
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named_all = {**named, **dict(model.named_buffers(remove_duplicate=False))}
+    placeholder = {"p_" + (prefix + fqn).replace(".", "_"): fqn for fqn in named}
+    inits = {i.name: i for i in graph.initializer}
+
+    # 1) strip the wrapper prefix from initializers that are plain parameters/buffers
+    protected = {o.name for o in graph.output}  # never rename a graph output
+    names = set(inits)
+    renames: dict[str, str] = {}
+    for name in inits:
+        new = name[len(prefix):] if name.startswith(prefix) else None
+        if new and new in named_all and new not in names and name not in protected:
+            renames[name] = new
+            names.discard(name)
+            names.add(new)
+    _rename_values(graph, renames)
+    inits = {i.name: i for i in graph.initializer}
+
+    # 2) name MatMul/Gemm weights after the parameter they hold
+    def values_match(init, param: Tensor) -> bool:
+        if not check_values:
+            return tuple(init.dims) in (tuple(param.shape), tuple(param.shape[::-1]))
+        arr = numpy_helper.to_array(init)
+        ref = param.detach().cpu()
+        ref = ref.to(torch.float32 if ref.dtype == torch.bfloat16 else ref.dtype).numpy().astype(arr.dtype, copy=False)
+        if arr.shape == ref.shape and np.array_equal(arr, ref):
+            return True
+        return ref.ndim == 2 and arr.shape == ref.T.shape and np.array_equal(arr, ref.T)
+
+    nodes = {n.name: n for n in graph.node}
+    names = set(inits)
+    renames = {}
+    mapping: dict[str, str] = {}
+    for use in list(iter_weight_uses(proto)):
+        node = nodes[use.node]
+        candidates = []
+        guess = _param_from_metadata(node, prefix)
+        if guess:
+            candidates.append(guess)
+        candidates += [placeholder[p] for p in _fx_placeholders(node) if p in placeholder]
+        init = inits.get(use.init)
+        if init is None or use.init in renames or use.init in protected:
+            continue  # a Constant node, an initializer already named, or a graph output
+        for fqn in dict.fromkeys(candidates):
+            param = named.get(fqn)
+            if param is None or param.dim() != 2 or fqn in mapping or not values_match(init, param):
+                continue
+            current = use.init
+            if current != fqn:
+                new = fqn if fqn not in names else f"{fqn}.T"
+                while new in names:
+                    new += "_"
+                renames[current] = new
+                names.discard(current)
+                names.add(new)
+                current = new
+            mapping[fqn] = current
+            break
+        else:
+            if candidates and not any(c in mapping for c in candidates):
+                notes.append(f"could not match ONNX weight {use.init} of {use.node} to a parameter")
+    _rename_values(graph, renames)
+
+    # tied parameters: every alias of a mapped parameter maps to the same initializer
+    by_id: dict[int, list[str]] = {}
+    for fqn, p in named.items():
+        by_id.setdefault(id(p), []).append(fqn)
+    for fqn, init_name in list(mapping.items()):
+        for alias in by_id.get(id(named[fqn]), []):
+            mapping.setdefault(alias, init_name)
+
+    # 3) name the dynamic axes on inputs and outputs
+    for vi in graph.input:
+        for ax, label in axes.get(vi.name, {}).items():
+            dims = vi.type.tensor_type.shape.dim
+            if ax < len(dims):
+                if dims[ax].HasField("dim_value"):
+                    notes.append(f"input {vi.name} axis {ax} was exported static ({dims[ax].dim_value})")
+                else:
+                    dims[ax].dim_param = label
+    return mapping, notes
+
+
+def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: str | Path, precision: str = "fp32",
+                forward_kwargs: Mapping[str, Any] | None = None, *, fp16_method: str = "auto",
+                external_data: bool | None = None, opset: int | None = None) -> OnnxExportInfo:
+    """Export ``model`` to ``path`` (see the module docstring). ``model`` itself is not modified.
+
+    ``fp16_method``: "auto" (half export, converter as fallback), "half" or "convert".
+    ``external_data``: None decides by size (> 2 GB of weights), True/False forces it.
+    """
+    import onnx
+
+    if precision not in ("fp32", "fp16"):
+        raise UsageError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if fp16_method not in ("auto", "half", "convert"):
+        raise UsageError(f"unknown fp16 method {fp16_method!r}; choose auto, half or convert")
+    if not example_kwargs or not all(isinstance(v, Tensor) for v in example_kwargs.values()):
+        raise UsageError("ONNX export needs example inputs: a non-empty dict of tensors")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    names = list(example_kwargs)
+    axes = {n: _dynamic_spec(n, t) for n, t in example_kwargs.items()}
+    example = _grow_examples({n: t.detach().cpu() for n, t in example_kwargs.items()}, axes)
+    was_training = model.training
+    model.eval()
+
+    notes: list[str] = []
+    method = None
+    if precision == "fp16":
+        method = "convert" if fp16_method == "convert" else "half"
+    itemsize = 2 if precision == "fp16" else None
+    use_external = external_data if external_data is not None else _model_bytes(model, itemsize) > EXTERNAL_DATA_THRESHOLD
+
+    with torch.no_grad():
+        probe = ExportWrapper(model, names, forward_kwargs)
+        try:
+            out_name = _output_name(probe.raw(*(example[n] for n in names)))
+        except Exception as exc:  # noqa: BLE001
+            raise OnnxExportError(f"the model does not run on the example inputs: {_one_line(exc)}") from exc
+
+    def run_export(m: nn.Module, float_dtype) -> Any:
+        wrapper = ExportWrapper(m, names, forward_kwargs, float_dtype=float_dtype).eval()
+        dims = {label: torch.export.Dim(label) for label in ("batch", "seq")}
+        dyn = tuple({ax: dims[label] for ax, label in axes[n].items()} for n in names)
+        kwargs = dict(dynamo=True, input_names=names, output_names=[out_name], verbose=False)
+        if opset is not None:
+            kwargs["opset_version"] = opset
+        with warnings.catch_warnings(), _quiet_loggers():
+            warnings.simplefilter("ignore")
+            try:
+                return torch.onnx.export(wrapper, tuple(example[n] for n in names), dynamic_shapes=(dyn,), **kwargs)
+            except Exception:  # noqa: BLE001 - retry letting torch infer the dynamic ranges
+                auto = tuple({ax: torch.export.Dim.DYNAMIC for ax in axes[n]} for n in names)
+                return torch.onnx.export(wrapper, tuple(example[n] for n in names), dynamic_shapes=(auto,), **kwargs)
+
+    exported_module: nn.Module = model
+    program = None
+    try:
+        if method == "half":
+            try:
+                half = _half_copy(model)
+                program = run_export(half, torch.float16)
+                exported_module = half
+            except Exception as exc:  # noqa: BLE001
+                if fp16_method == "half":
+                    raise
+                notes.append(f"fp16 export of the .half() model failed ({_one_line(exc)}); converted the fp32 graph")
+                method = "convert"
+                half = None
+        if program is None:
+            program = run_export(model, None)
+            exported_module = model
+    except OnnxExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise OnnxExportError(f"ONNX export failed: {_one_line(exc)}") from exc
+    finally:
+        model.train(was_training)
+
+    try:
+        if path.exists():
+            path.unlink()
+        data_file = path.with_name(path.name + ".data")
+        if data_file.exists():
+            data_file.unlink()
+        program.save(str(path), external_data=bool(use_external))
+        proto = onnx.load(str(path), load_external_data=False)
+        if method == "convert":
+            if use_external:
+                onnx.load_external_data_for_model(proto, str(path.parent))
+            convert_to_fp16(proto)
+        mapping, more = _postprocess(proto, exported_module, axes, check_values=not use_external)
+        notes += more
+        _save(proto, path, use_external and method == "convert")
+    except PermcompileError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise OnnxExportError(f"could not write the ONNX file {path}: {_one_line(exc)}") from exc
+
+    opset_found = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset_found < _MIN_OPSET:
+        raise OnnxExportError(f"exported ONNX has opset {opset_found}; need at least {_MIN_OPSET}")
+    inputs, outputs = onnx_io_specs(proto)
+    size = path.stat().st_size + (path.with_name(path.name + ".data").stat().st_size
+                                  if path.with_name(path.name + ".data").exists() else 0)
+    return OnnxExportInfo(
+        path=path, precision=precision, opset=opset_found, input_names=names, output_name=out_name,
+        inputs=inputs, outputs=outputs, dynamic_axes=axes, initializer_map=mapping,
+        export_seconds=time.perf_counter() - start, size_bytes=size, external_data=bool(use_external),
+        fp16_method=method, warnings=notes,
+    )
+
+
+def _half_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with every floating *parameter* in fp16; buffers keep their dtype.
+
+    Buffers such as rotary ``inv_freq`` stay fp32 (the model computes RoPE in fp32 from them; rounding
+    them to fp16 shifts high positions' phases). ``nn.Module``'s own casting is used because transformers'
+    ``PreTrainedModel.half`` refuses models loaded from quantized checkpoints (GGUF).
+    """
+    half = copy.deepcopy(model)  # keeps tied parameters shared inside the copy
+    converted: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        for module in half.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None or not param.is_floating_point() or param.dtype == torch.float16:
+                    continue
+                new = converted.get(id(param))
+                if new is None:
+                    new = converted[id(param)] = nn.Parameter(param.detach().to(torch.float16), requires_grad=False)
+                module._parameters[name] = new
+    if hasattr(half, "config") and hasattr(half.config, "dtype"):
+        try:
+            half.config.dtype = torch.float16
+        except Exception:  # noqa: BLE001
+            pass
+    return half.eval()
+
+
+def _save(proto, path: Path, rewrite_external: bool) -> None:
+    import onnx
+
+    if rewrite_external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        # Tensors loaded with load_external_data=False keep their external references untouched.
+        onnx.save_model(proto, str(path))
+
+
+class _quiet_loggers:
+    """Silence the exporter's progress chatter (it logs through ``logging`` and ``print``)."""
+
+    def __enter__(self):
+        self._levels = {}
+        for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "torch.fx.experimental.symbolic_shapes"):
+            lg = logging.getLogger(name)
+            self._levels[name] = lg.level
+            lg.setLevel(logging.ERROR)
+        import contextlib
+        import io
+
+        self._redirect = contextlib.redirect_stdout(io.StringIO())
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._redirect.__exit__(*exc)
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        return False

@@ -1,0 +1,589 @@
+"""Checks on exported artifacts: N:M in the ONNX graph, ONNX Runtime vs torch, and whole OUT folders.
+
+* :func:`onnx_nm_report` lists every constant MatMul / Gemm weight with its K axis (looking through
+  Transpose / Cast) and says whether it is N:M along K.
+* :func:`compare_ort_torch` runs ONNX Runtime (CPU) and the torch model on the same inputs.
+* :func:`verify_artifacts` re-checks an ``optimize`` output folder: file digests (tamper detection),
+  N:M of every pruned layer in ``model.onnx`` and in ``hf/`` safetensors, and ONNX Runtime vs the
+  reloaded ``hf/`` model. :func:`raise_if_failed` turns failed checks into a :class:`VerificationError`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import UsageError, VerificationError
+from .onnx import ExportWrapper, iter_weight_uses
+
+__all__ = [
+    "LinearCheck",
+    "Check",
+    "CompareResult",
+    "DEFAULT_TOLERANCE",
+    "onnx_nm_report",
+    "check_onnx_nm",
+    "onnx_initializer_for_param",
+    "compare_ort_torch",
+    "ort_session",
+    "format_checks",
+    "raise_if_failed",
+    "file_digests",
+    "verify_artifacts",
+    "random_inputs",
+]
+
+# max |onnx - torch| / max |torch| allowed, by export precision
+DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+ONNX_FILE = "model.onnx"
+HF_DIR = "hf"
+REPORT = "report.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# N:M in ONNX graphs
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinearCheck:
+    """One MatMul/Gemm weight of an ONNX graph and its N:M status along K."""
+
+    name: str  # initializer name
+    node: str  # the MatMul / Gemm node
+    op: str
+    shape: tuple[int, ...]
+    k_axis: int  # axis of the stored initializer that is K
+    k: int
+    n: int
+    m: int
+    is_nm: bool  # every group of m consecutive entries along K has at most n nonzeros (False if K % m)
+    violations: int  # groups with more than n nonzeros (-1 when K is not a multiple of m)
+    groups: int
+    density: float  # fraction of nonzero entries
+    dtype: str
+    param: str | None  # torch parameter guessed from the exporter's metadata
+
+    @property
+    def divisible(self) -> bool:
+        return self.k % self.m == 0
+
+
+def _nm_stats(arr: np.ndarray, k_axis: int, n: int, m: int) -> tuple[bool, int, int]:
+    k = arr.shape[k_axis]
+    if k % m:
+        return False, -1, 0
+    moved = np.moveaxis(arr, k_axis, -1)
+    counts = (moved.reshape(*moved.shape[:-1], k // m, m) != 0).sum(axis=-1)
+    bad = int((counts > n).sum())
+    return bad == 0, bad, int(counts.size)
+
+
+def _load_onnx(path_or_model):
+    import onnx
+
+    if isinstance(path_or_model, onnx.ModelProto):
+        return path_or_model
+    try:
+        return onnx.load(str(path_or_model))
+    except FileNotFoundError:
+        raise UsageError(f"ONNX file not found: {path_or_model}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise VerificationError(f"cannot read ONNX file {path_or_model}: {exc}".splitlines()[0]) from exc
+
+
+def _constant_arrays(model) -> dict[str, Any]:
+    """Lazily converted arrays for initializers and Constant-node values."""
+    import onnx
+    from onnx import numpy_helper
+
+    tensors: dict[str, Any] = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    tensors[node.output[0]] = a.t
+
+    class _Lazy(dict):
+        def __missing__(self, key):
+            value = numpy_helper.to_array(tensors[key])
+            self[key] = value
+            return value
+
+    return _Lazy()
+
+
+def onnx_nm_report(path, n: int = 2, m: int = 4, min_k: int = 0) -> list[LinearCheck]:
+    """Every constant MatMul/Gemm weight (K >= ``min_k``) with its N:M status along K.
+
+    A weight shared by several nodes with the same K axis is reported once. fp16 / fp32 / fp64 (and any
+    numeric) initializers are handled; external data is loaded from next to the file.
+    """
+    model = _load_onnx(path)
+    arrays = _constant_arrays(model)
+    seen: set[tuple[str, int]] = set()
+    out: list[LinearCheck] = []
+    for use in iter_weight_uses(model):
+        if (use.init, use.k_axis) in seen:
+            continue
+        seen.add((use.init, use.k_axis))
+        k = use.shape[use.k_axis]
+        if k < min_k:
+            continue
+        arr = arrays[use.init]
+        ok, bad, groups = _nm_stats(arr, use.k_axis, n, m)
+        density = float(np.count_nonzero(arr)) / max(arr.size, 1)
+        out.append(LinearCheck(use.init, use.node, use.op, tuple(arr.shape), use.k_axis, k, n, m, ok, bad, groups,
+                               density, str(arr.dtype), use.param))
+    return out
+
+
+def check_onnx_nm(path, n: int = 2, m: int = 4, min_k: int = 0) -> list[LinearCheck]:
+    """Alias of :func:`onnx_nm_report`: the caller decides which weights must be sparse."""
+    return onnx_nm_report(path, n, m, min_k)
+
+
+def onnx_initializer_for_param(onnx_model, fqn: str) -> str | None:
+    """The ONNX initializer holding torch parameter ``fqn`` as a MatMul/Gemm weight, or None.
+
+    Tried in order: an initializer named exactly ``fqn`` (what :func:`export_onnx` writes), one whose
+    name ends with ``"." + fqn`` (raw torch exports keep the wrapper's prefix, e.g. GPT-2 Gemm weights),
+    and finally the exporter's node metadata (``name_scopes`` module path, ``fx_node`` placeholder
+    ``p_<fqn with _>``), which also finds anonymous, constant-folded ``val_NN`` weights.
+    """
+    model = _load_onnx(onnx_model) if not hasattr(onnx_model, "graph") else onnx_model
+    uses = list(iter_weight_uses(model))
+    used = {u.init for u in uses}
+    if fqn in used:
+        return fqn
+    suffix = [u.init for u in uses if u.init.endswith("." + fqn)]
+    if len(set(suffix)) == 1:
+        return suffix[0]
+    hits = [u.init for u in uses if u.param and (u.param == fqn or u.param.endswith("." + fqn))]
+    if len(set(hits)) == 1:
+        return hits[0]
+    from .onnx import _fx_placeholders  # noqa: PLC0415
+
+    token = fqn.replace(".", "_")
+    nodes = {node.name: node for node in model.graph.node}
+    hits = [u.init for u in uses
+            if any(p == "p_" + token or p.endswith("_" + token) for p in _fx_placeholders(nodes[u.node]))]
+    if len(set(hits)) == 1:
+        return hits[0]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX Runtime vs torch
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str = ""
+    value: float | None = None
+
+
+@dataclass
+class CompareResult:
+    max_abs: float
+    max_rel: float  # max |a - b| / max |reference|
+    cosine: float
+    scale: float  # max |reference|
+    tol: float
+    passed: bool
+    batches: int
+    precision: str
+    seconds: float
+    detail: str = ""
+
+    def as_check(self, name: str = "onnxruntime_vs_torch") -> Check:
+        detail = (f"{self.precision}: max err {self.max_rel:.2e} of output scale {self.scale:.3g} "
+                  f"(tol {self.tol:.0e}), cosine {self.cosine:.6f}, {self.batches} batches")
+        if self.detail:
+            detail += f"; {self.detail}"
+        return Check(name, self.passed, detail, self.max_rel)
+
+
+def ort_session(onnx_path, providers: Sequence[str] | None = None, threads: int | None = None):
+    """An ONNX Runtime session (CPU unless ``providers`` says otherwise), quiet, fully optimised."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:  # noqa: BLE001
+        raise VerificationError(f"ONNX Runtime cannot load {onnx_path}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+_ORT_NP = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+}
+
+
+def _feeds(session, batch: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for inp in session.get_inputs():
+        if inp.name not in batch:
+            raise UsageError(f"ONNX input {inp.name!r} is missing from the comparison batch ({', '.join(batch)})")
+        arr = batch[inp.name].detach().cpu().numpy()
+        want = _ORT_NP.get(inp.type)
+        feeds[inp.name] = arr.astype(want) if want is not None and arr.dtype != want else arr
+    return feeds
+
+
+def compare_outputs(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray], precision: str = "fp32",
+                    tol: float | None = None) -> CompareResult:
+    """Compare output arrays pairwise (reference first) with the module's error metrics."""
+    tol = float(DEFAULT_TOLERANCE[precision] if tol is None else tol)
+    max_abs, scale, dot, na, nb = 0.0, 0.0, 0.0, 0.0, 0.0
+    detail = ""
+    for ref, out in zip(refs, outs):
+        ref = np.asarray(ref, dtype=np.float64)
+        out = np.asarray(out, dtype=np.float64)
+        if ref.shape != out.shape:
+            return CompareResult(math.inf, math.inf, 0.0, 0.0, tol, False, len(refs), precision, 0.0,
+                                 f"shape mismatch {out.shape} vs {ref.shape}")
+        if not np.isfinite(out).all():
+            detail = "non-finite values in the output"
+            max_abs = math.inf
+            continue
+        max_abs = max(max_abs, float(np.abs(out - ref).max(initial=0.0)))
+        scale = max(scale, float(np.abs(ref).max(initial=0.0)))
+        dot += float((ref * out).sum())
+        na += float((ref * ref).sum())
+        nb += float((out * out).sum())
+    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    cosine = dot / math.sqrt(na * nb) if na > 0 and nb > 0 else (1.0 if na == nb == 0 else 0.0)
+    passed = bool(math.isfinite(rel) and rel <= tol)
+    return CompareResult(max_abs, rel, cosine, scale, tol, passed, len(refs), precision, 0.0, detail)
+
+
+def compare_ort_torch(model: nn.Module, onnx_path, input_batches: Sequence[Mapping[str, Tensor]],
+                      forward_kwargs: Mapping[str, Any] | None = None, precision: str = "fp32",
+                      tol: float | None = None, providers: Sequence[str] | None = None) -> CompareResult:
+    """Run ``model`` (in its own dtype, normally fp32) and ONNX Runtime on each batch and compare.
+
+    The torch side goes through the same wrapper as the export (same output selection, ``use_cache=False``).
+    Errors are relative to the output scale ``max |torch|``; ``tol`` defaults to 1e-4 (fp32) / 2e-2 (fp16).
+    """
+    if precision not in DEFAULT_TOLERANCE:
+        raise UsageError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if not input_batches:
+        raise UsageError("compare_ort_torch needs at least one input batch")
+    start = time.perf_counter()
+    session = ort_session(onnx_path, providers)
+    refs, outs = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in input_batches:
+            names = list(batch)
+            wrapper = ExportWrapper(model, names, forward_kwargs)
+            with torch.no_grad():
+                ref = wrapper(*[batch[n] for n in names]).float().cpu().numpy()
+            out = session.run(None, _feeds(session, batch))[0]
+            refs.append(ref)
+            outs.append(out)
+    finally:
+        model.train(was_training)
+    result = compare_outputs(refs, outs, precision, tol)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------------
+def format_checks(checks: Sequence[Check]) -> str:
+    """A plain-text table: status, check name, detail."""
+    if not checks:
+        return "(no checks)"
+    width = max(len(c.name) for c in checks)
+    lines = [f"{'':4}  {'check':<{width}}  detail", f"{'':4}  {'-' * width}  ------"]
+    for c in checks:
+        lines.append(f"{'ok' if c.passed else 'FAIL':<4}  {c.name:<{width}}  {c.detail}")
+    failed = sum(not c.passed for c in checks)
+    lines.append(f"{len(checks) - failed}/{len(checks)} checks passed")
+    return "\n".join(lines)
+
+
+def raise_if_failed(checks: Sequence[Check]) -> None:
+    """Raise :class:`VerificationError` (one line) naming every failed check."""
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        parts = "; ".join(f"{c.name}: {c.detail}" if c.detail else c.name for c in failed)
+        raise VerificationError(f"{len(failed)} of {len(checks)} checks failed: {parts}"[:1000])
+
+
+# --------------------------------------------------------------------------------------------------
+# OUT folder verification
+# --------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(out_dir) -> dict[str, str]:
+    """sha256 of every file under ``out_dir`` (relative POSIX path -> hex), ``report.json`` excluded.
+
+    The writer stores this under ``report["files"]``; :func:`verify_artifacts` recomputes it.
+    """
+    out_dir = Path(out_dir)
+    digests = {}
+    for p in sorted(out_dir.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            rel = p.relative_to(out_dir).as_posix()
+            if rel != REPORT:
+                digests[rel] = _sha256(p)
+    return digests
+
+
+def _integrity_check(out_dir: Path, report: Mapping[str, Any]) -> Check:
+    recorded = report.get("files")
+    if not isinstance(recorded, Mapping) or not recorded:
+        return Check("integrity", False, "report.json records no file digests ('files'): cannot detect tampering")
+    problems = []
+    for rel, digest in recorded.items():
+        p = out_dir / rel
+        if not p.is_file():
+            problems.append(f"{rel} missing")
+        elif _sha256(p) != digest:
+            problems.append(f"{rel} changed")
+    # unrecorded files that change what gets loaded: anything in hf/ or next to model.onnx
+    present = [p.relative_to(out_dir).as_posix() for p in sorted(out_dir.rglob("*")) if p.is_file()]
+    for rel in present:
+        if rel not in recorded and (rel.startswith(HF_DIR + "/") or rel.startswith(ONNX_FILE)):
+            problems.append(f"{rel} not recorded")
+    for key in (ONNX_FILE,):
+        if key not in recorded:
+            problems.append(f"{key} has no recorded digest")
+    if problems:
+        shown = ", ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        return Check("integrity", False, shown, float(len(problems)))
+    return Check("integrity", True, f"{len(recorded)} files match their sha256", 0.0)
+
+
+def _read_report(out_dir: Path) -> dict[str, Any]:
+    if not out_dir.is_dir():
+        raise UsageError(f"{out_dir} is not a folder")
+    path = out_dir / REPORT
+    if not path.is_file():
+        raise UsageError(f"{out_dir} is not a permcompile output folder: {REPORT} is missing")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}".splitlines()[0]) from exc
+    if not isinstance(report, dict):
+        raise UsageError(f"{path} does not hold a JSON object")
+    return report
+
+
+def _parse_sparsity(text: Any) -> tuple[int, int]:
+    from ..config import Sparsity
+
+    s = Sparsity.parse(str(text))
+    return s.n, s.m
+
+
+def _safetensors_reader(hf_dir: Path):
+    """name -> numpy array over every ``*.safetensors`` file in ``hf_dir``."""
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                where[key] = f
+
+    def read(name: str) -> Tensor | None:
+        f = where.get(name)
+        if f is None:
+            return None
+        with safe_open(str(f), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    return where, read
+
+
+def _text_config(config):
+    getter = getattr(config, "get_text_config", None)
+    if callable(getter):
+        try:
+            return getter()
+        except Exception:  # noqa: BLE001
+            pass
+    return config
+
+
+def random_inputs(input_names: Sequence[str], config, batch: int, seq: int,
+                  generator: torch.Generator) -> dict[str, Tensor]:
+    """Random model inputs for ``input_names`` from a transformers config (vocab_size / image_size)."""
+    out: dict[str, Tensor] = {}
+    text = _text_config(config)
+    for name in input_names:
+        if name in ("input_ids", "decoder_input_ids"):
+            vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
+            if not vocab:
+                raise UsageError(f"cannot generate {name}: the config has no vocab_size")
+            out[name] = torch.randint(0, int(vocab), (batch, seq), generator=generator)
+        elif name in ("attention_mask", "decoder_attention_mask"):
+            out[name] = torch.ones(batch, seq, dtype=torch.long)
+        elif name == "token_type_ids":
+            out[name] = torch.zeros(batch, seq, dtype=torch.long)
+        elif name == "position_ids":
+            out[name] = torch.arange(seq).unsqueeze(0).repeat(batch, 1)
+        elif name == "pixel_values":
+            vision = getattr(config, "vision_config", None) or config
+            size = getattr(vision, "image_size", None)
+            if size is None:
+                raise UsageError("cannot generate pixel_values: the config has no image_size")
+            h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+            channels = int(getattr(vision, "num_channels", 3))
+            out[name] = torch.randn(batch, channels, int(h), int(w), generator=generator)
+        else:
+            raise UsageError(f"cannot generate random values for input {name!r}")
+    return out
+
+
+def _k_axis_for(model: nn.Module | None, param: str, entry: Mapping[str, Any]) -> int:
+    if "k_axis" in entry:
+        return int(entry["k_axis"])
+    if model is not None:
+        module_name = entry.get("module") or param.rsplit(".", 1)[0]
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        if module is not None and type(module).__name__ == "Conv1D":  # transformers' GPT-2 Conv1D: [K, out]
+            return 0
+    return 1  # nn.Linear: [out, K]
+
+
+def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
+                     shapes: Sequence[tuple[int, int]] = ((1, 7), (2, 16))) -> list[Check]:
+    """Re-check an ``optimize`` output folder; returns the checks (see :func:`raise_if_failed`).
+
+    ``shapes`` are the (batch, seq) pairs of the random ONNX Runtime vs torch batches (two different
+    shapes exercise the dynamic axes; vision models use the batch sizes only).
+    """
+    out_dir = Path(out_dir)
+    report = _read_report(out_dir)
+    checks: list[Check] = [_integrity_check(out_dir, report)]
+    missing = [k for k in ("sparsity", "precision", "pruned_layers", "input_names", "auto_class") if k not in report]
+    if missing:
+        checks.append(Check("report", False, f"report.json lacks {', '.join(missing)}"))
+        return checks
+    try:
+        n, m = _parse_sparsity(report["sparsity"])
+    except UsageError as exc:
+        checks.append(Check("report", False, str(exc)))
+        return checks
+    precision = str(report["precision"])
+    if precision not in DEFAULT_TOLERANCE:
+        checks.append(Check("report", False, f"unknown precision {precision!r} in report.json"))
+        return checks
+    layers = [e for e in report["pruned_layers"] if isinstance(e, Mapping) and e.get("param")]
+    checks.append(Check("report", True, f"{report.get('family', '?')} / {report['auto_class']}, "
+                                         f"{len(layers)} pruned layers, {n}:{m}, {precision}"))
+
+    # --- reload hf/ (needed for Conv1D orientation and the numerical comparison)
+    hf_dir = out_dir / HF_DIR
+    model = None
+    try:
+        import transformers
+
+        cls = getattr(transformers, str(report["auto_class"]), None)
+        if cls is None or not str(report["auto_class"]).startswith("Auto"):
+            raise ValueError(f"unknown auto class {report['auto_class']!r}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        model = cls.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
+        checks.append(Check("hf_load", True, f"{type(model).__name__} from {HF_DIR}/"))
+    except Exception as exc:  # noqa: BLE001
+        checks.append(Check("hf_load", False, f"cannot load {HF_DIR}/: {str(exc).splitlines()[0][:200]}"))
+
+    # --- N:M in model.onnx
+    onnx_path = out_dir / ONNX_FILE
+    onnx_model = None
+    try:
+        onnx_model = _load_onnx(onnx_path)
+    except Exception as exc:  # noqa: BLE001
+        checks.append(Check("onnx_load", False, str(exc).splitlines()[0][:200]))
+    if onnx_model is not None:
+        report_rows = {(r.name): r for r in onnx_nm_report(onnx_model, n, m)}
+        bad = []
+        for entry in layers:
+            name = entry.get("onnx_initializer") or onnx_initializer_for_param(onnx_model, entry["param"])
+            row = report_rows.get(name) if name else None
+            if row is None:
+                bad.append(f"{entry['param']}: no ONNX MatMul/Gemm weight" + (f" named {name}" if name else ""))
+            elif not row.is_nm:
+                why = (f"K={row.k} not a multiple of {m}" if row.violations < 0
+                       else f"{row.violations} of {row.groups} groups break {n}:{m}")
+                bad.append(f"{entry['param']} ({name}): {why}")
+        checks.append(_aggregate("onnx_nm", len(layers), bad, f"{len(layers)} pruned weights are {n}:{m} along K"))
+
+    # --- N:M in hf/ safetensors
+    try:
+        where, read = _safetensors_reader(hf_dir)
+    except Exception as exc:  # noqa: BLE001
+        where, read = {}, None
+        checks.append(Check("hf_nm", False, f"cannot read {HF_DIR}/ safetensors: {str(exc).splitlines()[0][:200]}"))
+    if read is not None:
+        bad = []
+        state = dict(model.named_parameters(remove_duplicate=False)) if model is not None else {}
+        for entry in layers:
+            param = entry["param"]
+            weight = read(param)
+            source = "safetensors"
+            if weight is None and param in state:  # tied weights are saved once, under another name
+                weight, source = state[param].detach(), "reloaded model"
+            if weight is None:
+                bad.append(f"{param}: not in {HF_DIR}/")
+                continue
+            axis = _k_axis_for(model, param, entry)
+            if weight.dim() != 2:
+                bad.append(f"{param}: not a matrix ({tuple(weight.shape)})")
+                continue
+            ok, violations, groups = _nm_stats(weight.float().numpy(), axis, n, m)
+            if not ok:
+                bad.append(f"{param} ({source}): " + (f"K={weight.shape[axis]} not a multiple of {m}" if violations < 0
+                                                      else f"{violations} of {groups} groups break {n}:{m}"))
+        checks.append(_aggregate("hf_nm", len(layers), bad, f"{len(layers)} pruned parameters are {n}:{m} along K"))
+
+    # --- ONNX Runtime vs torch on the reloaded hf/ model
+    if model is not None and onnx_model is not None:
+        del onnx_model
+        try:
+            gen = torch.Generator().manual_seed(seed)
+            max_pos = getattr(_text_config(model.config), "max_position_embeddings", None) or 10**9
+            batches = [random_inputs(report["input_names"], model.config, b, min(s, int(max_pos)), gen)
+                       for b, s in shapes]
+            result = compare_ort_torch(model, onnx_path, batches, report.get("forward_kwargs") or None,
+                                       precision, tol)
+            checks.append(result.as_check())
+        except Exception as exc:  # noqa: BLE001
+            checks.append(Check("onnxruntime_vs_torch", False, str(exc).splitlines()[0][:300]))
+    return checks
+
+
+def _aggregate(name: str, total: int, bad: list[str], ok_detail: str) -> Check:
+    if bad:
+        shown = "; ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+        return Check(name, False, f"{len(bad)} of {total} layers: {shown}", float(len(bad)))
+    return Check(name, True, ok_detail, 0.0)
