@@ -200,5 +200,13 @@ def verify(out, as_json, debug):
     _run(go, debug)
 
 
+def _register_eval() -> None:
+    from .cli_eval import eval_cmd
+
+    main.add_command(eval_cmd, "eval")
+
+
+_register_eval()
+
 if __name__ == "__main__":
     main()

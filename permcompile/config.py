@@ -37,8 +37,9 @@ class LearnConfig:
     """Hyper-parameters of the learned (Sinkhorn) permutation search."""
 
     block_size: int = 64
-    steps: int = 60
-    lr: float = 0.05
+    steps: int = 40
+    rounds: int = 2
+    lr: float = 0.1
     sinkhorn_iters: int = 8
     tau_start: float = 1.0
     tau_end: float = 0.05

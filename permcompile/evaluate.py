@@ -35,7 +35,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PAIRS = 20_000
-DEFAULT_MAX_SENTENCES = 2_000
+DEFAULT_MAX_SENTENCES = 1_000
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "image_processor_config.json")
@@ -349,16 +349,22 @@ def sentence_embeddings(model, tokenizer, sentences: Sequence[str], batch_size: 
         max_length = min(max_length, limit)
     vocab = _vocab_size(model, tokenizer)
     pad = getattr(_config(model), "pad_token_id", None) or 0
+    # similar lengths batched together: far less padding (the result does not depend on the batching)
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
     restore = _was_eval(model)
     out = []
     try:
-        for start in range(0, len(sentences), batch_size):
-            batch = _tokenize_batch(tokenizer, sentences[start:start + batch_size], max_length, vocab, pad)
+        for start in range(0, len(order), batch_size):
+            group = [sentences[i] for i in order[start:start + batch_size]]
+            batch = _tokenize_batch(tokenizer, group, max_length, vocab, pad)
             hidden = _get(_forward(model, batch), "last_hidden_state")
             out.append(_mean_pool(hidden.double(), batch["attention_mask"]))
     finally:
         restore()
-    return torch.cat(out)
+    emb = torch.cat(out)
+    result = torch.empty_like(emb)
+    result[torch.tensor(order, dtype=torch.long)] = emb
+    return result
 
 
 def _pair_indices(n: int, max_pairs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ folder renamed into place only after every check passed; a failed check leaves `
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -70,31 +71,42 @@ def resolve_outputs(out: str | os.PathLike, force: bool) -> tuple[Path, Path | N
     return out, plan
 
 
-def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeConfig(), *, force: bool = False,
-             batch_range: tuple[int, int, int] = (1, 1, 8), seq_range: tuple[int, int, int] = (1, 128, 512),
-             quiet: bool = False, resume: bool = False, checkpoint_dir: str | None = None) -> OptimizeResult:
-    """Compile ``model`` (a short name, an HF folder, or an ``nn.Module``) into ``out``.
+@dataclass
+class Compressed:
+    """Everything ``compress_`` decided and measured (the model itself was changed in place)."""
 
-    Example::
+    groups: list
+    linears: list
+    perms: dict
+    group_results: list
+    fold_report: object
+    fold_err: float
+    mask_result: object
+    stats: dict
+    batches: list
+    verify_inputs: list
+    timings: dict
 
-        from permcompile import optimize, OptimizeConfig
-        optimize("minilm", "out/minilm", OptimizeConfig(permutation="hungarian", criterion="wanda"))
+
+def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, quiet: bool = True,
+              resume: bool = False, checkpoint_dir: str | None = None, stats: dict | None = None,
+              batches: list | None = None) -> Compressed:
+    """capture → groups → calibrate → permute → fold → mask, in memory, on ``loaded.model`` (in place).
+
+    ``stats``/``batches`` may be passed in to reuse one calibration across several runs (benchmarks).
+    Post-conditions: folding preserved the function (checked on real and random inputs) and every pruned
+    weight is N:M along its input axis.
     """
     from .calib.data import load_calibration
     from .calib.stats import collect_input_stats
     from .capture import capture
-    from .models import load_model
     from .passes.coupling import analyze
     from .passes.fold import fold_
     from .passes.sparsify import apply_masks_, choose_permutations, permute_stats_, select_linears
 
     torch.manual_seed(config.seed)
-    out_dir, plan_path = resolve_outputs(out, force)
-    t = _Timer(quiet=quiet)
+    t = timer or _Timer(quiet=quiet)
     n, m = config.sparsity.n, config.sparsity.m
-
-    with t.step("load"):
-        loaded = load_model(model)
     net = loaded.model
     with t.step("capture"):
         captured = capture(net, loaded.example_inputs(), loaded.forward_kwargs())
@@ -107,8 +119,13 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
     pruned = {i.param for i in linears if i.prune}
 
     with t.step("calibrate"):
-        batches = load_calibration(config.calib, loaded, config.calib_samples, config.calib_seq_len, config.seed)
-        stats = collect_input_stats(net, batches, progress=not quiet)
+        if batches is None:
+            batches = load_calibration(config.calib, loaded, config.calib_samples, config.calib_seq_len,
+                                       config.seed)
+        if stats is None:
+            stats = collect_input_stats(net, batches, progress=not quiet, forward_kwargs=loaded.forward_kwargs())
+        else:
+            stats = copy.deepcopy(stats)
 
     with t.step("permute"):
         if config.permutation == "learned":
@@ -131,11 +148,35 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
     if fold_err > 1e-4:
         raise VerificationError(f"folding changed the model's output (relative error {fold_err:.2e}); "
                                 "this is a bug in the coupling analysis, please report it")
-
     mask_result = None
     if config.prune:
         with t.step("mask"):
             mask_result = apply_masks_(net, linears, stats, config.criterion, n, m)
+    return Compressed(groups, linears, perms, group_results, fold_report, fold_err, mask_result, stats, batches,
+                      verify_inputs, t.timings)
+
+
+def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeConfig(), *, force: bool = False,
+             batch_range: tuple[int, int, int] = (1, 1, 8), seq_range: tuple[int, int, int] = (1, 128, 512),
+             quiet: bool = False, resume: bool = False, checkpoint_dir: str | None = None) -> OptimizeResult:
+    """Compile ``model`` (a short name, an HF folder, or an ``nn.Module``) into ``out``.
+
+    Example::
+
+        from permcompile import optimize, OptimizeConfig
+        optimize("minilm", "out/minilm", OptimizeConfig(permutation="hungarian", criterion="wanda"))
+    """
+    from .models import load_model
+
+    out_dir, plan_path = resolve_outputs(out, force)
+    t = _Timer(quiet=quiet)
+    with t.step("load"):
+        loaded = load_model(model)
+    c = compress_(loaded, config, timer=t, quiet=quiet, resume=resume, checkpoint_dir=checkpoint_dir)
+    net = loaded.model
+    groups, perms, group_results = c.groups, c.perms, c.group_results
+    fold_report, fold_err, mask_result, linears = c.fold_report, c.fold_err, c.mask_result, c.linears
+    verify_inputs = c.verify_inputs
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
     try:
@@ -167,7 +208,7 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
 
             checks = verify_artifacts(tmp)
             # the in-memory model on calibration inputs, besides verify's random inputs on the reloaded hf/
-            calib_cmp = compare_ort_torch(net, tmp / "model.onnx", verify_inputs[:2], loaded.forward_kwargs(),
+            calib_cmp = compare_ort_torch(net, tmp / "model.onnx", verify_inputs[:1], loaded.forward_kwargs(),
                                           precision=config.precision)
             checks.append(calib_cmp.as_check("onnxruntime_vs_torch_calibration"))
         report["checks"] = [asdict(c) for c in checks]
@@ -201,7 +242,11 @@ def _config_dict(config: OptimizeConfig) -> dict:
 
 
 def _verification_inputs(loaded, batches: list[dict]) -> list[dict]:
-    inputs = [dict(b) for b in batches[:2]]
+    """Two small batches: real calibration samples and random inputs of another shape."""
+    first = {k: v[:2] for k, v in batches[0].items()}
+    if "input_ids" in first and first["input_ids"].shape[-1] > 64:
+        first = {k: (v[:, :64] if v.dim() >= 2 and k != "pixel_values" else v) for k, v in first.items()}
+    inputs = [first]
     gen = torch.Generator().manual_seed(1234)
     ex = loaded.example_inputs(batch=2, seq=16)
     rand = {}

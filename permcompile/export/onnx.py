@@ -609,16 +609,22 @@ def _postprocess(proto, model: nn.Module, axes: dict[str, dict[int, str]], check
 
 def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: str | Path, precision: str = "fp32",
                 forward_kwargs: Mapping[str, Any] | None = None, *, fp16_method: str = "auto",
-                external_data: bool | None = None, opset: int | None = None) -> OnnxExportInfo:
+                external_data: bool | None = None, opset: int | None = None,
+                optimize: str = "fast") -> OnnxExportInfo:
     """Export ``model`` to ``path`` (see the module docstring). ``model`` itself is not modified.
 
     ``fp16_method``: "auto" (half export, converter as fallback), "half" or "convert".
     ``external_data``: None decides by size (> 2 GB of weights), True/False forces it.
+    ``optimize``: "fast" (default) runs onnxscript's constant folding and clean-up passes but not its
+    pattern rewriter, which is quadratic-ish and took ~70% of a 30-layer SmolLM2 export (minutes);
+    ONNX Runtime and TensorRT do their own fusions. "full" is torch's default optimizer, "none" skips it.
     """
     import onnx
 
     if precision not in ("fp32", "fp16"):
         raise UsageError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if optimize not in ("fast", "full", "none"):
+        raise UsageError(f"unknown optimize mode {optimize!r}; choose fast, full or none")
     if fp16_method not in ("auto", "half", "convert"):
         raise UsageError(f"unknown fp16 method {fp16_method!r}; choose auto, half or convert")
     if not example_kwargs or not all(isinstance(v, Tensor) for v in example_kwargs.values()):
@@ -651,15 +657,20 @@ def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: st
         wrapper = ExportWrapper(m, names, forward_kwargs, float_dtype=float_dtype).eval()
         dims = {label: torch.export.Dim(label) for label in ("batch", "seq")}
         dyn = tuple({ax: dims[label] for ax, label in axes[n].items()} for n in names)
-        kwargs = dict(dynamo=True, input_names=names, output_names=[out_name], verbose=False)
+        kwargs = dict(dynamo=True, input_names=names, output_names=[out_name], verbose=False,
+                      optimize=(optimize == "full"))
         if opset is not None:
             kwargs["opset_version"] = opset
         with warnings.catch_warnings(), _quiet_loggers():
             warnings.simplefilter("ignore")
             try:
                 return torch.onnx.export(wrapper, tuple(example[n] for n in names), dynamic_shapes=(dyn,), **kwargs)
-            except Exception:  # noqa: BLE001 - retry letting torch infer the dynamic ranges
-                auto = tuple({ax: torch.export.Dim.DYNAMIC for ax in axes[n]} for n in names)
+            except Exception as exc:  # noqa: BLE001
+                text = str(exc).lower()
+                if not any(k in text for k in ("constraint", "dynamic_shapes", "specializ", "guard")):
+                    raise
+                # the named dims were refused (e.g. a range or relation torch inferred): let torch decide
+                auto = tuple({ax: torch.export.Dim.AUTO for ax in axes[n]} for n in names)
                 return torch.onnx.export(wrapper, tuple(example[n] for n in names), dynamic_shapes=(auto,), **kwargs)
 
     exported_module: nn.Module = model
@@ -686,6 +697,12 @@ def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: st
     finally:
         model.train(was_training)
 
+    if optimize == "fast":
+        try:
+            _fast_optimize(program.model)
+        except Exception as exc:  # noqa: BLE001 - private onnxscript API moved: use the full optimizer
+            notes.append(f"fast ONNX optimisation unavailable ({_one_line(exc)}); used the full optimizer")
+            program.optimize()
     try:
         if path.exists():
             path.unlink()
@@ -718,6 +735,37 @@ def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: st
         export_seconds=time.perf_counter() - start, size_bytes=size, external_data=bool(use_external),
         fp16_method=method, warnings=notes,
     )
+
+
+def _fast_optimize(model) -> None:
+    """onnxscript's ``optimize_ir`` without the pattern-rewrite pass (in place on an ``onnx_ir.Model``)."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    from onnxscript.optimizer import _constant_folding as folding
+
+    passes = ir.passes.Sequential(
+        common.InlinePass(),
+        ir.passes.PassManager(
+            [
+                folding.FoldConstantsPass(shape_inference=True,
+                                          input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                          output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
+                common.RemoveUnusedNodesPass(),
+                common.RemoveUnusedFunctionsPass(),
+                common.RemoveUnusedOpsetsPass(),
+            ],
+            steps=2,
+            early_stop=True,
+        ),
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )
+    passes(model)
 
 
 def _half_copy(model: nn.Module) -> nn.Module:

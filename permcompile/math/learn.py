@@ -104,6 +104,24 @@ def _stripe_blocks(perm_positions: torch.Tensor, labels: torch.Tensor, movable: 
     return blocks
 
 
+def gram_factor(gram: torch.Tensor, energy: float = 0.995, max_rank: int = 256) -> torch.Tensor:
+    """``L`` with ``L Lᵀ ≈ gram``: the leading eigenvectors keeping ``energy`` of the trace (at most ``max_rank``).
+
+    Calibration activations are strongly low-rank, so this cuts the cost of every learning step several
+    times; the final choice is still checked against the exact Gram matrix.
+    """
+    evals, evecs = torch.linalg.eigh(gram.float())
+    evals = evals.clamp_min(0).flip(0)
+    evecs = evecs.flip(1)
+    total = float(evals.sum())
+    if total <= 0:
+        return torch.zeros(gram.shape[0], 1)
+    cum = torch.cumsum(evals, 0) / total
+    rank = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype)).item()) + 1
+    rank = max(1, min(rank, max_rank, gram.shape[0]))
+    return (evecs[:, :rank] * evals[:rank].sqrt()).float()
+
+
 def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, warm: torch.Tensor,
                       labels: torch.Tensor, fixed: torch.Tensor, *, block: int = 64, steps: int = 60,
                       rounds: int = 2, lr: float = 0.05, sinkhorn_iters: int = 8, tau_start: float = 1.0,
@@ -118,8 +136,8 @@ def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, wa
     dev = torch.device(device)
     warm = torch.as_tensor(warm, dtype=torch.long)
     cur = warm.clone()
-    best_loss = output_error(consumers, cur, n_keep, m)
-    warm_loss = best_loss
+    factors = [gram_factor(c.gram) for c in consumers]
+    best_loss = _lowrank_error(consumers, factors, cur, n_keep, m)
     history = [best_loss]
     movable = ~fixed[cur] if fixed is not None else torch.ones(n, dtype=torch.bool)
     pos_labels = labels[cur]
@@ -132,11 +150,27 @@ def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, wa
         for size in sizes:  # batch blocks of equal size together
             group = [b for b in layout if b.numel() == size]
             idx = torch.stack(group).to(dev)  # [nb, B] positions
-            best_loss, cur, k = _optimise_blocks(consumers, cur, idx, n_keep, m, steps, lr, sinkhorn_iters,
-                                                 tau_start, tau_end, mask_tau, init_scale, gen, dev,
-                                                 best_loss, history, on_step)
+            best_loss, cur, k = _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr,
+                                                 sinkhorn_iters, tau_start, tau_end, mask_tau, init_scale, gen,
+                                                 dev, best_loss, history, on_step)
             done += k
-    return LearnResult(cur, warm_loss, best_loss, done, history)
+    # the search used a low-rank Gram: confirm on the exact objective, never return something worse
+    warm_exact = output_error(consumers, warm, n_keep, m)
+    cur_exact = output_error(consumers, cur, n_keep, m)
+    if cur_exact > warm_exact:
+        cur, cur_exact = warm.clone(), warm_exact
+    return LearnResult(cur, warm_exact, cur_exact, done, history)
+
+
+def _lowrank_error(consumers, factors, perm, n_keep, m) -> float:
+    num, den = 0.0, 0.0
+    for c, f in zip(consumers, factors):
+        src = _positions(c, perm)
+        w = c.w[:, src]
+        r = w * (~nm_mask(c.scores[:, src], n_keep, m))
+        num += float((r @ f[src]).square().sum())
+        den += float((w @ f[src]).square().sum())
+    return num / max(den, 1e-30)
 
 
 def _apply_q(x: torch.Tensor, reps, q: torch.Tensor, back: bool = False) -> torch.Tensor:
@@ -149,8 +183,8 @@ def _apply_q(x: torch.Tensor, reps, q: torch.Tensor, back: bool = False) -> torc
     return out
 
 
-def _optimise_blocks(consumers, cur, idx, n_keep, m, steps, lr, iters, tau0, tau1, mask_tau, init_scale, gen,
-                     dev, best_loss, history, on_step):
+def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, tau0, tau1, mask_tau, init_scale,
+                     gen, dev, best_loss, history, on_step):
     nb, bsz = idx.shape
     n = cur.numel()
     eye = torch.eye(bsz, device=dev)
@@ -159,15 +193,15 @@ def _optimise_blocks(consumers, cur, idx, n_keep, m, steps, lr, iters, tau0, tau
     opt = torch.optim.Adam([logits], lr=lr)
     prepared = []
     idx_cpu = idx.cpu()
-    for c in consumers:
+    for c, f in zip(consumers, factors):
         src = _positions(c, cur)  # consumer columns in the current order
         w = c.w[:, src].to(dev).float()
         s = c.scores[:, src].to(dev).float()
-        g = c.gram[src][:, src].to(dev).float()
+        g = f[src].to(dev).float()  # low-rank factor: loss = ||r g||²
         # after reordering, column j sits at group position cols[j]
         reps = [(sel.to(dev), ci.to(dev)) for sel, ci in _replica_columns(c.cols, n, idx_cpu)]
         prepared.append((w, s, g, reps))
-    total_energy = sum(float((w @ g * w).sum()) for w, _, g, _ in prepared)
+    total_energy = sum(float((w @ g).square().sum()) for w, _, g, _ in prepared)
     best_q = None
     for step in range(steps):
         frac = step / max(1, steps - 1)
@@ -184,7 +218,7 @@ def _optimise_blocks(consumers, cur, idx, n_keep, m, steps, lr, iters, tau0, tau
             soft_mask = soft_nm_mask(s_new, n_keep, m, mask_tau * float(s_new.detach().mean().clamp_min(1e-12)))
             mask = hard_mask + soft_mask - soft_mask.detach()
             r = _apply_q(w_new * (1 - mask), reps, q, back=True)  # dropped weights, back in current order
-            loss = loss + (r @ g * r).sum()
+            loss = loss + (r @ g).square().sum()
         loss = loss / max(total_energy, 1e-30)
         value = float(loss.detach())
         if value < best_loss - 1e-12:

@@ -13,6 +13,7 @@ permuting the residual stream at all is small (see benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import hashlib
+import zlib
 import json
 import os
 import re
@@ -57,8 +58,8 @@ class _GramHooks:
             x = args[0].detach()
             if self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape:
                 x = x[self.mask.bool()]
-            x = x.reshape(-1, x.shape[-1]).to(self.device, torch.float64)
-            g = x.T @ x
+            x = x.reshape(-1, x.shape[-1]).to(self.device, torch.float32)
+            g = (x.T @ x).double()  # fp32 products, fp64 accumulation across batches
             if name in self.grams:
                 self.grams[name] += g
             else:
@@ -93,15 +94,73 @@ def default_checkpoint_dir(loaded, config) -> Path:
     return base / "learn" / tag
 
 
+GRAM_BUDGET_BYTES = 1 << 30  # Gram matrices held at once (float64): bounds memory whatever the depth
+
+
+def _chunks(keys, blocks, net, pruned, budget):
+    """Consecutive blocks whose consumers' Gram matrices fit in ``budget`` bytes together (at least one)."""
+    chunk, used = [], 0
+    for key in keys:
+        mods = {c.module: c for g in blocks[key] for c in g.consumers if c.param in pruned}
+        size = 0
+        for c in mods.values():
+            k = weight_kout(net, c).shape[1]
+            size += k * k * 8
+        if chunk and used + size > budget:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(key)
+        used += size
+    if chunk:
+        yield chunk
+
+
+def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name, gen, bar) -> dict:
+    from ..math.nm import kept_importance
+    from .sparsify import group_score_matrix
+
+    n, m = config.sparsity.n, config.sparsity.m
+    lc = config.learn
+    done_block = {}
+    for g in block_groups:
+        consumers = []
+        for mem in g.consumers:
+            if mem.param not in pruned or mem.module not in hooks.grams:
+                continue
+            w = weight_kout(net, mem).detach().float()
+            s = consumer_scores(net, mem, stats, config.criterion)
+            gram = (hooks.grams[mem.module] / max(1, hooks.tokens[mem.module])).float()
+            consumers.append(Consumer(w, s, gram, mem.index_tensor(w.shape[1])))
+        if not consumers:
+            continue
+
+        def on_step(step, value, best, _g=g):
+            if bar:
+                bar.set_postfix_str(f"{_g.name[-32:]} step {step} loss {value:.4f} best {best:.4f}")
+
+        res = learn_permutation(
+            consumers, g.size, n, m, perms[g.name], g.block_labels(), g.fixed_mask(),
+            block=lc.block_size, steps=lc.steps, rounds=lc.rounds, lr=lc.lr, sinkhorn_iters=lc.sinkhorn_iters,
+            tau_start=lc.tau_start, tau_end=lc.tau_end, generator=gen, device=config.device, on_step=on_step)
+        if not g.is_valid(res.perm):
+            raise RuntimeError(f"learned permutation for {g.name} breaks its constraints")
+        perms[g.name] = res.perm
+        r = by_name[g.name]
+        scores = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
+        r.kept_chosen = kept_importance(scores, n, m, res.perm) / float(scores.sum())
+        r.strategy = "learned"
+        r.note = f"output error {res.loss_warm:.5f} (hungarian) -> {res.loss_best:.5f}"
+        done_block[g.name] = {"perm": res.perm.tolist(), "kept": r.kept_chosen, "note": r.note}
+    return done_block
+
+
 def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[dict], config, *, pruned: set[str],
                        quiet: bool = False, resume: bool = False, checkpoint_dir: str | None = None,
                        max_blocks: int | None = None):
     """Learned permutations for every group; returns ``(perms, results)`` like ``choose_permutations``."""
     n, m = config.sparsity.n, config.sparsity.m
-    lc = config.learn
     net = loaded.model
     net.eval()
-    start_all = time.perf_counter()
     perms, results = choose_permutations(groups, net, stats, config.criterion, "hungarian", n, m, pruned,
                                          seed=config.seed)
     by_name = {r.name: r for r in results}
@@ -127,17 +186,16 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
         state = saved
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    gen = torch.Generator().manual_seed(config.seed)
-    device = config.device
     use_tqdm = not quiet
     bar = None
     if use_tqdm:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(blocks), desc="learn", unit="block", file=sys.stderr, leave=False)
-    for bi, (key, block_groups) in enumerate(blocks.items()):
-        if max_blocks is not None and bi >= max_blocks:
-            break
+    keys = list(blocks)
+    if max_blocks is not None:
+        keys = keys[:max_blocks]
+    for key in keys:  # finished blocks come from the checkpoint
         if key in state["done"]:
             for name, entry in state["done"][key].items():
                 perms[name] = torch.tensor(entry["perm"], dtype=torch.long)
@@ -146,9 +204,10 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
                 r.note = entry.get("note", "")
             if bar:
                 bar.update(1)
-            continue
+    todo = [k for k in keys if k not in state["done"]]
+    for chunk in _chunks(todo, blocks, net, pruned, GRAM_BUDGET_BYTES):
+        modules = sorted({c.module for k in chunk for g in blocks[k] for c in g.consumers if c.param in pruned})
         t0 = time.perf_counter()
-        modules = sorted({c.module for g in block_groups for c in g.consumers if c.param in pruned})
         hooks = _GramHooks(net, modules, "cpu")
         try:
             with torch.no_grad():
@@ -157,47 +216,23 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
                     net(**b, **loaded.forward_kwargs())
         finally:
             hooks.close()
-        done_block = {}
-        for g in block_groups:
-            consumers = []
-            for mem in g.consumers:
-                if mem.param not in pruned or mem.module not in hooks.grams:
-                    continue
-                w = weight_kout(net, mem).detach().float()
-                s = consumer_scores(net, mem, stats, config.criterion)
-                gram = (hooks.grams[mem.module] / max(1, hooks.tokens[mem.module])).float()
-                consumers.append(Consumer(w, s, gram, mem.index_tensor(w.shape[1])))
-            if not consumers:
-                continue
-
-            def on_step(step, value, best, _g=g):
-                if bar:
-                    bar.set_postfix_str(f"{_g.name[-32:]} step {step} loss {value:.4f} best {best:.4f}")
-
-            res = learn_permutation(
-                consumers, g.size, n, m, perms[g.name], g.block_labels(), g.fixed_mask(),
-                block=lc.block_size, steps=lc.steps, rounds=2, lr=lc.lr, sinkhorn_iters=lc.sinkhorn_iters,
-                tau_start=lc.tau_start, tau_end=lc.tau_end, generator=gen, device=device, on_step=on_step)
-            if not g.is_valid(res.perm):
-                raise RuntimeError(f"learned permutation for {g.name} breaks its constraints")
-            perms[g.name] = res.perm
-            r = by_name[g.name]
-            from .sparsify import group_score_matrix
-            from ..math.nm import kept_importance
-
-            scores = group_score_matrix(g, net, stats, config.criterion, pruned, m)
-            r.kept_chosen = kept_importance(scores, n, m, res.perm) / float(scores.sum())
-            r.strategy = "learned"
-            r.note = f"output error {res.loss_warm:.5f} (hungarian) -> {res.loss_best:.5f}"
-            r.seconds += time.perf_counter() - t0
-            done_block[g.name] = {"perm": res.perm.tolist(), "kept": r.kept_chosen, "note": r.note}
-        del hooks
-        state["done"][key] = done_block
-        tmp = ckpt.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, ckpt)
-        if bar:
-            bar.update(1)
+        gram_seconds = (time.perf_counter() - t0) / max(1, len(chunk))
+        for key in chunk:
+            t1 = time.perf_counter()
+            # one generator per block: a resumed run draws the same numbers as an uninterrupted one
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
+            done_block = _learn_block(blocks[key], hooks, net, stats, config, pruned, perms, by_name, gen, bar)
+            for name in done_block:
+                by_name[name].seconds += time.perf_counter() - t1 + gram_seconds
+            for g in blocks[key]:  # free this block's Grams before the next
+                for c in g.consumers:
+                    hooks.grams.pop(c.module, None)
+            state["done"][key] = done_block
+            tmp = ckpt.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, ckpt)
+            if bar:
+                bar.update(1)
     if bar:
         bar.close()
     return perms, results

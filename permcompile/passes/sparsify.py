@@ -75,8 +75,12 @@ def consumer_scores(model, member_or_info, stats, criterion: str) -> torch.Tenso
     return criterion_scores(criterion, w, act)
 
 
+MAX_ROWS = 16384  # residual groups stack every block's readers; a fixed row sample keeps the search fast
+
+
 def group_score_matrix(group: Group, model: nn.Module, stats: dict, criterion: str, pruned: set[str],
-                       m: int, normalize: bool = True) -> torch.Tensor | None:
+                       m: int, normalize: bool = True, max_rows: int | None = MAX_ROWS,
+                       seed: int = 0) -> torch.Tensor | None:
     """Stack every pruned consumer's scores in group-element columns: ``[rows, group.size]``.
 
     A consumer whose positions carry an element several times (GQA ``o_proj``) contributes one block of
@@ -105,7 +109,13 @@ def group_score_matrix(group: Group, model: nn.Module, stats: dict, criterion: s
             blocks.append(block)
     if not blocks:
         return None
-    return torch.cat(blocks, dim=0)
+    scores = torch.cat(blocks, dim=0)
+    if max_rows is not None and scores.shape[0] > max_rows:
+        # rows are independent terms of the objective: a seeded uniform sample estimates it without bias
+        gen = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(scores.shape[0], generator=gen)[:max_rows].sort().values
+        scores = scores[keep]
+    return scores
 
 
 def choose_permutations(groups: list[Group], model: nn.Module, stats: dict, criterion: str, strategy: str,
@@ -120,7 +130,7 @@ def choose_permutations(groups: list[Group], model: nn.Module, stats: dict, crit
     gen = torch.Generator().manual_seed(seed)
     for group in groups:
         start = time.perf_counter()
-        scores = group_score_matrix(group, model, stats, criterion, pruned, m)
+        scores = group_score_matrix(group, model, stats, criterion, pruned, m, seed=seed)
         if scores is None or group.size % m != 0 or group.movable < 2:
             note = "no pruned consumer" if scores is None else (
                 "size not divisible by M" if group.size % m else "every element pinned")
