@@ -100,7 +100,9 @@ def linear_nodes(captured: Captured) -> list[tuple[torch.fx.Node, str, str]]:
 
 
 _PASS_THROUGH = {"view", "reshape", "_unsafe_view", "contiguous", "clone", "to", "_to_copy", "alias", "slice",
-                 "select", "squeeze", "unsqueeze", "transpose", "permute", "float", "detach", "dropout"}
+                 "select", "squeeze", "unsqueeze", "transpose", "permute", "float", "detach", "dropout",
+                 # element-wise activations between a head and the output (BERT's pooler: dense -> tanh)
+                 "tanh", "sigmoid", "gelu", "relu", "silu", "softmax", "_softmax", "log_softmax"}
 
 
 def output_linears(captured: Captured) -> set[str]:

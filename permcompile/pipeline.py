@@ -64,8 +64,12 @@ def resolve_outputs(out: str | os.PathLike, force: bool) -> tuple[Path, Path | N
         if target.exists() and not force:
             raise UsageError(f"output {target} already exists (use --force to replace it)")
     parent = out.resolve().parent
-    if not parent.exists():
-        raise UsageError(f"output folder's parent {parent} does not exist")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"cannot create {out}: {parent} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output folder's parent {parent}: {exc.strerror or exc}") from exc
     if not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write to {parent} (read-only or no permission)")
     return out, plan

@@ -136,7 +136,8 @@ def choose_permutations(groups: list[Group], model: nn.Module, stats: dict, crit
                 "size not divisible by M" if group.size % m else "every element pinned")
             ident = torch.arange(group.size)
             perms[group.name] = ident
-            k = kept_importance(scores, n, m) if scores is not None and group.size % m == 0 else 0.0
+            k = (kept_importance(scores, n, m) / float(scores.sum().clamp_min(1e-30))
+                 if scores is not None and group.size % m == 0 else 0.0)
             results.append(GroupResult(group.name, group.kind, group.size, "none", k, k, 0.0,
                                        len(group.consumers), len(set(group.fixed)), note))
             if progress:

@@ -1,0 +1,175 @@
+"""Quality of N:M pruning with and without permutations on a causal LM (SmolLM2-135M by default).
+
+Rows: dense; unstructured 50% (same criterion: the ceiling); N:M with permutation none / random (control) /
+hungarian / learned, each over several calibration samples (disjoint windows, chosen by seed) so that the
+spread is visible. Columns: held-out perplexity, gap recovered R = (ppl_none - ppl) / (ppl_none -
+ppl_unstructured) against the baseline of the same calibration sample, glue ops, permutation wall time.
+
+Every figure is measured by this script in the run that prints it. Example (the Austen novels are in the
+workplace's shared data folder; pass any folder of .txt files)::
+
+    python benchmarks/quality_lm.py --data-dir ../shared/data/austen --calib-seeds 0 1 2 \
+        --methods none random hungarian learned --eval-tokens 10000
+
+Writes ``benchmarks/results/quality_<model>_<sparsity>_<criterion>.json`` and a markdown table next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+from permcompile.calib.data import load_calibration
+from permcompile.calib.stats import collect_input_stats
+from permcompile.capture import capture
+from permcompile.config import LearnConfig, OptimizeConfig, Sparsity
+from permcompile.evaluate import perplexity
+from permcompile.models import load_model
+from permcompile.passes.coupling import analyze
+from permcompile.passes.sparsify import select_linears, unstructured_masks_
+from permcompile.pipeline import compress_
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt", "sense_and_sensibility.txt")
+EVAL_NOVELS = ("persuasion.txt",)
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _calib_folder(data_dir: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix="pc-calib-"))
+    for name in CALIB_NOVELS:
+        src = data_dir / name
+        if src.is_file():
+            (tmp / name).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    if not any(tmp.iterdir()):
+        sys.exit(f"none of {CALIB_NOVELS} found in {data_dir}")
+    return tmp
+
+
+def _eval_text(data_dir: Path) -> str:
+    return "\n".join((data_dir / n).read_text(encoding="utf-8") for n in EVAL_NOVELS if (data_dir / n).is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--data-dir", required=True, help="folder with the Austen novels (.txt)")
+    ap.add_argument("--sparsity", default="2:4")
+    ap.add_argument("--criterion", default="wanda")
+    ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "learned"])
+    ap.add_argument("--calib-seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--eval-tokens", type=int, default=10000)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    data_dir = Path(args.data_dir)
+    calib_dir = _calib_folder(data_dir)
+    text = _eval_text(data_dir)
+    sparsity = Sparsity.parse(args.sparsity)
+    learn = LearnConfig() if args.steps is None else LearnConfig(steps=args.steps)
+    rows = []
+
+    def evaluate(loaded) -> float:
+        return perplexity(loaded.model, loaded.tokenizer, text, context=args.context,
+                          max_tokens=args.eval_tokens)["ppl"]
+
+    def log(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    t0 = time.perf_counter()
+    dense = load_model(args.model)
+    ppl_dense = evaluate(dense)
+    log({"method": "dense", "calib_seed": None, "ppl": ppl_dense, "seconds": time.perf_counter() - t0})
+
+    for seed in args.calib_seeds:
+        base = OptimizeConfig(sparsity=sparsity, criterion=args.criterion, calib=str(calib_dir),
+                              calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=seed,
+                              learn=learn)
+        loaded = load_model(args.model)
+        t = time.perf_counter()
+        batches = load_calibration(base.calib, loaded, base.calib_samples, base.calib_seq_len, seed)
+        stats = collect_input_stats(loaded.model, batches, progress=False, forward_kwargs=loaded.forward_kwargs())
+        calib_s = time.perf_counter() - t
+
+        # unstructured 50% with the same criterion and statistics: the ceiling
+        captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
+        linears = select_linears(loaded.model, captured, analyze(captured), sparsity.m)
+        unstructured_masks_(loaded.model, linears, stats, args.criterion, 1 - sparsity.n / sparsity.m)
+        log({"method": "unstructured", "calib_seed": seed, "ppl": evaluate(loaded), "calib_seconds": calib_s})
+
+        for method in args.methods:
+            loaded = load_model(args.model)
+            cfg = OptimizeConfig(**{**base.__dict__, "permutation": method})
+            t = time.perf_counter()
+            c = compress_(loaded, cfg, quiet=True, stats=stats, batches=batches,
+                          checkpoint_dir=tempfile.mkdtemp(prefix="pc-learn-"))
+            wall = time.perf_counter() - t
+            moved = [g for g in c.group_results if g.strategy != "none"]
+            kept = (sum(g.kept_chosen for g in moved) / len(moved)) if moved else None
+            kept0 = (sum(g.kept_identity for g in moved) / len(moved)) if moved else None
+            log({"method": method, "calib_seed": seed, "ppl": evaluate(loaded), "glue_ops": c.fold_report.glue_ops,
+                 "permute_seconds": c.timings.get("permute"), "compress_seconds": wall,
+                 "kept_identity": kept0, "kept_chosen": kept, "peak_rss_mb": _peak_mb()})
+
+    # gap recovered, per calibration sample
+    for r in rows:
+        if r["calib_seed"] is None or r["method"] == "unstructured":
+            continue
+        none = next((x for x in rows if x["method"] == "none" and x["calib_seed"] == r["calib_seed"]), None)
+        uns = next(x for x in rows if x["method"] == "unstructured" and x["calib_seed"] == r["calib_seed"])
+        if none and none["ppl"] != uns["ppl"]:
+            r["R"] = (none["ppl"] - r["ppl"]) / (none["ppl"] - uns["ppl"])
+
+    summary = {}
+    for method in ["unstructured"] + args.methods:
+        sel = [r for r in rows if r["method"] == method]
+        ppls = [r["ppl"] for r in sel]
+        rs = [r["R"] for r in sel if "R" in r]
+        summary[method] = {
+            "ppl_mean": statistics.mean(ppls), "ppl_sd": statistics.pstdev(ppls) if len(ppls) > 1 else 0.0,
+            "R_mean": statistics.mean(rs) if rs else None, "R_sd": statistics.pstdev(rs) if len(rs) > 1 else 0.0,
+            "permute_seconds": statistics.mean([r["permute_seconds"] for r in sel]) if sel and "permute_seconds" in sel[0] else None,
+            "glue_ops": sel[0].get("glue_ops", 0) if sel else None, "n": len(sel)}
+    out = {"model": args.model, "sparsity": str(sparsity), "criterion": args.criterion, "context": args.context,
+           "eval_tokens": args.eval_tokens, "eval_text": list(EVAL_NOVELS), "calib_text": list(CALIB_NOVELS),
+           "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "dense_ppl": ppl_dense,
+           "rows": rows, "summary": summary, "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "command": " ".join(["python", "benchmarks/quality_lm.py"] + sys.argv[1:])}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"quality_{args.model}_{str(sparsity).replace(':', 'of')}_{args.criterion}{args.tag}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    lines = [f"### {args.model}, {sparsity}, {args.criterion}: held-out perplexity ({', '.join(EVAL_NOVELS)}, "
+             f"{args.eval_tokens} tokens, context {args.context}); dense {ppl_dense:.2f}",
+             "", "| method | ppl (mean ± sd) | R (mean ± sd) | glue ops | permute time (s) | runs |",
+             "|---|---|---|---|---|---|"]
+    for method, s in summary.items():
+        r = "—" if s["R_mean"] is None else f"{s['R_mean']:.3f} ± {s['R_sd']:.3f}"
+        pt = "—" if s["permute_seconds"] is None else f"{s['permute_seconds']:.1f}"
+        lines.append(f"| {method} | {s['ppl_mean']:.2f} ± {s['ppl_sd']:.2f} | {r} | {s['glue_ops'] or 0} | {pt} | {s['n']} |")
+    lines += ["", f"Command: `{out['command']}`"]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""The ``permcompile`` command line end to end on tiny zoo models: optimize / verify / inspect / --help.
+
+Every full ``optimize`` run exports ONNX with torch's dynamo exporter (~10-25 s on a 2-core CPU), so the
+default suite shares a handful of runs between tests through module-scoped fixtures:
+
+* ``noprune``: tiny llama, hungarian, ``--no-prune`` (the model's function must be unchanged);
+* ``pruned``: tiny llama, hungarian, 2:4 (the main artifact checks);
+* ``plan``: the same command with ``--out X.plan`` (TensorRT missing: artifacts in ``X/``, clear error),
+  which doubles as the determinism run (same seed as ``pruned``);
+* one run each for tiny bert (greedy) and tiny vit (hungarian).
+
+Every architecture x {hungarian, greedy} and 4:8 run in the ``slow`` tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from permcompile.cli import main  # noqa: E402
+from permcompile.export.verify import onnx_initializer_for_param, onnx_nm_report  # noqa: E402
+
+CALIB = ["--calib-samples", "4", "--calib-seq-len", "16"]
+ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt", "bert", "vit", "dinov2"]
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+_PROGRESS = re.compile(r"\r|\d+%\|")  # tqdm bars written by transformers ("Loading weights ...")
+
+# BertModel / ViTModel have a pooler that the exported graph (last_hidden_state) does not use: the pipeline
+# prunes pooler.dense anyway, then its own onnx_nm check fails ("no ONNX MatMul/Gemm weight").
+POOLER_BUG = pytest.mark.xfail(strict=True, reason="BUG: pooler.dense.weight is pruned and listed in "
+                               "report['pruned_layers'] but is dead code in the exported ONNX graph, so "
+                               "verification fails (onnx_nm: 'no ONNX MatMul/Gemm weight') and the run exits 1")
+XFAIL_ARCH = {"bert": POOLER_BUG, "vit": POOLER_BUG}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def invoke(args: list[str]):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without progress bars (non-empty lines)."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and not _PROGRESS.search(ln)]
+
+
+def describe(result) -> str:
+    return f"exit {result.exit_code}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+
+
+def tmp_leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+
+
+def nm_ok(arr: np.ndarray, k_axis: int, n: int, m: int) -> tuple[bool, str]:
+    """Every run of m consecutive entries along ``k_axis`` holds at most n nonzeros."""
+    k = arr.shape[k_axis]
+    if k % m:
+        return False, f"K={k} not a multiple of {m}"
+    moved = np.moveaxis(arr, k_axis, -1)
+    counts = (moved.reshape(*moved.shape[:-1], k // m, m) != 0).sum(-1)
+    bad = int((counts > n).sum())
+    return bad == 0, f"{bad} of {counts.size} groups have more than {n} nonzeros"
+
+
+def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    files = sorted(hf_dir.glob("*.safetensors"))
+    assert files, f"no safetensors in {hf_dir}"
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def load_auto(folder: Path, auto_class: str):
+    import transformers
+
+    return getattr(transformers, auto_class).from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def k_axis(model, param: str) -> int:
+    """Axis of the stored weight that is K (in_features): 1 for nn.Linear, 0 for transformers' Conv1D."""
+    module = model.get_submodule(param.rsplit(".", 1)[0])
+    if type(module).__name__ == "Conv1D":
+        return 0
+    assert isinstance(module, torch.nn.Linear), f"{param} belongs to a {type(module).__name__}"
+    return 1
+
+
+def check_pruned_artifacts(out: Path, n: int, m: int) -> dict:
+    """N:M of every pruned layer in hf/ safetensors and in model.onnx; returns report.json."""
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"] == f"{n}:{m}" and report["pruned"] is True
+    layers = report["pruned_layers"]
+    assert layers, "nothing was pruned"
+    model = load_auto(out / "hf", report["auto_class"])
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensors = hf_tensors(out / "hf")
+    for layer in layers:
+        param = layer["param"]
+        weight = tensors.get(param)
+        if weight is None:  # tied weight saved once under another name: use the reloaded model
+            weight = params[param].detach()
+        assert weight.dim() == 2, param
+        axis = k_axis(model, param)
+        ok, why = nm_ok(weight.float().numpy(), axis, n, m)
+        assert ok, f"hf/{param} is not {n}:{m} along K: {why}"
+        # half of the weights (n of m) are really kept: pruning happened and was not over-done
+        density = float((weight != 0).float().mean())
+        assert abs(density - n / m) < 0.05, f"{param}: density {density:.3f}, expected about {n / m}"
+
+    import onnx
+
+    proto = onnx.load(str(out / "model.onnx"))
+    rows = {r.name: r for r in onnx_nm_report(proto, n, m)}
+    for layer in layers:
+        name = layer.get("onnx_initializer") or onnx_initializer_for_param(proto, layer["param"])
+        assert name in rows, f"{layer['param']}: no ONNX MatMul/Gemm weight ({name})"
+        row = rows[name]
+        assert row.is_nm and row.violations == 0, f"ONNX {name} ({layer['param']}) is not {n}:{m}: {row}"
+    return report
+
+
+def check_kept(report: dict, strategy: str, strict_aggregate: bool) -> None:
+    groups = [g for g in report["groups"] if g["strategy"] == strategy]
+    assert groups, f"no group used {strategy}: {[(g['name'], g['strategy'], g['note']) for g in report['groups']]}"
+    for g in report["groups"]:
+        if g["strategy"] == "none":
+            continue
+        assert g["kept_chosen"] >= g["kept_identity"] - 1e-9, g
+    if strict_aggregate:
+        chosen = sum(g["kept_chosen"] for g in groups)
+        identity = sum(g["kept_identity"] for g in groups)
+        assert chosen > identity + 1e-6, (chosen, identity)
+
+
+def run_optimize(model_dir: Path, out: Path, *extra: str):
+    return invoke(["optimize", model_dir, "--out", out, "--quiet", *CALIB, *extra])
+
+
+# ----------------------------------------------------------------------------------------------- shared runs
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli_runs")
+
+
+@pytest.fixture(scope="module")
+def noprune(work, tiny_dir):
+    src = tiny_dir("llama")
+    out = work / "noprune"
+    result = run_optimize(src, out, "--sparsity", "2:4", "--permutation", "hungarian", "--no-prune")
+    return src, out, result
+
+
+@pytest.fixture(scope="module")
+def pruned(work, tiny_dir):
+    out = work / "pruned"
+    result = run_optimize(tiny_dir("llama"), out, "--permutation", "hungarian", "--seed", "0")
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def plan(work, tiny_dir):
+    plan_path = work / "engine.plan"
+    result = run_optimize(tiny_dir("llama"), plan_path, "--permutation", "hungarian", "--seed", "0")
+    return plan_path, result
+
+
+# ----------------------------------------------------------------------------------------------- --no-prune
+def test_noprune_writes_every_artifact(noprune):
+    src, out, result = noprune
+    assert result.exit_code == 0, describe(result)
+    for rel in ("hf/config.json", "model.onnx", "permutations.json", "report.json", "triton/model/config.pbtxt"):
+        assert (out / rel).is_file(), f"missing {rel}"
+    assert list((out / "hf").glob("*.safetensors"))
+    assert tmp_leftovers(out.parent) == []
+    assert not out.with_name(out.name + ".failed").exists()
+    assert "checks:" in result.stdout and "pruned layers: 0" in result.stdout
+
+    perms = json.loads((out / "permutations.json").read_text())
+    assert perms["strategy"] == "hungarian" and perms["sparsity"] == "2:4"
+    moved = [g for g in perms["groups"] if g["perm"] is not None]
+    assert moved, "hungarian left every group in identity order"
+    for g in moved:
+        assert sorted(g["perm"]) == list(range(g["size"])), g["name"]
+        assert g["perm"] != list(range(g["size"]))
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruned"] is False and report["pruned_layers"] == []
+    assert all(c["passed"] for c in report["checks"]), report["checks"]
+    assert 'platform: "onnxruntime_onnx"' in (out / "triton/model/config.pbtxt").read_text()
+
+
+def test_noprune_keeps_the_function(noprune):
+    from transformers import AutoModelForCausalLM
+
+    src, out, result = noprune
+    assert result.exit_code == 0, describe(result)
+    original = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    folded = AutoModelForCausalLM.from_pretrained(str(out / "hf"), dtype=torch.float32).eval()
+    ids = torch.randint(0, original.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = original(input_ids=ids, use_cache=False).logits
+        got = folded(input_ids=ids, use_cache=False).logits
+    rel = float((got - want).abs().max() / want.abs().max())
+    assert rel <= 1e-5, rel
+    # the weights really moved (a nontrivial permutation was folded in), yet the function is the same
+    changed = [n for (n, a), b in zip(original.named_parameters(), folded.parameters()) if not torch.equal(a, b)]
+    assert changed
+
+
+def test_noprune_hungarian_keeps_more(noprune):
+    _, out, result = noprune
+    assert result.exit_code == 0, describe(result)
+    check_kept(json.loads((out / "report.json").read_text()), "hungarian", strict_aggregate=True)
+
+
+# ----------------------------------------------------------------------------------------------- pruned llama
+def test_pruned_llama_is_2_4_everywhere(pruned):
+    out, result = pruned
+    assert result.exit_code == 0, describe(result)
+    assert tmp_leftovers(out.parent) == []
+    report = check_pruned_artifacts(out, 2, 4)
+    assert len(report["pruned_layers"]) == 14  # q k v o gate up down x 2 layers; lm_head stays dense
+    assert [d["param"] for d in report["dense_layers"]] == ["lm_head.weight"]
+    check_kept(report, "hungarian", strict_aggregate=True)
+
+
+def test_verify_command_passes_on_fresh_output(pruned):
+    out, result = pruned
+    assert result.exit_code == 0, describe(result)
+    checked = invoke(["verify", out])
+    assert checked.exit_code == 0, describe(checked)
+    assert "FAIL" not in checked.stdout and "checks passed" in checked.stdout
+    as_json = invoke(["verify", out, "--json"])
+    assert as_json.exit_code == 0, describe(as_json)
+    checks = json.loads(as_json.stdout)
+    names = {c["name"] for c in checks}
+    assert {"integrity", "onnx_nm", "hf_nm", "onnxruntime_vs_torch"} <= names
+    assert all(c["passed"] for c in checks)
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed: the .plan build is expected to work")
+def test_plan_without_tensorrt_is_one_clear_error(plan):
+    plan_path, result = plan
+    assert result.exit_code != 0, describe(result)
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error:"), describe(result)
+    assert "tensorrt" in lines[0].lower()
+    assert "Traceback" not in result.stderr
+    folder = plan_path.with_suffix("")
+    for rel in ("model.onnx", "hf/config.json", "permutations.json", "report.json"):
+        assert (folder / rel).is_file(), f"missing {rel}"
+    assert not plan_path.exists()
+    assert tmp_leftovers(plan_path.parent) == []
+    assert invoke(["verify", folder]).exit_code == 0
+
+
+def test_same_seed_is_deterministic(pruned, plan):
+    out, result = pruned
+    plan_path, plan_result = plan
+    assert result.exit_code == 0, describe(result)
+    other = plan_path.with_suffix("")
+    assert (other / "permutations.json").is_file(), describe(plan_result)
+    assert (out / "permutations.json").read_bytes() == (other / "permutations.json").read_bytes()
+    a, b = hf_tensors(out / "hf"), hf_tensors(other / "hf")
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ----------------------------------------------------------------------------------------------- other archs
+def _arch_run(tiny_dir, tmp_path, arch: str, strategy: str, sparsity: str = "2:4"):
+    out = tmp_path / f"{arch}_{strategy}"
+    result = run_optimize(tiny_dir(arch), out, "--permutation", strategy, "--sparsity", sparsity)
+    assert result.exit_code == 0, describe(result)
+    assert tmp_leftovers(tmp_path) == []
+    n, m = (int(x) for x in sparsity.split(":"))
+    report = check_pruned_artifacts(out, n, m)
+    check_kept(report, strategy, strict_aggregate=(arch == "llama"))
+    checked = invoke(["verify", out])
+    assert checked.exit_code == 0, describe(checked)
+    return report
+
+
+@pytest.mark.parametrize("arch,strategy", [
+    pytest.param("bert", "greedy", marks=POOLER_BUG),
+    pytest.param("vit", "hungarian", marks=POOLER_BUG),
+])
+def test_encoder_and_vision_pipeline(tiny_dir, tmp_path, arch, strategy):
+    _arch_run(tiny_dir, tmp_path, arch, strategy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["hungarian", "greedy"])
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=XFAIL_ARCH[a]) if a in XFAIL_ARCH else a for a in ARCHS])
+def test_every_architecture(tiny_dir, tmp_path, arch, strategy):
+    _arch_run(tiny_dir, tmp_path, arch, strategy)
+
+
+@pytest.mark.slow
+def test_llama_4_8(tiny_dir, tmp_path):
+    report = _arch_run(tiny_dir, tmp_path, "llama", "hungarian", "4:8")
+    assert report["sparsity"] == "4:8"
+
+
+# ----------------------------------------------------------------------------------------------- inspect, help
+def test_inspect_table_and_json(tiny_dir):
+    folder = tiny_dir("llama")
+    table = invoke(["inspect", folder])
+    assert table.exit_code == 0, describe(table)
+    assert "residual" in table.stdout and "coupling groups" in table.stdout
+    as_json = invoke(["inspect", folder, "--json"])
+    assert as_json.exit_code == 0, describe(as_json)
+    groups = json.loads(as_json.stdout)
+    assert isinstance(groups, list) and any(g["kind"] == "residual" for g in groups)
+    assert {"name", "size", "members", "kind"} <= set(groups[0])
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"]] + [[c, "--help"] for c in sorted(main.commands)])
+def test_help(args):
+    result = invoke(args)
+    assert result.exit_code == 0, describe(result)
+    assert "Usage:" in result.stdout
+
+
+def test_optimize_help_lists_the_options():
+    text = invoke(["optimize", "--help"]).stdout
+    for opt in ("--out", "--sparsity", "--permutation", "--criterion", "--calib", "--no-prune", "--force",
+                "--trust-pickle", "--batch", "--seq", "--debug"):
+        assert opt in text, opt
