@@ -45,7 +45,19 @@ class LearnConfig:
     tau_end: float = 0.05
     loss: str = "mse"  # "mse" or "cosine"
     task_loss: bool = False
-    residual: str = "global"  # "global" (zero glue) or "per-layer"
+    residual: str = "global"  # "global" (zero glue); "per-layer" needs runtime gathers (not implemented)
+
+    def __post_init__(self) -> None:
+        if self.residual not in ("global", "per-layer"):
+            raise UsageError(f"--residual must be global or per-layer, got {self.residual!r}")
+        if self.residual == "per-layer":
+            raise UsageError("--residual per-layer (one gather per reading block) is not implemented yet; "
+                             "use the default global residual permutation (zero glue)")
+        if self.task_loss:
+            raise UsageError("--task-loss is not implemented yet: the learned strategy minimises the exact "
+                             "layer-output error of each group's consumers")
+        if self.block_size < 2 or self.steps < 0 or self.rounds < 1:
+            raise UsageError("--block-size must be >= 2, --steps >= 0 and rounds >= 1")
 
 
 @dataclass(frozen=True)

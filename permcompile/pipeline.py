@@ -127,7 +127,8 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
             batches = load_calibration(config.calib, loaded, config.calib_samples, config.calib_seq_len,
                                        config.seed)
         if stats is None:
-            stats = collect_input_stats(net, batches, progress=not quiet, forward_kwargs=loaded.forward_kwargs())
+            stats = collect_input_stats(net, batches, progress=not quiet, forward_kwargs=loaded.forward_kwargs(),
+                                        stop_at=_trailing_heads(captured, linears))
         else:
             stats = copy.deepcopy(stats)
 
@@ -243,6 +244,16 @@ def _config_dict(config: OptimizeConfig) -> dict:
     d = asdict(config)
     d["sparsity"] = str(config.sparsity)
     return d
+
+
+def _trailing_heads(captured, linears) -> list[str]:
+    """Dense output heads that run after every pruned layer: calibration can stop there (LM heads)."""
+    from .capture import linear_nodes
+
+    order = {module: i for i, (_, module, _) in enumerate(linear_nodes(captured))}
+    last_pruned = max((order.get(i.module, -1) for i in linears if i.prune), default=-1)
+    return [i.module for i in linears if not i.prune and i.reason.startswith("output head")
+            and order.get(i.module, -1) > last_pruned]
 
 
 def _verification_inputs(loaded, batches: list[dict]) -> list[dict]:

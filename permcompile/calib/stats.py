@@ -81,16 +81,26 @@ def _is_tty() -> bool:
         return False
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a calibration forward pass early (after the last layer we need)."""
+
+
+def _stop(_module, _args):
+    raise StopForward
+
+
 @torch.no_grad()
 def collect_input_stats(model: Any, batches: Iterable[dict[str, torch.Tensor]], module_filter: Any = None,
                         device: str | torch.device = "cpu", progress: bool = True, *, track_mean: bool = False,
-                        forward_kwargs: dict[str, Any] | None = None) -> dict[str, ChannelStats]:
+                        forward_kwargs: dict[str, Any] | None = None,
+                        stop_at: Iterable[str] = ()) -> dict[str, ChannelStats]:
     """Run ``model`` over ``batches`` and return input-channel statistics keyed by module FQN.
 
     ``model`` is an ``nn.Module`` or a :class:`permcompile.models.LoadedModel` (whose ``forward_kwargs()``, e.g.
     ``use_cache=False``, are then passed to every call). ``module_filter`` is a callable ``(name, module) ->
     bool`` or a collection of FQNs. Modules that never ran are left out of the result. The model is moved to
-    ``device`` for the run and back afterwards.
+    ``device`` for the run and back afterwards. ``stop_at`` names modules (e.g. an LM head, run last and
+    not pruned) at which each forward pass is cut short: their outputs are never needed here.
     """
     extra: dict[str, Any] = {}
     if not isinstance(model, nn.Module) and hasattr(model, "model"):
@@ -140,6 +150,10 @@ def collect_input_stats(model: Any, batches: Iterable[dict[str, torch.Tensor]], 
         model.to(device)
     handles = [mod.register_forward_pre_hook(make_hook(n, in_features(mod)), with_kwargs=True)
                for n, mod in targets.items()]
+    modules = dict(model.named_modules())
+    for name in stop_at:
+        if name in modules:
+            handles.append(modules[name].register_forward_pre_hook(_stop))
     try:
         total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
         iterator: Iterable = batches
@@ -151,7 +165,10 @@ def collect_input_stats(model: Any, batches: Iterable[dict[str, torch.Tensor]], 
             inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             mask = inputs.get("attention_mask")
             state["mask"] = mask.bool() if torch.is_tensor(mask) and not bool(mask.bool().all()) else None
-            model(**inputs, **extra)
+            try:
+                model(**inputs, **extra)
+            except StopForward:
+                pass
     finally:
         state["mask"] = None
         for handle in handles:

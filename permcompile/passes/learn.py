@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..calib.stats import StopForward
 from ..errors import UsageError
 from ..math.learn import Consumer, learn_permutation
 from .groups import Group
@@ -70,6 +71,19 @@ class _GramHooks:
     def close(self):
         for h in self.handles:
             h.remove()
+
+
+def _last_module(net: nn.Module, modules: list[str]):
+    """A hook that ends the forward pass right after the last of ``modules`` (in registration order) ran."""
+    names = [n for n, _ in net.named_modules()]
+    wanted = [n for n in names if n in set(modules)]
+    if not wanted:
+        return None
+
+    def stop(_mod, _args, _out):
+        raise StopForward
+
+    return net.get_submodule(wanted[-1]).register_forward_hook(stop)
 
 
 def _fingerprint(loaded, groups, config, batches) -> str:
@@ -209,13 +223,19 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
         modules = sorted({c.module for k in chunk for g in blocks[k] for c in g.consumers if c.param in pruned})
         t0 = time.perf_counter()
         hooks = _GramHooks(net, modules, "cpu")
+        last = _last_module(net, modules)
         try:
             with torch.no_grad():
                 for b in batches:
                     hooks.mask = b.get("attention_mask")
-                    net(**b, **loaded.forward_kwargs())
+                    try:
+                        net(**b, **loaded.forward_kwargs())
+                    except StopForward:  # everything this chunk needs has run
+                        pass
         finally:
             hooks.close()
+            if last is not None:
+                last.remove()
         gram_seconds = (time.perf_counter() - t0) / max(1, len(chunk))
         for key in chunk:
             t1 = time.perf_counter()

@@ -1,0 +1,252 @@
+"""Quality of N:M pruning with and without permutations on a sentence encoder (MiniLM by default).
+
+Rows: dense (measured against itself: cosine 1 by definition); unstructured 50% (same criterion and
+statistics: the ceiling); N:M with permutation none / random (control) / hungarian / learned (and greedy when
+asked), each over several calibration samples (disjoint random sentence draws, chosen by seed) so that the
+spread is visible. Metrics, on held-out sentences from a novel not used for calibration, against the dense
+model: mean cosine of the sentence embeddings (masked mean of ``last_hidden_state``) and Spearman correlation
+of the pairwise similarities; gap recovered R = (metric - metric_none) / (metric_unstructured - metric_none)
+against the baseline of the same calibration sample; glue ops; permutation wall time; kept importance.
+
+Every figure is measured by this script in the run that prints it. Example (the Austen novels are in the
+workplace's shared data folder; pass any folder holding them)::
+
+    python benchmarks/quality_encoder.py --data-dir ../shared/data/austen --calib-seeds 0 1 2 \
+        --methods none random hungarian learned --eval-sentences 500
+
+Writes ``benchmarks/results/quality_<model>_<sparsity>_<criterion>.json`` and a markdown table next to it.
+The helpers below (``add_gap_recovered``, ``summarise``, ``fmt``, ``write_results``) are shared with
+``quality_vision.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt")
+EVAL_NOVELS = ("persuasion.txt",)
+
+
+# ------------------------------------------------------------------------------------------------ shared helpers
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def add_gap_recovered(rows: list[dict], metrics: list[str]) -> None:
+    """R_<metric> = (metric - metric_none) / (metric_unstructured - metric_none), per calibration seed."""
+    for r in rows:
+        if r.get("calib_seed") is None or r["method"] in ("dense", "unstructured"):
+            continue
+        none = next((x for x in rows if x["method"] == "none" and x["calib_seed"] == r["calib_seed"]), None)
+        uns = next((x for x in rows if x["method"] == "unstructured" and x["calib_seed"] == r["calib_seed"]), None)
+        for mt in metrics:
+            if none and uns and uns[mt] != none[mt]:
+                r[f"R_{mt}"] = (r[mt] - none[mt]) / (uns[mt] - none[mt])
+
+
+def _ms(values: list[float]) -> tuple[float | None, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, 0.0
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(rows: list[dict], methods: list[str], metrics: list[str]) -> dict:
+    """Mean and sample sd over calibration seeds of every metric, R, permute time, kept importance."""
+    summary = {}
+    for method in methods:
+        sel = [r for r in rows if r["method"] == method]
+        if not sel:
+            continue
+        s = {"n": len(sel)}
+        for key in metrics + [f"R_{m}" for m in metrics] + ["permute_seconds", "compress_seconds",
+                                                             "kept_identity", "kept_chosen"]:
+            mean, sd = _ms([r.get(key) for r in sel])
+            s[f"{key}_mean"], s[f"{key}_sd"] = mean, sd
+        s["glue_ops"] = max((r.get("glue_ops") or 0) for r in sel)
+        summary[method] = s
+    return summary
+
+
+def fmt(s: dict, key: str, digits: int = 4) -> str:
+    mean = s.get(f"{key}_mean")
+    if mean is None:
+        return "—"
+    return f"{mean:.{digits}f} ± {s.get(f'{key}_sd', 0.0):.{digits}f}"
+
+
+def compress_row(c, wall: float) -> dict:
+    """What a ``compress_`` run decided: glue, timings, kept importance over the groups it moved."""
+    moved = [g for g in c.group_results if g.strategy != "none"]
+    return {"glue_ops": c.fold_report.glue_ops, "permute_seconds": c.timings.get("permute"),
+            "compress_seconds": wall,
+            "kept_identity": (sum(g.kept_identity for g in moved) / len(moved)) if moved else None,
+            "kept_chosen": (sum(g.kept_chosen for g in moved) / len(moved)) if moved else None,
+            "groups_moved": len(moved), "fold_max_rel_err": c.fold_err, "peak_rss_mb": peak_mb()}
+
+
+def group_overview(groups) -> list[dict]:
+    """The coupling groups of the model (kind, size, fixed elements, pins), for the record."""
+    return [{"name": g.name, "kind": g.kind, "size": g.size, "consumers": len(g.consumers), "fixed": len(g.fixed),
+             "pins": [f"{p.op} at {p.module or p.node}: {p.reason}" for p in g.pins][:4]} for g in groups]
+
+
+def write_results(stem: str, out: dict, lines: list[str]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    lines = lines + ["", f"Command: `{out['command']}`"]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------ this benchmark
+def _calib_folder(data_dir: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix="pc-calib-"))
+    for name in CALIB_NOVELS:
+        src = data_dir / name
+        if src.is_file():
+            (tmp / name).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    if not any(tmp.iterdir()):
+        sys.exit(f"none of {CALIB_NOVELS} found in {data_dir}")
+    return tmp
+
+
+def _eval_sentences(data_dir: Path, n: int, seed: int) -> list[str]:
+    from permcompile.evaluate import split_sentences
+
+    text = "\n\n".join((data_dir / f).read_text(encoding="utf-8") for f in EVAL_NOVELS if (data_dir / f).is_file())
+    if not text:
+        sys.exit(f"none of {EVAL_NOVELS} found in {data_dir}")
+    sentences = split_sentences(text, min_words=4)
+    if len(sentences) > n:
+        sentences = random.Random(seed).sample(sentences, n)
+    return sentences
+
+
+def main() -> None:
+    from permcompile.calib.data import load_calibration
+    from permcompile.calib.stats import collect_input_stats
+    from permcompile.capture import capture
+    from permcompile.config import LearnConfig, OptimizeConfig, Sparsity
+    from permcompile.evaluate import embedding_similarity
+    from permcompile.models import load_model
+    from permcompile.passes.coupling import analyze
+    from permcompile.passes.sparsify import select_linears, unstructured_masks_
+    from permcompile.pipeline import compress_
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--data-dir", required=True, help="folder with the Austen novels (.txt)")
+    ap.add_argument("--sparsity", default="2:4")
+    ap.add_argument("--criterion", default="wanda", choices=["magnitude", "wanda", "ria"])
+    ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "learned"],
+                    help="permutation strategies (none random greedy hungarian learned)")
+    ap.add_argument("--calib-seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--calib-samples", type=int, default=128, help="calibration sentences")
+    ap.add_argument("--calib-seq-len", type=int, default=128)
+    ap.add_argument("--eval-sentences", type=int, default=500)
+    ap.add_argument("--eval-seed", type=int, default=0, help="which held-out sentences (fixed across rows)")
+    ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    data_dir = Path(args.data_dir)
+    calib_dir = _calib_folder(data_dir)
+    sentences = _eval_sentences(data_dir, args.eval_sentences, args.eval_seed)
+    sparsity = Sparsity.parse(args.sparsity)
+    learn = LearnConfig() if args.steps is None else LearnConfig(steps=args.steps)
+    metrics = ["mean_cosine", "spearman"]
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+
+    dense = load_model(args.model)
+
+    def evaluate(loaded) -> dict:
+        r = embedding_similarity(loaded.model, dense.model, dense.tokenizer, sentences)
+        return {"mean_cosine": r["mean_cosine"], "min_cosine": r["min_cosine"], "spearman": r["spearman"],
+                "pairs": r["pairs"]}
+
+    def log(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    t = time.perf_counter()
+    log({"method": "dense", "calib_seed": None, **evaluate(load_model(args.model)),
+         "seconds": time.perf_counter() - t})
+
+    groups_info = None
+    for seed in args.calib_seeds:
+        base = OptimizeConfig(sparsity=sparsity, criterion=args.criterion, calib=str(calib_dir),
+                              calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=seed,
+                              learn=learn)
+        loaded = load_model(args.model)
+        t = time.perf_counter()
+        batches = load_calibration(base.calib, loaded, base.calib_samples, base.calib_seq_len, seed)
+        stats = collect_input_stats(loaded.model, batches, progress=False, forward_kwargs=loaded.forward_kwargs())
+        calib_s = time.perf_counter() - t
+
+        # unstructured 50% with the same criterion and statistics: the ceiling
+        captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
+        groups = analyze(captured)
+        if groups_info is None:
+            groups_info = group_overview(groups)
+        linears = select_linears(loaded.model, captured, groups, sparsity.m)
+        unstructured_masks_(loaded.model, linears, stats, args.criterion, 1 - sparsity.n / sparsity.m)
+        log({"method": "unstructured", "calib_seed": seed, **evaluate(loaded), "calib_seconds": calib_s,
+             "pruned_layers": sum(i.prune for i in linears), "dense_layers": sum(not i.prune for i in linears)})
+
+        for method in args.methods:
+            loaded = load_model(args.model)
+            cfg = OptimizeConfig(**{**base.__dict__, "permutation": method})
+            t = time.perf_counter()
+            c = compress_(loaded, cfg, quiet=True, stats=stats, batches=batches,
+                          checkpoint_dir=tempfile.mkdtemp(prefix="pc-learn-"))
+            wall = time.perf_counter() - t
+            log({"method": method, "calib_seed": seed, **evaluate(loaded), **compress_row(c, wall)})
+
+    add_gap_recovered(rows, metrics)
+    methods = ["dense", "unstructured"] + args.methods
+    summary = summarise(rows, methods, metrics)
+    out = {"model": args.model, "sparsity": str(sparsity), "criterion": args.criterion,
+           "eval_text": list(EVAL_NOVELS), "eval_sentences": len(sentences), "eval_seed": args.eval_seed,
+           "calib_text": list(CALIB_NOVELS), "calib_samples": args.calib_samples,
+           "calib_seq_len": args.calib_seq_len, "calib_seeds": args.calib_seeds, "learn": learn.__dict__,
+           "groups": groups_info, "rows": rows, "summary": summary, "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t_start,
+           "command": " ".join(["python", "benchmarks/quality_encoder.py"] + sys.argv[1:])}
+    stem = f"quality_{args.model}_{str(sparsity).replace(':', 'of')}_{args.criterion}{args.tag}"
+    lines = [f"### {args.model}, {sparsity}, {args.criterion}: sentence-embedding agreement with the dense model "
+             f"({len(sentences)} held-out sentences from {', '.join(EVAL_NOVELS)}; calibration: "
+             f"{args.calib_samples} sentences from {', '.join(CALIB_NOVELS)}, seeds {args.calib_seeds})",
+             "", "| method | mean cosine | R (cosine) | Spearman | R (Spearman) | kept importance (identity → chosen) "
+             "| glue ops | permute time (s) | runs |", "|---|---|---|---|---|---|---|---|---|"]
+    for method, s in summary.items():
+        kept = "—" if s["kept_chosen_mean"] is None else f"{s['kept_identity_mean']:.4f} → {s['kept_chosen_mean']:.4f}"
+        pt = "—" if s["permute_seconds_mean"] is None else fmt(s, "permute_seconds", 1)
+        lines.append(f"| {method} | {fmt(s, 'mean_cosine')} | {fmt(s, 'R_mean_cosine', 3)} | {fmt(s, 'spearman')} "
+                     f"| {fmt(s, 'R_spearman', 3)} | {kept} | {s['glue_ops'] if method not in ('dense', 'unstructured') else '—'} "
+                     f"| {pt} | {s['n']} |")
+    lines += ["", "Mean ± sample sd over calibration seeds; R = (metric − metric_none) / (metric_unstructured − "
+              "metric_none) per seed. Kept importance: share of the criterion's score kept by the N:M mask, averaged "
+              "over the groups the strategy moved."]
+    write_results(stem, out, lines)
+    print(f"wall time {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,738 @@
+"""Bad and hostile inputs to the ``permcompile`` command line and the Python API.
+
+Every case must end with a non-zero exit code (2 for usage errors, 1 for failed checks), exactly one
+``error: ...`` line on stderr (progress bars aside, see ``test_quiet_means_no_progress_bars``), no traceback,
+and no output: neither OUT nor a ``.tmp-`` folder may be left behind.
+
+Almost every case fails before the ONNX export, so they are cheap; one full run (``old_and_forced``) makes a
+real output that the ``verify`` tampering tests copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from permcompile.cli import main  # noqa: E402
+from permcompile.config import LearnConfig, OptimizeConfig, Sparsity  # noqa: E402
+from permcompile.errors import UsageError  # noqa: E402
+
+FAST = ["--quiet", "--calib-samples", "2", "--calib-seq-len", "16", "--permutation", "none"]
+_PROGRESS = re.compile(r"\r|\d+%\|")  # tqdm bars written by transformers ("Loading weights ...")
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+DEFAULT_IMAGES = Path(__file__).resolve().parents[1] / "permcompile" / "calib" / "default" / "images"
+
+CLICK_USAGE_BUG = ("BUG: click-level usage errors (BadParameter from cli._range for --batch/--seq, missing or "
+                   "mistyped options) print click's multi-line 'Usage: ... Error: ...' block instead of one "
+                   "'error: ...' line")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def invoke(args: list) -> "object":
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def describe(result) -> str:
+    return f"exit {result.exit_code}\n--- stdout\n{result.stdout[-2000:]}\n--- stderr\n{result.stderr[-2000:]}"
+
+
+def message_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.strip() and not _PROGRESS.search(ln)]
+
+
+def assert_one_error(result, code: int | None = 2, *fragments: str) -> str:
+    """Exit ``code`` (any non-zero when None), one 'error:' line (progress bars aside), no traceback."""
+    if code is None:
+        assert result.exit_code != 0, describe(result)
+    else:
+        assert result.exit_code == code, describe(result)
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, describe(result)
+    lines = message_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), describe(result)
+    for frag in fragments:
+        assert frag.lower() in lines[0].lower(), (frag, lines[0])
+    return lines[0]
+
+
+def assert_no_output(out: Path) -> None:
+    assert not out.exists(), f"{out} was created"
+    assert not out.with_name(out.name + ".failed").exists()
+    parent = out.parent
+    if parent.is_dir():
+        left = [p.name for p in parent.iterdir() if ".tmp-" in p.name]
+        assert left == [], f"temporary folders left behind: {left}"
+
+
+def copy_model(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+@pytest.fixture
+def llama(tiny_dir) -> Path:
+    return tiny_dir("llama")
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    return tmp_path / "out"
+
+
+def optimize_cli(model, out: Path, *extra) -> "object":
+    return invoke(["optimize", model, "--out", out, *FAST, *extra])
+
+
+# ------------------------------------------------------------------------------------------------ model inputs
+def _no_weights(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+
+
+def _corrupt_config(folder: Path) -> None:
+    (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": ', encoding="utf-8")
+
+
+def _config_list(folder: Path) -> None:
+    (folder / "config.json").write_text("[1, 2, 3]", encoding="utf-8")
+
+
+def _config_binary(folder: Path) -> None:
+    (folder / "config.json").write_bytes(b"\xff\xfe\x00\x81" * 64)
+
+
+def _unknown_model_type(folder: Path) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "no-such-architecture"
+    (folder / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+
+
+def _truncated(folder: Path) -> None:
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _garbage_weights(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(os.urandom(4096))
+
+
+def _empty_weights(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(b"")
+
+
+def _edit_state(folder: Path, fn) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    fn(state)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _missing_tensor(folder: Path) -> None:
+    _edit_state(folder, lambda s: s.pop("model.layers.0.mlp.down_proj.weight"))
+
+
+def _wrong_shape(folder: Path) -> None:
+    _edit_state(folder, lambda s: s.__setitem__("model.layers.0.mlp.down_proj.weight", torch.zeros(64, 64)))
+
+
+def _pickled(folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+
+
+def _index_missing_shard(folder: Path) -> None:
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
+
+
+BROKEN_FOLDERS = {
+    "no_weights": (_no_weights, "no weights"),
+    "corrupt_config": (_corrupt_config, "not valid JSON"),
+    "config_is_a_list": (_config_list, "JSON object"),
+    "config_not_utf8": (_config_binary, "config.json"),
+    "unknown_model_type": (_unknown_model_type, "no-such-architecture"),
+    "truncated_safetensors": (_truncated, "truncated or corrupt"),
+    "garbage_safetensors": (_garbage_weights, "truncated or corrupt"),
+    "empty_safetensors": (_empty_weights, "empty"),
+    "missing_tensor": (_missing_tensor, "missing model.layers.0.mlp.down_proj.weight"),
+    "wrong_shape_tensor": (_wrong_shape, "cannot load"),
+    "pickled_bin": (_pickled, "pickled"),
+    "index_missing_shard": (_index_missing_shard, "missing weight shard"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_FOLDERS))
+def test_broken_model_folder(case, llama, tmp_path, out):
+    breaker, fragment = BROKEN_FOLDERS[case]
+    folder = copy_model(llama, tmp_path / f"model_{case}")
+    breaker(folder)
+    assert_one_error(optimize_cli(folder, out), 2, fragment)
+    assert_no_output(out)
+
+
+def test_nonexistent_model_path(tmp_path, out):
+    assert_one_error(optimize_cli(tmp_path / "no" / "such" / "model", out), 2, "does not exist")
+    assert_no_output(out)
+
+
+def test_empty_model_folder(tmp_path, out):
+    (tmp_path / "empty").mkdir()
+    assert_one_error(optimize_cli(tmp_path / "empty", out), 2, "config.json")
+    assert_no_output(out)
+
+
+def test_plain_file_as_model(tmp_path, out):
+    path = tmp_path / "model.txt"
+    path.write_text("not a model", encoding="utf-8")
+    assert_one_error(optimize_cli(path, out), 2, "is a file")
+    assert_no_output(out)
+
+
+def test_unknown_short_name(tmp_path, out, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = assert_one_error(optimize_cli("gpt-17-ultra", out), 2, "gpt-17-ultra")
+    assert "minilm" in line  # lists the short names it knows
+    assert_no_output(out)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: --trust-pickle is ignored: cli.py sets PERMCOMPILE_TRUST_PICKLE but "
+                                       "nothing reads it and pipeline.optimize calls load_model(model) without "
+                                       "trust_pickle, so pickled weights are refused even with the flag")
+def test_trust_pickle_loads_pickled_weights(llama, tmp_path, out, monkeypatch):
+    monkeypatch.delenv("PERMCOMPILE_TRUST_PICKLE", raising=False)  # restored after the test
+    folder = copy_model(llama, tmp_path / "pickled")
+    _pickled(folder)
+    # 2:3 fits no layer: the run stops right after loading, with the 'no linear layer' message once loaded
+    assert_one_error(optimize_cli(folder, out, "--trust-pickle", "--sparsity", "2:3"), 2, "no linear layer")
+    assert_no_output(out)
+
+
+# ------------------------------------------------------------------------------------------------ options
+@pytest.mark.parametrize("text", ["3:2", "0:4", "abc", "2:4:8", "4:4", "-1:4", "2:0", "", "2/4", "1.5:4"])
+def test_bad_sparsity(text, llama, out):
+    assert_one_error(optimize_cli(llama, out, "--sparsity", text), 2, "sparsity")
+    assert_no_output(out)
+
+
+@pytest.mark.parametrize("text", ["2:3", "2:256"])
+def test_sparsity_no_layer_can_take(text, llama, out):
+    assert_one_error(optimize_cli(llama, out, "--sparsity", text), 2, "no linear layer")
+    assert_no_output(out)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--permutation", "bogus"), ("--criterion", "bogus"), ("--precision", "int3"),
+    ("--calib-samples", "0"), ("--calib-samples", "-3"), ("--calib-seq-len", "1"),
+])
+def test_bad_option_values(option, value, llama, out):
+    line = assert_one_error(optimize_cli(llama, out, option, value), 2)
+    if not value.lstrip("-").isdigit():
+        assert value in line
+    assert_no_output(out)
+
+
+@pytest.mark.xfail(strict=True, reason=CLICK_USAGE_BUG)
+@pytest.mark.parametrize("option,value", [("--batch", "0,1,2"), ("--seq", "abc"), ("--batch", "1,8"),
+                                          ("--seq", "4,2,1")])
+def test_bad_tensorrt_ranges(option, value, llama, tmp_path):
+    plan = tmp_path / "engine.plan"
+    assert_one_error(optimize_cli(llama, plan, option, value), 2, option)
+    assert_no_output(plan)
+    assert_no_output(tmp_path / "engine")
+
+
+@pytest.mark.parametrize("option,value", [("--batch", "0,1,2"), ("--seq", "abc")])
+def test_bad_tensorrt_ranges_are_refused_early(option, value, llama, tmp_path):
+    """Whatever the formatting, a malformed range is a usage error (2) caught before any work."""
+    plan = tmp_path / "engine.plan"
+    result = optimize_cli(llama, plan, option, value)
+    assert result.exit_code == 2, describe(result)
+    assert "Traceback" not in result.stderr and option in result.stderr
+    assert_no_output(plan)
+    assert_no_output(tmp_path / "engine")
+
+
+@pytest.mark.xfail(strict=True, reason=CLICK_USAGE_BUG)
+@pytest.mark.parametrize("args", [["--calib-samples", "abc"], ["--sparsty", "2:4"], []],
+                         ids=["not-an-int", "unknown-option", "missing-out"])
+def test_click_usage_errors_are_one_line(args, llama, out):
+    argv = ["optimize", llama, *args] + (["--out", out] if args else [])
+    assert_one_error(invoke(argv), 2)
+    assert_no_output(out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.xfail(strict=True, reason="BUG: --device cuda on a machine without CUDA is not validated; the learned "
+                                       "strategy dies with 'internal error: AssertionError: Torch not compiled with "
+                                       "CUDA enabled' (exit 1) after loading/capturing/calibrating")
+def test_device_cuda_without_cuda(llama, out):
+    assert_one_error(optimize_cli(llama, out, "--permutation", "learned", "--device", "cuda"), 2, "cuda")
+    assert_no_output(out)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def _calib_missing(tmp_path: Path) -> Path:
+    return tmp_path / "no_such_calib.txt"
+
+
+def _calib_empty_file(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.txt"
+    path.write_text("", encoding="utf-8")
+    return path
+
+
+def _calib_whitespace(tmp_path: Path) -> Path:
+    path = tmp_path / "blank.txt"
+    path.write_text("   \n\n\t  \n", encoding="utf-8")
+    return path
+
+
+def _calib_empty_folder(tmp_path: Path) -> Path:
+    path = tmp_path / "calib_dir"
+    path.mkdir()
+    return path
+
+
+def _calib_binary(tmp_path: Path) -> Path:
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 16)
+    return path
+
+
+def _calib_not_utf8(tmp_path: Path) -> Path:
+    path = tmp_path / "latin.txt"
+    path.write_bytes(("caf\xe9 " * 500).encode("latin-1"))
+    return path
+
+
+def _calib_too_short(tmp_path: Path) -> Path:
+    path = tmp_path / "short.txt"
+    path.write_text("Hi there", encoding="utf-8")
+    return path
+
+
+def _calib_images_for_text(tmp_path: Path) -> Path:
+    path = tmp_path / "images"
+    path.mkdir()
+    shutil.copy(DEFAULT_IMAGES / "chelsea.png", path / "cat.png")
+    return path
+
+
+def _calib_bad_json(tmp_path: Path) -> Path:
+    path = tmp_path / "data.json"
+    path.write_text('[{"text": "unterminated', encoding="utf-8")
+    return path
+
+
+CALIB_CASES = {
+    "missing_path": (_calib_missing, "does not exist"),
+    "empty_file": (_calib_empty_file, "empty"),
+    "whitespace_file": (_calib_whitespace, "empty"),
+    "empty_folder": (_calib_empty_folder, "empty"),
+    "binary_file": (_calib_binary, "binary"),
+    "not_utf8": (_calib_not_utf8, "utf-8"),
+    "too_short": (_calib_too_short, "too short"),
+    "images_for_text_model": (_calib_images_for_text, "images"),
+    "bad_json": (_calib_bad_json, "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CALIB_CASES))
+def test_bad_calibration_text(case, llama, tmp_path, out):
+    make, fragment = CALIB_CASES[case]
+    assert_one_error(optimize_cli(llama, out, "--calib", make(tmp_path)), 2, fragment)
+    assert_no_output(out)
+
+
+def test_corrupt_image_for_vision_model(tiny_dir, tmp_path, out):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(DEFAULT_IMAGES / "chelsea.png", images / "a_good.png")
+    (images / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
+    assert_one_error(optimize_cli(tiny_dir("vit"), out, "--calib", images), 2, "b_corrupt.png")
+    assert_no_output(out)
+
+
+def test_text_file_for_vision_model(tiny_dir, tmp_path, out):
+    text = tmp_path / "text.txt"
+    text.write_text("Some words. " * 200, encoding="utf-8")
+    assert_one_error(optimize_cli(tiny_dir("vit"), out, "--calib", text), 2, "vision model")
+    assert_no_output(out)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def test_missing_output_parents_are_created_only_when_needed(llama, tmp_path):
+    """A bad option is refused before anything is created under OUT's missing parents."""
+    target = tmp_path / "a" / "b" / "out"
+    assert_one_error(optimize_cli(llama, target, "--sparsity", "abc"), 2, "sparsity")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: pipeline.resolve_outputs creates OUT's missing parent folders "
+                                       "(parent.mkdir(parents=True)) before loading the model, so a run that then "
+                                       "fails (here: missing --calib file) leaves empty a/b/ folders behind")
+def test_failed_run_leaves_no_output_parents(llama, tmp_path):
+    target = tmp_path / "a" / "b" / "out"
+    assert_one_error(optimize_cli(llama, target, "--calib", tmp_path / "missing.txt"), 2, "does not exist")
+    assert not (tmp_path / "a").exists(), "empty output parents were left behind"
+
+
+def test_output_in_read_only_folder(llama, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root: a 0o500 folder is still writable (see the file-as-parent test)")
+        target = folder / "out"
+        assert_one_error(optimize_cli(llama, target), 2, "cannot write")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o700)
+
+
+@pytest.mark.parametrize("below", ["out", "sub/out"])
+def test_output_under_a_regular_file(below, llama, tmp_path):
+    """The as-root stand-in for a read-only folder: OUT (or its parent) lies under a regular file."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("I am a file", encoding="utf-8")
+    target = blocker / below
+    assert_one_error(optimize_cli(llama, target), 2, "blocker")
+    assert blocker.read_text(encoding="utf-8") == "I am a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
+@pytest.mark.xfail(IS_ROOT, strict=True, reason="BUG: as root os.access(/proc, W_OK) is True, so resolve_outputs "
+                                                "accepts OUT under /proc; the run fails late in mkdtemp ('No such "
+                                                "file or directory', exit 1) instead of an upfront usage error (2)")
+def test_output_under_proc(llama):
+    target = Path("/proc") / f"permcompile-test-{os.getpid()}"
+    assert_one_error(optimize_cli(llama, target), 2)
+    assert not target.exists()
+
+
+def test_empty_output_path(llama, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # '' resolves to the current folder: never let that be /work/main
+    (tmp_path / "keep.txt").write_text("keep", encoding="utf-8")
+    assert_one_error(invoke(["optimize", llama, "--out", "", *FAST]), 2)
+    assert (tmp_path / "keep.txt").read_text(encoding="utf-8") == "keep"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+@pytest.fixture(scope="module")
+def old_and_forced(tmp_path_factory, tiny_dir):
+    """An old output at OUT; optimize without --force (refused), then with --force (replaces it)."""
+    base = tmp_path_factory.mktemp("forced")
+    target = base / "out"
+    target.mkdir()
+    (target / "report.json").write_text(json.dumps({"model": "old"}), encoding="utf-8")
+    (target / "stale.txt").write_text("from an older run", encoding="utf-8")
+    model = tiny_dir("llama")
+    refused = optimize_cli(model, target)
+    forced = optimize_cli(model, target, "--force")
+    return target, refused, forced
+
+
+def test_existing_output_without_force(old_and_forced):
+    target, refused, _ = old_and_forced
+    assert_one_error(refused, 2, "already exists", "--force")
+
+
+def test_existing_output_with_force_is_replaced(old_and_forced):
+    target, _, forced = old_and_forced
+    assert forced.exit_code == 0, describe(forced)
+    assert not (target / "stale.txt").exists()
+    report = json.loads((target / "report.json").read_text())
+    assert report["model"] != "old" and report["pruned_layers"]
+    assert (target / "model.onnx").is_file() and (target / "hf").is_dir()
+    assert [p.name for p in target.parent.iterdir() if ".tmp-" in p.name] == []
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: --force deletes whatever folder OUT names (pipeline._replace does "
+                                       "shutil.rmtree(dest)) even when it is not a permcompile output and even "
+                                       "when it contains the input model: the model and unrelated files are lost")
+def test_force_never_deletes_the_input_model(llama, tmp_path):
+    parent = tmp_path / "workspace"
+    model = copy_model(llama, parent / "my_model")
+    (parent / "notes.txt").write_text("precious", encoding="utf-8")
+    result = optimize_cli(model, parent, "--force")
+    assert (model / "config.json").is_file() and (model / "model.safetensors").is_file(), "the input model is gone"
+    assert (parent / "notes.txt").read_text(encoding="utf-8") == "precious"
+    assert_one_error(result, 2)
+
+
+# ------------------------------------------------------------------------------------------------ verify
+def test_verify_not_an_output(tmp_path, llama):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x", encoding="utf-8")
+    for target in (empty, llama, a_file, tmp_path / "missing"):
+        assert_one_error(invoke(["verify", target]), 2, "not a permcompile output")
+
+
+@pytest.fixture
+def good_copy(old_and_forced, tmp_path) -> Path:
+    target, _, forced = old_and_forced
+    assert forced.exit_code == 0, describe(forced)
+    copy = tmp_path / "copy"
+    shutil.copytree(target, copy)
+    return copy
+
+
+def _first_pruned(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())["pruned_layers"][0]
+
+
+def _rerecord_digests(folder: Path) -> None:
+    """What someone 'fixing' report.json after editing files would do: integrity then passes."""
+    from permcompile.export.verify import file_digests
+
+    report = json.loads((folder / "report.json").read_text())
+    report["files"] = file_digests(folder)
+    (folder / "report.json").write_text(json.dumps(report), encoding="utf-8")
+
+
+def _flip_onnx_weight(folder: Path) -> str:
+    import onnx
+
+    name = _first_pruned(folder)["onnx_initializer"]
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    init = next(i for i in proto.graph.initializer if i.name == name)
+    raw = bytes(init.raw_data)
+    assert len(raw) >= 256
+    data = bytearray((folder / "model.onnx").read_bytes())
+    at = data.find(raw)
+    assert at >= 0 and data.find(raw, at + 1) < 0
+    for i in range(at, at + 256):  # XOR: zeros become nonzero, so N:M breaks as well as the numbers
+        data[i] ^= 0x5A
+    (folder / "model.onnx").write_bytes(bytes(data))
+    return name
+
+
+def _densify_hf_weight(folder: Path) -> str:
+    from safetensors.torch import load_file, save_file
+
+    param = _first_pruned(folder)["param"]
+    path = folder / "hf" / "model.safetensors"
+    state = load_file(str(path))
+    w = state[param]
+    assert (w == 0).float().mean() > 0.4
+    gen = torch.Generator().manual_seed(0)
+    state[param] = torch.where(w == 0, 1e-3 * torch.randn(w.shape, generator=gen), w).contiguous()
+    save_file(state, str(path), metadata={"format": "pt"})
+    return param
+
+
+def _verify_fails(folder: Path, *must_fail: str) -> None:
+    result = invoke(["verify", folder, "--json"])
+    assert_one_error(result, 1, "checks failed")
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    for name in must_fail:
+        assert name in checks and not checks[name]["passed"], (name, checks.get(name))
+
+
+def test_verify_fresh_copy_passes(good_copy):
+    result = invoke(["verify", good_copy])
+    assert result.exit_code == 0, describe(result)
+
+
+def test_verify_tampered_onnx(good_copy):
+    _flip_onnx_weight(good_copy)
+    _verify_fails(good_copy, "integrity", "onnx_nm")
+
+
+def test_verify_tampered_onnx_with_rerecorded_digests(good_copy):
+    _flip_onnx_weight(good_copy)
+    _rerecord_digests(good_copy)
+    _verify_fails(good_copy, "onnx_nm", "onnxruntime_vs_torch")
+
+
+def test_verify_densified_hf_weight(good_copy):
+    param = _densify_hf_weight(good_copy)
+    result = invoke(["verify", good_copy])
+    assert_one_error(result, 1, "checks failed")
+    assert "FAIL" in result.stdout and param in result.stdout
+
+
+def test_verify_densified_hf_weight_with_rerecorded_digests(good_copy):
+    _densify_hf_weight(good_copy)
+    _rerecord_digests(good_copy)
+    _verify_fails(good_copy, "hf_nm")
+
+
+def test_verify_missing_onnx(good_copy):
+    (good_copy / "model.onnx").unlink()
+    result = invoke(["verify", good_copy])
+    assert_one_error(result, None)
+    assert result.exit_code in (1, 2)
+
+
+def test_verify_corrupt_report(good_copy):
+    (good_copy / "report.json").write_text("{not json", encoding="utf-8")
+    assert_one_error(invoke(["verify", good_copy]), 2, "report.json")
+
+
+def test_verify_extra_file_in_hf(good_copy):
+    (good_copy / "hf" / "model-extra.safetensors").write_bytes((good_copy / "hf" / "model.safetensors").read_bytes())
+    _verify_fails(good_copy, "integrity")
+
+
+# ------------------------------------------------------------------------------------------------ --debug
+def test_debug_shows_the_traceback(tmp_path, out):
+    result = invoke(["optimize", tmp_path / "missing_model", "--out", out, "--quiet", "--debug"])
+    assert result.exit_code == 2
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert_no_output(out)
+    verify = invoke(["verify", tmp_path, "--debug"])
+    assert verify.exit_code == 2 and "Traceback" in verify.stderr
+
+
+# ------------------------------------------------------------------------------------------------ real process
+def _subprocess(args: list) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="default")
+    return subprocess.run([sys.executable, "-m", "permcompile.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_real_process_error_is_one_line(tmp_path, out):
+    proc = _subprocess(["optimize", tmp_path / "missing_model", "--out", out, "--quiet"])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: "), proc.stderr
+    assert proc.stdout == ""
+    assert_no_output(out)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: --quiet does not silence transformers' tqdm bars ('Loading weights', "
+                                       "'Writing model shards') on stderr, so an error after loading is not the "
+                                       "only thing on stderr")
+def test_quiet_means_no_progress_bars(llama, tmp_path, out):
+    proc = _subprocess(["optimize", llama, "--out", out, *FAST, "--calib", tmp_path / "missing.txt"])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: "), proc.stderr
+    assert_no_output(out)
+
+
+# ------------------------------------------------------------------------------------------------ Python API
+@pytest.mark.parametrize("text", ["3:2", "0:4", "abc", "2:4:8", "4:4", "-1:4", "2:0", "", ":", "2:", None, 2.4])
+def test_sparsity_parse_rejects(text):
+    with pytest.raises(UsageError):
+        Sparsity.parse(text)
+
+
+@pytest.mark.parametrize("text,expected", [("2:4", (2, 4)), (" 4 : 8 ", (4, 8)), ("1:2", (1, 2))])
+def test_sparsity_parse_accepts(text, expected):
+    s = Sparsity.parse(text)
+    assert (s.n, s.m) == expected and str(s) == f"{expected[0]}:{expected[1]}"
+
+
+@pytest.mark.parametrize("field,value", [("permutation", "bogus"), ("criterion", "l3"), ("precision", "int4"),
+                                         ("calib_samples", 0), ("calib_seq_len", 1)])
+def test_api_bad_config_raises_usage_error(field, value, llama, out):
+    from permcompile.pipeline import optimize
+
+    with pytest.raises(UsageError):
+        optimize(str(llama), out, OptimizeConfig(**{field: value}), quiet=True)
+    with pytest.raises(UsageError):
+        dataclasses.replace(OptimizeConfig(), **{field: value})
+    assert_no_output(out)
+
+
+def test_api_bad_model_and_output(llama, tmp_path, out):
+    from permcompile.pipeline import optimize
+
+    cfg = OptimizeConfig(calib_samples=2, calib_seq_len=16, permutation="none")
+    with pytest.raises(UsageError):
+        optimize(42, out, cfg, quiet=True)
+    with pytest.raises(UsageError):
+        optimize(str(tmp_path / "missing"), out, cfg, quiet=True)
+    with pytest.raises(UsageError, match="no linear layer"):
+        optimize(str(llama), out, dataclasses.replace(cfg, sparsity=Sparsity.parse("2:3")), quiet=True)
+    assert_no_output(out)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(UsageError, match="already exists"):
+        optimize(str(llama), existing, cfg, quiet=True)
+    assert list(existing.iterdir()) == []
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: optimize() does not check its config argument: a string or None "
+                                       "fails with AttributeError ('str' object has no attribute 'seed')")
+@pytest.mark.parametrize("config", ["2:4", None, {"sparsity": "2:4"}])
+def test_api_config_of_wrong_type(config, llama, out):
+    from permcompile.pipeline import optimize
+
+    with pytest.raises(UsageError):
+        optimize(str(llama), out, config, quiet=True)
+    assert_no_output(out)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: Sparsity(n, m) / OptimizeConfig(sparsity=...) are not validated "
+                                       "(only Sparsity.parse is): Sparsity(3, 2) reaches the masks and dies with a "
+                                       "ValueError, a string sparsity with AttributeError ('str' has no 'n')")
+@pytest.mark.parametrize("make", [lambda: Sparsity(3, 2), lambda: Sparsity(0, 4), lambda: "3:2"],
+                         ids=["Sparsity(3,2)", "Sparsity(0,4)", "string"])
+def test_api_invalid_sparsity_object(make, llama, out):
+    from permcompile.pipeline import optimize
+
+    with pytest.raises(UsageError):
+        optimize(str(llama), out, OptimizeConfig(sparsity=make(), calib_samples=2, calib_seq_len=16,
+                                                 permutation="none"), quiet=True)
+    assert_no_output(out)
+
+
+@pytest.mark.parametrize("learn", [{"residual": "bogus"}, {"steps": -1}, {"block_size": 0}, {"block_size": 1}],
+                         ids=["residual", "steps", "block_size0", "block_size1"])
+def test_api_bad_learn_config(learn, llama, out):
+    from permcompile.pipeline import optimize
+
+    with pytest.raises(UsageError):
+        optimize(str(llama), out, OptimizeConfig(permutation="learned", learn=LearnConfig(**learn)), quiet=True)
+    assert_no_output(out)
+
+
+@pytest.mark.parametrize("args", [["--residual", "bogus"], ["--steps", "-1"], ["--block-size", "0"]])
+def test_bad_learn_options(args, llama, out):
+    assert_one_error(optimize_cli(llama, out, *args), 2, args[0].lstrip("-").split("-")[0])
+    assert_no_output(out)
+
+
+# 2:3 fits no layer of the tiny llama, so an unvalidated field ends in 'no linear layer' (fast) instead of a
+# message naming the bad field.
+@pytest.mark.xfail(strict=True, reason="BUG: OptimizeConfig.device and optimize(batch_range=/seq_range=) are not "
+                                       "validated: device='bogus' and batch_range=(0, 1, 2) are accepted (the CLI "
+                                       "checks --batch/--seq itself, the Python API does not)")
+@pytest.mark.parametrize("word,kwargs", [
+    ("device", {"device": "bogus"}),
+    ("batch", {"batch_range": (0, 1, 2)}),
+    ("seq", {"seq_range": (8, 4, 2)}),
+], ids=["device", "batch_range", "seq_range"])
+def test_api_unvalidated_fields(word, kwargs, llama, tmp_path):
+    from permcompile.pipeline import optimize
+
+    kwargs = dict(kwargs)
+    ranges = {k: kwargs.pop(k) for k in ("batch_range", "seq_range") if k in kwargs}
+    target = tmp_path / "engine.plan"
+    with pytest.raises(UsageError, match=f"(?i){word}"):  # wherever the check lives: config or optimize()
+        cfg = OptimizeConfig(sparsity=Sparsity.parse("2:3"), calib_samples=2, calib_seq_len=16, **kwargs)
+        optimize(str(llama), target, cfg, quiet=True, **ranges)
+    assert_no_output(target)
