@@ -222,11 +222,11 @@ def bench_shapes(args, device, dry_run: bool) -> list[dict]:
     tokens_list = args.tokens or (DRY_TOKENS if dry_run else TOKENS)
     modes = ["eager"] if device.type != "cuda" else (["graph", "eager"] if not args.no_graph else ["eager"])
     rows = []
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # inputs made on the device (fast), before any timing
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for model, layers, (out_f, in_f) in shapes:
-            w = prune_2of4(torch.randn(out_f, in_f, generator=gen) / math.sqrt(in_f)).to(device, dtype)
+            w = prune_2of4(torch.randn(out_f, in_f, generator=gen, device=device) / math.sqrt(in_f)).to(dtype)
             try:
                 ws = make_sparse(w, dry_run)
             except Exception as exc:
@@ -238,7 +238,7 @@ def bench_shapes(args, device, dry_run: bool) -> list[dict]:
             for tokens in tokens_list:
                 row = {"model": model, "layers": layers, "out": out_f, "in": in_f, "tokens": tokens,
                        "dtype": dtype_name, "flops": 2 * tokens * out_f * in_f}
-                x = (torch.randn(tokens, in_f, generator=gen)).to(device, dtype)
+                x = torch.randn(tokens, in_f, generator=gen, device=device).to(dtype)
                 try:
                     with torch.inference_mode():
                         y_dense = F.linear(x, w)
@@ -408,6 +408,8 @@ def markdown(out: dict) -> str:
         lines.append(head + f" {main['dense']['median_ms']:.4f} | {main['sparse']['median_ms']:.4f} | {g} | {e} | "
                      f"{r.get('max_rel_err', float('nan')):.1e} |")
     m = out.get("model_forward")
+    if out.get("model_forward_error"):
+        lines += ["", f"Whole-model forward failed: {out['model_forward_error'][:300]}"]
     if m:
         lines += ["", f"Whole-model forward: {m['model']}, {m['dtype']}; {len(m['swapped'])} linears semi-structured, "
                   f"{len(m['kept_dense'])} dense.", "",
@@ -482,7 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # private attributes may move between torch versions
         out["layout_error"] = f"{type(exc).__name__}: {exc}"
     out["shapes"] = bench_shapes(args, device, args.dry_run)
-    out["model_forward"] = bench_model(args, device, args.dry_run)
+    try:
+        out["model_forward"] = bench_model(args, device, args.dry_run)
+    except Exception as exc:  # keep the per-shape figures even if the whole-model part fails
+        out["model_forward"] = None
+        out["model_forward_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"whole-model forward failed: {out['model_forward_error']}", flush=True)
     write(out)
     print(markdown(out))
     return 0

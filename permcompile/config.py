@@ -37,8 +37,8 @@ class LearnConfig:
     """Hyper-parameters of the learned (Sinkhorn) permutation search."""
 
     block_size: int = 64
-    steps: int = 40
-    rounds: int = 2
+    steps: int = 30
+    rounds: int = 1
     lr: float = 0.1
     sinkhorn_iters: int = 8
     tau_start: float = 1.0

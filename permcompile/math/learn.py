@@ -104,7 +104,7 @@ def _stripe_blocks(perm_positions: torch.Tensor, labels: torch.Tensor, movable: 
     return blocks
 
 
-def gram_factor(gram: torch.Tensor, energy: float = 0.995, max_rank: int = 256) -> torch.Tensor:
+def gram_factor(gram: torch.Tensor, energy: float = 0.999, max_rank: int | None = None) -> torch.Tensor:
     """``L`` with ``L Lᵀ ≈ gram``: the leading eigenvectors keeping ``energy`` of the trace (at most ``max_rank``).
 
     Calibration activations are strongly low-rank, so this cuts the cost of every learning step several
@@ -118,7 +118,7 @@ def gram_factor(gram: torch.Tensor, energy: float = 0.995, max_rank: int = 256) 
         return torch.zeros(gram.shape[0], 1)
     cum = torch.cumsum(evals, 0) / total
     rank = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype)).item()) + 1
-    rank = max(1, min(rank, max_rank, gram.shape[0]))
+    rank = max(1, min(rank, max_rank or gram.shape[0], gram.shape[0]))
     return (evecs[:, :rank] * evals[:rank].sqrt()).float()
 
 
@@ -127,7 +127,7 @@ def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, wa
                       rounds: int = 2, lr: float = 0.05, sinkhorn_iters: int = 8, tau_start: float = 1.0,
                       tau_end: float = 0.05, mask_tau: float = 0.05, init_scale: float = 2.0,
                       generator: torch.Generator | None = None, device: str = "cpu",
-                      on_step=None) -> LearnResult:
+                      on_step=None, mask_grad: bool = True) -> LearnResult:
     """Refine ``warm`` to lower the layer-output error of the N:M-masked consumers.
 
     Returns the best hard permutation evaluated (never worse than ``warm`` on the objective).
@@ -152,7 +152,7 @@ def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, wa
             idx = torch.stack(group).to(dev)  # [nb, B] positions
             best_loss, cur, k = _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr,
                                                  sinkhorn_iters, tau_start, tau_end, mask_tau, init_scale, gen,
-                                                 dev, best_loss, history, on_step)
+                                                 dev, best_loss, history, on_step, mask_grad)
             done += k
     # the search used a low-rank Gram: confirm on the exact objective, never return something worse
     warm_exact = output_error(consumers, warm, n_keep, m)
@@ -184,7 +184,7 @@ def _apply_q(x: torch.Tensor, reps, q: torch.Tensor, back: bool = False) -> torc
 
 
 def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, tau0, tau1, mask_tau, init_scale,
-                     gen, dev, best_loss, history, on_step):
+                     gen, dev, best_loss, history, on_step, mask_grad=True):
     nb, bsz = idx.shape
     n = cur.numel()
     eye = torch.eye(bsz, device=dev)
@@ -215,8 +215,11 @@ def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, 
             w_new = _apply_q(w, reps, q)
             s_new = _apply_q(s, reps, q)
             hard_mask = nm_mask(s_new.detach(), n_keep, m).float()
-            soft_mask = soft_nm_mask(s_new, n_keep, m, mask_tau * float(s_new.detach().mean().clamp_min(1e-12)))
-            mask = hard_mask + soft_mask - soft_mask.detach()
+            if mask_grad:
+                soft_mask = soft_nm_mask(s_new, n_keep, m, mask_tau * float(s_new.detach().mean().clamp_min(1e-12)))
+                mask = hard_mask + soft_mask - soft_mask.detach()
+            else:  # PermLLM-style: the mask is a constant for the gradient, only the permutation learns
+                mask = hard_mask
             r = _apply_q(w_new * (1 - mask), reps, q, back=True)  # dropped weights, back in current order
             loss = loss + (r @ g).square().sum()
         loss = loss / max(total_energy, 1e-30)
