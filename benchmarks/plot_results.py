@@ -117,6 +117,7 @@ def plot_file(path: Path, out_dir: Path) -> Path:
         pos = [v for v in means if v > 0]
         if lower and pos and len(pos) == len(means) and max(pos) / min(pos) > 20:
             ax.set_yscale("log")
+        ax.margins(y=0.2)  # head-room for the value labels
         for b, mean, n in zip(bars, means, ns):
             ax.annotate(f"{mean:.3g}" + (f"\nn={n}" if n > 1 else ""), (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")

