@@ -40,7 +40,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import add_gap_recovered, compress_row, fmt, group_overview, summarise, write_results  # noqa: E402
+from quality_encoder import (CachedReference, add_gap_recovered, compress_row, fmt, group_overview,  # noqa: E402
+                             method_seeds, summarise, write_results)
 
 DEFAULT_DINOV2 = Path(__file__).resolve().parent / "cache" / "dinov2-s"
 
@@ -102,6 +103,8 @@ def _run_rows(args, name: str, fresh_model, calibrate, evaluate, metrics: list[s
              "pruned_layers": sum(i.prune for i in linears),
              "dense_layers": [i.module for i in linears if not i.prune]})
         for method in args.methods:
+            if not method_seeds(args, method, seed):
+                continue
             loaded = fresh_model()
             cfg = OptimizeConfig(sparsity=sparsity, criterion=args.criterion, permutation=method, seed=seed,
                                  calib_samples=args.calib_samples, learn=learn)
@@ -134,6 +137,7 @@ def run_dinov2(args) -> None:
         shutil.copy(p, calib_dir / p.name)
 
     dense = load_model(folder)
+    reference = CachedReference(dense.model)
     proc = dense.image_processor
     # evaluation images: every held-out photo whole, plus seeded random crops (35-100% of the area) and flips
     rng = random.Random(args.eval_seed)
@@ -153,23 +157,31 @@ def run_dinov2(args) -> None:
                     for i in range(0, len(images), 8)]
 
     def evaluate(loaded) -> dict:
-        r = feature_similarity(loaded.model, dense.model, eval_batches)
+        r = feature_similarity(loaded.model, reference, eval_batches)
         return {"cls_cosine": r["cls_cosine"], "patch_cosine": r["patch_cosine"], "images": r["images"]}
 
     def calibrate(loaded, seed):
         batches = load_calibration(str(calib_dir), loaded, args.calib_samples, 2, seed)
         return batches, collect_input_stats(loaded.model, batches, progress=False)
 
+    def fresh():
+        loaded = load_model(folder)
+        # capture and the fold check run on example inputs of config.image_size: the converted config keeps
+        # DINOv2's native 518 (a 37x37 position grid), which costs ~4 GB and 3x the analysis time on CPU;
+        # use the 224x224 evaluation resolution instead (the weights are untouched; HF interpolates the grid)
+        loaded.model.config.image_size = args.capture_size
+        return loaded
+
     metrics = ["cls_cosine", "patch_cosine"]
-    rows, groups_info = _run_rows(args, "dinov2", lambda: load_model(folder), calibrate, evaluate, metrics)
+    rows, groups_info = _run_rows(args, "dinov2", fresh, calibrate, evaluate, metrics)
     methods = ["dense", "unstructured"] + args.methods
     summary = summarise(rows, methods, metrics)
     conv = folder / "conversion.json"
     out = {"part": "dinov2", "model": str(folder), "conversion": json.loads(conv.read_text()) if conv.is_file() else None,
            "sparsity": args.sparsity, "criterion": args.criterion, "calib_photos": [p.name for p in calib_photos],
            "eval_photos": [p.name for p in eval_photos], "eval_images": len(images), "eval_crops": args.eval_crops,
-           "eval_seed": args.eval_seed, "calib_samples": args.calib_samples, "calib_seeds": args.calib_seeds,
-           "groups": groups_info, "rows": rows, "summary": summary, "torch": torch.__version__,
+           "eval_seed": args.eval_seed, "calib_samples": args.calib_samples, "capture_size": args.capture_size, "calib_seeds": args.calib_seeds,
+           "learned_seeds": args.learned_seeds, "groups": groups_info, "rows": rows, "summary": summary, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t_start,
            "command": " ".join(["python", "benchmarks/quality_vision.py"] + sys.argv[1:])}
     stem = f"quality_dinov2-s_{args.sparsity.replace(':', 'of')}_{args.criterion}{args.tag}"
@@ -282,7 +294,7 @@ def run_digits(args) -> None:
     summary = summarise(rows, methods, ["top1", "agreement"])
     out = {"part": "digits", "model": "ViTForImageClassification trained on sklearn digits", "training": info,
            "sparsity": args.sparsity, "criterion": args.criterion, "calib_samples": args.digits_calib_samples,
-           "calib_seeds": args.calib_seeds, "groups": groups_info, "rows": rows, "summary": summary,
+           "calib_seeds": args.calib_seeds, "learned_seeds": args.learned_seeds, "groups": groups_info, "rows": rows, "summary": summary,
            "torch": torch.__version__, "threads": 1, "wall_seconds": time.perf_counter() - t_start,
            "command": " ".join(["python", "benchmarks/quality_vision.py"] + sys.argv[1:])}
     stem = f"quality_vit-digits_{args.sparsity.replace(':', 'of')}_{args.criterion}{args.tag}"
@@ -312,7 +324,11 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32, help="DINOv2 calibration images (crops fill up)")
     ap.add_argument("--eval-crops", type=int, default=3, help="DINOv2: extra random crops per held-out photo")
     ap.add_argument("--eval-seed", type=int, default=0)
+    ap.add_argument("--capture-size", type=int, default=224,
+                    help="DINOv2: image size of the example inputs used for capture and the fold check")
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
+    ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
+                    help="run the (slow) learned strategy only for these calibration seeds (default: all)")
     ap.add_argument("--digits-calib-samples", type=int, default=256)
     ap.add_argument("--digits-size", type=int, default=16)
     ap.add_argument("--digits-hidden", type=int, default=64)

@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _run(fn, debug: bool):
+    _quiet_hf()
     try:
         return fn()
     except PermcompileError as exc:
@@ -46,16 +47,53 @@ def _run(fn, debug: bool):
 
 
 def _range(text: str, name: str) -> tuple[int, int, int]:
+    from .errors import UsageError
+
     try:
         parts = [int(x) for x in text.split(",")]
     except ValueError:
-        raise click.BadParameter(f"{name} must be MIN,OPT,MAX integers, got {text!r}")
+        raise UsageError(f"{name} must be MIN,OPT,MAX integers, got {text!r}") from None
     if len(parts) != 3 or not (1 <= parts[0] <= parts[1] <= parts[2]):
-        raise click.BadParameter(f"{name} must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
+        raise UsageError(f"{name} must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
     return tuple(parts)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _quiet_hf() -> None:
+    """Our own step lines say what is happening; transformers' per-file bars only clutter stderr."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # an older transformers without the switch
+        pass
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+class _Group(click.Group):
+    """Click group whose usage errors are one ``error:`` line with exit code 2, like ours."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare command: show its help
+            click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            sys.exit(0)
+        except click.UsageError as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+        sys.exit(0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="permcompile")
 def main():
     """permcompile: channel permutations for N:M (2:4) sparse Transformers, folded into the weights."""
@@ -92,10 +130,9 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
              prune_embeddings, seed, device, steps, block_size, task_loss, residual, resume, batch, seq, force,
              trust_pickle, quiet, debug):
     """Permute, fold, prune to N:M, export and verify MODEL (short name or HF folder)."""
-    batch_range = _range(batch, "--batch")
-    seq_range = _range(seq, "--seq")
-
     def go():
+        batch_range = _range(batch, "--batch")
+        seq_range = _range(seq, "--seq")
         from dataclasses import replace
 
         from .config import LearnConfig, OptimizeConfig, Sparsity
@@ -110,11 +147,8 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
                                 precision=precision, prune=not no_prune, calib=calib, calib_samples=calib_samples,
                                 calib_seq_len=calib_seq_len, seed=seed, device=device,
                                 prune_embeddings=prune_embeddings, learn=learn)
-        spec = model
-        if trust_pickle:
-            os.environ["PERMCOMPILE_TRUST_PICKLE"] = "1"
-        result = run(spec, out, config, force=force, batch_range=batch_range, seq_range=seq_range, quiet=quiet,
-                     resume=resume)
+        result = run(model, out, config, force=force, batch_range=batch_range, seq_range=seq_range, quiet=quiet,
+                     resume=resume, trust_pickle=trust_pickle)
         _print_summary(result.report)
 
     _run(go, debug)

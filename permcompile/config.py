@@ -28,6 +28,10 @@ class Sparsity:
             raise UsageError(f"--sparsity {text!r} is invalid: need 1 <= N < M (for example 2:4 or 4:8)")
         return cls(n, m)
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n, int) and isinstance(self.m, int)) or self.m < 2 or self.n < 1 or self.n >= self.m:
+            raise UsageError(f"sparsity {self.n}:{self.m} is invalid: need integers 1 <= N < M (for example 2:4)")
+
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
 
@@ -78,6 +82,20 @@ class OptimizeConfig:
     learn: LearnConfig = field(default_factory=LearnConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.sparsity, str):
+            object.__setattr__(self, "sparsity", Sparsity.parse(self.sparsity))
+        if not isinstance(self.sparsity, Sparsity):
+            raise UsageError(f"sparsity must be a Sparsity or an 'N:M' string, got {self.sparsity!r}")
+        if not isinstance(self.learn, LearnConfig):
+            raise UsageError("learn must be a LearnConfig")
+        dev = str(self.device)
+        if not (dev == "cpu" or dev.startswith("cuda") or dev == "mps"):
+            raise UsageError(f"unknown device {dev!r}; use cpu or cuda (cuda:N)")
+        if dev.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device {dev}: no CUDA device is available on this machine")
         if self.permutation not in STRATEGIES:
             raise UsageError(f"unknown permutation strategy {self.permutation!r}; choose one of {', '.join(STRATEGIES)}")
         if self.criterion not in CRITERIA:

@@ -310,7 +310,7 @@ def _load_folder(folder: Path, *, trust_pickle: bool = False, name: str | None =
     elif pickles:
         if not trust_pickle:
             raise UsageError(f"{folder} holds only pickled weights ({pickles[0].name}), which can run arbitrary code "
-                             "when loaded; convert them to safetensors or pass trust_pickle=True")
+                             "when loaded; convert them to safetensors, or pass --trust-pickle (trust_pickle=True) if you trust the file")
         kwargs["use_safetensors"] = False
     else:
         raise UsageError(f"{folder} has a config.json but no weights (model.safetensors) next to it")

@@ -53,26 +53,51 @@ class _Timer:
         return _Ctx()
 
 
-def resolve_outputs(out: str | os.PathLike, force: bool) -> tuple[Path, Path | None]:
-    """``OUT`` → (artifact folder, engine path or None). ``X.plan`` puts artifacts in ``X/``."""
+def resolve_outputs(out: str | os.PathLike, force: bool, model=None) -> tuple[Path, Path | None]:
+    """``OUT`` → (artifact folder, engine path or None). ``X.plan`` puts artifacts in ``X/``.
+
+    Checks everything that can be checked before any work: an existing output is replaced only with
+    ``force`` and only if it is a permcompile output that does not hold the input model; the nearest
+    existing parent folder must accept a file (a real write probe, not just permission bits).
+    """
     out = Path(out)
     plan = None
     if out.suffix == ".plan":
         plan = out
         out = out.with_suffix("")
+    model_path = Path(model).resolve() if isinstance(model, (str, os.PathLike)) and Path(model).exists() else None
     for target in [out] + ([plan] if plan else []):
-        if target.exists() and not force:
+        if not target.exists():
+            continue
+        if not force:
             raise UsageError(f"output {target} already exists (use --force to replace it)")
+        resolved = target.resolve()
+        if model_path is not None and (resolved == model_path or resolved in model_path.parents):
+            raise UsageError(f"refusing to replace {target}: it holds the input model")
+        if target.is_dir() and not (target / "report.json").is_file():
+            raise UsageError(f"refusing to replace {target}: it is not a permcompile output (no report.json)")
     parent = out.resolve().parent
-    if parent.exists() and not parent.is_dir():
-        raise UsageError(f"cannot create {out}: {parent} is a file, not a folder")
+    probe_dir = parent
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise UsageError(f"cannot create {out}: {probe_dir} is a file, not a folder")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=probe_dir):
+            pass
     except OSError as exc:
-        raise UsageError(f"cannot create the output folder's parent {parent}: {exc.strerror or exc}") from exc
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write to {parent} (read-only or no permission)")
+        raise UsageError(f"cannot write to {probe_dir}: {exc.strerror or exc}") from None
     return out, plan
+
+
+def _check_range(r, name: str) -> tuple[int, int, int]:
+    try:
+        lo, opt, hi = (int(x) for x in r)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be three integers MIN, OPT, MAX, got {r!r}") from None
+    if not 1 <= lo <= opt <= hi:
+        raise UsageError(f"{name} must satisfy 1 <= MIN <= OPT <= MAX, got {r!r}")
+    return lo, opt, hi
 
 
 @dataclass
@@ -163,7 +188,8 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
 
 def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeConfig(), *, force: bool = False,
              batch_range: tuple[int, int, int] = (1, 1, 8), seq_range: tuple[int, int, int] = (1, 128, 512),
-             quiet: bool = False, resume: bool = False, checkpoint_dir: str | None = None) -> OptimizeResult:
+             quiet: bool = False, resume: bool = False, checkpoint_dir: str | None = None,
+             trust_pickle: bool = False) -> OptimizeResult:
     """Compile ``model`` (a short name, an HF folder, or an ``nn.Module``) into ``out``.
 
     Example::
@@ -173,17 +199,23 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
     """
     from .models import load_model
 
-    out_dir, plan_path = resolve_outputs(out, force)
+    if not isinstance(config, OptimizeConfig):
+        raise UsageError(f"config must be an OptimizeConfig, got {type(config).__name__}")
+    batch_range = _check_range(batch_range, "batch range")
+    seq_range = _check_range(seq_range, "sequence range")
+    out_dir, plan_path = resolve_outputs(out, force, model)
     t = _Timer(quiet=quiet)
     with t.step("load"):
-        loaded = load_model(model)
+        loaded = load_model(model, trust_pickle=trust_pickle)
     c = compress_(loaded, config, timer=t, quiet=quiet, resume=resume, checkpoint_dir=checkpoint_dir)
     net = loaded.model
     groups, perms, group_results = c.groups, c.perms, c.group_results
     fold_report, fold_err, mask_result, linears = c.fold_report, c.fold_err, c.mask_result, c.linears
     verify_inputs = c.verify_inputs
 
+    out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves nothing
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
+    os.chmod(tmp, 0o755)
     try:
         report = {
             "model": loaded.name, "source": loaded.source, "family": loaded.family,

@@ -212,9 +212,6 @@ def test_unknown_short_name(tmp_path, out, monkeypatch):
     assert_no_output(out)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --trust-pickle is ignored: cli.py sets PERMCOMPILE_TRUST_PICKLE but "
-                                       "nothing reads it and pipeline.optimize calls load_model(model) without "
-                                       "trust_pickle, so pickled weights are refused even with the flag")
 def test_trust_pickle_loads_pickled_weights(llama, tmp_path, out, monkeypatch):
     monkeypatch.delenv("PERMCOMPILE_TRUST_PICKLE", raising=False)  # restored after the test
     folder = copy_model(llama, tmp_path / "pickled")
@@ -248,7 +245,6 @@ def test_bad_option_values(option, value, llama, out):
     assert_no_output(out)
 
 
-@pytest.mark.xfail(strict=True, reason=CLICK_USAGE_BUG)
 @pytest.mark.parametrize("option,value", [("--batch", "0,1,2"), ("--seq", "abc"), ("--batch", "1,8"),
                                           ("--seq", "4,2,1")])
 def test_bad_tensorrt_ranges(option, value, llama, tmp_path):
@@ -269,7 +265,6 @@ def test_bad_tensorrt_ranges_are_refused_early(option, value, llama, tmp_path):
     assert_no_output(tmp_path / "engine")
 
 
-@pytest.mark.xfail(strict=True, reason=CLICK_USAGE_BUG)
 @pytest.mark.parametrize("args", [["--calib-samples", "abc"], ["--sparsty", "2:4"], []],
                          ids=["not-an-int", "unknown-option", "missing-out"])
 def test_click_usage_errors_are_one_line(args, llama, out):
@@ -279,9 +274,6 @@ def test_click_usage_errors_are_one_line(args, llama, out):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-@pytest.mark.xfail(strict=True, reason="BUG: --device cuda on a machine without CUDA is not validated; the learned "
-                                       "strategy dies with 'internal error: AssertionError: Torch not compiled with "
-                                       "CUDA enabled' (exit 1) after loading/capturing/calibrating")
 def test_device_cuda_without_cuda(llama, out):
     assert_one_error(optimize_cli(llama, out, "--permutation", "learned", "--device", "cuda"), 2, "cuda")
     assert_no_output(out)
@@ -362,9 +354,6 @@ def test_bad_calibration_text(case, llama, tmp_path, out):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
-@pytest.mark.xfail(strict=True, reason="BUG: calib/data.py reads any existing path with Path.read_bytes(): a FIFO "
-                                       "blocks forever and --calib /dev/zero reads until memory runs out "
-                                       "(MemoryError / OOM); non-regular files should be refused and reads capped")
 def test_calibration_from_a_fifo_is_refused(llama, tmp_path):
     import threading
 
@@ -420,9 +409,6 @@ def test_missing_output_parents_are_created_only_when_needed(llama, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pipeline.resolve_outputs creates OUT's missing parent folders "
-                                       "(parent.mkdir(parents=True)) before loading the model, so a run that then "
-                                       "fails (here: missing --calib file) leaves empty a/b/ folders behind")
 def test_failed_run_leaves_no_output_parents(llama, tmp_path):
     target = tmp_path / "a" / "b" / "out"
     assert_one_error(optimize_cli(llama, target, "--calib", tmp_path / "missing.txt"), 2, "does not exist")
@@ -455,9 +441,6 @@ def test_output_under_a_regular_file(below, llama, tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
-@pytest.mark.xfail(IS_ROOT, strict=True, reason="BUG: as root os.access(/proc, W_OK) is True, so resolve_outputs "
-                                                "accepts OUT under /proc; the run fails late in mkdtemp ('No such "
-                                                "file or directory', exit 1) instead of an upfront usage error (2)")
 def test_output_under_proc(llama):
     target = Path("/proc") / f"permcompile-test-{os.getpid()}"
     assert_one_error(optimize_cli(llama, target), 2)
@@ -501,9 +484,6 @@ def test_existing_output_with_force_is_replaced(old_and_forced):
     assert [p.name for p in target.parent.iterdir() if ".tmp-" in p.name] == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --force deletes whatever folder OUT names (pipeline._replace does "
-                                       "shutil.rmtree(dest)) even when it is not a permcompile output and even "
-                                       "when it contains the input model: the model and unrelated files are lost")
 def test_force_never_deletes_the_input_model(llama, tmp_path):
     parent = tmp_path / "workspace"
     model = copy_model(llama, parent / "my_model")
@@ -657,9 +637,6 @@ def test_real_process_error_is_one_line(tmp_path, out):
     assert_no_output(out)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --quiet does not silence transformers' tqdm bars ('Loading weights', "
-                                       "'Writing model shards') on stderr, so an error after loading is not the "
-                                       "only thing on stderr")
 def test_quiet_means_no_progress_bars(llama, tmp_path, out):
     result = optimize_cli(llama, out, "--calib", tmp_path / "missing.txt")  # fails right after loading
     assert result.exit_code == 2, describe(result)
@@ -721,8 +698,6 @@ def test_api_bad_model_and_output(llama, tmp_path, out, no_export):
     assert list(existing.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: optimize() does not check its config argument: a string or None "
-                                       "fails with AttributeError ('str' object has no attribute 'seed')")
 @pytest.mark.parametrize("config", ["2:4", None, {"sparsity": "2:4"}])
 def test_api_config_of_wrong_type(config, llama, out, no_export):
     from permcompile.pipeline import optimize
@@ -732,10 +707,6 @@ def test_api_config_of_wrong_type(config, llama, out, no_export):
     assert_no_output(out)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Sparsity(n, m) / OptimizeConfig(sparsity=...) are not validated "
-                                       "(only Sparsity.parse is): Sparsity(3, 2) dies in the masks with a ValueError, "
-                                       "Sparsity(0, 4) zeroes every pruned weight, exports, and only fails in "
-                                       "verification (OUT.failed/ left behind), a string with AttributeError")
 @pytest.mark.parametrize("make", [lambda: Sparsity(3, 2), lambda: Sparsity(0, 4), lambda: "3:2"],
                          ids=["Sparsity(3,2)", "Sparsity(0,4)", "string"])
 def test_api_invalid_sparsity_object(make, llama, out, no_export):
@@ -765,9 +736,6 @@ def test_bad_learn_options(args, llama, out):
 
 # 2:3 fits no layer of the tiny llama, so an unvalidated field ends in 'no linear layer' (fast) instead of a
 # message naming the bad field.
-@pytest.mark.xfail(strict=True, reason="BUG: OptimizeConfig.device and optimize(batch_range=/seq_range=) are not "
-                                       "validated: device='bogus' and batch_range=(0, 1, 2) are accepted (the CLI "
-                                       "checks --batch/--seq itself, the Python API does not)")
 @pytest.mark.parametrize("word,kwargs", [
     ("device", {"device": "bogus"}),
     ("batch", {"batch_range": (0, 1, 2)}),

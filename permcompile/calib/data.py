@@ -59,9 +59,18 @@ def default_image_paths() -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------ reading text
+MAX_FILE_BYTES = 64 * 1024 * 1024  # read at most this much of one calibration file
+
+
 def _read_text_file(path: Path) -> str:
+    import stat as _stat
+
     try:
-        raw = path.read_bytes()
+        mode = path.stat().st_mode
+        if not _stat.S_ISREG(mode):
+            raise UsageError(f"calibration path {path} is not a regular file (device, pipe or socket)")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES)
     except OSError as exc:
         raise UsageError(f"cannot read calibration file {path}: {exc.strerror or exc}") from None
     if b"\x00" in raw[:8192]:

@@ -1,0 +1,41 @@
+"""Assemble benchmarks/RESULTS.md from the markdown tables the benchmark scripts wrote in results/.
+
+Every table in results/*.md was written by the script named in its "Command:" line, in the run that
+measured it; this script only concatenates them (nothing is typed in by hand).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+INTRO = """# Benchmark results
+
+Produced on the project's CPU machine (2 cores, shared with other jobs while these ran, so wall times are
+upper bounds) unless a table names a GPU. Each section is a table written by a benchmark script; the command
+that produced it is under the table. Regenerate this file with `python benchmarks/make_results.py`.
+
+R = gap recovered = (metric_none − metric_method) / (metric_none − metric_unstructured) for perplexity
+(sign flipped for similarity metrics): the share of the loss between N:M without permutation and
+unstructured sparsity at the same density (the ceiling) that a method closes. `random` is the
+random-permutation control.
+"""
+
+
+def main() -> None:
+    parts = [INTRO]
+    for md in sorted(RESULTS.glob("*.md")):
+        if md.stem.endswith("_smoke") or md.stem.endswith("_probe"):
+            continue
+        parts.append(f"## {md.stem}\n")
+        parts.append(md.read_text().strip() + "\n")
+        png = md.with_suffix(".png")
+        if png.exists():
+            parts.append(f"![{md.stem}](results/{png.name})\n")
+    (HERE / "RESULTS.md").write_text("\n".join(parts))
+    print(f"wrote {HERE / 'RESULTS.md'} ({len(parts) - 1} tables)")
+
+
+if __name__ == "__main__":
+    main()
