@@ -33,9 +33,6 @@ _PROGRESS = re.compile(r"\r|\d+%\|")  # tqdm bars written by transformers ("Load
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1] / "permcompile" / "calib" / "default" / "images"
 
-CLICK_USAGE_BUG = ("BUG: click-level usage errors (BadParameter from cli._range for --batch/--seq, missing or "
-                   "mistyped options) print click's multi-line 'Usage: ... Error: ...' block instead of one "
-                   "'error: ...' line")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
