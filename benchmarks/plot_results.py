@@ -22,7 +22,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 # metric keys looked for in rows, in display order; keys containing these words are taken too
 KNOWN = ["ppl", "R", "metric", "cosine", "top1", "top5", "accuracy", "acc", "f1", "loss", "mse"]
-WORDS = ("ppl", "perplexity", "cosine", "top1", "top5", "accuracy", "recovered")
+WORDS = ("ppl", "perplexity", "cosine", "top1", "top5", "accuracy", "recovered", "spearman")
 METHOD_KEYS = ("method", "strategy", "permutation", "name")
 LOWER_IS_BETTER = ("ppl", "perplexity", "loss", "mse")
 
@@ -47,7 +47,8 @@ def _metric_keys(rows: list[dict]) -> list[str]:
             if k in KNOWN or any(w in k.lower() for w in WORDS):
                 seen.append(k)
     order = {k: i for i, k in enumerate(KNOWN)}
-    return sorted(seen, key=lambda k: (order.get(k, len(KNOWN)), k))
+    # quality metrics first, then the "gap recovered" ones (R, R_<metric>)
+    return sorted(seen, key=lambda k: (k == "R" or k.startswith("R_"), order.get(k, len(KNOWN)), k))
 
 
 def _stats(table: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -103,8 +104,8 @@ def plot_file(path: Path, out_dir: Path) -> Path:
 
     data = json.loads(path.read_text(encoding="utf-8"))
     table, how = extract(data)
-    metrics = list(table)[:4]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics) + 0.6, 3.8), squeeze=False)
+    metrics = list(table)[:6]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 0.6, 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         per = table[metric]
         methods = list(per)
@@ -124,7 +125,7 @@ def plot_file(path: Path, out_dir: Path) -> Path:
         if metric == "ppl" and _num(data.get("dense_ppl")):
             ax.axhline(data["dense_ppl"], color="gray", ls="--", lw=1, label=f"dense {data['dense_ppl']:.1f}")
             ax.legend(fontsize=7)
-        if metric == "R":
+        if metric == "R" or metric.startswith("R_"):
             ax.axhline(0, color="gray", lw=0.8)
             ax.axhline(1, color="gray", ls=":", lw=0.8)
     bits = [str(data.get(k)) for k in ("model", "sparsity", "criterion") if data.get(k) is not None]

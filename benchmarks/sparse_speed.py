@@ -478,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dtypes = [d for d in args.dtypes if d != "fp16"] or ["bf16"]  # CPU fp16 matmul is slow/patchy
         args.dtypes = ["fp32"] + args.dtypes
         args.warmup, args.repeats, args.model_repeats, args.max_inner = 1, 3, 3, 2
+        out.update(warmup=args.warmup, repeats=args.repeats)
     else:
         device = torch.device("cuda")
         env["backend"] = choose_backend(args.backend)

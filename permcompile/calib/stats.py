@@ -135,7 +135,8 @@ def collect_input_stats(model: Any, batches: Iterable[dict[str, torch.Tensor]], 
                 if track_mean:
                     sums[name] = torch.zeros(k, dtype=acc_dtype, device=rows.device)
             # squares in the activation precision (fp32), reduction and accumulation in fp64
-            sums_sq[name] += rows.square().sum(0, dtype=acc_dtype)
+            # per-batch sums in fp32 (a few thousand rows at most), accumulation across batches in fp64
+            sums_sq[name] += rows.square().sum(0).to(acc_dtype)
             counts[name] += int(rows.shape[0])
             if track_mean:
                 sums[name] += rows.sum(0, dtype=acc_dtype)
