@@ -192,6 +192,9 @@ def run_dinov2(args) -> None:
     note = ("Mean ± sample sd over calibration seeds; R = (metric − metric_none) / (metric_unstructured − metric_none) "
             "per seed. Kept importance: share of the criterion's score kept by the N:M mask, averaged over the groups "
             "the strategy moved.")
+    if args.steps is not None or args.learned_seeds is not None:
+        note = (f"learned: {args.steps if args.steps is not None else 'default'} steps per round, calibration seeds "
+                f"{args.learned_seeds or args.calib_seeds}. ") + note
     write_results(stem, out, _table(title, summary, [("cls_cosine", "CLS cosine"), ("R_cls_cosine", "R (CLS)"),
                                                      ("patch_cosine", "patch cosine"),
                                                      ("R_patch_cosine", "R (patch)")], note))
@@ -306,6 +309,9 @@ def run_digits(args) -> None:
     note = ("Mean ± sample sd over calibration seeds; agreement = share of test images whose prediction equals the "
             "dense model's; R = (metric − metric_none) / (metric_unstructured − metric_none) per seed (undefined, —, "
             "when unstructured and none tie). The classifier head stays dense.")
+    if args.steps is not None or args.learned_seeds is not None:
+        note = (f"learned: {args.steps if args.steps is not None else 'default'} steps per round, calibration seeds "
+                f"{args.learned_seeds or args.calib_seeds}. ") + note
     write_results(stem, out, _table(title, summary, [("top1", "top-1"), ("R_top1", "R (top-1)"),
                                                      ("agreement", "agreement with dense"),
                                                      ("R_agreement", "R (agreement)")], note))
