@@ -420,6 +420,10 @@ def _build_engine(out_dir, plan_path, config, loaded, batch_range, seq_range, re
         except MissingDependencyError as exc:
             raise MissingDependencyError(f"{exc} (the ONNX artifacts are in {out_dir})") from exc
     report["tensorrt"] = _jsonable(info)
+    from .export.triton import write_triton_repo
+
+    write_triton_repo(out_dir / "triton", "model_trt", plan_path=plan_path, io_from_onnx=out_dir / "model.onnx",
+                      precision=config.precision, profiles=profiles, sparse=config.prune)
     report["timings"] = t.timings
     _write_report(out_dir, report)
     return Path(plan_path)
