@@ -24,6 +24,9 @@ from .config import OptimizeConfig
 from .errors import MissingDependencyError, PermcompileError, UsageError, VerificationError
 
 
+PREFETCH_MIN_PARAMS = 20_000_000  # below this, tracing takes seconds: a second process does not pay
+
+
 @dataclass
 class OptimizeResult:
     out_dir: Path
@@ -189,13 +192,18 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
 def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeConfig(), *, force: bool = False,
              batch_range: tuple[int, int, int] = (1, 1, 8), seq_range: tuple[int, int, int] = (1, 128, 512),
              quiet: bool = False, resume: bool = False, checkpoint_dir: str | None = None,
-             trust_pickle: bool = False) -> OptimizeResult:
+             trust_pickle: bool = False, prefetch_export: bool | None = None) -> OptimizeResult:
     """Compile ``model`` (a short name, an HF folder, or an ``nn.Module``) into ``out``.
 
     Example::
 
         from permcompile import optimize, OptimizeConfig
         optimize("minilm", "out/minilm", OptimizeConfig(permutation="hungarian", criterion="wanda"))
+
+    ``prefetch_export``: trace the ONNX graph in a forked process while the weights are being compressed
+    (see :class:`permcompile.export.onnx.GraphPrefetch`); ``False`` traces after compression, in-process;
+    ``None`` (default) prefetches models of at least ``PREFETCH_MIN_PARAMS`` parameters, where the trace
+    is long enough to be worth a second process.
     """
     from .models import load_model
 
@@ -207,6 +215,29 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
     t = _Timer(quiet=quiet)
     with t.step("load"):
         loaded = load_model(model, trust_pickle=trust_pickle)
+    prefetch = None
+    if prefetch_export is None:
+        prefetch_export = sum(p.numel() for p in loaded.model.parameters()) >= PREFETCH_MIN_PARAMS
+    trace_dir = Path(tempfile.mkdtemp(prefix="permcompile-trace-"))
+    try:
+        if prefetch_export:
+            from .export.onnx import GraphPrefetch
+
+            prefetch = GraphPrefetch(loaded.model, loaded.example_inputs(), config.precision, loaded.forward_kwargs(),
+                                     workdir=trace_dir)
+        return _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_range, seq_range, quiet,
+                                resume, checkpoint_dir)
+    finally:
+        if prefetch is not None:
+            prefetch.cancel()
+        shutil.rmtree(trace_dir, ignore_errors=True)
+        from .export.verify import clear_session_cache
+
+        clear_session_cache()
+
+
+def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_range, seq_range, quiet, resume,
+                     checkpoint_dir) -> OptimizeResult:
     c = compress_(loaded, config, timer=t, quiet=quiet, resume=resume, checkpoint_dir=checkpoint_dir)
     net = loaded.model
     groups, perms, group_results = c.groups, c.perms, c.group_results
@@ -239,7 +270,7 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
                 "chosen": sum(r.kept_chosen for r in kept) / len(kept),
             }
         with t.step("export"):
-            _write_artifacts(tmp, loaded, groups, perms, config, report, mask_result)
+            _write_artifacts(tmp, loaded, groups, perms, config, report, mask_result, prefetch)
         with t.step("verify"):
             from .export.verify import compare_ort_torch, format_checks, verify_artifacts
 
@@ -250,7 +281,8 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
             checks.append(calib_cmp.as_check("onnxruntime_vs_torch_calibration"))
         report["checks"] = [asdict(c) for c in checks]
         report["timings"] = t.timings
-        _write_report(tmp, report)
+        # verification only reads: the digests written before it still hold (and it just re-checked them)
+        _write_report(tmp, report, json.loads((tmp / "report.json").read_text())["files"])
         failed = [c for c in checks if not c.passed]
         if failed:
             dest = out_dir.with_name(out_dir.name + ".failed")
@@ -341,7 +373,7 @@ def permutations_payload(groups, perms, config: OptimizeConfig, model_name: str)
             "strategy": config.permutation, "criterion": config.criterion, "seed": config.seed, "groups": entries}
 
 
-def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_result) -> None:
+def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_result, prefetch=None) -> None:
     from .export.onnx import export_onnx
     from .export.triton import write_triton_repo
     from .export.verify import onnx_initializer_for_param
@@ -349,6 +381,8 @@ def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_resu
     net = loaded.model
     (tmp / "permutations.json").write_text(
         json.dumps(permutations_payload(groups, perms, config, loaded.name), indent=1, sort_keys=True))
+    stages = {}
+    clock = time.perf_counter()
     if hasattr(net, "save_pretrained"):
         net.save_pretrained(tmp / "hf", safe_serialization=True)
         for extra in (loaded.tokenizer, loaded.image_processor):
@@ -357,19 +391,28 @@ def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_resu
                     extra.save_pretrained(tmp / "hf")
                 except Exception:  # a tokenizer that cannot save is not worth failing the run
                     pass
+    stages["save_hf"] = round(time.perf_counter() - clock, 3)
     info = export_onnx(net, loaded.example_inputs(), tmp / "model.onnx", config.precision,
-                       forward_kwargs=loaded.forward_kwargs())
+                       forward_kwargs=loaded.forward_kwargs(), prefetched=prefetch)
     report["onnx"] = _jsonable(info)
-    try:
-        import onnx
+    clock = time.perf_counter()
+    proto = None
+    for layer in report["pruned_layers"]:
+        name = info.initializer_map.get(layer["param"])
+        if name is None:  # not matched while exporting: search the graph (slower, best effort)
+            try:
+                if proto is None:
+                    import onnx
 
-        proto = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
-        for layer in report["pruned_layers"]:
-            layer["onnx_initializer"] = onnx_initializer_for_param(proto, layer["param"])
-    except Exception as exc:  # mapping is best effort; verify falls back to structure checks
-        report["onnx_mapping_error"] = str(exc)
+                    proto = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
+                name = onnx_initializer_for_param(proto, layer["param"])
+            except Exception as exc:  # mapping is best effort; verify falls back to structure checks
+                report["onnx_mapping_error"] = str(exc)
+        layer["onnx_initializer"] = name
     write_triton_repo(tmp / "triton", "model", onnx_path=tmp / "model.onnx", sparse=config.prune,
-                      precision=config.precision)
+                      precision=config.precision, inputs=info.inputs, outputs=info.outputs)
+    stages["triton"] = round(time.perf_counter() - clock, 3)
+    report["onnx"]["stages"] = {**stages, **info.stages}
     _write_report(tmp, report)
 
 
@@ -385,12 +428,13 @@ def _jsonable(obj):
     return obj
 
 
-def _write_report(folder: Path, report: dict) -> None:
+def _write_report(folder: Path, report: dict, digests: dict | None = None) -> None:
+    """Write ``report.json`` with the sha256 of every other file (``digests`` when already computed)."""
     from .export.verify import file_digests
 
     report = dict(report)
     report.pop("files", None)
-    report["files"] = file_digests(folder)
+    report["files"] = digests if digests is not None else file_digests(folder)
     (folder / "report.json").write_text(json.dumps(_jsonable(report), indent=1, sort_keys=True))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,13 +154,13 @@ def write_triton_repo(repo_dir, model_name: str, onnx_path=None, plan_path=None,
     version_dir.mkdir(parents=True, exist_ok=True)
     if onnx_path is not None:
         platform, target = "onnxruntime_onnx", version_dir / "model.onnx"
-        shutil.copyfile(source, target)
+        _link_or_copy(source, target)
         data = source.with_name(source.name + ".data")
         if data.exists():  # external weights travel with the graph (same relative location)
-            shutil.copyfile(data, version_dir / data.name)
+            _link_or_copy(data, version_dir / data.name)
     else:
         platform, target = "tensorrt_plan", version_dir / "model.plan"
-        shutil.copyfile(source, target)
+        _link_or_copy(source, target)
 
     lines = [f"name: {_q(model_name)}", f"platform: {_q(platform)}", f"max_batch_size: {int(max_batch_size)}",
              _io_block("input", ins), _io_block("output", outs),
@@ -335,3 +336,13 @@ def validate_triton_config(config: Mapping[str, list[Any]] | str) -> list[str]:
             if not dims or not all(isinstance(d, int) and d >= -1 and d != 0 for d in dims):
                 problems.append(f"{kind} {entry.get('name')} has bad dims {dims}")
     return problems
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link when source and target share a file system (no second copy of the weights), else a copy."""
+    if target.exists():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

@@ -36,12 +36,33 @@ class _Tag:
     idx: torch.Tensor
 
 
-@dataclass
 class _ParamView:
-    """A tensor derived from one parameter by shape/element-wise ops; ``pidx`` = flat param element."""
+    """A tensor derived from one parameter by shape/element-wise ops; ``pidx`` = flat param element.
 
-    param: str
-    pidx: torch.Tensor
+    A parameter read as is (``plain``) keeps only its shape: the index tensor (one int64 per weight,
+    1 GB for a 135M model) is built only if a shape op actually needs it.
+    """
+
+    def __init__(self, param: str, pidx: torch.Tensor | None = None, shape: tuple[int, ...] | None = None):
+        self.param = param
+        self._pidx = pidx
+        self._shape = tuple(pidx.shape) if pidx is not None else tuple(shape or ())
+
+    @property
+    def plain(self) -> bool:
+        return self._pidx is None
+
+    @property
+    def pidx(self) -> torch.Tensor:
+        if self._pidx is None:
+            numel = 1
+            for d in self._shape:
+                numel *= int(d)
+            self._pidx = torch.arange(numel).reshape(self._shape)
+        return self._pidx
+
+    def __repr__(self) -> str:
+        return f"_ParamView({self.param!r}, shape={self._shape}, plain={self.plain})"
 
 
 # --- op tables ---------------------------------------------------------------------------------
@@ -209,9 +230,7 @@ class _Analysis:
             if node.op == "placeholder":
                 if node.name in self.c.placeholder_to_param:
                     fqn = self.c.placeholder_to_param[node.name]
-                    shape = self.c.param_shapes.get(fqn, ())
-                    numel = int(torch.tensor(shape).prod()) if shape else 1
-                    self.env[node.name] = _ParamView(fqn, torch.arange(numel).reshape(shape))
+                    self.env[node.name] = _ParamView(fqn, shape=self.c.param_shapes.get(fqn, ()))
                     self.param_uses[fqn] += len(node.users)
                 else:
                     self.env[node.name] = None
@@ -296,6 +315,8 @@ class _Analysis:
         if not isinstance(v, _ParamView):
             return False
         shape = self.c.param_shapes.get(v.param)
+        if v.plain:
+            return shape is not None and v._shape == tuple(shape)
         return shape is not None and tuple(v.pidx.shape) == shape and torch.equal(
             v.pidx.flatten(), torch.arange(v.pidx.numel()))
 
