@@ -95,7 +95,20 @@ class LoadedModel:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """(height, width) the model expects, from the config (224 when unknown)."""
+        """(height, width) of the images the model is fed: what its image processor produces (its centre
+        crop, or a fixed resize), else the config's ``image_size`` (224 when unknown).
+
+        The processor wins because that is what calibration and deployment feed the model: DINOv2's config
+        says 518 while its processor crops to 224, and a graph exported at 518 would refuse 224 images.
+        """
+        proc = self.image_processor
+        if proc is not None:
+            for attr, enabled in (("crop_size", getattr(proc, "do_center_crop", False)), ("size", True)):
+                value = getattr(proc, attr, None) if enabled else None
+                if isinstance(value, dict) and value.get("height") and value.get("width"):
+                    return int(value["height"]), int(value["width"])
+                if hasattr(value, "height") and getattr(value, "height", None) and getattr(value, "width", None):
+                    return int(value.height), int(value.width)
         size = getattr(self.config, "image_size", 224) if self.config is not None else 224
         if isinstance(size, (list, tuple)):
             return int(size[0]), int(size[-1])

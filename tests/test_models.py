@@ -275,3 +275,23 @@ def test_smollm2_loads():
     with torch.no_grad():
         out = again.model(**inputs, **again.forward_kwargs()).logits
     assert out.shape == (1, 16, 49152) and torch.isfinite(out).all()
+
+
+def test_image_size_follows_the_image_processor():
+    """Example inputs (and so the ONNX graph) take the processor's crop, not the config's image_size."""
+    from types import SimpleNamespace
+
+    from permcompile.models import wrap_module
+    from permcompile.testing.zoo import tiny_vit
+
+    model = tiny_vit()
+    assert wrap_module(model).image_size == (model.config.image_size, model.config.image_size)
+    crop = SimpleNamespace(do_center_crop=True, crop_size={"height": 16, "width": 24}, size={"shortest_edge": 40})
+    loaded = wrap_module(model, image_processor=crop)
+    assert loaded.image_size == (16, 24)
+    assert loaded.example_inputs(batch=1)["pixel_values"].shape == (1, 3, 16, 24)
+    resize = SimpleNamespace(do_center_crop=False, crop_size={"height": 16, "width": 16},
+                             size={"height": 48, "width": 48})
+    assert wrap_module(model, image_processor=resize).image_size == (48, 48)
+    no_fixed = SimpleNamespace(do_center_crop=False, size={"shortest_edge": 40})
+    assert wrap_module(model, image_processor=no_fixed).image_size == (model.config.image_size,) * 2
