@@ -35,3 +35,27 @@ class MissingDependencyError(PermcompileError):
     """An optional dependency (TensorRT, gguf, a model package) is not installed."""
 
     exit_code = 2
+
+
+class OutputWriteError(PermcompileError):
+    """The output could not be written (full disk, quota, read-only file system, file size limit)."""
+
+    exit_code = 1
+
+
+_WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "File too large")
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """The reason if ``exc`` is a failed write (an ``OSError``, or a library's wrapped I/O error), else None.
+
+    Libraries wrap I/O errors in their own types (safetensors: ``SafetensorError: ... No space left on
+    device (os error 28)``); the message is the only common ground.
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    for reason in _WRITE_FAILURES:
+        if reason.lower() in text.lower():
+            return reason
+    return None

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from .config import OptimizeConfig
-from .errors import MissingDependencyError, PermcompileError, UsageError, VerificationError
+from .errors import (MissingDependencyError, OutputWriteError, PermcompileError, UsageError, VerificationError,
+                     write_failure)
 
 
 PREFETCH_MIN_PARAMS = 20_000_000  # below this, tracing takes seconds: a second process does not pay
@@ -270,7 +271,13 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
                 "chosen": sum(r.kept_chosen for r in kept) / len(kept),
             }
         with t.step("export"):
-            _write_artifacts(tmp, loaded, groups, perms, config, report, mask_result, prefetch)
+            try:
+                _write_artifacts(tmp, loaded, groups, perms, config, report, mask_result, prefetch)
+            except Exception as exc:  # noqa: BLE001 - a full disk must read as such, whoever raised it
+                reason = write_failure(exc)
+                if reason is None:
+                    raise
+                raise OutputWriteError(f"cannot write the output to {out_dir.resolve().parent}: {reason}") from exc
         with t.step("verify"):
             from .export.verify import compare_ort_torch, format_checks, verify_artifacts
 

@@ -748,3 +748,103 @@ def test_api_unvalidated_fields(word, kwargs, llama, tmp_path, no_export):
         cfg = OptimizeConfig(sparsity=Sparsity.parse("2:3"), calib_samples=2, calib_seq_len=16, **kwargs)
         optimize(str(llama), target, cfg, quiet=True, **ranges)
     assert_no_output(target)
+
+
+# ------------------------------------------------------------------------------------------------ full / read-only disks
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """Factory: a real tmpfs of ``size`` bytes (read-only with ``ro=True``) mounted under tmp_path.
+
+    Needs root and mount rights (containers usually grant them to root); skips otherwise. The rlimit test
+    below covers the non-root case of a write that fails half-way.
+    """
+    mounted: list[Path] = []
+
+    def make(name: str, size: str, ro: bool = False) -> Path:
+        if not IS_ROOT or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root")
+        point = tmp_path / name
+        point.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield make
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_output_on_a_full_disk(llama, mount_tmpfs):
+    """A 64 KiB file system: the first weights written fill it. One line naming the problem, nothing left."""
+    disk = mount_tmpfs("small", "64k")
+    target = disk / "out"
+    line = assert_one_error(optimize_cli(llama, target), 1, "no space left")
+    assert_no_output(target)
+    assert list(disk.iterdir()) == [], "the temporary output was not removed from the full disk"
+    assert str(disk) in line or "out" in line
+
+
+def test_output_on_a_read_only_file_system(llama, mount_tmpfs):
+    disk = mount_tmpfs("ro", "1m", ro=True)
+    target = disk / "sub" / "out"
+    assert_one_error(optimize_cli(llama, target), 2, "cannot write", "read-only")
+    assert list(disk.iterdir()) == []
+
+
+def test_write_that_fails_half_way_leaves_nothing(llama, tmp_path):
+    """Non-root stand-in for a full disk: RLIMIT_FSIZE makes any write past 96 KiB fail (EFBIG) in the
+    child process, after the output's temporary folder was created and partly written."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (96 * 1024, 96 * 1024))
+
+    target = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "permcompile", "optimize", str(llama), "--out", str(target),
+                           *FAST], capture_output=True, text=True, preexec_fn=limit, timeout=600,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = message_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "too large" in lines[0].lower(), proc.stderr
+    assert_no_output(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ Ctrl-C
+def test_ctrl_c_during_learning_then_resume(llama, tmp_path):
+    """SIGINT in the middle of a learned run: exit 130, one line, no OUT; ``--resume`` then completes."""
+    import signal
+    import time
+
+    env = {**os.environ, "PERMCOMPILE_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    target = tmp_path / "out"
+    args = [sys.executable, "-m", "permcompile", "optimize", str(llama), "--out", str(target),
+            "--calib-samples", "4", "--calib-seq-len", "32", "--permutation", "learned", "--steps", "400"]
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: progress bars would fill a pipe and block the child
+    with open(log, "w") as err_file:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err_file, text=True, env=env)
+    ckpt_root = tmp_path / "cache" / "learn"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait for the first block's checkpoint
+        if any(ckpt_root.rglob("learn_state.json")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted: " + log.read_text()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    err = log.read_text()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    lines = message_lines(err)
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert errors == [lines[-1]] and "interrupted" in errors[0], err[-2000:]
+    assert_no_output(target)
+    resumed = subprocess.run(args + ["--resume", "--quiet"], capture_output=True, text=True, env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (target / "report.json").is_file()

@@ -218,41 +218,43 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
                 r.note = entry.get("note", "")
             if bar:
                 bar.update(1)
-    todo = [k for k in keys if k not in state["done"]]
-    for chunk in _chunks(todo, blocks, net, pruned, GRAM_BUDGET_BYTES):
-        modules = sorted({c.module for k in chunk for g in blocks[k] for c in g.consumers if c.param in pruned})
-        t0 = time.perf_counter()
-        hooks = _GramHooks(net, modules, "cpu")
-        last = _last_module(net, modules)
-        try:
-            with torch.no_grad():
-                for b in batches:
-                    hooks.mask = b.get("attention_mask")
-                    try:
-                        net(**b, **loaded.forward_kwargs())
-                    except StopForward:  # everything this chunk needs has run
-                        pass
-        finally:
-            hooks.close()
-            if last is not None:
-                last.remove()
-        gram_seconds = (time.perf_counter() - t0) / max(1, len(chunk))
-        for key in chunk:
-            t1 = time.perf_counter()
-            # one generator per block: a resumed run draws the same numbers as an uninterrupted one
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
-            done_block = _learn_block(blocks[key], hooks, net, stats, config, pruned, perms, by_name, gen, bar)
-            for name in done_block:
-                by_name[name].seconds += time.perf_counter() - t1 + gram_seconds
-            for g in blocks[key]:  # free this block's Grams before the next
-                for c in g.consumers:
-                    hooks.grams.pop(c.module, None)
-            state["done"][key] = done_block
-            tmp = ckpt.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, ckpt)
-            if bar:
-                bar.update(1)
-    if bar:
-        bar.close()
+    try:
+        todo = [k for k in keys if k not in state["done"]]
+        for chunk in _chunks(todo, blocks, net, pruned, GRAM_BUDGET_BYTES):
+            modules = sorted({c.module for k in chunk for g in blocks[k] for c in g.consumers if c.param in pruned})
+            t0 = time.perf_counter()
+            hooks = _GramHooks(net, modules, "cpu")
+            last = _last_module(net, modules)
+            try:
+                with torch.no_grad():
+                    for b in batches:
+                        hooks.mask = b.get("attention_mask")
+                        try:
+                            net(**b, **loaded.forward_kwargs())
+                        except StopForward:  # everything this chunk needs has run
+                            pass
+            finally:
+                hooks.close()
+                if last is not None:
+                    last.remove()
+            gram_seconds = (time.perf_counter() - t0) / max(1, len(chunk))
+            for key in chunk:
+                t1 = time.perf_counter()
+                # one generator per block: a resumed run draws the same numbers as an uninterrupted one
+                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
+                done_block = _learn_block(blocks[key], hooks, net, stats, config, pruned, perms, by_name, gen, bar)
+                for name in done_block:
+                    by_name[name].seconds += time.perf_counter() - t1 + gram_seconds
+                for g in blocks[key]:  # free this block's Grams before the next
+                    for c in g.consumers:
+                        hooks.grams.pop(c.module, None)
+                state["done"][key] = done_block
+                tmp = ckpt.with_suffix(".tmp")
+                tmp.write_text(json.dumps(state))
+                os.replace(tmp, ckpt)
+                if bar:
+                    bar.update(1)
+    finally:  # also on Ctrl-C: clear the bar so the error message starts its own line
+        if bar:
+            bar.close()
     return perms, results
