@@ -117,6 +117,8 @@ def main():
 @click.option("--device", default="cpu", show_default=True, help="Device for learning: cpu or cuda.")
 @click.option("--steps", default=None, type=int, help="Learned strategy: optimisation steps per group.")
 @click.option("--block-size", default=None, type=int, help="Learned strategy: Sinkhorn block size.")
+@click.option("--swap-trials", default=None, type=int,
+              help="Learned strategy: exchange trials per group after the Sinkhorn phase (default 1000).")
 @click.option("--task-loss", is_flag=True, help="Learned strategy: end-to-end loss term (not implemented yet; refused).")
 @click.option("--residual", default="global", show_default=True, help="Residual permutation: global (zero glue); per-layer is not implemented yet (refused).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted learned run from its checkpoints.")
@@ -127,7 +129,7 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples, calib_seq_len, precision, no_prune,
-             prune_embeddings, seed, device, steps, block_size, task_loss, residual, resume, batch, seq, force,
+             prune_embeddings, seed, device, steps, block_size, swap_trials, task_loss, residual, resume, batch, seq, force,
              trust_pickle, quiet, debug):
     """Permute, fold, prune to N:M, export and verify MODEL (short name or HF folder)."""
     def go():
@@ -143,6 +145,8 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
             learn = replace(learn, steps=steps)
         if block_size is not None:
             learn = replace(learn, block_size=block_size)
+        if swap_trials is not None:
+            learn = replace(learn, swap_trials=swap_trials)
         config = OptimizeConfig(sparsity=Sparsity.parse(sparsity), permutation=permutation, criterion=criterion,
                                 precision=precision, prune=not no_prune, calib=calib, calib_samples=calib_samples,
                                 calib_seq_len=calib_seq_len, seed=seed, device=device,

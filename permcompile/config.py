@@ -47,6 +47,7 @@ class LearnConfig:
     sinkhorn_iters: int = 8
     tau_start: float = 1.0
     tau_end: float = 0.05
+    swap_trials: int = 1000  # exchange trials per group after the Sinkhorn phase (see math.learn.swap_refine)
     loss: str = "mse"  # "mse" or "cosine"
     task_loss: bool = False
     residual: str = "global"  # "global" (zero glue); "per-layer" needs runtime gathers (not implemented)
@@ -62,6 +63,8 @@ class LearnConfig:
                              "layer-output error of each group's consumers")
         if self.block_size < 2 or self.steps < 0 or self.rounds < 1:
             raise UsageError("--block-size must be >= 2, --steps >= 0 and rounds >= 1")
+        if self.swap_trials < 0:
+            raise UsageError(f"--swap-trials must be >= 0, got {self.swap_trials}")
 
 
 @dataclass(frozen=True)

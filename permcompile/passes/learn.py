@@ -155,7 +155,8 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
         res = learn_permutation(
             consumers, g.size, n, m, perms[g.name], g.block_labels(), g.fixed_mask(),
             block=lc.block_size, steps=lc.steps, rounds=lc.rounds, lr=lc.lr, sinkhorn_iters=lc.sinkhorn_iters,
-            tau_start=lc.tau_start, tau_end=lc.tau_end, generator=gen, device=config.device, on_step=on_step)
+            tau_start=lc.tau_start, tau_end=lc.tau_end, generator=gen, device=config.device, on_step=on_step,
+            swap_trials=lc.swap_trials)
         if not g.is_valid(res.perm):
             raise RuntimeError(f"learned permutation for {g.name} breaks its constraints")
         perms[g.name] = res.perm
@@ -163,7 +164,8 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
         scores = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
         r.kept_chosen = kept_importance(scores, n, m, res.perm) / float(scores.sum())
         r.strategy = "learned"
-        r.note = f"output error {res.loss_warm:.5f} (hungarian) -> {res.loss_best:.5f}"
+        r.note = (f"output error {res.loss_warm:.5f} (hungarian) -> {res.loss_best:.5f}"
+                  f" ({res.swaps} exchanges kept)")
         done_block[g.name] = {"perm": res.perm.tolist(), "kept": r.kept_chosen, "note": r.note}
     return done_block
 
