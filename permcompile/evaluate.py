@@ -32,8 +32,6 @@ import torch.nn.functional as F
 from .errors import MissingDependencyError, UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PAIRS = 20_000
 DEFAULT_MAX_SENTENCES = 1_000
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -552,24 +550,11 @@ def _image_size(config) -> tuple[int, int]:
 
 def images_to_pixels(images: list, image_processor=None, config=None) -> torch.Tensor:
     """PIL images → ``[n, C, H, W]`` float pixels: the image processor when there is one, else a resize to
-    ``config.image_size`` and ImageNet normalisation."""
-    if image_processor is not None:
-        return image_processor(images=images, return_tensors="pt")["pixel_values"].float()
-    import numpy as np
+    ``config.image_size`` and ImageNet normalisation (see :func:`permcompile.calib.data.images_to_pixels`)."""
+    from .calib.data import images_to_pixels as to_pixels
 
-    Image = _pil()
-    h, w = _image_size(config)
     channels = int(getattr(config, "num_channels", 3) or 3) if config is not None else 3
-    mean = np.array(IMAGENET_MEAN if channels == 3 else (0.5,) * channels, dtype=np.float32)
-    std = np.array(IMAGENET_STD if channels == 3 else (0.5,) * channels, dtype=np.float32)
-    out = []
-    for im in images:
-        arr = np.asarray(im.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        arr = (arr[:, :, :channels] - mean) / std
-        out.append(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
-    return torch.stack(out)
+    return to_pixels(images, image_processor, _image_size(config), channels)
 
 
 def pixel_batches(paths: Sequence[Path], image_processor=None, config=None, batch_size: int = 16,

@@ -392,14 +392,16 @@ def _augment(image, rng: random.Random):
     return image
 
 
-def _to_pixels(images: list, loaded: "LoadedModel") -> torch.Tensor:
-    if loaded.image_processor is not None:
-        return loaded.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+def images_to_pixels(images: list, image_processor=None, size: tuple[int, int] = (224, 224),
+                     channels: int = 3) -> torch.Tensor:
+    """PIL images → ``[n, C, H, W]`` float pixels: the image processor when there is one, else a bicubic
+    resize to ``size`` (height, width) and ImageNet normalisation (0.5/0.5 for non-RGB inputs)."""
+    if image_processor is not None:
+        return image_processor(images=images, return_tensors="pt")["pixel_values"].float()
     import numpy as np
 
     Image = _pil()
-    h, w = loaded.image_size
-    channels = loaded.num_channels
+    h, w = size
     mean = np.array(IMAGENET_MEAN if channels == 3 else (0.5,) * channels, dtype=np.float32)
     std = np.array(IMAGENET_STD if channels == 3 else (0.5,) * channels, dtype=np.float32)
     out = []
@@ -410,6 +412,10 @@ def _to_pixels(images: list, loaded: "LoadedModel") -> torch.Tensor:
         arr = (arr[:, :, :channels] - mean) / std
         out.append(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
     return torch.stack(out)
+
+
+def _to_pixels(images: list, loaded: "LoadedModel") -> torch.Tensor:
+    return images_to_pixels(images, loaded.image_processor, loaded.image_size, loaded.num_channels)
 
 
 def _vision_batches(path: Path | None, loaded: "LoadedModel", n_samples: int, seed: int,
