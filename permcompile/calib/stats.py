@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn

@@ -29,7 +29,7 @@ from ..calib.stats import StopForward
 from ..errors import UsageError
 from ..math.learn import Consumer, learn_permutation
 from .groups import Group
-
+from .sparsify import choose_permutations, consumer_scores, weight_kout
 
 
 def block_key(module: str) -> str:
