@@ -21,6 +21,7 @@ The helpers below (``add_gap_recovered``, ``summarise``, ``fmt``, ``write_result
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -187,6 +188,7 @@ def main() -> None:
     ap.add_argument("--eval-sentences", type=int, default=500)
     ap.add_argument("--eval-seed", type=int, default=0, help="which held-out sentences (fixed across rows)")
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
+    ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
                     help="run the (slow) learned strategy only for these calibration seeds (default: all)")
     ap.add_argument("--tag", default="")
@@ -197,7 +199,11 @@ def main() -> None:
     calib_dir = _calib_folder(data_dir)
     sentences = _eval_sentences(data_dir, args.eval_sentences, args.eval_seed)
     sparsity = Sparsity.parse(args.sparsity)
-    learn = LearnConfig() if args.steps is None else LearnConfig(steps=args.steps)
+    learn = LearnConfig()
+    if args.steps is not None:
+        learn = dataclasses.replace(learn, steps=args.steps)
+    if args.swap_trials is not None:
+        learn = dataclasses.replace(learn, swap_trials=args.swap_trials)
     metrics = ["mean_cosine", "spearman"]
     rows: list[dict] = []
     t_start = time.perf_counter()

@@ -16,6 +16,7 @@ Writes ``benchmarks/results/quality_<model>_<sparsity>_<criterion>.json`` and a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=10000)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
+    ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -85,7 +87,11 @@ def main() -> None:
     calib_dir = _calib_folder(data_dir)
     text = _eval_text(data_dir)
     sparsity = Sparsity.parse(args.sparsity)
-    learn = LearnConfig() if args.steps is None else LearnConfig(steps=args.steps)
+    learn = LearnConfig()
+    if args.steps is not None:
+        learn = dataclasses.replace(learn, steps=args.steps)
+    if args.swap_trials is not None:
+        learn = dataclasses.replace(learn, swap_trials=args.swap_trials)
     rows = []
 
     def evaluate(loaded) -> float:
@@ -153,7 +159,7 @@ def main() -> None:
     out = {"model": args.model, "sparsity": str(sparsity), "criterion": args.criterion, "context": args.context,
            "eval_tokens": args.eval_tokens, "eval_text": list(EVAL_NOVELS), "calib_text": list(CALIB_NOVELS),
            "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "dense_ppl": ppl_dense,
-           "rows": rows, "summary": summary, "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "rows": rows, "summary": summary, "learn": dataclasses.asdict(learn), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "command": " ".join(["python", "benchmarks/quality_lm.py"] + sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"quality_{args.model}_{str(sparsity).replace(':', 'of')}_{args.criterion}{args.tag}"
@@ -166,6 +172,8 @@ def main() -> None:
         r = "—" if s["R_mean"] is None else f"{s['R_mean']:.3f} ± {s['R_sd']:.3f}"
         pt = "—" if s["permute_seconds"] is None else f"{s['permute_seconds']:.1f}"
         lines.append(f"| {method} | {s['ppl_mean']:.2f} ± {s['ppl_sd']:.2f} | {r} | {s['glue_ops'] or 0} | {pt} | {s['n']} |")
+    if "learned" in args.methods:
+        lines += ["", "learned: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items())]
     lines += ["", f"Command: `{out['command']}`"]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

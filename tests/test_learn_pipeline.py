@@ -13,7 +13,7 @@ from permcompile.models import load_model
 from permcompile.pipeline import compress_
 from permcompile.testing.zoo import build_tiny
 
-LEARN = LearnConfig(steps=6, rounds=1, block_size=16)
+LEARN = LearnConfig(steps=6, rounds=1, block_size=16, swap_trials=200)  # both phases exercised
 
 
 def _cfg(**kw):
