@@ -48,7 +48,7 @@ class LearnConfig:
     tau_start: float = 1.0
     tau_end: float = 0.05
     # exchange trials per group after the Sinkhorn phase (math.learn.swap_refine). Off by default: 1000 trials
-    # cut every group's layer-output error by 1-12%; that doubled MiniLM's gap recovered but raised SmolLM2's
+    # cut the layer-output error of SmolLM2's layer 0-2 groups by 1-12% (ad-hoc check); that doubled MiniLM's gap recovered but raised SmolLM2's
     # held-out perplexity (133.9 -> 140.5); see benchmarks/results/quality_*_2of4_wanda_exchanges.md.
     swap_trials: int = 0
     loss: str = "mse"  # "mse" or "cosine"

@@ -219,11 +219,12 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
     prefetch = None
     if prefetch_export is None:
         prefetch_export = sum(p.numel() for p in loaded.model.parameters()) >= PREFETCH_MIN_PARAMS
-    trace_dir = Path(tempfile.mkdtemp(prefix="permcompile-trace-"))
+    trace_dir = None
     try:
         if prefetch_export:
             from .export.onnx import GraphPrefetch
 
+            trace_dir = Path(tempfile.mkdtemp(prefix="permcompile-trace-"))
             prefetch = GraphPrefetch(loaded.model, loaded.example_inputs(), config.precision, loaded.forward_kwargs(),
                                      workdir=trace_dir)
         return _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_range, seq_range, quiet,
@@ -231,7 +232,8 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
     finally:
         if prefetch is not None:
             prefetch.cancel()
-        shutil.rmtree(trace_dir, ignore_errors=True)
+        if trace_dir is not None:
+            shutil.rmtree(trace_dir, ignore_errors=True)
         from .export.verify import clear_session_cache
 
         clear_session_cache()

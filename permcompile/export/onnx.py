@@ -814,9 +814,9 @@ class GraphPrefetch:
     graph does not depend on weight values, and permcompile never changes a model's structure (folding
     and masking only rewrite weights). So ``optimize`` starts the trace right after loading, in a child
     process (fork: the child sees the loaded model without copying it), and binds the final weights by
-    name when it is time to export. The child saves the unoptimised graph with its weights as external
-    data in ``workdir``; the parent replaces every initializer that is a parameter or buffer of the
-    model by the model's current tensor. Anything unexpected (no ``fork`` on this platform, a failed
+    name when it is time to export. The child saves the unoptimised graph to ``workdir`` with a data-less
+    reference in place of every initializer that is a parameter or buffer of the model; the parent binds
+    the model's current tensor to each of them. Anything unexpected (no ``fork`` on this platform, a failed
     child, a name or shape that does not match) makes :meth:`take` return ``None`` with a reason, and the
     export traces the model itself; the numerical checks after export cover the result either way.
     """
@@ -919,7 +919,7 @@ class GraphPrefetch:
 
 
 def _prefetch_child(model, example_kwargs, precision, forward_kwargs, fp16_method, opset, workdir) -> None:
-    """Body of the prefetch process: trace, save graph + weights (external data) and meta.json."""
+    """Body of the prefetch process: trace, save the graph (parameters as data-less references) and meta.json."""
     import json
     import os
     import sys
