@@ -129,7 +129,7 @@ class CachedReference(torch.nn.Module):
 
 def method_seeds(args, method: str, seed: int) -> bool:
     """Whether ``method`` runs for calibration ``seed`` (``--learned-seeds`` restricts the costly learned search)."""
-    return method != "learned" or args.learned_seeds is None or seed in args.learned_seeds
+    return not method.startswith("learned") or args.learned_seeds is None or seed in args.learned_seeds
 
 
 def write_results(stem: str, out: dict, lines: list[str]) -> None:
@@ -181,7 +181,8 @@ def main() -> None:
     ap.add_argument("--sparsity", default="2:4")
     ap.add_argument("--criterion", default="wanda", choices=["magnitude", "wanda", "ria"])
     ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "learned"],
-                    help="permutation strategies (none random greedy hungarian learned)")
+                    help="permutation strategies (none random greedy hungarian learned); STRATEGY/per-layer uses "
+                         "per-layer residual permutations (one gather per reading site, counted as glue ops)")
     ap.add_argument("--calib-seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--calib-samples", type=int, default=128, help="calibration sentences")
     ap.add_argument("--calib-seq-len", type=int, default=128)
@@ -249,7 +250,8 @@ def main() -> None:
             if not method_seeds(args, method, seed):
                 continue
             loaded = load_model(args.model)
-            cfg = OptimizeConfig(**{**base.__dict__, "permutation": method})
+            strategy, _, residual = method.partition("/")  # "hungarian/per-layer": per-layer residual sites
+            cfg = OptimizeConfig(**{**base.__dict__, "permutation": strategy, "residual": residual or "global"})
             t = time.perf_counter()
             c = compress_(loaded, cfg, quiet=True, stats=stats, batches=batches,
                           checkpoint_dir=tempfile.mkdtemp(prefix="pc-learn-"))

@@ -1,7 +1,8 @@
 """Quality of N:M pruning with and without permutations on a causal LM (SmolLM2-135M by default).
 
 Rows: dense; unstructured 50% (same criterion: the ceiling); N:M with permutation none / random (control) /
-hungarian / learned, each over several calibration samples (disjoint windows, chosen by seed) so that the
+greedy / hungarian / learned, optionally with per-layer residual permutations (``hungarian/per-layer``:
+one gather per reading site, counted as glue ops), each over several calibration samples (disjoint windows, chosen by seed) so that the
 spread is visible. Columns: held-out perplexity, gap recovered R = (ppl_none - ppl) / (ppl_none -
 ppl_unstructured) against the baseline of the same calibration sample, glue ops, permutation wall time.
 
@@ -71,7 +72,8 @@ def main() -> None:
     ap.add_argument("--data-dir", required=True, help="folder with the Austen novels (.txt)")
     ap.add_argument("--sparsity", default="2:4")
     ap.add_argument("--criterion", default="wanda")
-    ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "learned"])
+    ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "learned"],
+                    help="permutation strategies; STRATEGY/per-layer uses per-layer residual permutations (glue)")
     ap.add_argument("--calib-seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=256)
@@ -125,7 +127,8 @@ def main() -> None:
 
         for method in args.methods:
             loaded = load_model(args.model)
-            cfg = OptimizeConfig(**{**base.__dict__, "permutation": method})
+            strategy, _, residual = method.partition("/")  # "hungarian/per-layer": per-layer residual sites
+            cfg = OptimizeConfig(**{**base.__dict__, "permutation": strategy, "residual": residual or "global"})
             t = time.perf_counter()
             c = compress_(loaded, cfg, quiet=True, stats=stats, batches=batches,
                           checkpoint_dir=tempfile.mkdtemp(prefix="pc-learn-"))
@@ -172,7 +175,7 @@ def main() -> None:
         r = "—" if s["R_mean"] is None else f"{s['R_mean']:.3f} ± {s['R_sd']:.3f}"
         pt = "—" if s["permute_seconds"] is None else f"{s['permute_seconds']:.1f}"
         lines.append(f"| {method} | {s['ppl_mean']:.2f} ± {s['ppl_sd']:.2f} | {r} | {s['glue_ops'] or 0} | {pt} | {s['n']} |")
-    if "learned" in args.methods:
+    if any(m.startswith("learned") for m in args.methods):
         lines += ["", "learned: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items())]
     lines += ["", f"Command: `{out['command']}`"]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -106,8 +106,9 @@ def _run_rows(args, name: str, fresh_model, calibrate, evaluate, metrics: list[s
             if not method_seeds(args, method, seed):
                 continue
             loaded = fresh_model()
-            cfg = OptimizeConfig(sparsity=sparsity, criterion=args.criterion, permutation=method, seed=seed,
-                                 calib_samples=args.calib_samples, learn=learn)
+            strategy, _, residual = method.partition("/")  # "hungarian/per-layer": per-layer residual sites
+            cfg = OptimizeConfig(sparsity=sparsity, criterion=args.criterion, permutation=strategy, seed=seed,
+                                 calib_samples=args.calib_samples, learn=learn, residual=residual or "global")
             t = time.perf_counter()
             c = compress_(loaded, cfg, quiet=True, stats=stats, batches=batches,
                           checkpoint_dir=tempfile.mkdtemp(prefix="pc-learn-"))
@@ -325,7 +326,8 @@ def main() -> None:
     ap.add_argument("--sparsity", default="2:4")
     ap.add_argument("--criterion", default="wanda", choices=["magnitude", "wanda", "ria"])
     ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "learned"],
-                    help="permutation strategies (none random greedy hungarian learned)")
+                    help="permutation strategies (none random greedy hungarian learned); STRATEGY/per-layer uses "
+                         "per-layer residual permutations (one gather per reading site, counted as glue ops)")
     ap.add_argument("--calib-seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--calib-samples", type=int, default=32, help="DINOv2 calibration images (crops fill up)")
     ap.add_argument("--eval-crops", type=int, default=3, help="DINOv2: extra random crops per held-out photo")

@@ -121,7 +121,9 @@ def main():
               help="Learned strategy: exchange trials per group after the Sinkhorn phase (default 0: off; "
                    "1000 helped MiniLM but raised SmolLM2 perplexity).")
 @click.option("--task-loss", is_flag=True, help="Learned strategy: end-to-end loss term (not implemented yet; refused).")
-@click.option("--residual", default="global", show_default=True, help="Residual permutation: global (zero glue); per-layer is not implemented yet (refused).")
+@click.option("--residual", default="global", show_default=True,
+              help="Residual-stream permutation: global (one for the whole model, folded: zero glue) or per-layer "
+                   "(one per reading site, e.g. q/k/v and gate/up of each block; one run-time gather each).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted learned run from its checkpoints.")
 @click.option("--batch", default="1,1,8", show_default=True, help="TensorRT profile batch MIN,OPT,MAX.")
 @click.option("--seq", default="1,128,512", show_default=True, help="TensorRT profile sequence MIN,OPT,MAX.")
@@ -141,7 +143,7 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
         from .config import LearnConfig, OptimizeConfig, Sparsity
         from .pipeline import optimize as run
 
-        learn = LearnConfig(task_loss=task_loss, residual=residual)
+        learn = LearnConfig(task_loss=task_loss)
         if steps is not None:
             learn = replace(learn, steps=steps)
         if block_size is not None:
@@ -151,7 +153,7 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
         config = OptimizeConfig(sparsity=Sparsity.parse(sparsity), permutation=permutation, criterion=criterion,
                                 precision=precision, prune=not no_prune, calib=calib, calib_samples=calib_samples,
                                 calib_seq_len=calib_seq_len, seed=seed, device=device,
-                                prune_embeddings=prune_embeddings, learn=learn)
+                                prune_embeddings=prune_embeddings, residual=residual, learn=learn)
         result = run(model, out, config, force=force, batch_range=batch_range, seq_range=seq_range, quiet=quiet,
                      resume=resume, trust_pickle=trust_pickle)
         _print_summary(result.report)

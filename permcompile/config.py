@@ -9,6 +9,7 @@ from .errors import UsageError
 STRATEGIES = ("none", "random", "greedy", "hungarian", "learned")
 CRITERIA = ("magnitude", "wanda", "ria")
 PRECISIONS = ("fp32", "fp16")
+RESIDUAL_MODES = ("global", "per-layer")
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,8 @@ class LearnConfig:
     swap_trials: int = 0
     loss: str = "mse"  # "mse" or "cosine"
     task_loss: bool = False
-    residual: str = "global"  # "global" (zero glue); "per-layer" needs runtime gathers (not implemented)
 
     def __post_init__(self) -> None:
-        if self.residual not in ("global", "per-layer"):
-            raise UsageError(f"--residual must be global or per-layer, got {self.residual!r}")
-        if self.residual == "per-layer":
-            raise UsageError("--residual per-layer (one gather per reading block) is not implemented yet; "
-                             "use the default global residual permutation (zero glue)")
         if self.task_loss:
             raise UsageError("--task-loss is not implemented yet: the learned strategy minimises the exact "
                              "layer-output error of each group's consumers")
@@ -85,6 +80,9 @@ class OptimizeConfig:
     seed: int = 0
     device: str = "cpu"
     prune_embeddings: bool = False  # embeddings and LM head stay dense by default
+    # "global": one model-wide residual permutation folded into the weights (zero glue). "per-layer": each
+    # reading site (q/k/v, gate/up of each block) gets its own permutation and one run-time gather (glue).
+    residual: str = "global"
     learn: LearnConfig = field(default_factory=LearnConfig)
 
     def __post_init__(self) -> None:
@@ -108,5 +106,7 @@ class OptimizeConfig:
             raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.residual not in RESIDUAL_MODES:
+            raise UsageError(f"--residual must be one of {', '.join(RESIDUAL_MODES)}, got {self.residual!r}")
         if self.calib_samples < 1 or self.calib_seq_len < 2:
             raise UsageError("calibration needs at least 1 sample of at least 2 tokens")

@@ -146,10 +146,14 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     with t.step("analyze"):
         groups = analyze(captured)
         linears = select_linears(net, captured, groups, m, config.prune_embeddings)
-    if not any(i.prune for i in linears):
-        raise UsageError(f"no linear layer of this model can take {config.sparsity} sparsity "
-                         f"(input sizes: {sorted({i.k for i in linears})})")
-    pruned = {i.param for i in linears if i.prune}
+        if not any(i.prune for i in linears):
+            raise UsageError(f"no linear layer of this model can take {config.sparsity} sparsity "
+                             f"(input sizes: {sorted({i.k for i in linears})})")
+        pruned = {i.param for i in linears if i.prune}
+        if config.residual == "per-layer":
+            from .passes.glue import split_residual
+
+            groups = split_residual(groups, net, pruned)
 
     with t.step("calibrate"):
         if batches is None:
@@ -219,6 +223,8 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
     prefetch = None
     if prefetch_export is None:
         prefetch_export = sum(p.numel() for p in loaded.model.parameters()) >= PREFETCH_MIN_PARAMS
+    if config.residual == "per-layer":
+        prefetch_export = False  # the gathers change the graph: it cannot be traced before they exist
     trace_dir = None
     try:
         if prefetch_export:
@@ -241,6 +247,8 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
 
 def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_range, seq_range, quiet, resume,
                      checkpoint_dir) -> OptimizeResult:
+    from .passes.glue import glue_records
+
     c = compress_(loaded, config, timer=t, quiet=quiet, resume=resume, checkpoint_dir=checkpoint_dir)
     net = loaded.model
     groups, perms, group_results = c.groups, c.perms, c.group_results
@@ -258,6 +266,7 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
             "pruned": config.prune, "config": _config_dict(config),
             "groups": [r.to_dict() for r in group_results],
             "glue_ops": fold_report.glue_ops,
+            "glue": glue_records(net, groups, perms),
             "fold": {"groups_permuted": fold_report.groups_permuted, "tensors_changed": fold_report.tensors_changed,
                      "max_rel_err": fold_err},
             "pruned_layers": mask_result.layers if mask_result else [],
@@ -393,7 +402,10 @@ def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_resu
     stages = {}
     clock = time.perf_counter()
     if hasattr(net, "save_pretrained"):
-        net.save_pretrained(tmp / "hf", safe_serialization=True)
+        from .passes.glue import standard_form
+
+        with standard_form(net, report.get("glue", [])):  # a plain checkpoint: same function, no gather
+            net.save_pretrained(tmp / "hf", safe_serialization=True)
         for extra in (loaded.tokenizer, loaded.image_processor):
             if extra is not None:
                 try:

@@ -715,8 +715,8 @@ def test_api_invalid_sparsity_object(make, llama, out, no_export):
     assert_no_output(out)
 
 
-@pytest.mark.parametrize("learn", [{"residual": "bogus"}, {"steps": -1}, {"block_size": 0}, {"block_size": 1}],
-                         ids=["residual", "steps", "block_size0", "block_size1"])
+@pytest.mark.parametrize("learn", [{"steps": -1}, {"block_size": 0}, {"block_size": 1}],
+                         ids=["steps", "block_size0", "block_size1"])
 def test_api_bad_learn_config(learn, llama, out, no_export):
     from permcompile.pipeline import optimize
 

@@ -589,6 +589,8 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
     if read is not None:
         bad = []
         state = dict(model.named_parameters(remove_duplicate=False)) if model is not None else {}
+        # per-layer residual readers are saved in the model's own order: N:M holds in the glued (deployed) order
+        glue = {r["param"]: r for r in report.get("glue", []) or [] if isinstance(r, Mapping) and "param" in r}
         for entry in layers:
             param = entry["param"]
             weight = read(param)
@@ -602,6 +604,14 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
             if weight.dim() != 2:
                 bad.append(f"{param}: not a matrix ({tuple(weight.shape)})")
                 continue
+            if param in glue:
+                index = torch.as_tensor(glue[param]["index"], dtype=torch.long)
+                if index.numel() != weight.shape[axis] or not torch.equal(index.sort().values,
+                                                                         torch.arange(index.numel())):
+                    bad.append(f"{param}: its glue index in report.json is not a permutation of its {weight.shape[axis]} inputs")
+                    continue
+                weight = weight.index_select(axis, index)
+                source += " in glue order"
             ok, violations, groups = _nm_stats(weight.float().numpy(), axis, n, m)
             if not ok:
                 bad.append(f"{param} ({source}): " + (f"K={weight.shape[axis]} not a multiple of {m}" if violations < 0

@@ -2,7 +2,8 @@
 
 Why: the deployed graph must carry no extra gather. Permuting a group's consumers' input columns, its
 producers' rows and its passengers' entries together leaves the function unchanged, so the permutation
-disappears into the weights.
+disappears into the weights. The exception is a ``glue`` group (per-layer residual sites,
+``passes/glue.py``): it has readers only, so one gather of their input is registered with them.
 """
 from __future__ import annotations
 
@@ -78,4 +79,8 @@ def fold_(model: nn.Module, groups: list[Group], perms: dict[str, torch.Tensor])
             done[key] = src
             t.data.copy_(t.data.index_select(mem.axis, src.to(t.device)))
             report.tensors_changed += 1
+        if group.glue:
+            from .glue import insert_glue_
+
+            report.glue_ops += insert_glue_(model, group, perm)
     return report

@@ -62,7 +62,8 @@ class Group:
     blocks: list[int] | None = None  # block label per element; None = one block
     pins: list[Pin] = field(default_factory=list)
     siblings: list[list[str]] = field(default_factory=list)  # consumer modules reading the same tensor
-    kind: str = "other"  # "residual" | "mlp" | "attention" | "other"
+    kind: str = "other"  # "residual" | "residual-site" | "mlp" | "attention" | "other"
+    glue: bool = False  # readers only: folding it needs a gather of their input (passes/glue.py)
 
     # ---- views -----------------------------------------------------------------------------
     @property
@@ -123,7 +124,7 @@ class Group:
         ]
         pins = [Pin(**p) for p in d.get("pins", [])]
         return cls(d["name"], d["size"], members, list(d.get("fixed", [])), d.get("blocks"), pins,
-                   [list(s) for s in d.get("siblings", [])], d.get("kind", "other"))
+                   [list(s) for s in d.get("siblings", [])], d.get("kind", "other"), bool(d.get("glue", False)))
 
 
 def _compact_member(m: Member) -> dict:
