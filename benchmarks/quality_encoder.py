@@ -284,6 +284,8 @@ def main() -> None:
     lines += ["", "Mean ± sample sd over calibration seeds; R = (metric − metric_none) / (metric_unstructured − "
               "metric_none) per seed. Kept importance: share of the criterion's score kept by the N:M mask, averaged "
               "over the groups the strategy moved. Runs = calibration seeds the row was measured on."]
+    if any(m.startswith("learned") for m in args.methods):
+        lines += ["", "learned: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items())]
     write_results(stem, out, lines)
     print(f"wall time {time.perf_counter() - t_start:.0f} s")
 

@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
+    ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
+                    help="run the (slow) learned strategy only for these calibration seeds (default: all)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -126,6 +128,8 @@ def main() -> None:
         log({"method": "unstructured", "calib_seed": seed, "ppl": evaluate(loaded), "calib_seconds": calib_s})
 
         for method in args.methods:
+            if method.startswith("learned") and args.learned_seeds is not None and seed not in args.learned_seeds:
+                continue
             loaded = load_model(args.model)
             strategy, _, residual = method.partition("/")  # "hungarian/per-layer": per-layer residual sites
             cfg = OptimizeConfig(**{**base.__dict__, "permutation": strategy, "residual": residual or "global"})
@@ -175,6 +179,15 @@ def main() -> None:
         r = "—" if s["R_mean"] is None else f"{s['R_mean']:.3f} ± {s['R_sd']:.3f}"
         pt = "—" if s["permute_seconds"] is None else f"{s['permute_seconds']:.1f}"
         lines.append(f"| {method} | {s['ppl_mean']:.2f} ± {s['ppl_sd']:.2f} | {r} | {s['glue_ops'] or 0} | {pt} | {s['n']} |")
+    seeds = list(args.calib_seeds)
+    lines += ["", "Per calibration seed (ppl; compare methods on the same seed):", "",
+              "| method | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for method in ["unstructured"] + args.methods:
+        cells = []
+        for x in seeds:
+            hit = next((r for r in rows if r["method"] == method and r["calib_seed"] == x), None)
+            cells.append("—" if hit is None else f"{hit['ppl']:.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if any(m.startswith("learned") for m in args.methods):
         lines += ["", "learned: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items())]
     lines += ["", f"Command: `{out['command']}`"]

@@ -25,6 +25,7 @@ Writes ``benchmarks/results/quality_dinov2-s_<sparsity>_<criterion>.{json,md}`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -77,7 +78,11 @@ def _run_rows(args, name: str, fresh_model, calibrate, evaluate, metrics: list[s
     from permcompile.pipeline import compress_
 
     sparsity = Sparsity.parse(args.sparsity)
-    learn = LearnConfig() if args.steps is None else LearnConfig(steps=args.steps)
+    learn = LearnConfig()
+    if args.steps is not None:
+        learn = dataclasses.replace(learn, steps=args.steps)
+    if args.swap_trials is not None:
+        learn = dataclasses.replace(learn, swap_trials=args.swap_trials)
     rows: list[dict] = []
     groups_info = None
 
@@ -193,9 +198,10 @@ def run_dinov2(args) -> None:
     note = ("Mean ± sample sd over calibration seeds; R = (metric − metric_none) / (metric_unstructured − metric_none) "
             "per seed. Kept importance: share of the criterion's score kept by the N:M mask, averaged over the groups "
             "the strategy moved.")
-    if args.steps is not None or args.learned_seeds is not None:
-        note = (f"learned: {args.steps if args.steps is not None else 'default'} steps per round, calibration seeds "
-                f"{args.learned_seeds or args.calib_seeds}. ") + note
+    if args.steps is not None or args.learned_seeds is not None or args.swap_trials is not None:
+        note = (f"learned: {args.steps if args.steps is not None else 'default'} steps per round, "
+                f"{args.swap_trials if args.swap_trials is not None else 'default'} exchange trials per group, "
+                f"calibration seeds {args.learned_seeds or args.calib_seeds}. ") + note
     write_results(stem, out, _table(title, summary, [("cls_cosine", "CLS cosine"), ("R_cls_cosine", "R (CLS)"),
                                                      ("patch_cosine", "patch cosine"),
                                                      ("R_patch_cosine", "R (patch)")], note))
@@ -310,9 +316,10 @@ def run_digits(args) -> None:
     note = ("Mean ± sample sd over calibration seeds; agreement = share of test images whose prediction equals the "
             "dense model's; R = (metric − metric_none) / (metric_unstructured − metric_none) per seed (undefined, —, "
             "when unstructured and none tie). The classifier head stays dense.")
-    if args.steps is not None or args.learned_seeds is not None:
-        note = (f"learned: {args.steps if args.steps is not None else 'default'} steps per round, calibration seeds "
-                f"{args.learned_seeds or args.calib_seeds}. ") + note
+    if args.steps is not None or args.learned_seeds is not None or args.swap_trials is not None:
+        note = (f"learned: {args.steps if args.steps is not None else 'default'} steps per round, "
+                f"{args.swap_trials if args.swap_trials is not None else 'default'} exchange trials per group, "
+                f"calibration seeds {args.learned_seeds or args.calib_seeds}. ") + note
     write_results(stem, out, _table(title, summary, [("top1", "top-1"), ("R_top1", "R (top-1)"),
                                                      ("agreement", "agreement with dense"),
                                                      ("R_agreement", "R (agreement)")], note))
@@ -345,6 +352,7 @@ def main() -> None:
     ap.add_argument("--digits-lr", type=float, default=3e-3)
     ap.add_argument("--digits-test-size", type=float, default=0.3)
     ap.add_argument("--train-seed", type=int, default=0)
+    ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.manual_seed(0)

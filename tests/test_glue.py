@@ -198,3 +198,27 @@ def test_learned_per_layer_runs_and_keeps_its_checks(tiny_dir, tmp_path):
 def test_bad_residual_mode_is_a_usage_error():
     with pytest.raises(UsageError, match="residual"):
         OptimizeConfig(residual="bogus")
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_cli_per_layer_then_verify(tiny_dir, tmp_path, arch):
+    from test_cli import CALIB, describe, invoke
+
+    out = tmp_path / "out"
+    result = invoke(["optimize", tiny_dir(arch), "--out", out, "--quiet", *CALIB, "--residual", "per-layer"])
+    assert result.exit_code == 0, describe(result)
+    report = json.loads((out / "report.json").read_text())
+    assert report["glue_ops"] == 2 * 2 and f"glue ops: {report['glue_ops']}" in result.stdout
+    checked = invoke(["verify", out])
+    assert checked.exit_code == 0, describe(checked)
+
+
+def test_per_layer_never_binds_weights_into_a_graph_traced_before_the_gathers(tiny_dir, tmp_path):
+    from permcompile.pipeline import optimize
+
+    res = optimize(str(tiny_dir("llama")), tmp_path / "out",
+                   OptimizeConfig(permutation="hungarian", residual="per-layer", calib_samples=4, calib_seq_len=32),
+                   quiet=True, prefetch_export=True)
+    assert res.report["onnx"]["prefetched"] is False
+    assert all(c["passed"] for c in res.report["checks"])
+    assert _gathers(res.out_dir / "model.onnx") >= res.report["glue_ops"] == 4

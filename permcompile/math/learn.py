@@ -282,6 +282,7 @@ def swap_refine(consumers: list[Consumer], factors: list[torch.Tensor], perm: to
         return cur, loss, 0
     by_label = {int(lab): torch.nonzero(movable_pos & (pos_labels == lab)).flatten()
                 for lab in torch.unique(pos_labels[candidates])}
+    identity_cols = [c.cols.numel() == n and torch.equal(c.cols, torch.arange(n)) for c in consumers]
     kept = 0
     for _ in range(trials):
         i = int(candidates[torch.randint(candidates.numel(), (1,), generator=gen)])
@@ -293,9 +294,14 @@ def swap_refine(consumers: list[Consumer], factors: list[torch.Tensor], perm: to
         cand[i], cand[j] = cur[j], cur[i]
         delta_total = 0.0
         updates = []
-        for (src, rf), c, f in zip(state, consumers, factors):
-            new_src = _positions(c, cand)
-            changed = torch.nonzero(new_src != src).flatten()
+        for (src, rf), c, f, plain in zip(state, consumers, factors, identity_cols):
+            if plain:  # one column per element: only columns i and j change (O(1) instead of O(L))
+                new_src = src.clone()
+                new_src[i], new_src[j] = src[j], src[i]
+                changed = torch.tensor([i, j])
+            else:
+                new_src = _positions(c, cand)
+                changed = torch.nonzero(new_src != src).flatten()
             if changed.numel() == 0:
                 updates.append(None)
                 continue

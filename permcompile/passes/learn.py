@@ -8,7 +8,8 @@ checkpoint (refusing one made from different inputs).
 
 The residual-stream group (one model-wide permutation, zero glue) keeps the Hungarian solution: it is
 read by every block, so its exact objective needs every block's Gram at once; the measured gain of
-permuting the residual stream at all is small (see benchmarks/RESULTS.md).
+permuting the residual stream at all is small (see benchmarks/RESULTS.md). With ``residual="per-layer"``
+each reading site is its own group (``passes/glue.py``) and is learned like any other group of its block.
 """
 from __future__ import annotations
 
