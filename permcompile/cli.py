@@ -170,8 +170,13 @@ def _print_summary(report: dict) -> None:
         ki = report.get("kept_importance", {})
         click.echo(f"groups permuted: {len(moved)}/{len(groups)}  kept importance (mean over groups): "
                    f"identity {ki.get('identity', 0):.4f} -> chosen {ki.get('chosen', 0):.4f}")
+    cost = report.get("glue_cost") or {}
+    glue = f"glue ops: {report.get('glue_ops', 0)}"
+    if report.get("glue_ops"):
+        glue += (f" (gathers of {cost.get('elements_per_token', 0):,} elements per token, "
+                 f"{100 * cost.get('ratio', 0):.3f}% of the linear layers' multiply-adds)")
     click.echo(f"pruned layers: {len(report.get('pruned_layers', []))}  dense: {len(report.get('dense_layers', []))}  "
-               f"glue ops: {report.get('glue_ops', 0)}")
+               + glue)
     checks = report.get("checks", [])
     click.echo(f"checks: {sum(c['passed'] for c in checks)}/{len(checks)} passed")
     click.echo("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items()))
@@ -180,29 +185,41 @@ def _print_summary(report: dict) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the coupling groups as JSON.")
+@click.option("--residual", default="global", show_default=True,
+              help="global, or per-layer to show the reading sites --residual per-layer would permute (2:4 layers).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def inspect(model, as_json, debug):
+def inspect(model, as_json, residual, debug):
     """Print MODEL's coupling groups: consumers, producers, passengers and pins."""
 
     def go():
         from .capture import capture
+        from .config import RESIDUAL_MODES
+        from .errors import UsageError
         from .models import load_model
         from .passes.coupling import analyze
         from .passes.groups import groups_to_json
 
+        if residual not in RESIDUAL_MODES:
+            raise UsageError(f"--residual must be one of {', '.join(RESIDUAL_MODES)}, got {residual!r}")
         loaded = load_model(model)
         captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
         groups = analyze(captured)
+        if residual == "per-layer":
+            from .passes.glue import split_residual
+            from .passes.sparsify import select_linears
+
+            pruned = {i.param for i in select_linears(loaded.model, captured, groups, 4) if i.prune}
+            groups = split_residual(groups, loaded.model, pruned)
         if as_json:
             click.echo(groups_to_json(groups))
             return
         click.echo(f"{loaded.name}: {len(groups)} coupling groups (captured in {captured.seconds:.1f}s)")
-        header = f"{'group':<48} {'kind':<9} {'size':>5} {'cons':>4} {'prod':>4} {'pass':>4} {'blocks':>6} {'fixed':>5}"
+        header = f"{'group':<48} {'kind':<13} {'size':>5} {'cons':>4} {'prod':>4} {'pass':>4} {'blocks':>6} {'fixed':>5}"
         click.echo(header)
         click.echo("-" * len(header))
         for g in groups:
             blocks = len(set(g.blocks)) if g.blocks else 1
-            click.echo(f"{g.name[:48]:<48} {g.kind:<9} {g.size:>5} {len(g.consumers):>4} {len(g.producers):>4} "
+            click.echo(f"{g.name[:48]:<48} {g.kind:<13} {g.size:>5} {len(g.consumers):>4} {len(g.producers):>4} "
                        f"{len(g.passengers):>4} {blocks:>6} {len(set(g.fixed)):>5}")
             for pin in g.pins[:3]:
                 click.echo(f"    pinned by {pin.op} at {pin.node} ({pin.module or 'top'}): {pin.reason}")

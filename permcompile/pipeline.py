@@ -247,7 +247,7 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
 
 def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_range, seq_range, quiet, resume,
                      checkpoint_dir) -> OptimizeResult:
-    from .passes.glue import glue_records
+    from .passes.glue import glue_cost, glue_records
 
     c = compress_(loaded, config, timer=t, quiet=quiet, resume=resume, checkpoint_dir=checkpoint_dir)
     net = loaded.model
@@ -267,6 +267,7 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
             "groups": [r.to_dict() for r in group_results],
             "glue_ops": fold_report.glue_ops,
             "glue": glue_records(net, groups, perms),
+            "glue_cost": glue_cost(net, groups, perms, linears),
             "fold": {"groups_permuted": fold_report.groups_permuted, "tensors_changed": fold_report.tensors_changed,
                      "max_rel_err": fold_err},
             "pruned_layers": mask_result.layers if mask_result else [],

@@ -151,6 +151,9 @@ def test_optimize_per_layer_passes_every_check_with_one_gather_per_site(glued):
     assert sites and all(g["strategy"] == "hungarian" for g in sites)
     assert rep["glue_ops"] == len(sites) == 4 and plain.report["glue_ops"] == 0
     assert rep["config"]["residual"] == "per-layer"
+    cost = rep["glue_cost"]
+    assert cost["ops"] == 4 and cost["elements_per_token"] == 4 * 64 and 0 < cost["ratio"] < 0.1
+    assert plain.report["glue_cost"]["ops"] == 0 and plain.report["glue_cost"]["elements_per_token"] == 0
     assert _gathers(per_layer.out_dir / "model.onnx") == _gathers(plain.out_dir / "model.onnx") + rep["glue_ops"]
     # per-site permutations keep more importance than the one model-wide permutation
     kept = lambda r: sum(g["kept_chosen"] for g in r["groups"] if g["kind"].startswith("residual"))  # noqa: E731
@@ -222,3 +225,13 @@ def test_per_layer_never_binds_weights_into_a_graph_traced_before_the_gathers(ti
     assert res.report["onnx"]["prefetched"] is False
     assert all(c["passed"] for c in res.report["checks"])
     assert _gathers(res.out_dir / "model.onnx") >= res.report["glue_ops"] == 4
+
+
+def test_inspect_shows_the_reading_sites(tiny_dir):
+    from test_cli import describe, invoke
+
+    result = invoke(["inspect", tiny_dir("llama"), "--residual", "per-layer"])
+    assert result.exit_code == 0, describe(result)
+    assert result.stdout.count("residual-site") == 4 and "residual@model.layers.1.mlp" in result.stdout
+    bad = invoke(["inspect", tiny_dir("llama"), "--residual", "bogus"])
+    assert bad.exit_code == 2 and "--residual" in bad.stderr

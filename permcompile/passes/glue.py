@@ -77,8 +77,8 @@ def split_residual(groups: list[Group], model: nn.Module, pruned: set[str]) -> l
             out.append(g)
             continue
         # the sites' readers expect the stream in the model's order: the stream itself no longer moves
-        pin = Pin("", "per-layer", "per-layer residual: the stream keeps its order, each reading site has its own "
-                  "permutation", "", g.size)
+        pin = Pin("every reading site", "per-layer", "per-layer residual: the stream keeps its order, each reading "
+                  "site has its own permutation", "", g.size)
         out.append(replace(g, members=[m for m in g.members if not (m.role == "consumer" and m.param in taken)],
                            siblings=[[s for s in sib if not any(m.module == s and m.param in taken
                                                                 for m in g.consumers)] for sib in g.siblings],
@@ -164,6 +164,17 @@ def glue_records(model: nn.Module, groups: list[Group], perms: dict) -> list[dic
             records.append({"group": g.name, "module": module, "param": param, "k_axis": axis,
                             "index": [int(i) for i in src]})
     return records
+
+
+def glue_cost(model: nn.Module, groups: list[Group], perms: dict, linears) -> dict:
+    """Run-time cost of the gathers, per token: elements moved vs the linear layers' multiply-adds."""
+    sites = [g for g in groups if g.glue and perms.get(g.name) is not None
+             and not torch.equal(torch.as_tensor(perms[g.name]), torch.arange(g.size))]
+    moved = sum(g.size for g in sites)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    macs = sum(int(tensors[i.param].numel()) for i in linears if i.param in tensors)
+    return {"ops": len(sites), "elements_per_token": moved, "linear_macs_per_token": macs,
+            "ratio": moved / macs if macs else 0.0}
 
 
 @contextmanager
