@@ -120,7 +120,9 @@ def main():
 @click.option("--swap-trials", default=None, type=int,
               help="Learned strategy: exchange trials per group after the Sinkhorn phase (default 0: off; "
                    "1000 helped MiniLM but raised SmolLM2 perplexity).")
-@click.option("--task-loss", is_flag=True, help="Learned strategy: end-to-end loss term (not implemented yet; refused).")
+@click.option("--task-loss", is_flag=True,
+              help="Learned strategy: weight each layer's output channels by their Fisher information of the task "
+                   "loss (next-token cross-entropy for causal LMs, output distillation otherwise).")
 @click.option("--residual", default="global", show_default=True,
               help="Residual-stream permutation: global (one for the whole model, folded: zero glue) or per-layer "
                    "(one per reading site, e.g. q/k/v and gate/up of each block; one run-time gather each).")

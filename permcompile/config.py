@@ -53,12 +53,11 @@ class LearnConfig:
     # held-out perplexity (133.9 -> 140.5); see benchmarks/results/quality_*_2of4_wanda_exchanges.md.
     swap_trials: int = 0
     loss: str = "mse"  # "mse" or "cosine"
+    # weight each output channel of the layer-error objective by its Fisher information of the task loss
+    # (next-token cross-entropy for causal LMs; output distillation otherwise): calib/sensitivity.py
     task_loss: bool = False
 
     def __post_init__(self) -> None:
-        if self.task_loss:
-            raise UsageError("--task-loss is not implemented yet: the learned strategy minimises the exact "
-                             "layer-output error of each group's consumers")
         if self.block_size < 2 or self.steps < 0 or self.rounds < 1:
             raise UsageError("--block-size must be >= 2, --steps >= 0 and rounds >= 1")
         if self.swap_trials < 0:

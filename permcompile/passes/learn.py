@@ -130,7 +130,8 @@ def _chunks(keys, blocks, net, pruned, budget):
         yield chunk
 
 
-def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name, gen, bar) -> dict:
+def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name, gen, bar,
+                 sensitivity: dict | None = None) -> dict:
     from ..math.nm import kept_importance
     from .sparsify import group_score_matrix
 
@@ -144,6 +145,10 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
                 continue
             w = weight_kout(net, mem).detach().float()
             s = consumer_scores(net, mem, stats, config.criterion)
+            if sensitivity is not None and mem.module in sensitivity:
+                # rows weighted by their task-loss Fisher: the objective becomes the end-to-end estimate
+                # (the mask stays the criterion's per-row choice: row weights do not change it)
+                w = w * sensitivity[mem.module].clamp_min(0).sqrt()[:, None]
             gram = (hooks.grams[mem.module] / max(1, hooks.tokens[mem.module])).float()
             consumers.append(Consumer(w, s, gram, mem.index_tensor(w.shape[1])))
         if not consumers:
@@ -221,8 +226,15 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
                 r.note = entry.get("note", "")
             if bar:
                 bar.update(1)
+    sensitivity = None
+    todo = [k for k in keys if k not in state["done"]]
+    if config.learn.task_loss and todo:
+        from ..calib.sensitivity import output_sensitivity
+
+        modules = sorted({c.module for k in todo for g in blocks[k] for c in g.consumers if c.param in pruned})
+        sensitivity = output_sensitivity(net, batches, modules, loaded.family, forward_kwargs=loaded.forward_kwargs(),
+                                         seed=config.seed, progress=not quiet)
     try:
-        todo = [k for k in keys if k not in state["done"]]
         for chunk in _chunks(todo, blocks, net, pruned, GRAM_BUDGET_BYTES):
             modules = sorted({c.module for k in chunk for g in blocks[k] for c in g.consumers if c.param in pruned})
             t0 = time.perf_counter()
@@ -245,7 +257,8 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
                 t1 = time.perf_counter()
                 # one generator per block: a resumed run draws the same numbers as an uninterrupted one
                 gen = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
-                done_block = _learn_block(blocks[key], hooks, net, stats, config, pruned, perms, by_name, gen, bar)
+                done_block = _learn_block(blocks[key], hooks, net, stats, config, pruned, perms, by_name, gen, bar,
+                                          sensitivity)
                 for name in done_block:
                     by_name[name].seconds += time.perf_counter() - t1 + gram_seconds
                 for g in blocks[key]:  # free this block's Grams before the next
