@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--eval-seed", type=int, default=0, help="which held-out sentences (fixed across rows)")
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
+    ap.add_argument("--task-loss", action="store_true", help="learned: weight the objective by task-loss Fisher")
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
                     help="run the (slow) learned strategy only for these calibration seeds (default: all)")
     ap.add_argument("--tag", default="")
@@ -205,6 +206,8 @@ def main() -> None:
         learn = dataclasses.replace(learn, steps=args.steps)
     if args.swap_trials is not None:
         learn = dataclasses.replace(learn, swap_trials=args.swap_trials)
+    if args.task_loss:
+        learn = dataclasses.replace(learn, task_loss=True)
     metrics = ["mean_cosine", "spearman"]
     rows: list[dict] = []
     t_start = time.perf_counter()

@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
+    ap.add_argument("--task-loss", action="store_true", help="learned: weight the objective by task-loss Fisher")
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
                     help="run the (slow) learned strategy only for these calibration seeds (default: all)")
     ap.add_argument("--tag", default="")
@@ -96,6 +97,8 @@ def main() -> None:
         learn = dataclasses.replace(learn, steps=args.steps)
     if args.swap_trials is not None:
         learn = dataclasses.replace(learn, swap_trials=args.swap_trials)
+    if args.task_loss:
+        learn = dataclasses.replace(learn, task_loss=True)
     rows = []
 
     def evaluate(loaded) -> float:
