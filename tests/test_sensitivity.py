@@ -36,48 +36,48 @@ def test_distillation_sensitivity_is_the_output_jacobian_row_norm():
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
-def test_causal_lm_sensitivity_matches_autograd():
-    model = build_tiny("llama").eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    name = "model.layers.1.mlp.up_proj"
-    sens = output_sensitivity(model, [batch], [name], "causal-lm", forward_kwargs={"use_cache": False})
-
+def _autograd_output_grad(model, batch, name) -> torch.Tensor:
+    """∂(next-token CE, summed over real tokens)/∂(output of ``name``), by plain autograd: [B, S, out]."""
     kept = {}
     handle = model.get_submodule(name).register_forward_hook(lambda m, a, o: kept.setdefault("y", o))
     out = model(**batch, use_cache=False)
     handle.remove()
     y = kept["y"]
     y.retain_grad()
-    loss = nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                       reduction="sum")
-    loss.backward()
-    expected = y.grad.reshape(-1, y.shape[-1]).square().mean(0)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    keep = mask[:, 1:].bool()
+    nn.functional.cross_entropy(out.logits[:, :-1][keep], ids[:, 1:][keep], reduction="sum").backward()
+    return y.grad
+
+
+def _llama_batch(model, seq: int, seed: int, pad_from: int | None = None) -> dict:
+    ids = torch.randint(0, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    if pad_from is not None:
+        mask[1, pad_from:] = 0  # right padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_causal_lm_sensitivity_matches_autograd():
+    model = build_tiny("llama").eval()
+    batch = _llama_batch(model, 12, 1)
+    name = "model.layers.1.mlp.up_proj"
+    sens = output_sensitivity(model, [batch], [name], "causal-lm", forward_kwargs={"use_cache": False})
+    grad = _autograd_output_grad(model, batch, name)
+    expected = grad.reshape(-1, grad.shape[-1]).square().mean(0)
     assert torch.allclose(sens[name], expected, rtol=1e-4, atol=1e-10)
     assert float(sens[name].max()) > 0
 
 
 def test_padding_is_left_out():
     model = build_tiny("llama").eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0  # right padding
-    batch = {"input_ids": ids, "attention_mask": mask}
+    batch = _llama_batch(model, 10, 2, pad_from=6)
     name = "model.layers.0.self_attn.v_proj"
     sens = output_sensitivity(model, [batch], [name], "causal-lm", forward_kwargs={"use_cache": False})
-
-    kept = {}
-    handle = model.get_submodule(name).register_forward_hook(lambda m, a, o: kept.setdefault("y", o))
-    out = model(**batch, use_cache=False)
-    handle.remove()
-    y = kept["y"]
-    y.retain_grad()
-    keep = mask[:, 1:].bool()
-    loss = nn.functional.cross_entropy(out.logits[:, :-1][keep], ids[:, 1:][keep], reduction="sum")
-    loss.backward()
-    expected = y.grad[mask.bool()].square().mean(0)  # 16 real tokens, not 20
+    grad = _autograd_output_grad(model, batch, name)
+    expected = grad[batch["attention_mask"].bool()].square().mean(0)  # 16 real tokens, not 20
     assert torch.allclose(sens[name], expected, rtol=1e-4, atol=1e-10)
-    assert not torch.allclose(sens[name], y.grad.reshape(-1, y.shape[-1]).square().mean(0), rtol=1e-3)
+    assert not torch.allclose(sens[name], grad.reshape(-1, grad.shape[-1]).square().mean(0), rtol=1e-3)
 
 
 def test_learned_with_task_loss_runs_and_changes_the_objective(tiny_dir, tmp_path):
