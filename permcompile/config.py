@@ -48,9 +48,10 @@ class LearnConfig:
     sinkhorn_iters: int = 8
     tau_start: float = 1.0
     tau_end: float = 0.05
-    # exchange trials per group after the Sinkhorn phase (math.learn.swap_refine). Off by default: 1000 trials
-    # cut the layer-output error of SmolLM2's layer 0-2 groups by 1-12% (ad-hoc check); that doubled MiniLM's gap recovered but raised SmolLM2's
-    # held-out perplexity (133.9 -> 140.5); see benchmarks/results/quality_*_2of4_wanda_exchanges.md.
+    # exchange trials per group after the Sinkhorn phase (math.learn.swap_refine). Off by default: with
+    # --steps 0 --swap-trials 1000, MiniLM's gap recovered goes 0.148 -> 0.274 (global) and 0.357 -> 0.464
+    # (per-layer) over hungarian, but SmolLM2's held-out perplexity got worse on every seed (133.3 -> 140.9;
+    # benchmarks/results/quality_minilm_2of4_wanda_perlayer.md, quality_smollm2_2of4_wanda_residual_modes.md).
     swap_trials: int = 0
     loss: str = "mse"  # "mse" or "cosine"
     # weight each output channel of the layer-error objective by its Fisher information of the task loss
