@@ -132,6 +132,20 @@ def method_seeds(args, method: str, seed: int) -> bool:
     return not method.startswith("learned") or args.learned_seeds is None or seed in args.learned_seeds
 
 
+def learn_config(args):
+    """The learned strategy's settings from the shared ``--steps``/``--swap-trials``/``--task-loss`` options."""
+    from permcompile.config import LearnConfig
+
+    learn = LearnConfig()
+    if getattr(args, "steps", None) is not None:
+        learn = dataclasses.replace(learn, steps=args.steps)
+    if getattr(args, "swap_trials", None) is not None:
+        learn = dataclasses.replace(learn, swap_trials=args.swap_trials)
+    if getattr(args, "task_loss", False):
+        learn = dataclasses.replace(learn, task_loss=True)
+    return learn
+
+
 def write_results(stem: str, out: dict, lines: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
@@ -168,7 +182,7 @@ def main() -> None:
     from permcompile.calib.data import load_calibration
     from permcompile.calib.stats import collect_input_stats
     from permcompile.capture import capture
-    from permcompile.config import LearnConfig, OptimizeConfig, Sparsity
+    from permcompile.config import OptimizeConfig, Sparsity
     from permcompile.evaluate import embedding_similarity
     from permcompile.models import load_model
     from permcompile.passes.coupling import analyze
@@ -201,13 +215,7 @@ def main() -> None:
     calib_dir = _calib_folder(data_dir)
     sentences = _eval_sentences(data_dir, args.eval_sentences, args.eval_seed)
     sparsity = Sparsity.parse(args.sparsity)
-    learn = LearnConfig()
-    if args.steps is not None:
-        learn = dataclasses.replace(learn, steps=args.steps)
-    if args.swap_trials is not None:
-        learn = dataclasses.replace(learn, swap_trials=args.swap_trials)
-    if args.task_loss:
-        learn = dataclasses.replace(learn, task_loss=True)
+    learn = learn_config(args)
     metrics = ["mean_cosine", "spearman"]
     rows: list[dict] = []
     t_start = time.perf_counter()

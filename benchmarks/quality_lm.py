@@ -35,12 +35,15 @@ import torch
 from permcompile.calib.data import load_calibration
 from permcompile.calib.stats import collect_input_stats
 from permcompile.capture import capture
-from permcompile.config import LearnConfig, OptimizeConfig, Sparsity
+from permcompile.config import OptimizeConfig, Sparsity
 from permcompile.evaluate import perplexity
 from permcompile.models import load_model
 from permcompile.passes.coupling import analyze
 from permcompile.passes.sparsify import select_linears, unstructured_masks_
 from permcompile.pipeline import compress_
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_encoder import learn_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt", "sense_and_sensibility.txt")
@@ -92,13 +95,7 @@ def main() -> None:
     calib_dir = _calib_folder(data_dir)
     text = _eval_text(data_dir)
     sparsity = Sparsity.parse(args.sparsity)
-    learn = LearnConfig()
-    if args.steps is not None:
-        learn = dataclasses.replace(learn, steps=args.steps)
-    if args.swap_trials is not None:
-        learn = dataclasses.replace(learn, swap_trials=args.swap_trials)
-    if args.task_loss:
-        learn = dataclasses.replace(learn, task_loss=True)
+    learn = learn_config(args)
     rows = []
 
     def evaluate(loaded) -> float:

@@ -25,7 +25,6 @@ Writes ``benchmarks/results/quality_dinov2-s_<sparsity>_<criterion>.{json,md}`` 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -41,7 +40,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import (CachedReference, add_gap_recovered, compress_row, fmt, group_overview,  # noqa: E402
+from quality_encoder import (CachedReference, learn_config, add_gap_recovered, compress_row, fmt, group_overview,  # noqa: E402
                              method_seeds, summarise, write_results)
 
 DEFAULT_DINOV2 = Path(__file__).resolve().parent / "cache" / "dinov2-s"
@@ -72,17 +71,13 @@ def _run_rows(args, name: str, fresh_model, calibrate, evaluate, metrics: list[s
     """dense, then per calibration seed: unstructured and every permutation method. ``fresh_model()`` returns a
     new LoadedModel; ``calibrate(loaded, seed)`` returns (batches, stats); ``evaluate(loaded)`` a metrics dict."""
     from permcompile.capture import capture
-    from permcompile.config import LearnConfig, OptimizeConfig, Sparsity
+    from permcompile.config import OptimizeConfig, Sparsity
     from permcompile.passes.coupling import analyze
     from permcompile.passes.sparsify import select_linears, unstructured_masks_
     from permcompile.pipeline import compress_
 
     sparsity = Sparsity.parse(args.sparsity)
-    learn = LearnConfig()
-    if args.steps is not None:
-        learn = dataclasses.replace(learn, steps=args.steps)
-    if args.swap_trials is not None:
-        learn = dataclasses.replace(learn, swap_trials=args.swap_trials)
+    learn = learn_config(args)
     rows: list[dict] = []
     groups_info = None
 
