@@ -37,6 +37,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
+from permcompile.config import OBJECTIVES
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt")
 EVAL_NOVELS = ("persuasion.txt",)
@@ -133,7 +135,8 @@ def method_seeds(args, method: str, seed: int) -> bool:
 
 
 def learn_config(args):
-    """The learned strategy's settings from the shared ``--steps``/``--swap-trials``/``--task-loss`` options."""
+    """The learned strategy's settings from the shared ``--steps``/``--swap-trials``/``--objective``/``--task-loss``
+    options."""
     from permcompile.config import LearnConfig
 
     learn = LearnConfig()
@@ -141,6 +144,8 @@ def learn_config(args):
         learn = dataclasses.replace(learn, steps=args.steps)
     if getattr(args, "swap_trials", None) is not None:
         learn = dataclasses.replace(learn, swap_trials=args.swap_trials)
+    if getattr(args, "objective", None) is not None:
+        learn = dataclasses.replace(learn, objective=args.objective)
     if getattr(args, "task_loss", False):
         learn = dataclasses.replace(learn, task_loss=True)
     return learn
@@ -204,6 +209,7 @@ def main() -> None:
     ap.add_argument("--eval-seed", type=int, default=0, help="which held-out sentences (fixed across rows)")
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
+    ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
     ap.add_argument("--task-loss", action="store_true", help="learned: weight the objective by task-loss Fisher")
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
                     help="run the (slow) learned strategy only for these calibration seeds (default: all)")

@@ -32,6 +32,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
+from permcompile.config import OBJECTIVES
+
 from permcompile.calib.data import load_calibration
 from permcompile.calib.stats import collect_input_stats
 from permcompile.capture import capture
@@ -84,9 +86,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
+    ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
     ap.add_argument("--task-loss", action="store_true", help="learned: weight the objective by task-loss Fisher")
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
                     help="run the (slow) learned strategy only for these calibration seeds (default: all)")
+    ap.add_argument("--kl", action="store_true",
+                    help="also measure KL(dense || pruned) per token and next-token top-1 agreement with the dense "
+                         "model on the same windows (doubles evaluation time)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -98,9 +104,12 @@ def main() -> None:
     learn = learn_config(args)
     rows = []
 
-    def evaluate(loaded) -> float:
-        return perplexity(loaded.model, loaded.tokenizer, text, context=args.context,
-                          max_tokens=args.eval_tokens)["ppl"]
+    reference = None
+
+    def evaluate(loaded) -> dict:
+        r = perplexity(loaded.model, loaded.tokenizer, text, context=args.context, max_tokens=args.eval_tokens,
+                       reference=reference)
+        return {k: r[k] for k in ("ppl", "kl", "top1_agreement") if k in r}
 
     def log(row):
         rows.append(row)
@@ -108,8 +117,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     dense = load_model(args.model)
-    ppl_dense = evaluate(dense)
+    ppl_dense = evaluate(dense)["ppl"]
     log({"method": "dense", "calib_seed": None, "ppl": ppl_dense, "seconds": time.perf_counter() - t0})
+    if args.kl:
+        reference = dense.model
 
     for seed in args.calib_seeds:
         base = OptimizeConfig(sparsity=sparsity, criterion=args.criterion, calib=str(calib_dir),
@@ -125,7 +136,7 @@ def main() -> None:
         captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
         linears = select_linears(loaded.model, captured, analyze(captured), sparsity.m)
         unstructured_masks_(loaded.model, linears, stats, args.criterion, 1 - sparsity.n / sparsity.m)
-        log({"method": "unstructured", "calib_seed": seed, "ppl": evaluate(loaded), "calib_seconds": calib_s})
+        log({"method": "unstructured", "calib_seed": seed, **evaluate(loaded), "calib_seconds": calib_s})
 
         for method in args.methods:
             if method.startswith("learned") and args.learned_seeds is not None and seed not in args.learned_seeds:
@@ -140,7 +151,7 @@ def main() -> None:
             moved = [g for g in c.group_results if g.strategy != "none"]
             kept = (sum(g.kept_chosen for g in moved) / len(moved)) if moved else None
             kept0 = (sum(g.kept_identity for g in moved) / len(moved)) if moved else None
-            log({"method": method, "calib_seed": seed, "ppl": evaluate(loaded), "glue_ops": c.fold_report.glue_ops,
+            log({"method": method, "calib_seed": seed, **evaluate(loaded), "glue_ops": c.fold_report.glue_ops,
                  "permute_seconds": c.timings.get("permute"), "compress_seconds": wall,
                  "kept_identity": kept0, "kept_chosen": kept, "peak_rss_mb": _peak_mb()})
 
@@ -152,13 +163,21 @@ def main() -> None:
         uns = next(x for x in rows if x["method"] == "unstructured" and x["calib_seed"] == r["calib_seed"])
         if none and none["ppl"] != uns["ppl"]:
             r["R"] = (none["ppl"] - r["ppl"]) / (none["ppl"] - uns["ppl"])
+        if none and "kl" in r and none["kl"] != uns["kl"]:  # the same gap measured in KL to the dense model
+            r["R_kl"] = (none["kl"] - r["kl"]) / (none["kl"] - uns["kl"])
 
     summary = {}
     for method in ["unstructured"] + args.methods:
         sel = [r for r in rows if r["method"] == method]
         ppls = [r["ppl"] for r in sel]
         rs = [r["R"] for r in sel if "R" in r]
+        kls = [r["kl"] for r in sel if "kl" in r]
+        rkl = [r["R_kl"] for r in sel if "R_kl" in r]
+        agree = [r["top1_agreement"] for r in sel if "top1_agreement" in r]
         summary[method] = {
+            "kl_mean": statistics.mean(kls) if kls else None, "kl_sd": statistics.pstdev(kls) if len(kls) > 1 else 0.0,
+            "top1_agreement_mean": statistics.mean(agree) if agree else None,
+            "R_kl_mean": statistics.mean(rkl) if rkl else None, "R_kl_sd": statistics.pstdev(rkl) if len(rkl) > 1 else 0.0,
             "ppl_mean": statistics.mean(ppls), "ppl_sd": statistics.pstdev(ppls) if len(ppls) > 1 else 0.0,
             "R_mean": statistics.mean(rs) if rs else None, "R_sd": statistics.pstdev(rs) if len(rs) > 1 else 0.0,
             "permute_seconds": statistics.mean([r["permute_seconds"] for r in sel]) if sel and "permute_seconds" in sel[0] else None,
@@ -169,16 +188,24 @@ def main() -> None:
            "rows": rows, "summary": summary, "learn": dataclasses.asdict(learn), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "command": " ".join(["python", "benchmarks/quality_lm.py"] + sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"quality_{args.model}_{str(sparsity).replace(':', 'of')}_{args.criterion}{args.tag}"
+    model_tag = Path(args.model).name if os.sep in args.model else args.model  # an HF folder: its name
+    stem = f"quality_{model_tag}_{str(sparsity).replace(':', 'of')}_{args.criterion}{args.tag}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
     lines = [f"### {args.model}, {sparsity}, {args.criterion}: held-out perplexity ({', '.join(EVAL_NOVELS)}, "
              f"{args.eval_tokens} tokens, context {args.context}); dense {ppl_dense:.2f}",
-             "", "| method | ppl (mean ± sd) | R (mean ± sd) | glue ops | permute time (s) | runs |",
-             "|---|---|---|---|---|---|"]
+             ""]
+    kl_cols = args.kl
+    lines += ["| method | ppl (mean ± sd) | R (mean ± sd) | " + ("KL to dense (nats/token) | R (KL) | top-1 agreement | " if kl_cols else "")
+              + "glue ops | permute time (s) | runs |", "|---|---|---|" + ("---|---|---|" if kl_cols else "") + "---|---|---|"]
     for method, s in summary.items():
         r = "—" if s["R_mean"] is None else f"{s['R_mean']:.3f} ± {s['R_sd']:.3f}"
         pt = "—" if s["permute_seconds"] is None else f"{s['permute_seconds']:.1f}"
-        lines.append(f"| {method} | {s['ppl_mean']:.2f} ± {s['ppl_sd']:.2f} | {r} | {s['glue_ops'] or 0} | {pt} | {s['n']} |")
+        kl = ""
+        if kl_cols:
+            rk = "—" if s["R_kl_mean"] is None else f"{s['R_kl_mean']:.3f} ± {s['R_kl_sd']:.3f}"
+            kl = ("— | — | — | " if s["kl_mean"] is None else
+                  f"{s['kl_mean']:.4f} ± {s['kl_sd']:.4f} | {rk} | {s['top1_agreement_mean']:.4f} | ")
+        lines.append(f"| {method} | {s['ppl_mean']:.2f} ± {s['ppl_sd']:.2f} | {r} | {kl}{s['glue_ops'] or 0} | {pt} | {s['n']} |")
     seeds = list(args.calib_seeds)
     lines += ["", "Per calibration seed (ppl; compare methods on the same seed):", "",
               "| method | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
@@ -188,6 +215,15 @@ def main() -> None:
             hit = next((r for r in rows if r["method"] == method and r["calib_seed"] == x), None)
             cells.append("—" if hit is None else f"{hit['ppl']:.2f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if kl_cols:
+        lines += ["", "Per calibration seed (KL to dense, nats/token):", "",
+                  "| method | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
+        for method in ["unstructured"] + args.methods:
+            cells = []
+            for x in seeds:
+                hit = next((r for r in rows if r["method"] == method and r["calib_seed"] == x), None)
+                cells.append("—" if hit is None or "kl" not in hit else f"{hit['kl']:.4f}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if any(m.startswith("learned") for m in args.methods):
         lines += ["", "learned: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items())]
     lines += ["", f"Command: `{out['command']}`"]

@@ -39,6 +39,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
+from permcompile.config import OBJECTIVES
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_encoder import (CachedReference, learn_config, add_gap_recovered, compress_row, fmt, group_overview,  # noqa: E402
                              method_seeds, summarise, write_results)
@@ -348,6 +350,7 @@ def main() -> None:
     ap.add_argument("--digits-test-size", type=float, default=0.3)
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
+    ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -249,10 +249,10 @@ def bench_shapes(args, device, dry_run: bool) -> list[dict]:
                                                    / y_dense.float().abs().max().clamp_min(1e-12))
                         del y_dense, y_sparse
 
-                        def dense_fn():
+                        def dense_fn(x=x, w=w):  # bound now: the names are deleted after the loop body
                             return F.linear(x, w)
 
-                        def sparse_fn():
+                        def sparse_fn(x=x, ws=ws):
                             return F.linear(x, ws)
 
                         inner = pick_inner(dense_fn, device, args.target_ms, args.max_inner)
@@ -360,7 +360,7 @@ def bench_model(args, device, dry_run: bool) -> dict | None:
         refs, dense_t = [], []
         for inputs in batches:
             refs.append(out_of(model(**inputs, **fwd_kwargs)))  # kept in the model dtype: 32×512 fp16 logits = 1.6 GB
-            fn = lambda inputs=inputs: model(**inputs, **fwd_kwargs)  # noqa: E731
+            fn = lambda inputs=inputs, model=model: model(**inputs, **fwd_kwargs)  # noqa: E731
             dense_t.append(_summary(time_eager(fn, device, args.warmup, args.model_repeats, 1)))
     with torch.no_grad():  # ordinary (not inference-mode) parameters
         swapped, skipped = swap_to_sparse(model, dry_run)
@@ -374,7 +374,7 @@ def bench_model(args, device, dry_run: bool) -> dict | None:
             diff = max(float((y[i].float() - ref[i].float()).abs().max()) for i in range(y.shape[0]))
             err = diff / max(max(float(ref[i].float().abs().max()) for i in range(ref.shape[0])), 1e-12)
             del y
-            fn = lambda inputs=inputs: model(**inputs, **fwd_kwargs)  # noqa: E731
+            fn = lambda inputs=inputs, model=model: model(**inputs, **fwd_kwargs)  # noqa: E731
             sp = _summary(time_eager(fn, device, args.warmup, args.model_repeats, 1))
             toks = b * s
             point = {"batch": b, "seq": s, "tokens": toks, "dense": d, "sparse": sp,

@@ -12,6 +12,7 @@ import traceback
 
 import click
 
+from .config import OBJECTIVES
 from .errors import PermcompileError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -120,6 +121,9 @@ def main():
 @click.option("--swap-trials", default=None, type=int,
               help="Learned strategy: exchange trials per group after the Sinkhorn phase (default 0: off; "
                    "1000 helped MiniLM but raised SmolLM2 perplexity).")
+@click.option("--objective", default=None, type=click.Choice(OBJECTIVES),
+              help="Learned strategy: what the search minimises: the layer-output error with the full input Gram "
+                   "matrix (output, default) or with channels treated as uncorrelated (diagonal).")
 @click.option("--task-loss", is_flag=True,
               help="Learned strategy: weight each layer's output channels by their Fisher information of the task "
                    "loss (next-token cross-entropy for causal LMs, output distillation otherwise).")
@@ -134,7 +138,7 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples, calib_seq_len, precision, no_prune,
-             prune_embeddings, seed, device, steps, block_size, swap_trials, task_loss, residual, resume, batch, seq, force,
+             prune_embeddings, seed, device, steps, block_size, swap_trials, objective, task_loss, residual, resume, batch, seq, force,
              trust_pickle, quiet, debug):
     """Permute, fold, prune to N:M, export and verify MODEL (short name or HF folder)."""
     def go():
@@ -152,6 +156,8 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
             learn = replace(learn, block_size=block_size)
         if swap_trials is not None:
             learn = replace(learn, swap_trials=swap_trials)
+        if objective is not None:
+            learn = replace(learn, objective=objective)
         config = OptimizeConfig(sparsity=Sparsity.parse(sparsity), permutation=permutation, criterion=criterion,
                                 precision=precision, prune=not no_prune, calib=calib, calib_samples=calib_samples,
                                 calib_seq_len=calib_seq_len, seed=seed, device=device,

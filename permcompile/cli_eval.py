@@ -52,8 +52,9 @@ def _jsonable(value):
               help="Text file or folder of .txt (language models), image folder (vision models; class subfolders "
                    "give top-1 for classifiers).")
 @click.option("--reference", default=None,
-              help="Dense reference model (short name or HF folder) for encoders and vision models "
-                   "(default: the model the output folder was made from).")
+              help="Dense reference model (short name or HF folder). Encoders and vision models are compared with it "
+                   "(default: the model the output folder was made from); for causal LMs it adds the reference's "
+                   "perplexity, KL(reference || model) per token and next-token top-1 agreement.")
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "onnx"]),
               help="Run OUT/hf with torch or OUT/model.onnx with ONNX Runtime.")
 @click.option("--context", default=512, show_default=True, type=int, help="Perplexity window in tokens.")

@@ -37,6 +37,9 @@ class Sparsity:
         return f"{self.n}:{self.m}"
 
 
+OBJECTIVES = ("output", "diagonal")  # LearnConfig.objective
+
+
 @dataclass(frozen=True)
 class LearnConfig:
     """Hyper-parameters of the learned (Sinkhorn) permutation search."""
@@ -53,7 +56,10 @@ class LearnConfig:
     # (per-layer) over hungarian, but SmolLM2's held-out perplexity got worse on every seed (133.3 -> 140.9;
     # benchmarks/results/quality_minilm_2of4_wanda_perlayer.md, quality_smollm2_2of4_wanda_residual_modes.md).
     swap_trials: int = 0
-    loss: str = "mse"  # "mse" or "cosine"
+    # what the search minimises: "output" = the layer-output error on calibration inputs (full input Gram
+    # matrix, sees channel correlations); "diagonal" = the same error with channels treated as uncorrelated
+    # (only diag(XᵀX): the squared Wanda scores of the dropped weights). Measured in README / RESULTS.md.
+    objective: str = "output"
     # weight each output channel of the layer-error objective by its Fisher information of the task loss
     # (next-token cross-entropy for causal LMs; output distillation otherwise): calib/sensitivity.py
     task_loss: bool = False
@@ -63,6 +69,8 @@ class LearnConfig:
             raise UsageError("--block-size must be >= 2, --steps >= 0 and rounds >= 1")
         if self.swap_trials < 0:
             raise UsageError(f"--swap-trials must be >= 0, got {self.swap_trials}")
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"unknown --objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,8 @@ def _windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, i
 
 @torch.no_grad()
 def perplexity_ids(model, ids: torch.Tensor, context: int = 512, stride: int | None = None,
-                   max_tokens: int | None = None, batch_size: int = 4, progress: bool = False) -> dict:
+                   max_tokens: int | None = None, batch_size: int = 4, progress: bool = False,
+                   reference=None) -> dict:
     """Perplexity of causal LM ``model`` on token ids ``ids`` (1-D, or ``[1, T]``).
 
     Windows of ``context`` tokens start every ``stride`` tokens (default ``stride = context``: non-overlapping
@@ -230,8 +231,14 @@ def perplexity_ids(model, ids: torch.Tensor, context: int = 512, stride: int | N
     ``batch_size`` at a time; batching does not change the result.
 
     Returns ``{"ppl", "nll" (mean per scored token), "tokens" (scored), "context", "stride", "windows"}``.
+    With a ``reference`` model (the dense original, same tokenizer) the same windows also give
+    ``reference_ppl``, ``kl`` (mean over scored tokens of KL(reference ‖ model) of the next-token
+    distributions, in nats) and ``top1_agreement`` (share of scored tokens whose most likely next token is
+    the reference's): how far the compressed model moved from the original, not just from the text.
     """
     model, _ = _unwrap(model)
+    if reference is not None:
+        reference, _ = _unwrap(reference)
     ids = torch.as_tensor(ids, dtype=torch.long)
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
@@ -266,7 +273,9 @@ def perplexity_ids(model, ids: torch.Tensor, context: int = 512, stride: int | N
             batches.append([w])
 
     restore = _was_eval(model)
+    restore_ref = _was_eval(reference) if reference is not None else (lambda: None)
     total_nll, total_tokens = 0.0, 0
+    ref_nll, total_kl, agree = 0.0, 0.0, 0
     try:
         for batch in _progress(batches, len(batches), progress, "perplexity"):
             length = batch[0][1] - batch[0][0]
@@ -278,22 +287,43 @@ def perplexity_ids(model, ids: torch.Tensor, context: int = 512, stride: int | N
             positions = torch.arange(1, length)
             for row, (_, _, n_target) in enumerate(batch):
                 targets[row, positions < length - n_target] = -100
-            nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+            flat_t = targets.reshape(-1)
+            nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), flat_t,
                                   ignore_index=-100, reduction="sum")
             total_nll += float(nll.double())
             total_tokens += int((targets != -100).sum())
+            if reference is not None:
+                ref_logits = _get(_forward(reference, {"input_ids": x}, causal=True), "logits")
+                if ref_logits.shape != logits.shape:
+                    raise UsageError(f"the reference's logits {tuple(ref_logits.shape)} and the model's "
+                                     f"{tuple(logits.shape)} differ in shape: is the reference the right model?")
+                scored = flat_t != -100
+                lp = F.log_softmax(logits[:, :-1].float().reshape(-1, logits.shape[-1])[scored], dim=-1)
+                del logits
+                lq = F.log_softmax(ref_logits[:, :-1].float().reshape(-1, ref_logits.shape[-1])[scored], dim=-1)
+                del ref_logits
+                ref_nll += float(-lq.gather(1, flat_t[scored, None]).double().sum())
+                total_kl += float((lq.exp() * (lq - lp)).sum(dtype=torch.float64))
+                agree += int((lq.argmax(-1) == lp.argmax(-1)).sum())
     finally:
         restore()
+        restore_ref()
     if total_tokens == 0:
         raise UsageError("no token could be scored (text too short for one window)")
     mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean) if mean < 700 else math.inf, "nll": mean, "tokens": total_tokens,
-            "context": context, "stride": stride, "windows": len(windows)}
+    out = {"ppl": math.exp(mean) if mean < 700 else math.inf, "nll": mean, "tokens": total_tokens,
+           "context": context, "stride": stride, "windows": len(windows)}
+    if reference is not None:
+        ref_mean = ref_nll / total_tokens
+        out.update({"reference_ppl": math.exp(ref_mean) if ref_mean < 700 else math.inf,
+                    "kl": total_kl / total_tokens, "top1_agreement": agree / total_tokens})
+    return out
 
 
 def perplexity(model, tokenizer_or_none, text: str, context: int = 512, stride: int | None = None,
-               max_tokens: int | None = None, batch_size: int = 4, progress: bool = False) -> dict:
-    """Perplexity of ``model`` on ``text`` (see :func:`perplexity_ids`).
+               max_tokens: int | None = None, batch_size: int = 4, progress: bool = False,
+               reference=None) -> dict:
+    """Perplexity of ``model`` on ``text`` (see :func:`perplexity_ids`; ``reference`` adds KL and agreement).
 
     The text is tokenized without special tokens; with no tokenizer, bytes become ids (``byte % vocab``).
     ``model`` may be a :class:`~permcompile.models.LoadedModel` (its tokenizer is used when none is given).
@@ -313,7 +343,7 @@ def perplexity(model, tokenizer_or_none, text: str, context: int = 512, stride: 
     else:
         ids = _encode_ids(tokenizer, text, _vocab_size(net, tokenizer))
     return perplexity_ids(net, torch.tensor(ids, dtype=torch.long), context=context, stride=stride,
-                          max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+                          max_tokens=max_tokens, batch_size=batch_size, progress=progress, reference=reference)
 
 
 # ================================================================================================ embeddings
@@ -892,14 +922,11 @@ def _evaluate(target, data_path: Path, *, reference, family, context, max_tokens
 
     if fam == "causal-lm":
         text = read_text(data_path)
-        ppl = perplexity(model, tokenizer, text, context=context, stride=stride, max_tokens=max_tokens,
-                         batch_size=batch_size or 4, progress=progress)
+        ref = ref_loaded() if reference is not None else None
+        ppl = perplexity(model, tokenizer or (ref.tokenizer if ref else None), text, context=context, stride=stride,
+                         max_tokens=max_tokens, batch_size=batch_size or 4, progress=progress,
+                         reference=ref.model if ref else None)
         result.update({"metric": "perplexity", **ppl})
-        if reference is not None:
-            ref = ref_loaded()
-            rp = perplexity(ref.model, tokenizer or ref.tokenizer, text, context=context, stride=stride,
-                            max_tokens=max_tokens, batch_size=batch_size or 4, progress=progress)
-            result["reference_ppl"] = rp["ppl"]
         return result
 
     if fam == "encoder":
@@ -955,7 +982,7 @@ def _evaluate(target, data_path: Path, *, reference, family, context, max_tokens
 def format_result(result: Mapping[str, Any]) -> str:
     """A small two-column table of ``evaluate``'s result."""
     order = ["target", "backend", "family", "sparsity", "permutation", "reference", "metric",
-             "ppl", "reference_ppl", "nll", "tokens", "context", "stride", "windows",
+             "ppl", "reference_ppl", "kl", "nll", "tokens", "context", "stride", "windows",
              "mean_cosine", "min_cosine", "spearman", "sentences", "pairs",
              "cls_cosine", "patch_cosine", "top1", "reference_top1", "top1_agreement", "logits_cosine",
              "images", "classes", "seconds"]

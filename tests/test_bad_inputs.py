@@ -233,7 +233,7 @@ def test_sparsity_no_layer_can_take(text, llama, out):
 
 @pytest.mark.parametrize("option,value", [
     ("--permutation", "bogus"), ("--criterion", "bogus"), ("--precision", "int3"),
-    ("--calib-samples", "0"), ("--calib-samples", "-3"), ("--calib-seq-len", "1"),
+    ("--calib-samples", "0"), ("--calib-samples", "-3"), ("--calib-seq-len", "1"), ("--objective", "cosine"),
 ])
 def test_bad_option_values(option, value, llama, out):
     line = assert_one_error(optimize_cli(llama, out, option, value), 2)

@@ -11,7 +11,7 @@ from permcompile.capture import capture
 from permcompile.passes.coupling import analyze
 from permcompile.passes.fold import fold_, random_permutation
 from permcompile.passes.groups import groups_from_json, groups_to_json
-from permcompile.testing.zoo import ZOO, build_tiny
+from permcompile.testing.zoo import build_tiny
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt", "bert", "vit", "vit_classifier", "dinov2"]
 

@@ -76,6 +76,38 @@ def test_perplexity_matches_direct_nll_and_batching():
     assert short["tokens"] == count and short["nll"] == pytest.approx(total / count, rel=1e-5)
 
 
+def _direct_kl(model, ref, ids: torch.Tensor, context: int) -> tuple[float, float, float]:
+    """Mean KL(ref || model), top-1 agreement and reference NLL over the same non-overlapping windows."""
+    kl, agree, nll, count = 0.0, 0, 0.0, 0
+    with torch.no_grad():
+        for begin in range(0, ids.numel(), context):
+            window = ids[begin:begin + context]
+            if window.numel() < 2:
+                continue
+            p = F.log_softmax(model(input_ids=window[None], use_cache=False).logits[0, :-1].double(), -1)
+            q = F.log_softmax(ref(input_ids=window[None], use_cache=False).logits[0, :-1].double(), -1)
+            kl += float((q.exp() * (q - p)).sum())
+            agree += int((q.argmax(-1) == p.argmax(-1)).sum())
+            nll += float(-q.gather(1, window[1:, None]).sum())
+            count += window.numel() - 1
+    return kl / count, agree / count, nll / count
+
+
+def test_perplexity_against_a_reference_gives_kl_and_agreement():
+    model = tiny_llama()
+    ids = _ids(2 * 64 + 9)
+    same = perplexity_ids(model, ids, context=64, reference=model)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
+    assert same["reference_ppl"] == pytest.approx(same["ppl"], rel=1e-6)
+    other = _perturbed(model, scale=0.5)
+    res = perplexity_ids(other, ids, context=64, batch_size=2, reference=model)
+    kl, agree, ref_nll = _direct_kl(other, model, ids, 64)
+    assert res["kl"] > 1e-3 and res["kl"] == pytest.approx(kl, rel=1e-4)
+    assert res["top1_agreement"] == pytest.approx(agree) and res["top1_agreement"] < 1.0
+    assert res["reference_ppl"] == pytest.approx(math.exp(ref_nll), rel=1e-5)
+    assert res["ppl"] == perplexity_ids(other, ids, context=64, batch_size=2)["ppl"]  # unchanged by the reference
+
+
 def test_perplexity_stride_differs_but_finite():
     model = tiny_llama()
     ids = _ids(200, seed=3)
@@ -314,6 +346,12 @@ def test_cli_eval_prints_ppl(tmp_path, tiny_dir):
     data = json.loads(result.stdout)
     assert data["metric"] == "perplexity" and data["context"] == 64 and math.isfinite(data["ppl"])
     assert "note: context 512 exceeds" in result.stderr
+    result = CliRunner().invoke(_cli(), ["eval", str(folder), "--data", str(text_file), "--context", "32",
+                                         "--reference", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["kl"] == pytest.approx(0.0, abs=1e-6) and data["top1_agreement"] == 1.0
+    assert data["reference_ppl"] == pytest.approx(data["ppl"], rel=1e-6)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_reference", "bad_target"])

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from permcompile.math.learn import Consumer, learn_permutation, output_error
+import pytest
+
+from permcompile.config import LearnConfig
+from permcompile.errors import UsageError
+from permcompile.math.learn import Consumer, learn_permutation, objective_gram, output_error
+from permcompile.math.nm import nm_mask
 
 
 def _planted(n=32, out=16, seed=0):
@@ -139,3 +144,35 @@ def test_learned_with_exchanges_beats_the_sinkhorn_phase_alone():
                              swap_trials=500)
     assert more.loss_best < base.loss_best and more.swaps > 0
     assert abs(output_error([c], more.perm, 2, 4) - more.loss_best) < 1e-6
+
+
+def test_diagonal_objective_is_the_dropped_squared_wanda_score():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 16, generator=gen) * torch.linspace(0.2, 3.0, 16)
+    x[:, 1] = x[:, 0]  # two identical channels: the full Gram sees that their errors can cancel
+    g = x.T @ x / x.shape[0]
+    w = torch.randn(5, 16, generator=gen)
+    w[:, 1] = -w[:, 0]
+    scores = torch.rand(5, 16, generator=gen) + 1.0
+    scores[:, :2] = 0.01  # columns 0 and 1 are always dropped
+    perm = torch.arange(16)
+    d = torch.diagonal(g)
+    drop = ~nm_mask(scores, 2, 4)
+    expected = float(((w * drop) ** 2 * d).sum() / (w ** 2 * d).sum())
+    diag = Consumer(w, scores, objective_gram(g, "diagonal"), torch.arange(16))
+    assert abs(output_error([diag], perm, 2, 4) - expected) < 1e-6
+    # the same weights with only columns 0 and 1 dropped: they cancel exactly on the output, not on the diagonal
+    w2 = torch.zeros_like(w)
+    w2[:, :2] = w[:, :2]
+    full = Consumer(w2, scores, objective_gram(g, "output"), torch.arange(16))
+    diag2 = Consumer(w2, scores, objective_gram(g, "diagonal"), torch.arange(16))
+    assert output_error([full], perm, 2, 4) < 1e-6
+    assert output_error([diag2], perm, 2, 4) > 0.5
+    assert torch.equal(objective_gram(g, "output"), g)
+
+
+def test_unknown_objective_is_refused():
+    with pytest.raises(UsageError, match="objective"):
+        LearnConfig(objective="cosine")
+    with pytest.raises(ValueError):
+        objective_gram(torch.eye(3), "cosine")

@@ -1,6 +1,7 @@
 """The learned strategy end to end on a tiny model: valid, deterministic, resumable, never worse."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -28,15 +29,16 @@ def _run(tmp_path, **kw):
     return loaded, c
 
 
-def test_learned_is_valid_and_not_worse_than_hungarian(tmp_path):
-    loaded, c = _run(tmp_path)
+@pytest.mark.parametrize("objective", ["output", "diagonal"])
+def test_learned_is_valid_and_not_worse_than_hungarian(tmp_path, objective):
+    loaded, c = _run(tmp_path, cfg={"learn": dataclasses.replace(LEARN, objective=objective)})
     learned = [r for r in c.group_results if r.strategy == "learned"]
     assert learned, "no group was learned"
     for g in c.groups:
         assert g.is_valid(c.perms[g.name])
     improved = 0
     for r in learned:
-        m = re.search(r"output error ([0-9.e+-]+) \(hungarian\) -> ([0-9.e+-]+) \((\d+) exchanges kept\)", r.note)
+        m = re.search(objective + r" error ([0-9.e+-]+) \(hungarian\) -> ([0-9.e+-]+) \((\d+) exchanges kept\)", r.note)
         assert m, r.note
         before, after = float(m.group(1)), float(m.group(2))
         assert after <= before + 1e-9

@@ -582,9 +582,9 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
 
     # --- N:M in hf/ safetensors
     try:
-        where, read = _safetensors_reader(hf_dir)
+        _, read = _safetensors_reader(hf_dir)
     except Exception as exc:  # noqa: BLE001
-        where, read = {}, None
+        read = None
         checks.append(Check("hf_nm", False, f"cannot read {HF_DIR}/ safetensors: {str(exc).splitlines()[0][:200]}"))
     if read is not None:
         bad = []

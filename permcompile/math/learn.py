@@ -6,6 +6,8 @@ layer-output distillation loss, computed from the Gram matrix instead of the tok
 Wanda/RIA proxy (which only sees ``diag(G)``) it sees how channels correlate, so it can prefer
 permutations whose dropped weights cancel out. The mask ``M`` is the criterion's N:M choice *in
 permuted order* (what the pipeline will really apply), relaxed to a soft top-N for the gradient.
+``objective_gram(G, "diagonal")`` swaps ``G`` for ``diag(G)``: the same search on an error that treats
+channels as uncorrelated (the squared Wanda scores of the dropped weights).
 
 Parametrisation. The permutation is ``warm`` (the Hungarian solution) refined by a block-diagonal
 permutation: positions are grouped into blocks of ``B`` and each block has a learnable ``B×B`` cost
@@ -82,6 +84,17 @@ def output_error(consumers: list[Consumer], perm: torch.Tensor, n_keep: int, m: 
         num += float((r @ g * r).sum())
         den += float((w.double() @ g * w.double()).sum())
     return num / max(den, 1e-30)
+
+
+def objective_gram(gram: torch.Tensor, objective: str = "output") -> torch.Tensor:
+    """The Gram matrix the search scores with: the full ``XᵀX`` (``"output"``, the exact layer-output error)
+    or only its diagonal (``"diagonal"``: channels treated as uncorrelated, so the error of a mask is the sum
+    of the squared Wanda scores ``W² · E[x²]`` of the weights it drops)."""
+    if objective == "output":
+        return gram
+    if objective == "diagonal":
+        return torch.diag(torch.diagonal(gram))
+    raise ValueError(f"unknown objective {objective!r}")
 
 
 def _stripe_blocks(perm_positions: torch.Tensor, labels: torch.Tensor, movable: torch.Tensor, m: int,

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..calib.stats import StopForward
 from ..errors import UsageError
-from ..math.learn import Consumer, learn_permutation
+from ..math.learn import Consumer, learn_permutation, objective_gram
 from .groups import Group
 from .sparsify import choose_permutations, consumer_scores, weight_kout
 
@@ -149,7 +149,7 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
                 # rows weighted by their task-loss Fisher: the objective becomes the end-to-end estimate
                 # (the mask stays the criterion's per-row choice: row weights do not change it)
                 w = w * sensitivity[mem.module].clamp_min(0).sqrt()[:, None]
-            gram = (hooks.grams[mem.module] / max(1, hooks.tokens[mem.module])).float()
+            gram = objective_gram(hooks.grams[mem.module] / max(1, hooks.tokens[mem.module]), lc.objective).float()
             consumers.append(Consumer(w, s, gram, mem.index_tensor(w.shape[1])))
         if not consumers:
             continue
@@ -170,7 +170,7 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
         scores = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
         r.kept_chosen = kept_importance(scores, n, m, res.perm) / float(scores.sum())
         r.strategy = "learned"
-        r.note = (f"output error {res.loss_warm:.5f} (hungarian) -> {res.loss_best:.5f}"
+        r.note = (f"{lc.objective} error {res.loss_warm:.5f} (hungarian) -> {res.loss_best:.5f}"
                   f" ({res.swaps} exchanges kept)")
         done_block[g.name] = {"perm": res.perm.tolist(), "kept": r.kept_chosen, "note": r.note}
     return done_block
