@@ -148,6 +148,8 @@ def learn_config(args):
         learn = dataclasses.replace(learn, objective=args.objective)
     if getattr(args, "task_loss", False):
         learn = dataclasses.replace(learn, task_loss=True)
+    if getattr(args, "sequential", False):
+        learn = dataclasses.replace(learn, sequential=True)
     return learn
 
 
@@ -210,6 +212,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
     ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
+    ap.add_argument("--sequential", action="store_true", help="learned: Grams from the already-pruned earlier blocks")
     ap.add_argument("--task-loss", action="store_true", help="learned: weight the objective by task-loss Fisher")
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
                     help="run the (slow) learned strategy only for these calibration seeds (default: all)")

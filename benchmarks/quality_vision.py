@@ -351,6 +351,7 @@ def main() -> None:
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
     ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
+    ap.add_argument("--sequential", action="store_true", help="learned: Grams from the already-pruned earlier blocks")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -124,6 +124,9 @@ def main():
 @click.option("--objective", default=None, type=click.Choice(OBJECTIVES),
               help="Learned strategy: what the search minimises: the layer-output error with the full input Gram "
                    "matrix (output, default) or with channels treated as uncorrelated (diagonal).")
+@click.option("--sequential", is_flag=True,
+              help="Learned strategy: compute each block's calibration Grams with the blocks before it already "
+                   "pruned (SparseGPT-style), so the objective sees the inputs the deployed layers will get.")
 @click.option("--task-loss", is_flag=True,
               help="Learned strategy: weight each layer's output channels by their Fisher information of the task "
                    "loss (next-token cross-entropy for causal LMs, output distillation otherwise).")
@@ -138,7 +141,7 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples, calib_seq_len, precision, no_prune,
-             prune_embeddings, seed, device, steps, block_size, swap_trials, objective, task_loss, residual, resume, batch, seq, force,
+             prune_embeddings, seed, device, steps, block_size, swap_trials, objective, sequential, task_loss, residual, resume, batch, seq, force,
              trust_pickle, quiet, debug):
     """Permute, fold, prune to N:M, export and verify MODEL (short name or HF folder)."""
     def go():
@@ -149,7 +152,7 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
         from .config import LearnConfig, OptimizeConfig, Sparsity
         from .pipeline import optimize as run
 
-        learn = LearnConfig(task_loss=task_loss)
+        learn = LearnConfig(task_loss=task_loss, sequential=sequential)
         if steps is not None:
             learn = replace(learn, steps=steps)
         if block_size is not None:

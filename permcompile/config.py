@@ -60,6 +60,9 @@ class LearnConfig:
     # matrix, sees channel correlations); "diagonal" = the same error with channels treated as uncorrelated
     # (only diag(XᵀX): the squared Wanda scores of the dropped weights). Measured in README / RESULTS.md.
     objective: str = "output"
+    # calibrate each block on the outputs of the blocks before it *pruned* (their N:M masks applied, as
+    # SparseGPT does) instead of the dense model's: the Grams describe the inputs the deployed layer will see
+    sequential: bool = False
     # weight each output channel of the layer-error objective by its Fisher information of the task loss
     # (next-token cross-entropy for causal LMs; output distillation otherwise): calib/sensitivity.py
     task_loss: bool = False

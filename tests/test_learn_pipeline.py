@@ -75,3 +75,77 @@ def test_resume_refuses_changed_inputs(tmp_path):
     _run(tmp_path)
     with pytest.raises(UsageError, match="different"):
         _run(tmp_path, resume=True, cfg={"seed": 1})
+
+
+# ------------------------------------------------------------------------------------------ sequential
+@pytest.mark.parametrize("residual", ["global", "per-layer"])
+def test_sequential_masks_are_the_pipeline_masks(residual):
+    """Masking in stored order with each group's permutation gives exactly the deployed (folded, masked) model."""
+    from permcompile.calib.stats import collect_input_stats
+    from permcompile.passes.learn import _SequentialMasks
+
+    deployed = load_model(build_tiny("llama"))
+    cfg = _cfg(permutation="hungarian", residual=residual)
+    from permcompile.calib.data import load_calibration
+
+    batches = load_calibration(cfg.calib, deployed, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
+    stats = collect_input_stats(deployed.model, batches, progress=False, forward_kwargs=deployed.forward_kwargs())
+    c = compress_(deployed, cfg, stats=stats, batches=batches)  # stats are copied, ours stay in stored order
+
+    plain = load_model(build_tiny("llama"))
+    before = {k: v.detach().clone() for k, v in plain.model.named_parameters()}
+    pruned = {i.param for i in c.linears if i.prune}
+    seq = _SequentialMasks(plain.model, c.groups, c.perms, pruned, stats, "wanda", 2, 4)
+    seq.mask_before("end", set())  # every block
+    assert set(seq.saved) == pruned
+    x = batches[0]["input_ids"]
+    with torch.no_grad():
+        a = deployed.model(input_ids=x).logits
+        b = plain.model(input_ids=x).logits
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), float((a - b).abs().max())
+    seq.restore()
+    for k, v in plain.model.named_parameters():
+        assert torch.equal(v, before[k]), k
+
+
+def test_sequential_learning_sees_pruned_inputs_and_leaves_the_model_dense(tmp_path, monkeypatch):
+    import permcompile.passes.learn as learn_mod
+
+    seen = {}
+    real = learn_mod._learn_block
+
+    def spy(block_groups, hooks, *args, **kwargs):
+        for name, g in hooks.grams.items():
+            seen.setdefault(name, g.clone())
+        return real(block_groups, hooks, *args, **kwargs)
+
+    monkeypatch.setattr(learn_mod, "_learn_block", spy)
+    dense_grams = {}
+    loaded = load_model(build_tiny("llama"))
+    before = {k: v.detach().clone() for k, v in loaded.model.named_parameters()}
+    from permcompile.calib.data import load_calibration
+    from permcompile.calib.stats import collect_input_stats
+    from permcompile.capture import capture
+    from permcompile.passes.coupling import analyze
+    from permcompile.passes.sparsify import select_linears
+
+    cfg = _cfg(learn=dataclasses.replace(LEARN, sequential=True))
+    batches = load_calibration(cfg.calib, loaded, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
+    stats = collect_input_stats(loaded.model, batches, progress=False, forward_kwargs=loaded.forward_kwargs())
+    captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
+    groups = analyze(captured)
+    pruned = {i.param for i in select_linears(loaded.model, captured, groups, 4) if i.prune}
+    for seq_flag in (False, True):
+        seen.clear()
+        c = dataclasses.replace(cfg, learn=dataclasses.replace(LEARN, sequential=seq_flag))
+        perms, _ = learn_mod.learn_permutations(loaded, groups, stats, batches, c, pruned=pruned, quiet=True,
+                                                checkpoint_dir=str(tmp_path / f"s{seq_flag}"))
+        for k, v in loaded.model.named_parameters():  # the search leaves the model dense
+            assert torch.equal(v, before[k]), k
+        if not seq_flag:
+            dense_grams = dict(seen)
+    # every block's inputs changed: later blocks read pruned blocks, and even block 0's o_proj/down_proj read
+    # its already-decided (global residual group) v_proj and gate/up_proj pruned
+    assert set(seen) == set(dense_grams) and any(k.startswith("model.layers.1.") for k in seen), sorted(seen)
+    for k in seen:
+        assert not torch.allclose(seen[k], dense_grams[k]), k

@@ -176,6 +176,61 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
     return done_block
 
 
+def _block_rank(net: nn.Module) -> dict[str, int]:
+    """Model order of the Transformer blocks (``block_key`` of every module, first appearance)."""
+    rank: dict[str, int] = {}
+    for name, _ in net.named_modules():
+        rank.setdefault(block_key(name), len(rank))
+    return rank
+
+
+class _SequentialMasks:
+    """Sequential calibration: prune the blocks already decided so later blocks see pruned inputs.
+
+    ``mask_before(key, learning)`` zeroes, in place, every pruned weight of the blocks before ``key`` (and of
+    ``key`` itself where its group is not being learned) with the N:M mask
+    the pipeline will apply (criterion scores in the order given by its group's permutation, mapped back to
+    the stored order); ``restore()`` puts the dense weights back. The permutations themselves are not
+    folded: a mask in stored coordinates gives the same outputs.
+    """
+
+    def __init__(self, net, groups, perms, pruned, stats, criterion, n, m):
+        self.net, self.perms, self.stats, self.criterion, self.n, self.m = net, perms, stats, criterion, n, m
+        self.rank = _block_rank(net)
+        self.owner = {}
+        for g in groups:
+            for mem in g.consumers:
+                if mem.param in pruned:
+                    self.owner.setdefault(mem.param, (g, mem))
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def mask_before(self, key: str, learning: set[str]) -> None:
+        """Mask the blocks before ``key`` and the weights of ``key`` whose groups are not in ``learning``
+        (their permutation is already final, e.g. the global residual group's readers q/k/v and gate/up)."""
+        from ..math.nm import nm_mask
+        from .groups import gather_index
+
+        limit = self.rank.get(key, len(self.rank))
+        with torch.no_grad():
+            for param, (g, mem) in self.owner.items():
+                r = self.rank.get(block_key(mem.module), limit + 1)
+                if param in self.saved or r > limit or (r == limit and g.name in learning):
+                    continue
+                w = weight_kout(self.net, mem)
+                scores = consumer_scores(self.net, mem, self.stats, self.criterion)
+                src = gather_index(mem.index_tensor(w.shape[1]), self.perms[g.name])
+                mask = torch.empty_like(scores, dtype=torch.bool)
+                mask[:, src] = nm_mask(scores[:, src], self.n, self.m)
+                self.saved[param] = self.net.get_parameter(param).detach().clone()
+                w.mul_(mask.to(w.dtype))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for param, dense in self.saved.items():
+                self.net.get_parameter(param).copy_(dense)
+        self.saved.clear()
+
+
 def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[dict], config, *, pruned: set[str],
                        quiet: bool = False, resume: bool = False, checkpoint_dir: str | None = None,
                        max_blocks: int | None = None):
@@ -234,10 +289,18 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
         modules = sorted({c.module for k in todo for g in blocks[k] for c in g.consumers if c.param in pruned})
         sensitivity = output_sensitivity(net, batches, modules, loaded.family, forward_kwargs=loaded.forward_kwargs(),
                                          seed=config.seed, progress=not quiet)
+    sequential = None
+    if config.learn.sequential:
+        sequential = _SequentialMasks(net, groups, perms, pruned, stats, config.criterion, n, m)
+        chunks = [[k] for k in todo]  # each block sees the blocks before it pruned
+    else:
+        chunks = list(_chunks(todo, blocks, net, pruned, GRAM_BUDGET_BYTES))
     try:
-        for chunk in _chunks(todo, blocks, net, pruned, GRAM_BUDGET_BYTES):
+        for chunk in chunks:
             modules = sorted({c.module for k in chunk for g in blocks[k] for c in g.consumers if c.param in pruned})
             t0 = time.perf_counter()
+            if sequential is not None:
+                sequential.mask_before(chunk[0], {g.name for g in blocks[chunk[0]]})
             hooks = _GramHooks(net, modules, "cpu")
             last = _last_module(net, modules)
             try:
@@ -271,6 +334,8 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
                 if bar:
                     bar.update(1)
     finally:  # also on Ctrl-C: clear the bar so the error message starts its own line
+        if sequential is not None:
+            sequential.restore()
         if bar:
             bar.close()
     return perms, results
