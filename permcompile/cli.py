@@ -120,7 +120,7 @@ def main():
 @click.option("--block-size", default=None, type=int, help="Learned strategy: Sinkhorn block size.")
 @click.option("--swap-trials", default=None, type=int,
               help="Learned strategy: exchange trials per group after the Sinkhorn phase (default 0: off; "
-                   "1000 helped MiniLM but raised SmolLM2 perplexity).")
+                   "1000 helped MiniLM; on SmolLM2 only with --objective diagonal).")
 @click.option("--objective", default=None, type=click.Choice(OBJECTIVES),
               help="Learned strategy: what the search minimises: the layer-output error with the full input Gram "
                    "matrix (output, default) or with channels treated as uncorrelated (diagonal).")

@@ -54,7 +54,8 @@ class LearnConfig:
     # exchange trials per group after the Sinkhorn phase (math.learn.swap_refine). Off by default: with
     # --steps 0 --swap-trials 1000, MiniLM's gap recovered goes 0.148 -> 0.274 (global) and 0.357 -> 0.464
     # (per-layer) over hungarian, but SmolLM2's held-out perplexity got worse on every seed (133.3 -> 140.9;
-    # benchmarks/results/quality_minilm_2of4_wanda_perlayer.md, quality_smollm2_2of4_wanda_residual_modes.md).
+    # benchmarks/results/quality_minilm_2of4_wanda_perlayer.md, quality_smollm2_2of4_wanda_residual_modes.md)
+    # unless objective="diagonal" (quality_smollm2_2of4_wanda_diagonal.md).
     swap_trials: int = 0
     # what the search minimises: "output" = the layer-output error on calibration inputs (full input Gram
     # matrix, sees channel correlations); "diagonal" = the same error with channels treated as uncorrelated
