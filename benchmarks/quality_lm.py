@@ -208,23 +208,18 @@ def main() -> None:
                   f"{s['kl_mean']:.4f} ± {s['kl_sd']:.4f} | {rk} | {s['top1_agreement_mean']:.4f} | ")
         lines.append(f"| {method} | {s['ppl_mean']:.2f} ± {s['ppl_sd']:.2f} | {r} | {kl}{s['glue_ops'] or 0} | {pt} | {s['n']} |")
     seeds = list(args.calib_seeds)
-    lines += ["", "Per calibration seed (ppl; compare methods on the same seed):", "",
-              "| method | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
-    for method in ["unstructured"] + args.methods:
-        cells = []
-        for x in seeds:
-            hit = next((r for r in rows if r["method"] == method and r["calib_seed"] == x), None)
-            cells.append("—" if hit is None else f"{hit['ppl']:.2f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    if kl_cols:
-        lines += ["", "Per calibration seed (KL to dense, nats/token):", "",
-                  "| method | " + " | ".join(f"seed {x}" for x in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    def per_seed(title: str, key: str, fmt: str) -> list[str]:
+        out_lines = ["", title, "", "| method | " + " | ".join(f"seed {x}" for x in seeds) + " |",
+                     "|---|" + "---|" * len(seeds)]
         for method in ["unstructured"] + args.methods:
-            cells = []
-            for x in seeds:
-                hit = next((r for r in rows if r["method"] == method and r["calib_seed"] == x), None)
-                cells.append("—" if hit is None or "kl" not in hit else f"{hit['kl']:.4f}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            hits = [next((r for r in rows if r["method"] == method and r["calib_seed"] == x), None) for x in seeds]
+            cells = ["—" if h is None or key not in h else format(h[key], fmt) for h in hits]
+            out_lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        return out_lines
+
+    lines += per_seed("Per calibration seed (ppl; compare methods on the same seed):", "ppl", ".2f")
+    if kl_cols:
+        lines += per_seed("Per calibration seed (KL to dense, nats/token):", "kl", ".4f")
     if any(m.startswith("learned") for m in args.methods):
         lines += ["", "learned: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items())]
     lines += ["", f"Command: `{out['command']}`"]
