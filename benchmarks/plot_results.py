@@ -21,7 +21,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # metric keys looked for in rows, in display order; keys containing these words are taken too
-KNOWN = ["ppl", "R", "metric", "cosine", "top1", "top5", "accuracy", "acc", "f1", "loss", "mse"]
+KNOWN = ["ppl", "R", "kl", "metric", "cosine", "top1", "top5", "accuracy", "acc", "f1", "loss", "mse"]
 WORDS = ("ppl", "perplexity", "cosine", "top1", "top5", "accuracy", "recovered", "spearman")
 METHOD_KEYS = ("method", "strategy", "permutation", "name")
 LOWER_IS_BETTER = ("ppl", "perplexity", "loss", "mse")
@@ -113,7 +113,7 @@ def plot_file(path: Path, out_dir: Path) -> Path:
         bars = ax.bar(range(len(methods)), means, yerr=sds, capsize=4, color="#4c72b0", ecolor="black")
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=30, ha="right")
-        lower = any(w in metric.lower() for w in LOWER_IS_BETTER)
+        lower = any(w in metric.lower() for w in LOWER_IS_BETTER) or metric == "kl"  # KL to the dense model
         ax.set_title(f"{metric} ({'lower' if lower else 'higher'} is better)", fontsize=10)
         pos = [v for v in means if v > 0]
         if lower and pos and len(pos) == len(means) and max(pos) / min(pos) > 20:
