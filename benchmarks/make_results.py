@@ -25,16 +25,18 @@ random-permutation control.
 
 def main() -> None:
     parts = [INTRO]
+    sections = 0
     for md in sorted(RESULTS.glob("*.md")):
         if md.stem.endswith("_smoke") or md.stem.endswith("_probe"):
             continue
         parts.append(f"## {md.stem}\n")
+        sections += 1
         parts.append(md.read_text().strip() + "\n")
         png = md.with_suffix(".png")
         if png.exists():
             parts.append(f"![{md.stem}](results/{png.name})\n")
     (HERE / "RESULTS.md").write_text("\n".join(parts))
-    print(f"wrote {HERE / 'RESULTS.md'} ({len(parts) - 1} tables)")
+    print(f"wrote {HERE / 'RESULTS.md'} ({sections} sections)")
 
 
 if __name__ == "__main__":
