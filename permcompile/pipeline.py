@@ -154,6 +154,12 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
             from .passes.glue import split_residual
 
             groups = split_residual(groups, net, pruned)
+            if not any(g.kind == "residual-site" for g in groups):
+                import warnings
+
+                warnings.warn("--residual per-layer: this model has no permutable residual-stream group (see "
+                              "`permcompile inspect`), so there is no reading site to split; the result is the "
+                              "same as --residual global", stacklevel=2)
 
     with t.step("calibrate"):
         if batches is None:

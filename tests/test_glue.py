@@ -235,3 +235,18 @@ def test_inspect_shows_the_reading_sites(tiny_dir):
     assert result.stdout.count("residual-site") == 4 and "residual@model.layers.1.mlp" in result.stdout
     bad = invoke(["inspect", tiny_dir("llama"), "--residual", "bogus"])
     assert bad.exit_code == 2 and "--residual" in bad.stderr
+
+
+def test_per_layer_without_any_site_warns(monkeypatch):
+    """A model whose residual stream is not a permutable group gets a warning, not a silent no-op."""
+    import permcompile.passes.glue as glue_mod
+    from permcompile.config import OptimizeConfig
+    from permcompile.models import load_model
+    from permcompile.pipeline import compress_
+    from permcompile.testing.zoo import build_tiny
+
+    monkeypatch.setattr(glue_mod, "split_residual", lambda groups, model, pruned: [
+        g for g in groups if g.kind != "residual"])
+    loaded = load_model(build_tiny("llama"))
+    with pytest.warns(UserWarning, match="no permutable residual-stream group"):
+        compress_(loaded, OptimizeConfig(residual="per-layer", calib_samples=2, calib_seq_len=16))
