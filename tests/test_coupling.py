@@ -233,3 +233,58 @@ def test_real_model_random_fold_preserves_function(short, module):
     if short == "smollm2":
         res = [g for g in groups if g.kind == "residual"]
         assert len(res) == 1 and not res[0].fixed, "zero-glue residual permutation expected for a decoder LM"
+
+
+class _InterpolatedPositions(nn.Module):
+    """Tokens + a position grid resampled to the input's grid (the ViT/DINOv2 recipe), then an MLP."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.embed = nn.Linear(5, 16)
+        self.pos = nn.Parameter(torch.randn(1, 1 + 6 * 6, 16))
+        self.norm = nn.LayerNorm(16)
+        self.up = nn.Linear(16, 24)
+        self.down = nn.Linear(24, 3)
+
+    def forward(self, x):  # x: [B, 1 + g*g, 5]
+        g = int((x.shape[1] - 1) ** 0.5)
+        grid = self.pos[:, 1:].reshape(1, 6, 6, 16).permute(0, 3, 1, 2)
+        grid = nn.functional.interpolate(grid, size=(g, g), mode=self.mode, align_corners=False)
+        pos = torch.cat([self.pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g * g, 16)], dim=1)
+        h = self.embed(x) + pos
+        return self.down(torch.relu(self.up(self.norm(h))))
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_interpolated_position_embedding_rides_the_residual_stream(mode):
+    """Resampling acts on each channel alone: the position grid moves with the stream's channels."""
+    torch.manual_seed(0)
+    model = _InterpolatedPositions(mode).eval()
+    groups = analyze(capture(model, {"x": torch.randn(2, 1 + 4 * 4, 5)}))
+    res = _group_of(groups, "up")
+    assert not res.fixed, [p.reason for p in res.pins]
+    assert any(m.param == "pos" and m.role == "passenger" and m.axis == 2 for m in res.members)
+    gen = torch.Generator().manual_seed(1)
+    perms = {g.name: random_permutation(g, gen) for g in groups}
+    assert not torch.equal(perms[res.name], torch.arange(res.size))
+    x = torch.randn(3, 1 + 5 * 5, 5)  # another grid than the capture's: other interpolation weights
+    with torch.no_grad():
+        ref = model(x)
+        fold_(model, groups, perms)
+        out = model(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_dinov2_residual_found_when_position_embeddings_are_interpolated():
+    """A DINOv2 fed other images than its config's size resamples the position embeddings (bicubic);
+    the residual stream must still be one group with the position table riding along (was: no group)."""
+    model = build_tiny("dinov2")
+    size = model.config.image_size * 3 // 2
+    kw = {"pixel_values": torch.randn(2, 3, size, size)}
+    groups = analyze(capture(model, kw))
+    res = [g for g in groups if g.kind == "residual"]
+    assert len(res) == 1
+    assert any(m.param.endswith("position_embeddings") and m.role == "passenger" for m in res[0].members)
+    assert any(c.module.endswith("layer.0.attention.q_proj") or c.module.endswith("query")
+               for c in res[0].consumers), sorted({c.module for c in res[0].consumers})[:5]

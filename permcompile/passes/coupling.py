@@ -86,6 +86,15 @@ _BINARY = {"add", "sub", "mul", "div", "rsub", "maximum", "minimum", "true_divid
 _REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "norm", "logsumexp", "prod", "max", "min",
            "var_mean", "linalg_vector_norm"}
 _SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
+# resampling/pooling over the spatial dims (2, 3, ...) of an NC... tensor: each channel is processed alone,
+# so dim 1 keeps its channels (ViT/DINOv2 position-embedding interpolation, CNN pooling)
+_SPATIAL = {
+    "upsample_bicubic2d", "upsample_bilinear2d", "upsample_nearest2d", "upsample_nearest1d",
+    "upsample_linear1d", "upsample_nearest3d", "upsample_trilinear3d", "_upsample_bicubic2d_aa",
+    "_upsample_bilinear2d_aa", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
+    "_upsample_nearest_exact3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
+}
 _NO_OUTPUT = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
               "_assert_async", "sym_size", "sym_numel"}
 
@@ -302,6 +311,8 @@ class _Analysis:
             return self.reduce(node, op, vals, out_shape)
         if op in _SOFTMAX:
             return vals[0] if isinstance(vals[0], _Tag) else self._drop(node, vals)
+        if op in _SPATIAL:
+            return self.spatial(node, op, vals, out_shape)
         self.pin_all(involved, node, f"operation {op} is not understood")
         return None
 
@@ -450,6 +461,10 @@ class _Analysis:
                 pvs = [p for p in parts if isinstance(p, _ParamView)]
                 if len(pvs) == 1 and all(p is None or p is pvs[0] for p in parts) and len(parts) == 1:
                     return pvs[0]
+                if pvs and len(pvs) == len(parts) and len({p.param for p in pvs}) == 1:
+                    # pieces of one parameter put back together (DINOv2: class position + resampled grid)
+                    return _ParamView(pvs[0].param, target([p.pidx for p in pvs], *node.args[1:],
+                                                           **node.kwargs).clone())
                 self.pin_all(parts, node, f"{op} of parameters")
                 return None
             roots = {self.find(t.space)[0] for t in tags}
@@ -532,6 +547,28 @@ class _Analysis:
             return a
         self.pin_all(vals, node, "element-wise op on parameters")
         return None
+
+    def spatial(self, node, op, vals, out_shape):
+        """Resample/pool dims 2.. of an [N, C, ...] tensor: the result carries, at every spatial position,
+        the channels dim 1 carried. Traced as if read at the first spatial position: a parameter (the
+        position embedding) can then only ride along by its channel axis, never by an axis this op mixes."""
+        x = vals[0]
+        in_shape = self.shape(node.args[0])
+        if (not isinstance(x, (_Tag, _ParamView)) or any(v is not None for v in _flatten(vals[1:]))
+                or in_shape is None or out_shape is None or len(in_shape) != len(out_shape)
+                or len(in_shape) < 3 or in_shape[:2] != out_shape[:2]):
+            self.pin_all(vals, node, f"{op} on channels the pass cannot follow")
+            return None
+        t = x.idx if isinstance(x, _Tag) else x.pidx
+        t = torch.broadcast_to(t, in_shape)
+        if isinstance(x, _Tag):
+            for d in range(2, len(in_shape)):
+                if not bool((t == t.narrow(d, 0, 1)).all()):
+                    self.pin_tag(x, node, f"{op} mixes positions that carry different channels")
+                    return None
+        first = t[(slice(None), slice(None)) + (slice(0, 1),) * (len(in_shape) - 2)]
+        res = torch.broadcast_to(first, out_shape).clone()
+        return _Tag(x.space, res) if isinstance(x, _Tag) else _ParamView(x.param, res)
 
     def reduce(self, node, op, vals, out_shape):
         x = vals[0]
