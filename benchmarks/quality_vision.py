@@ -168,12 +168,10 @@ def run_dinov2(args) -> None:
         return batches, collect_input_stats(loaded.model, batches, progress=False)
 
     def fresh():
-        loaded = load_model(folder)
-        # capture and the fold check run on example inputs of config.image_size: the converted config keeps
-        # DINOv2's native 518 (a 37x37 position grid), which costs ~4 GB and 3x the analysis time on CPU;
-        # use the 224x224 evaluation resolution instead (the weights are untouched; HF interpolates the grid)
-        loaded.model.config.image_size = args.capture_size
-        return loaded
+        # capture and the fold check run on the processor's 224x224 crop (LoadedModel.image_size), not the
+        # config's native 518: HF resamples the 37x37 position grid (bicubic), which the coupling analysis
+        # follows channel by channel
+        return load_model(folder)
 
     metrics = ["cls_cosine", "patch_cosine"]
     rows, groups_info = _run_rows(args, "dinov2", fresh, calibrate, evaluate, metrics)
@@ -183,7 +181,7 @@ def run_dinov2(args) -> None:
     out = {"part": "dinov2", "model": str(folder), "conversion": json.loads(conv.read_text()) if conv.is_file() else None,
            "sparsity": args.sparsity, "criterion": args.criterion, "calib_photos": [p.name for p in calib_photos],
            "eval_photos": [p.name for p in eval_photos], "eval_images": len(images), "eval_crops": args.eval_crops,
-           "eval_seed": args.eval_seed, "calib_samples": args.calib_samples, "capture_size": args.capture_size, "calib_seeds": args.calib_seeds,
+           "eval_seed": args.eval_seed, "calib_samples": args.calib_samples, "calib_seeds": args.calib_seeds,
            "learned_seeds": args.learned_seeds, "groups": groups_info, "rows": rows, "summary": summary, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t_start,
            "command": " ".join(["python", "benchmarks/quality_vision.py"] + sys.argv[1:])}
@@ -336,8 +334,6 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32, help="DINOv2 calibration images (crops fill up)")
     ap.add_argument("--eval-crops", type=int, default=3, help="DINOv2: extra random crops per held-out photo")
     ap.add_argument("--eval-seed", type=int, default=0)
-    ap.add_argument("--capture-size", type=int, default=224,
-                    help="DINOv2: image size of the example inputs used for capture and the fold check")
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
                     help="run the (slow) learned strategy only for these calibration seeds (default: all)")
