@@ -123,7 +123,8 @@ def main():
                    "1000 helped MiniLM; on SmolLM2 only with --objective diagonal).")
 @click.option("--objective", default=None, type=click.Choice(OBJECTIVES),
               help="Learned strategy: what the search minimises: the layer-output error with the full input Gram "
-                   "matrix (output, default) or with channels treated as uncorrelated (diagonal).")
+                   "matrix (output, default), with channels treated as uncorrelated (diagonal), or with every token's "
+                   "error relative to its input's norm (relative).")
 @click.option("--sequential", is_flag=True,
               help="Learned strategy: compute each block's calibration Grams with the blocks before it already "
                    "pruned (SparseGPT-style), so the objective sees the inputs the deployed layers will get.")

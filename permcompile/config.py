@@ -37,7 +37,7 @@ class Sparsity:
         return f"{self.n}:{self.m}"
 
 
-OBJECTIVES = ("output", "diagonal")  # LearnConfig.objective
+OBJECTIVES = ("output", "diagonal", "relative")  # LearnConfig.objective
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,9 @@ class LearnConfig:
     swap_trials: int = 0
     # what the search minimises: "output" = the layer-output error on calibration inputs (full input Gram
     # matrix, sees channel correlations); "diagonal" = the same error with channels treated as uncorrelated
-    # (only diag(XᵀX): the squared Wanda scores of the dropped weights). Measured in README / RESULTS.md.
+    # (only diag(XᵀX): the squared Wanda scores of the dropped weights); "relative" = the output error of
+    # each token relative to its input's norm (full Gram of unit-norm tokens), so a few tokens with massive
+    # activations (a decoder's attention-sink token) do not own the objective. Measured in README / RESULTS.md.
     objective: str = "output"
     # calibrate each block on the outputs of the blocks before it *pruned* (their N:M masks applied, as
     # SparseGPT does) instead of the dense model's: the Grams describe the inputs the deployed layer will see

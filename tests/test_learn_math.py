@@ -7,7 +7,7 @@ import pytest
 
 from permcompile.config import LearnConfig
 from permcompile.errors import UsageError
-from permcompile.math.learn import Consumer, learn_permutation, objective_gram, output_error
+from permcompile.math.learn import Consumer, gram_rows, learn_permutation, objective_gram, output_error
 from permcompile.math.nm import nm_mask
 
 
@@ -169,6 +169,21 @@ def test_diagonal_objective_is_the_dropped_squared_wanda_score():
     assert output_error([full], perm, 2, 4) < 1e-6
     assert output_error([diag2], perm, 2, 4) > 0.5
     assert torch.equal(objective_gram(g, "output"), g)
+
+
+def test_relative_objective_weighs_every_token_alike():
+    """A sink token 1000x larger than the rest owns the plain Gram, not the relative one."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=gen)
+    x[0] = 1000 * torch.nn.functional.normalize(torch.randn(8, generator=gen), dim=0) * x[1:].norm(dim=1).mean()
+    rows = gram_rows(x, "relative")
+    assert torch.allclose(rows.norm(dim=1), torch.ones(64))
+    assert torch.allclose(rows * x.norm(dim=1, keepdim=True), x, atol=1e-5)  # same directions
+    plain, rel = x.T @ x, rows.T @ rows
+    top = lambda g: float(torch.linalg.eigvalsh(g)[-1] / torch.trace(g))  # noqa: E731
+    assert top(plain) > 0.99 and top(rel) < 0.2
+    assert torch.equal(gram_rows(x, "output"), x) and torch.equal(objective_gram(plain, "relative"), plain)
+    LearnConfig(objective="relative")
 
 
 def test_unknown_objective_is_refused():

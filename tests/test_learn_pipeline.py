@@ -29,21 +29,23 @@ def _run(tmp_path, **kw):
     return loaded, c
 
 
-@pytest.mark.parametrize("objective", ["output", "diagonal"])
+@pytest.mark.parametrize("objective", ["output", "diagonal", "relative"])
 def test_learned_is_valid_and_not_worse_than_hungarian(tmp_path, objective, monkeypatch):
     import permcompile.passes.learn as learn_mod
 
-    off_diagonal = []
+    off_diagonal, traces = [], []
     real = learn_mod.learn_permutation
 
-    def spy(consumers, *args, **kwargs):  # the objective reaches the search: diagonal Grams have no off-diagonal
-        for c in consumers:
+    def spy(consumers, *args, **kwargs):  # the objective reaches the search: diagonal Grams have no off-diagonal,
+        for c in consumers:  # relative ones are means of unit-norm tokens' outer products (trace 1)
             off_diagonal.append(float((c.gram - torch.diag(torch.diagonal(c.gram))).abs().max()))
+            traces.append(float(torch.trace(c.gram)))
         return real(consumers, *args, **kwargs)
 
     monkeypatch.setattr(learn_mod, "learn_permutation", spy)
     loaded, c = _run(tmp_path, cfg={"learn": dataclasses.replace(LEARN, objective=objective)})
     assert off_diagonal and ((max(off_diagonal) == 0.0) == (objective == "diagonal"))
+    assert all(abs(t - 1) < 1e-4 for t in traces) == (objective == "relative"), traces
     learned = [r for r in c.group_results if r.strategy == "learned"]
     assert learned, "no group was learned"
     for g in c.groups:

@@ -86,11 +86,24 @@ def output_error(consumers: list[Consumer], perm: torch.Tensor, n_keep: int, m: 
     return num / max(den, 1e-30)
 
 
+def gram_rows(x: torch.Tensor, objective: str = "output") -> torch.Tensor:
+    """The token rows ``x`` ([tokens, K]) whose Gram the objective sums: as they are, or for ``"relative"``
+    each scaled to unit norm, so that every token's output error counts relative to its input's size (in a
+    decoder a handful of attention-sink tokens carry activations 10²–10⁵× the others' squared norm and
+    would otherwise own the Gram of some layers)."""
+    if objective == "relative":
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if objective in ("output", "diagonal"):
+        return x
+    raise ValueError(f"unknown objective {objective!r}")
+
+
 def objective_gram(gram: torch.Tensor, objective: str = "output") -> torch.Tensor:
-    """The Gram matrix the search scores with: the full ``XᵀX`` (``"output"``, the exact layer-output error)
-    or only its diagonal (``"diagonal"``: channels treated as uncorrelated, so the error of a mask is the sum
-    of the squared Wanda scores ``W² · E[x²]`` of the weights it drops)."""
-    if objective == "output":
+    """The Gram matrix the search scores with: the full ``XᵀX`` (``"output"``, the exact layer-output error;
+    ``"relative"``: the same on the unit-norm rows of :func:`gram_rows`) or only its diagonal
+    (``"diagonal"``: channels treated as uncorrelated, so the error of a mask is the sum of the squared
+    Wanda scores ``W² · E[x²]`` of the weights it drops)."""
+    if objective in ("output", "relative"):
         return gram
     if objective == "diagonal":
         return torch.diag(torch.diagonal(gram))

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..calib.stats import StopForward
 from ..errors import UsageError
-from ..math.learn import Consumer, learn_permutation, objective_gram
+from ..math.learn import Consumer, gram_rows, learn_permutation, objective_gram
 from .groups import Group
 from .sparsify import choose_permutations, consumer_scores, weight_kout
 
@@ -45,7 +45,8 @@ def block_key(module: str) -> str:
 class _GramHooks:
     """Accumulate ``XᵀX`` (float64) of the inputs of selected linear modules."""
 
-    def __init__(self, model: nn.Module, modules: list[str], device: str):
+    def __init__(self, model: nn.Module, modules: list[str], device: str, objective: str = "output"):
+        self.objective = objective
         self.grams: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self.mask: torch.Tensor | None = None
@@ -60,7 +61,7 @@ class _GramHooks:
             x = args[0].detach()
             if self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape:
                 x = x[self.mask.bool()]
-            x = x.reshape(-1, x.shape[-1]).to(self.device, torch.float32)
+            x = gram_rows(x.reshape(-1, x.shape[-1]).to(self.device, torch.float32), self.objective)
             g = (x.T @ x).double()  # fp32 products, fp64 accumulation across batches
             if name in self.grams:
                 self.grams[name] += g
@@ -301,7 +302,7 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
             t0 = time.perf_counter()
             if sequential is not None:
                 sequential.mask_before(chunk[0], {g.name for g in blocks[chunk[0]]})
-            hooks = _GramHooks(net, modules, "cpu")
+            hooks = _GramHooks(net, modules, "cpu", config.learn.objective)
             last = _last_module(net, modules)
             try:
                 with torch.no_grad():
