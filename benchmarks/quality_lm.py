@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
-from permcompile.config import OBJECTIVES
+from permcompile.config import OBJECTIVES, WARM_STARTS
 
 from permcompile.calib.data import load_calibration
 from permcompile.calib.stats import collect_input_stats
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
     ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
+    ap.add_argument("--warm-start", choices=WARM_STARTS, default=None, help="learned: heuristic to start from")
     ap.add_argument("--sequential", action="store_true", help="learned: Grams from the already-pruned earlier blocks")
     ap.add_argument("--task-loss", action="store_true", help="learned: weight the objective by task-loss Fisher")
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,

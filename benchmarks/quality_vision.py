@@ -39,7 +39,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
-from permcompile.config import OBJECTIVES
+from permcompile.config import OBJECTIVES, WARM_STARTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_encoder import (CachedReference, learn_config, add_gap_recovered, compress_row, fmt, group_overview,  # noqa: E402
@@ -347,6 +347,7 @@ def main() -> None:
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
     ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
+    ap.add_argument("--warm-start", choices=WARM_STARTS, default=None, help="learned: heuristic to start from")
     ap.add_argument("--sequential", action="store_true", help="learned: Grams from the already-pruned earlier blocks")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()

@@ -12,7 +12,7 @@ import traceback
 
 import click
 
-from .config import OBJECTIVES
+from .config import OBJECTIVES, WARM_STARTS
 from .errors import PermcompileError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -125,6 +125,9 @@ def main():
               help="Learned strategy: what the search minimises: the layer-output error with the full input Gram "
                    "matrix (output, default), with channels treated as uncorrelated (diagonal), or with every token's "
                    "error relative to its input's norm (relative).")
+@click.option("--warm-start", default=None, type=click.Choice(WARM_STARTS),
+              help="Learned strategy: the heuristic every group starts from (default hungarian; greedy is "
+                   "slower and kept more on SmolLM2).")
 @click.option("--sequential", is_flag=True,
               help="Learned strategy: compute each block's calibration Grams with the blocks before it already "
                    "pruned (SparseGPT-style), so the objective sees the inputs the deployed layers will get.")
@@ -142,7 +145,7 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples, calib_seq_len, precision, no_prune,
-             prune_embeddings, seed, device, steps, block_size, swap_trials, objective, sequential, task_loss, residual, resume, batch, seq, force,
+             prune_embeddings, seed, device, steps, block_size, swap_trials, objective, warm_start, sequential, task_loss, residual, resume, batch, seq, force,
              trust_pickle, quiet, debug):
     """Permute, fold, prune to N:M, export and verify MODEL (short name or HF folder)."""
     def go():
@@ -162,6 +165,8 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
             learn = replace(learn, swap_trials=swap_trials)
         if objective is not None:
             learn = replace(learn, objective=objective)
+        if warm_start is not None:
+            learn = replace(learn, warm_start=warm_start)
         config = OptimizeConfig(sparsity=Sparsity.parse(sparsity), permutation=permutation, criterion=criterion,
                                 precision=precision, prune=not no_prune, calib=calib, calib_samples=calib_samples,
                                 calib_seq_len=calib_seq_len, seed=seed, device=device,

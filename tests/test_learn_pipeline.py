@@ -163,3 +163,16 @@ def test_sequential_learning_sees_pruned_inputs_and_leaves_the_model_dense(tmp_p
     assert set(seen) == set(dense_grams) and any(k.startswith("model.layers.1.") for k in seen), sorted(seen)
     for k in seen:
         assert not torch.allclose(seen[k], dense_grams[k]), k
+
+
+def test_warm_start_greedy(tmp_path):
+    """--warm-start greedy: the residual group keeps greedy's permutation, the learned groups start from it."""
+    loaded, c = _run(tmp_path, cfg={"learn": dataclasses.replace(LEARN, warm_start="greedy")})
+    learned = [r for r in c.group_results if r.strategy == "learned"]
+    assert learned and all("(greedy) ->" in r.note for r in learned), [r.note for r in learned]
+    _, heuristic = _run(tmp_path / "greedy", cfg={"permutation": "greedy"})
+    res = [g for g in c.groups if g.kind == "residual"][0]
+    assert torch.equal(c.perms[res.name], heuristic.perms[res.name])
+    assert not torch.equal(c.perms[res.name], torch.arange(res.size)), "greedy left the identity: proves nothing"
+    with pytest.raises(UsageError, match="warm-start"):
+        LearnConfig(warm_start="random")

@@ -171,7 +171,7 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
         scores = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
         r.kept_chosen = kept_importance(scores, n, m, res.perm) / float(scores.sum())
         r.strategy = "learned"
-        r.note = (f"{lc.objective} error {res.loss_warm:.5f} (hungarian) -> {res.loss_best:.5f}"
+        r.note = (f"{lc.objective} error {res.loss_warm:.5f} ({lc.warm_start}) -> {res.loss_best:.5f}"
                   f" ({res.swaps} exchanges kept)")
         done_block[g.name] = {"perm": res.perm.tolist(), "kept": r.kept_chosen, "note": r.note}
     return done_block
@@ -239,7 +239,8 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
     n, m = config.sparsity.n, config.sparsity.m
     net = loaded.model
     net.eval()
-    perms, results = choose_permutations(groups, net, stats, config.criterion, "hungarian", n, m, pruned,
+    perms, results = choose_permutations(groups, net, stats, config.criterion, config.learn.warm_start, n, m,
+                                         pruned,
                                          seed=config.seed)
     by_name = {r.name: r for r in results}
 
