@@ -71,7 +71,7 @@ class LearnConfig:
     # (next-token cross-entropy for causal LMs; output distillation otherwise): calib/sensitivity.py
     task_loss: bool = False
     # the heuristic every learned group starts from (and the global residual group keeps): "greedy" beat
-    # "hungarian" on SmolLM2 2:4 Wanda (quality_smollm2_2of4_wanda_greedy.md) at ~20x the time
+    # "hungarian" on SmolLM2 2:4 Wanda (quality_smollm2_2of4_wanda_greedy.md) at 5-20x the time
     warm_start: str = "hungarian"
 
     def __post_init__(self) -> None:
