@@ -135,7 +135,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     from .capture import capture
     from .passes.coupling import analyze
     from .passes.fold import fold_
-    from .passes.sparsify import apply_masks_, choose_permutations, permute_stats_, select_linears
+    from .passes.sparsify import apply_masks_, choose_permutations, group_progress, permute_stats_, select_linears
 
     torch.manual_seed(config.seed)
     t = timer or _Timer(quiet=quiet)
@@ -179,8 +179,10 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
                 loaded, groups, stats, batches, config, pruned=pruned, quiet=quiet,
                 resume=resume, checkpoint_dir=checkpoint_dir)
         else:
-            perms, group_results = choose_permutations(
-                groups, net, stats, config.criterion, config.permutation, n, m, pruned, seed=config.seed)
+            with group_progress(len(groups), config.permutation, quiet) as progress:
+                perms, group_results = choose_permutations(
+                    groups, net, stats, config.criterion, config.permutation, n, m, pruned, seed=config.seed,
+                    progress=progress)
 
     verify_inputs = _verification_inputs(loaded, batches)
     with torch.no_grad():

@@ -30,7 +30,7 @@ from ..calib.stats import StopForward
 from ..errors import UsageError
 from ..math.learn import Consumer, gram_rows, learn_permutation, objective_gram
 from .groups import Group
-from .sparsify import choose_permutations, consumer_scores, weight_kout
+from .sparsify import choose_permutations, consumer_scores, group_progress, weight_kout
 
 
 def block_key(module: str) -> str:
@@ -43,7 +43,7 @@ def block_key(module: str) -> str:
 
 
 class _GramHooks:
-    """Accumulate ``XᵀX`` (float64) of the inputs of selected linear modules."""
+    """Accumulate ``XᵀX`` (float64) of the inputs of selected linear modules (rows per ``gram_rows``)."""
 
     def __init__(self, model: nn.Module, modules: list[str], device: str, objective: str = "output"):
         self.objective = objective
@@ -239,9 +239,9 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
     n, m = config.sparsity.n, config.sparsity.m
     net = loaded.model
     net.eval()
-    perms, results = choose_permutations(groups, net, stats, config.criterion, config.learn.warm_start, n, m,
-                                         pruned,
-                                         seed=config.seed)
+    with group_progress(len(groups), f"warm start ({config.learn.warm_start})", quiet) as progress:
+        perms, results = choose_permutations(groups, net, stats, config.criterion, config.learn.warm_start, n, m,
+                                             pruned, seed=config.seed, progress=progress)
     by_name = {r.name: r for r in results}
 
     learnable = [g for g in groups if g.kind != "residual" and g.size % m == 0 and g.movable >= 2 * m
