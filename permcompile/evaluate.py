@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from .calib.data import read_text_file
 from .errors import MissingDependencyError, UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -137,16 +138,7 @@ def _was_eval(model):
 
 # ================================================================================================ text
 def _read_text_file(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read data file {path}: {exc.strerror or exc}") from None
-    if b"\x00" in raw[:8192]:
-        raise UsageError(f"data file {path} is binary, not UTF-8 text")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UsageError(f"data file {path} is not UTF-8 text (binary data?)") from None
+    return read_text_file(path, "data", max_bytes=None)
 
 
 def read_text(path: str | os.PathLike) -> str:

@@ -62,23 +62,29 @@ def default_image_paths() -> list[Path]:
 MAX_FILE_BYTES = 64 * 1024 * 1024  # read at most this much of one calibration file
 
 
-def _read_text_file(path: Path) -> str:
+def read_text_file(path: Path, what: str = "calibration", max_bytes: int | None = MAX_FILE_BYTES) -> str:
+    """One UTF-8 text file (BOM dropped; at most ``max_bytes`` read). ``what`` names the file in errors.
+
+    Raises :class:`UsageError` for a path that is not a regular file (a device or pipe would block or never
+    end), an unreadable file, binary data or invalid UTF-8.
+    """
     import stat as _stat
 
     try:
         mode = path.stat().st_mode
         if not _stat.S_ISREG(mode):
-            raise UsageError(f"calibration path {path} is not a regular file (device, pipe or socket)")
+            raise UsageError(f"{what} path {path} is not a regular file (device, pipe or socket)")
         with open(path, "rb") as fh:
-            raw = fh.read(MAX_FILE_BYTES)
+            raw = fh.read() if max_bytes is None else fh.read(max_bytes)
     except OSError as exc:
-        raise UsageError(f"cannot read calibration file {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
     if b"\x00" in raw[:8192]:
-        raise UsageError(f"calibration file {path} is binary, not UTF-8 text")
+        raise UsageError(f"{what} file {path} is binary, not UTF-8 text")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise UsageError(f"calibration file {path} is not UTF-8 text (binary data?)") from None
+        raise UsageError(f"{what} file {path} is not UTF-8 text (binary data?)") from None
+
 
 
 def _pick_column(rows: list, where: str) -> list[str]:
@@ -129,7 +135,7 @@ def _read_table(path: Path) -> list[str]:
         except Exception as exc:
             raise UsageError(f"cannot read parquet file {path}: {str(exc).splitlines()[0][:160]}") from None
         return _pick_column(rows, str(path))
-    text = _read_text_file(path)
+    text = read_text_file(path)
     if not text.strip():
         raise UsageError(f"calibration file {path} is empty")
     if suffix == ".jsonl":
@@ -214,7 +220,7 @@ def _read_texts(path: Path, seed: int) -> list[str]:
         txts = [p for p in files if p.suffix.lower() == ".txt"]
         tables = [p for p in files if p.suffix.lower() in TABLE_SUFFIXES]
         if txts:
-            docs = [t for t in (_read_text_file(p) for p in txts) if t.strip()]
+            docs = [t for t in (read_text_file(p) for p in txts) if t.strip()]
             if not docs:
                 raise UsageError(f"calibration folder {path} holds only empty .txt files")
             return docs
@@ -229,7 +235,7 @@ def _read_texts(path: Path, seed: int) -> list[str]:
     elif suffix in IMAGE_SUFFIXES:
         raise UsageError(f"calibration file {path} is an image, but this model takes text")
     else:
-        text = _read_text_file(path)
+        text = read_text_file(path)
         docs = [text] if text.strip() else []
     if not docs:
         raise UsageError(f"calibration file {path} is empty")
