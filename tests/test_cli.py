@@ -321,6 +321,30 @@ def test_encoder_and_vision_pipeline(tiny_dir, tmp_path, arch, strategy):
     _arch_run(tiny_dir, tmp_path, arch, strategy)
 
 
+def test_vision_model_whose_processor_crop_differs_from_its_config(tiny_dir, tmp_path):
+    """DINOv2's config says image_size 518 while its processor crops to 224: the graph is exported at the
+    processor's size, and verification (in optimize and in ``verify``) must feed that size, not the config's."""
+    import shutil
+
+    folder = tmp_path / "dino48"
+    shutil.copytree(tiny_dir("dinov2"), folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 56},
+        "do_center_crop": True, "crop_size": {"height": 48, "width": 48}, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_rescale": True,
+        "rescale_factor": 1 / 255, "resample": 3}))
+    out = tmp_path / "out"
+    result = run_optimize(folder, out)
+    assert result.exit_code == 0, describe(result)
+    import onnx
+
+    graph_input = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.input[0]
+    assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim][2:] == [48, 48]
+    checked = invoke(["verify", out])
+    assert checked.exit_code == 0, describe(checked)
+    assert "onnxruntime_vs_torch" in checked.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["hungarian", "greedy"])
 @pytest.mark.parametrize("arch", ARCHS)

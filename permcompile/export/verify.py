@@ -474,8 +474,12 @@ def _text_config(config):
 
 
 def random_inputs(input_names: Sequence[str], config, batch: int, seq: int,
-                  generator: torch.Generator) -> dict[str, Tensor]:
-    """Random model inputs for ``input_names`` from a transformers config (vocab_size / image_size)."""
+                  generator: torch.Generator, image_hw: tuple[int, int] | None = None) -> dict[str, Tensor]:
+    """Random model inputs for ``input_names`` from a transformers config (vocab_size / image_size).
+
+    ``image_hw`` overrides the config's ``image_size`` for ``pixel_values``: the size the graph was
+    exported at (a processor may crop to less than the config says, as DINOv2's does: 224 vs 518).
+    """
     out: dict[str, Tensor] = {}
     text = _text_config(config)
     for name in input_names:
@@ -492,7 +496,7 @@ def random_inputs(input_names: Sequence[str], config, batch: int, seq: int,
             out[name] = torch.arange(seq).unsqueeze(0).repeat(batch, 1)
         elif name == "pixel_values":
             vision = getattr(config, "vision_config", None) or config
-            size = getattr(vision, "image_size", None)
+            size = image_hw or getattr(vision, "image_size", None)
             if size is None:
                 raise UsageError("cannot generate pixel_values: the config has no image_size")
             h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
@@ -501,6 +505,17 @@ def random_inputs(input_names: Sequence[str], config, batch: int, seq: int,
         else:
             raise UsageError(f"cannot generate random values for input {name!r}")
     return out
+
+
+def _static_image_hw(onnx_model) -> tuple[int, int] | None:
+    """(height, width) of the graph's ``pixel_values`` input when both are fixed numbers, else None."""
+    for vi in onnx_model.graph.input:
+        if vi.name != "pixel_values":
+            continue
+        dims = list(vi.type.tensor_type.shape.dim)
+        if len(dims) == 4 and dims[2].dim_value > 0 and dims[3].dim_value > 0:
+            return int(dims[2].dim_value), int(dims[3].dim_value)
+    return None
 
 
 def _k_axis_for(model: nn.Module | None, param: str, entry: Mapping[str, Any]) -> int:
@@ -620,17 +635,18 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
 
     # --- ONNX Runtime vs torch on the reloaded hf/ model
     if model is not None and onnx_model is not None:
+        image_hw = _static_image_hw(onnx_model)
         del onnx_model
         try:
             gen = torch.Generator().manual_seed(seed)
             max_pos = getattr(_text_config(model.config), "max_position_embeddings", None) or 10**9
-            batches = [random_inputs(report["input_names"], model.config, b, min(s, int(max_pos)), gen)
+            batches = [random_inputs(report["input_names"], model.config, b, min(s, int(max_pos)), gen, image_hw)
                        for b, s in shapes]
             result = compare_ort_torch(model, onnx_path, batches, report.get("forward_kwargs") or None,
                                        precision, tol)
             checks.append(result.as_check())
         except Exception as exc:  # noqa: BLE001
-            checks.append(Check("onnxruntime_vs_torch", False, str(exc).splitlines()[0][:300]))
+            checks.append(Check("onnxruntime_vs_torch", False, " ".join(str(exc).split())[:300]))
     return checks
 
 
