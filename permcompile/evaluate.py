@@ -29,10 +29,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .calib.data import read_text_file
+from .calib.data import IMAGE_SUFFIXES, open_image, read_text_file
 from .errors import MissingDependencyError, UsageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 MAX_PAIRS = 20_000
 DEFAULT_MAX_SENTENCES = 1_000
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -526,25 +525,6 @@ def logits_agreement(model, ref_model, batches: Iterable) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ images
-def _pil():
-    try:
-        from PIL import Image
-    except ImportError:
-        raise MissingDependencyError("reading images needs Pillow: pip install pillow") from None
-    return Image
-
-
-def _open_image(path: Path, mode: str):
-    Image = _pil()
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert(mode)
-    except Exception as exc:
-        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise UsageError(f"cannot read image {path}: corrupt or unsupported ({first})") from None
-
-
 def image_paths(path: str | os.PathLike) -> list[Path]:
     """Images in a folder (recursively, sorted) or a single image file."""
     p = Path(path).expanduser()
@@ -585,7 +565,7 @@ def pixel_batches(paths: Sequence[Path], image_processor=None, config=None, batc
     mode = "L" if channels == 1 else "RGB"
     batches = []
     for start in range(0, len(paths), batch_size):
-        images = [_open_image(p, mode) for p in paths[start:start + batch_size]]
+        images = [open_image(p, mode) for p in paths[start:start + batch_size]]
         batch = {"pixel_values": images_to_pixels(images, image_processor, config)}
         if labels is not None:
             batch["labels"] = torch.tensor(list(labels[start:start + batch_size]), dtype=torch.long)

@@ -177,6 +177,12 @@ def test_image_folder(tmp_path, vit):
     Image.new("RGB", (20, 20), color=(1, 2, 3)).save(tmp_path / "im3.jpg")
     batches = load_calibration(str(tmp_path), vit, n_samples=4, seq_len=8, seed=0)
     assert torch.cat([b["pixel_values"] for b in batches]).shape == (4, 3, 32, 32)
+    other = tmp_path / "other"  # the formats eval reads calibrate too (one suffix list)
+    other.mkdir()
+    for suffix in (".tif", ".webp", ".gif"):
+        Image.new("RGB", (24, 20), color=(9, 2, 3)).save(other / f"im{suffix}")
+    batches = load_calibration(str(other), vit, n_samples=3, seq_len=8, seed=0)
+    assert torch.cat([b["pixel_values"] for b in batches]).shape == (3, 3, 32, 32)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     with pytest.raises(UsageError) as info:
         load_calibration(str(tmp_path), vit, n_samples=5, seq_len=8, seed=0)

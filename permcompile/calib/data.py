@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
 DEFAULT_TEXT = DEFAULT_DIR / "northanger_abbey.txt"
 DEFAULT_IMAGES = DEFAULT_DIR / "images"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # calibration and eval alike
 TABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -349,7 +349,7 @@ def _pil():
     try:
         from PIL import Image
     except ImportError:
-        raise MissingDependencyError("reading calibration images needs Pillow: pip install pillow") from None
+        raise MissingDependencyError("reading images needs Pillow: pip install pillow") from None
     return Image
 
 
@@ -370,15 +370,16 @@ def _image_paths(path: Path | None) -> list[Path]:
     raise UsageError(f"calibration source {path} is not an image or a folder of images; this is a vision model")
 
 
-def _open_image(path: Path, mode: str):
+def open_image(path: Path, mode: str):
+    """One image file, fully decoded and converted to PIL ``mode``; :class:`UsageError` if it cannot be read."""
     Image = _pil()
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert(mode)
     except Exception as exc:
-        raise UsageError(f"cannot read image {path}: corrupt or unsupported "
-                         f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise UsageError(f"cannot read image {path}: corrupt or unsupported ({first})") from None
 
 
 def _augment(image, rng: random.Random):
@@ -431,7 +432,7 @@ def _vision_batches(path: Path | None, loaded: "LoadedModel", n_samples: int, se
     rng = random.Random(seed)
     if len(paths) > n_samples:
         paths = sorted(rng.sample(paths, n_samples))
-    images = [_open_image(p, mode) for p in paths]
+    images = [open_image(p, mode) for p in paths]
     extra = [_augment(images[k % len(images)], rng) for k in range(n_samples - len(images))]
     images = images + extra
     return [{"pixel_values": _to_pixels(images[i:i + batch_size], loaded)}
