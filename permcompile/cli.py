@@ -123,9 +123,8 @@ def main():
                    "1000 helped MiniLM; on SmolLM2 only with --objective diagonal).")
 @click.option("--objective", default=None, type=click.Choice(OBJECTIVES),
               help="Learned strategy: what the search minimises: the layer-output error with the full input Gram "
-                   "matrix (output, default), with channels treated as uncorrelated (diagonal), with every token's "
-                   "error relative to its input's norm (relative), or with only outlier tokens (attention sinks) "
-                   "scaled down to 4x the median token norm (clipped).")
+                   "matrix (output, default), with channels treated as uncorrelated (diagonal), or with every token's "
+                   "error relative to its input's norm (relative).")
 @click.option("--warm-start", default=None, type=click.Choice(WARM_STARTS),
               help="Learned strategy: the heuristic every group starts from (default hungarian; greedy is "
                    "slower and kept more on SmolLM2).")

@@ -37,7 +37,7 @@ class Sparsity:
         return f"{self.n}:{self.m}"
 
 
-OBJECTIVES = ("output", "diagonal", "relative", "clipped")  # LearnConfig.objective
+OBJECTIVES = ("output", "diagonal", "relative")  # LearnConfig.objective
 WARM_STARTS = ("hungarian", "greedy")  # LearnConfig.warm_start
 
 
@@ -62,9 +62,7 @@ class LearnConfig:
     # matrix, sees channel correlations); "diagonal" = the same error with channels treated as uncorrelated
     # (only diag(XᵀX): the squared Wanda scores of the dropped weights); "relative" = the output error of
     # each token relative to its input's norm (full Gram of unit-norm tokens), so a few tokens with massive
-    # activations (a decoder's attention-sink token) do not own the objective; "clipped" = the output error
-    # with only those outlier tokens scaled down (rows longer than 4x the median norm), every other token
-    # weighted as in "output". Measured in README / RESULTS.md.
+    # activations (a decoder's attention-sink token) do not own the objective. Measured in README / RESULTS.md.
     objective: str = "output"
     # calibrate each block on the outputs of the blocks before it *pruned* (their N:M masks applied, as
     # SparseGPT does) instead of the dense model's: the Grams describe the inputs the deployed layer will see

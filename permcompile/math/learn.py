@@ -86,23 +86,13 @@ def output_error(consumers: list[Consumer], perm: torch.Tensor, n_keep: int, m: 
     return num / max(den, 1e-30)
 
 
-CLIP_FACTOR = 4.0  # "clipped": token rows longer than this many times the median row norm are scaled down to it
-
-
 def gram_rows(x: torch.Tensor, objective: str = "output") -> torch.Tensor:
-    """The token rows ``x`` ([tokens, K]) whose Gram the objective sums: as they are; for ``"relative"``
-    each scaled to unit norm, so that every token's output error counts relative to its input's size; for
-    ``"clipped"`` only the outliers scaled down, to ``CLIP_FACTOR`` times the median row norm of ``x`` (in a
+    """The token rows ``x`` ([tokens, K]) whose Gram the objective sums: as they are, or for ``"relative"``
+    each scaled to unit norm, so that every token's output error counts relative to its input's size (in a
     decoder a handful of attention-sink tokens carry activations 10²–10⁵× the others' squared norm and
-    would otherwise own the Gram of some layers; clipping leaves every other token's weight as it is)."""
+    would otherwise own the Gram of some layers)."""
     if objective == "relative":
         return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    if objective == "clipped":
-        norms = x.norm(dim=-1, keepdim=True)
-        if norms.numel() == 0:
-            return x
-        cap = CLIP_FACTOR * norms.median()
-        return x * (cap / norms.clamp_min(1e-12)).clamp(max=1.0)
     if objective in ("output", "diagonal"):
         return x
     raise ValueError(f"unknown objective {objective!r}")
@@ -110,10 +100,10 @@ def gram_rows(x: torch.Tensor, objective: str = "output") -> torch.Tensor:
 
 def objective_gram(gram: torch.Tensor, objective: str = "output") -> torch.Tensor:
     """The Gram matrix the search scores with: the full ``XᵀX`` (``"output"``, the exact layer-output error;
-    ``"relative"`` / ``"clipped"``: the same on the rescaled rows of :func:`gram_rows`) or only its diagonal
+    ``"relative"``: the same on the unit-norm rows of :func:`gram_rows`) or only its diagonal
     (``"diagonal"``: channels treated as uncorrelated, so the error of a mask is the sum of the squared
     Wanda scores ``W² · E[x²]`` of the weights it drops)."""
-    if objective in ("output", "relative", "clipped"):
+    if objective in ("output", "relative"):
         return gram
     if objective == "diagonal":
         return torch.diag(torch.diagonal(gram))
