@@ -31,3 +31,40 @@ def tiny_dir(tmp_path_factory) -> Callable[..., Path]:
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def call_on_fifo(tmp_path) -> Callable:
+    """``call_on_fifo(name, fn)``: make a named pipe ``tmp_path/name``, run ``fn(path)`` in a thread and return
+    the exception it raised (None if none). Fails the test if ``fn`` is still blocked reading after 5 s (the
+    pipe is then closed from the writer side so the thread ends)."""
+    import threading
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs named pipes")
+
+    def run(name: str, fn) -> BaseException | None:
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        box: dict = {}
+
+        def target():
+            try:
+                fn(fifo)
+            except BaseException as exc:  # noqa: BLE001
+                box["exc"] = exc
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(5)
+        blocked = thread.is_alive()
+        if blocked:  # unblock the reader: a writer that closes at once gives it EOF
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+            thread.join(10)
+        assert not blocked, f"{getattr(fn, '__name__', fn)} blocked on a named pipe"
+        return box.get("exc")
+
+    return run
