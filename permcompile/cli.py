@@ -116,15 +116,18 @@ def main():
 @click.option("--prune-embeddings", is_flag=True, help="Also prune output heads (LM head), which stay dense by default.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same result).")
 @click.option("--device", default="cpu", show_default=True, help="Device for learning: cpu or cuda.")
-@click.option("--steps", default=None, type=int, help="Learned strategy: optimisation steps per group.")
+@click.option("--steps", default=None, type=int,
+              help="Learned strategy: Sinkhorn matching steps per group before the exchanges (default 0: off; it "
+                   "measured within noise of its warm start).")
 @click.option("--block-size", default=None, type=int, help="Learned strategy: Sinkhorn block size.")
 @click.option("--swap-trials", default=None, type=int,
-              help="Learned strategy: exchange trials per group after the Sinkhorn phase (default 0: off; "
-                   "1000 helped MiniLM; on SmolLM2 only with --objective diagonal).")
+              help="Learned strategy: exchange trials per group, each kept only if it lowers the objective "
+                   "(default 1000).")
 @click.option("--objective", default=None, type=click.Choice(OBJECTIVES),
               help="Learned strategy: what the search minimises: the layer-output error with the full input Gram "
-                   "matrix (output, default), with channels treated as uncorrelated (diagonal), or with every token's "
-                   "error relative to its input's norm (relative).")
+                   "matrix (output), with channels treated as uncorrelated (diagonal), or with every token's "
+                   "error relative to its input's norm (relative). Default auto: diagonal for causal LMs, output "
+                   "otherwise (the best measured for each).")
 @click.option("--warm-start", default=None, type=click.Choice(WARM_STARTS),
               help="Learned strategy: the heuristic every group starts from (default hungarian; greedy is "
                    "slower and kept more on SmolLM2).")

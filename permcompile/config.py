@@ -37,33 +37,40 @@ class Sparsity:
         return f"{self.n}:{self.m}"
 
 
-OBJECTIVES = ("output", "diagonal", "relative")  # LearnConfig.objective
+OBJECTIVES = ("auto", "output", "diagonal", "relative")  # LearnConfig.objective
 WARM_STARTS = ("hungarian", "greedy")  # LearnConfig.warm_start
 
 
 @dataclass(frozen=True)
 class LearnConfig:
-    """Hyper-parameters of the learned (Sinkhorn) permutation search."""
+    """Hyper-parameters of the learned permutation search (block-wise Sinkhorn matching, then exchanges).
+
+    The defaults are the best measured setting (benchmarks/RESULTS.md): the Sinkhorn phase (``steps``) landed
+    within noise of its Hungarian warm start on every model, while exchange trials on the layer-output
+    error raised MiniLM's gap recovered from 0.148 to 0.274 (global residual) and DINOv2-S's; so by default
+    the search is the warm start refined by ``swap_trials`` checked exchanges (``steps=0``). ``--steps N``
+    turns the Sinkhorn phase on before the exchanges.
+    """
 
     block_size: int = 64
-    steps: int = 30
+    steps: int = 0
     rounds: int = 1
     lr: float = 0.1
     sinkhorn_iters: int = 8
     tau_start: float = 1.0
     tau_end: float = 0.05
-    # exchange trials per group after the Sinkhorn phase (math.learn.swap_refine). Off by default: with
-    # --steps 0 --swap-trials 1000, MiniLM's gap recovered goes 0.148 -> 0.274 (global) and 0.357 -> 0.464
-    # (per-layer) over hungarian, but SmolLM2's held-out perplexity got worse on every seed (133.3 -> 140.9;
-    # benchmarks/results/quality_minilm_2of4_wanda_perlayer.md, quality_smollm2_2of4_wanda_residual_modes.md)
-    # unless objective="diagonal" (quality_smollm2_2of4_wanda_diagonal.md).
-    swap_trials: int = 0
+    # exchange trials per group after the Sinkhorn phase (math.learn.swap_refine). With the full-Gram
+    # objective they helped every encoder (quality_minilm_2of4_wanda_perlayer.md, quality_dinov2-s_*) but made
+    # SmolLM2's held-out perplexity worse on every seed (133.3 -> 140.9, quality_smollm2_2of4_wanda_residual_modes.md);
+    # with objective="diagonal" SmolLM2 lands within seed noise of hungarian (quality_smollm2_2of4_wanda_diagonal*.md)
+    swap_trials: int = 1000
     # what the search minimises: "output" = the layer-output error on calibration inputs (full input Gram
     # matrix, sees channel correlations); "diagonal" = the same error with channels treated as uncorrelated
     # (only diag(XᵀX): the squared Wanda scores of the dropped weights); "relative" = the output error of
     # each token relative to its input's norm (full Gram of unit-norm tokens), so a few tokens with massive
-    # activations (a decoder's attention-sink token) do not own the objective. Measured in README / RESULTS.md.
-    objective: str = "output"
+    # activations (a decoder's attention-sink token) do not own the objective. "auto" (default) = the best
+    # measured per model family: "diagonal" for causal LMs, "output" otherwise (see resolve_objective).
+    objective: str = "auto"
     # calibrate each block on the outputs of the blocks before it *pruned* (their N:M masks applied, as
     # SparseGPT does) instead of the dense model's: the Grams describe the inputs the deployed layer will see
     sequential: bool = False
@@ -73,6 +80,12 @@ class LearnConfig:
     # the heuristic every learned group starts from (and the global residual group keeps): "greedy" beat
     # "hungarian" on SmolLM2 2:4 Wanda (quality_smollm2_2of4_wanda_greedy.md) at 5-20x the time
     warm_start: str = "hungarian"
+
+    def resolve_objective(self, family: str) -> str:
+        """The objective the search uses for a model of ``family`` ("causal-lm", "encoder", "vision", ...)."""
+        if self.objective != "auto":
+            return self.objective
+        return "diagonal" if family == "causal-lm" else "output"
 
     def __post_init__(self) -> None:
         if self.block_size < 2 or self.steps < 0 or self.rounds < 1:

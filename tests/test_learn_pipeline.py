@@ -176,3 +176,18 @@ def test_warm_start_greedy(tmp_path):
     assert not torch.equal(c.perms[res.name], torch.arange(res.size)), "greedy left the identity: proves nothing"
     with pytest.raises(UsageError, match="warm-start"):
         LearnConfig(warm_start="random")
+
+
+@pytest.mark.parametrize("name, expected", [("llama", "diagonal"), ("bert", "output"), ("vit", "output")])
+def test_auto_objective_is_resolved_per_family(tmp_path, name, expected):
+    """The default objective is "auto": the learned pass resolves it from the model family (the best measured:
+    diagonal for causal LMs, output otherwise) and notes name the objective that was really used."""
+    assert LearnConfig().objective == "auto"
+    assert LearnConfig().resolve_objective("causal-lm") == "diagonal"
+    assert LearnConfig().resolve_objective("encoder") == "output"
+    assert LearnConfig(objective="relative").resolve_objective("causal-lm") == "relative"
+    loaded = load_model(build_tiny(name))
+    cfg = _cfg(learn=LearnConfig(block_size=16, swap_trials=50))
+    c = compress_(loaded, cfg, checkpoint_dir=str(tmp_path / "ckpt"))
+    notes = [r.note for r in c.group_results if r.strategy == "learned"]
+    assert notes and all(n.startswith(expected + " error ") for n in notes), notes

@@ -280,35 +280,41 @@ def swap_refine(consumers: list[Consumer], factors: list[torch.Tensor], perm: to
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, float, int]:
     """Pairwise exchanges that lower the low-rank output error, each checked exactly before it is kept.
 
-    The loss ``Σ_c ||(W ⊙ (1-M))[:, src] F[src]||²`` depends only on which elements share a stripe (through
-    the mask), so exchanging the elements at positions ``i`` and ``j`` changes the contribution of at most
-    the two stripes holding them (times replicas). Each trial draws ``i`` among the movable positions and
-    ``j`` among the movable positions of the same block label in another stripe, recomputes just those
-    stripes (``O(out · m · rank)``) and keeps the exchange if the loss drops. Returns ``(perm, loss, kept)``.
+    The loss is ``Σ_c ||R_c F_c||² = Σ_c ⟨R_c, R_c G_c⟩`` with ``R_c`` the pruned-away weights ``W ⊙ (1-M)``
+    in the consumer's own column order and ``G_c = F_c F_cᵀ``. Exchanging the elements at positions ``i``
+    and ``j`` only changes the mask of the stripes holding them (times replicas), i.e. a few columns ``S``
+    of ``R``: with ``D`` the change of those columns, the loss moves by ``2⟨(RG)[:, S], D⟩ + ⟨D G[S, S], D⟩``.
+    Keeping ``RG`` up to date (a rank-|S| update per kept exchange) makes a trial cost ``O(out · |S|²)``,
+    independent of the Gram's rank. Each trial draws ``i`` among the movable positions and ``j`` among the
+    movable positions of the same block label in another stripe and keeps the exchange if the loss drops.
+    Returns ``(perm, loss, kept)``.
     """
     gen = generator or torch.Generator().manual_seed(0)
     n = perm.numel()
     cur = perm.clone()
     movable_pos = torch.ones(n, dtype=torch.bool) if fixed is None else ~fixed[cur]
     pos_labels = labels[cur]
-    den = 0.0
-    state = []
+    num, den = 0.0, 0.0
+    state = []  # per consumer: [src, R (pruned weights by source column), G, RG]
     for c, f in zip(consumers, factors):
         src = _positions(c, cur)
-        w = c.w[:, src]
-        r = w * (~nm_mask(c.scores[:, src], n_keep, m))
-        rf = r @ f[src]
-        den += float((w @ f[src]).square().sum())
-        # consumer columns of each group position (replicas: several), for finding the touched stripes
-        state.append([src, rf])
+        g = (f @ f.T).double()
+        w = c.w.double()
+        r = torch.zeros_like(w)
+        r[:, src] = c.w[:, src].double() * (~nm_mask(c.scores[:, src], n_keep, m))
+        rg = r @ g
+        num += float((r * rg).sum())
+        den += float((w * (w @ g)).sum())
+        state.append([src, r, g, rg])
     den = max(den, 1e-30)
-    loss = sum(float(s[1].square().sum()) for s in state) / den
+    loss = num / den
     candidates = torch.nonzero(movable_pos).flatten()
     if candidates.numel() < 2:
         return cur, loss, 0
     by_label = {int(lab): torch.nonzero(movable_pos & (pos_labels == lab)).flatten()
                 for lab in torch.unique(pos_labels[candidates])}
     identity_cols = [c.cols.numel() == n and torch.equal(c.cols, torch.arange(n)) for c in consumers]
+    arange_m = torch.arange(m)
     kept = 0
     for _ in range(trials):
         i = int(candidates[torch.randint(candidates.numel(), (1,), generator=gen)])
@@ -320,31 +326,31 @@ def swap_refine(consumers: list[Consumer], factors: list[torch.Tensor], perm: to
         cand[i], cand[j] = cur[j], cur[i]
         delta_total = 0.0
         updates = []
-        for (src, rf), c, f, plain in zip(state, consumers, factors, identity_cols):
+        for (src, r, g, rg), c, plain in zip(state, consumers, identity_cols):
             if plain:  # one column per element: only columns i and j change (O(1) instead of O(L))
                 new_src = src.clone()
                 new_src[i], new_src[j] = src[j], src[i]
-                changed = torch.tensor([i, j])
+                stripes = torch.tensor([i // m, j // m])
             else:
                 new_src = _positions(c, cand)
                 changed = torch.nonzero(new_src != src).flatten()
-            if changed.numel() == 0:
-                updates.append(None)
-                continue
-            stripes = torch.unique(changed // m)
-            cols = (stripes[:, None] * m + torch.arange(m)).flatten()
-            so, sn = src[cols], new_src[cols]
-            old = (c.w[:, so] * (~nm_mask(c.scores[:, so], n_keep, m))) @ f[so]
-            new = (c.w[:, sn] * (~nm_mask(c.scores[:, sn], n_keep, m))) @ f[sn]
-            d = new - old
-            delta_total += float(2 * (rf * d).sum() + d.square().sum())
-            updates.append((new_src, d))
+                if changed.numel() == 0:
+                    updates.append(None)
+                    continue
+                stripes = torch.unique(changed // m)
+            sn = new_src[(stripes[:, None] * m + arange_m).flatten()]  # the same source columns, rearranged
+            new = c.w[:, sn].double() * (~nm_mask(c.scores[:, sn], n_keep, m))
+            d = new - r[:, sn]
+            delta_total += float(2 * (rg[:, sn] * d).sum() + ((d @ g[sn][:, sn]) * d).sum())
+            updates.append((new_src, sn, new, d))
         if delta_total < -1e-9 * den:
             cur = cand
             for s, u in zip(state, updates):
                 if u is not None:
-                    s[0] = u[0]
-                    s[1] = s[1] + u[1]
+                    new_src, sn, new, d = u
+                    s[0] = new_src
+                    s[1][:, sn] = new
+                    s[3] += d @ s[2][sn]
             loss += delta_total / den
             kept += 1
     return cur, loss, kept

@@ -21,6 +21,7 @@ import re
 import sys
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -237,6 +238,8 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
                        max_blocks: int | None = None):
     """Learned permutations for every group; returns ``(perms, results)`` like ``choose_permutations``."""
     n, m = config.sparsity.n, config.sparsity.m
+    # "auto" becomes the family's objective here, so checkpoints, notes and Grams all name the real one
+    config = replace(config, learn=replace(config.learn, objective=config.learn.resolve_objective(loaded.family)))
     net = loaded.model
     net.eval()
     with group_progress(len(groups), f"warm start ({config.learn.warm_start})", quiet) as progress:
