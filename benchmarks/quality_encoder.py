@@ -144,6 +144,8 @@ def learn_config(args):
         learn = dataclasses.replace(learn, steps=args.steps)
     if getattr(args, "swap_trials", None) is not None:
         learn = dataclasses.replace(learn, swap_trials=args.swap_trials)
+    if getattr(args, "residual_trials", None) is not None:
+        learn = dataclasses.replace(learn, residual_trials=args.residual_trials)
     if getattr(args, "objective", None) is not None:
         learn = dataclasses.replace(learn, objective=args.objective)
     if getattr(args, "task_loss", False):
@@ -213,6 +215,8 @@ def main() -> None:
     ap.add_argument("--eval-seed", type=int, default=0, help="which held-out sentences (fixed across rows)")
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
+    ap.add_argument("--residual-trials", type=int, default=None,
+                    help="learned: exchange trials on the global residual group (diagonal objective)")
     ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
     ap.add_argument("--warm-start", choices=WARM_STARTS, default=None, help="learned: heuristic to start from")
     ap.add_argument("--sequential", action="store_true", help="learned: Grams from the already-pruned earlier blocks")

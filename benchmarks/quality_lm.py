@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
+    ap.add_argument("--residual-trials", type=int, default=None,
+                    help="learned: exchange trials on the global residual group (diagonal objective)")
     ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
     ap.add_argument("--warm-start", choices=WARM_STARTS, default=None, help="learned: heuristic to start from")
     ap.add_argument("--sequential", action="store_true", help="learned: Grams from the already-pruned earlier blocks")

@@ -346,6 +346,8 @@ def main() -> None:
     ap.add_argument("--digits-test-size", type=float, default=0.3)
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
+    ap.add_argument("--residual-trials", type=int, default=None,
+                    help="learned: exchange trials on the global residual group (diagonal objective)")
     ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
     ap.add_argument("--warm-start", choices=WARM_STARTS, default=None, help="learned: heuristic to start from")
     ap.add_argument("--sequential", action="store_true", help="learned: Grams from the already-pruned earlier blocks")

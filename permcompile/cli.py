@@ -123,6 +123,9 @@ def main():
 @click.option("--swap-trials", default=None, type=int,
               help="Learned strategy: exchange trials per group, each kept only if it lowers the objective "
                    "(default 1000).")
+@click.option("--residual-trials", default=None, type=int,
+              help="Learned strategy: exchange trials on the global residual-stream permutation after the blocks, "
+                   "scored on every reader's diagonal error (default 0: the residual keeps its warm start).")
 @click.option("--objective", default=None, type=click.Choice(OBJECTIVES),
               help="Learned strategy: what the search minimises: the layer-output error with the full input Gram "
                    "matrix (output), with channels treated as uncorrelated (diagonal), or with every token's "
@@ -148,7 +151,7 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples, calib_seq_len, precision, no_prune,
-             prune_embeddings, seed, device, steps, block_size, swap_trials, objective, warm_start, sequential, task_loss, residual, resume, batch, seq, force,
+             prune_embeddings, seed, device, steps, block_size, swap_trials, residual_trials, objective, warm_start, sequential, task_loss, residual, resume, batch, seq, force,
              trust_pickle, quiet, debug):
     """Permute, fold, prune to N:M, export and verify MODEL (short name or HF folder)."""
     def go():
@@ -166,6 +169,8 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
             learn = replace(learn, block_size=block_size)
         if swap_trials is not None:
             learn = replace(learn, swap_trials=swap_trials)
+        if residual_trials is not None:
+            learn = replace(learn, residual_trials=residual_trials)
         if objective is not None:
             learn = replace(learn, objective=objective)
         if warm_start is not None:

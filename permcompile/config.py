@@ -80,6 +80,9 @@ class LearnConfig:
     # the heuristic every learned group starts from (and the global residual group keeps): "greedy" beat
     # "hungarian" on SmolLM2 2:4 Wanda (quality_smollm2_2of4_wanda_greedy.md) at 5-20x the time
     warm_start: str = "hungarian"
+    # exchange trials on the global residual-stream group after the blocks (passes/learn.py _refine_residual),
+    # scored on the diagonal objective over every reader; 0 keeps the warm start's residual permutation
+    residual_trials: int = 0
 
     def resolve_objective(self, family: str) -> str:
         """The objective the search uses for a model of ``family`` ("causal-lm", "encoder", "vision", ...)."""
@@ -90,8 +93,9 @@ class LearnConfig:
     def __post_init__(self) -> None:
         if self.block_size < 2 or self.steps < 0 or self.rounds < 1:
             raise UsageError("--block-size must be >= 2, --steps >= 0 and rounds >= 1")
-        if self.swap_trials < 0:
-            raise UsageError(f"--swap-trials must be >= 0, got {self.swap_trials}")
+        if self.swap_trials < 0 or self.residual_trials < 0:
+            raise UsageError(f"--swap-trials and --residual-trials must be >= 0, got {self.swap_trials} and "
+                             f"{self.residual_trials}")
         if self.objective not in OBJECTIVES:
             raise UsageError(f"unknown --objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.warm_start not in WARM_STARTS:

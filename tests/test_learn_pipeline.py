@@ -191,3 +191,26 @@ def test_auto_objective_is_resolved_per_family(tmp_path, name, expected):
     c = compress_(loaded, cfg, checkpoint_dir=str(tmp_path / "ckpt"))
     notes = [r.note for r in c.group_results if r.strategy == "learned"]
     assert notes and all(n.startswith(expected + " error ") for n in notes), notes
+
+
+def test_residual_exchanges_refine_the_global_residual_group(tmp_path):
+    """residual_trials > 0: the global residual group is refined on every reader's diagonal error (never worse
+    than its warm start), stays valid, and a resumed run reloads it from the checkpoint unchanged."""
+    learn = dataclasses.replace(LEARN, residual_trials=300)
+    loaded, c = _run(tmp_path, cfg={"learn": learn})
+    res = [r for r in c.group_results if r.name in {g.name for g in c.groups if g.kind == "residual"}]
+    assert res and all(r.strategy == "learned" for r in res), [(r.name, r.strategy) for r in res]
+    for r in res:
+        m = re.search(r"diagonal error over (\d+) readers ([0-9.e+-]+) \(hungarian\) -> ([0-9.e+-]+) \((\d+) exchanges",
+                      r.note)
+        assert m, r.note
+        assert int(m.group(1)) >= 4 and float(m.group(3)) <= float(m.group(2)) + 1e-9
+        assert float(m.group(3)) < float(m.group(2)) and int(m.group(4)) > 0  # it does move on a random model
+    for g in c.groups:
+        assert g.is_valid(c.perms[g.name])
+    _, plain = _run(tmp_path / "plain")
+    moved = [g.name for g in c.groups if g.kind == "residual" and not torch.equal(c.perms[g.name], plain.perms[g.name])]
+    assert moved
+    _, again = _run(tmp_path, cfg={"learn": learn}, resume=True)
+    for g in c.groups:
+        assert torch.equal(c.perms[g.name], again.perms[g.name])

@@ -6,9 +6,11 @@ consumers only, learn the block's permutations, write a checkpoint, and free the
 bounded by one block whatever the model's depth. ``--resume`` reloads the finished blocks from the
 checkpoint (refusing one made from different inputs).
 
-The residual-stream group (one model-wide permutation, zero glue) keeps the Hungarian solution: it is
-read by every block, so its exact objective needs every block's Gram at once; the measured gain of
-permuting the residual stream at all is small (see benchmarks/RESULTS.md). With ``residual="per-layer"``
+The residual-stream group (one model-wide permutation, zero glue) is read by every block, so its exact
+objective would need every block's Gram at once. With ``LearnConfig.residual_trials > 0`` it is refined
+after the blocks by exchanges on the diagonal objective, which needs only the per-channel ``E[x²]`` the
+calibration statistics already hold: every pruned reader counts, each normalised to the same weight
+(``_refine_residual``). Otherwise it keeps its warm start. With ``residual="per-layer"``
 each reading site is its own group (``passes/glue.py``) and is learned like any other group of its block.
 """
 from __future__ import annotations
@@ -178,6 +180,56 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
     return done_block
 
 
+RESIDUAL_KEY = "<residual>"  # checkpoint entry of the residual-stream refinement
+
+
+def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) -> dict:
+    """Exchange refinement of the global residual-stream group(s) on the diagonal objective.
+
+    Every pruned reader (q/k/v and gate/up of every block) is a consumer whose Gram is ``diag(E[x²])`` from
+    the calibration statistics, so nothing beyond what Wanda already collected is needed. Each reader's
+    weights are scaled so that its dense error term is 1: the objective is the mean over readers of the
+    share of ``Σ W² E[x²]`` each one's mask drops (deep layers with large activations do not own it).
+    Returns checkpoint entries like :func:`_learn_block`.
+    """
+    from ..math.nm import kept_importance
+    from .sparsify import group_score_matrix
+
+    n, m = config.sparsity.n, config.sparsity.m
+    done = {}
+    for g in groups:
+        r = by_name.get(g.name)
+        if (g.kind != "residual" or r is None or r.strategy == "none" or g.size % m or g.movable < 2 * m):
+            continue
+        consumers = []
+        for mem in g.consumers:
+            st = stats.get(mem.module) if stats else None
+            if mem.param not in pruned or st is None:
+                continue
+            w = weight_kout(net, mem).detach().float()
+            index = mem.index_tensor(w.shape[1])
+            if not bool((index % m == torch.arange(index.numel()) % m).all()):
+                continue  # its stripes do not line up with the group's: not part of the objective
+            ex2 = (st.sum_sq / max(st.count, 1)).float()
+            w = w / (w.square() * ex2).sum().sqrt().clamp_min(1e-30)
+            consumers.append(Consumer(w, consumer_scores(net, mem, stats, config.criterion), torch.diag(ex2), index))
+        if not consumers:
+            continue
+        res = learn_permutation(consumers, g.size, n, m, perms[g.name], g.block_labels(), g.fixed_mask(),
+                                steps=0, swap_trials=config.learn.residual_trials, generator=gen,
+                                device=config.device)
+        if not g.is_valid(res.perm):
+            raise RuntimeError(f"learned permutation for {g.name} breaks its constraints")
+        perms[g.name] = res.perm
+        scores = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
+        r.kept_chosen = kept_importance(scores, n, m, res.perm) / float(scores.sum())
+        r.strategy = "learned"
+        r.note = (f"diagonal error over {len(consumers)} readers {res.loss_warm:.5f} ({config.learn.warm_start})"
+                  f" -> {res.loss_best:.5f} ({res.swaps} exchanges kept)")
+        done[g.name] = {"perm": res.perm.tolist(), "kept": r.kept_chosen, "note": r.note}
+    return done
+
+
 def _block_rank(net: nn.Module) -> dict[str, int]:
     """Model order of the Transformer blocks (``block_key`` of every module, first appearance)."""
     rank: dict[str, int] = {}
@@ -338,6 +390,22 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
                 os.replace(tmp, ckpt)
                 if bar:
                     bar.update(1)
+        if config.learn.residual_trials > 0 and max_blocks is None:
+            key = RESIDUAL_KEY
+            if key not in state["done"]:
+                t1 = time.perf_counter()
+                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
+                state["done"][key] = _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen)
+                for name in state["done"][key]:
+                    by_name[name].seconds += time.perf_counter() - t1
+                tmp = ckpt.with_suffix(".tmp")
+                tmp.write_text(json.dumps(state))
+                os.replace(tmp, ckpt)
+            else:
+                for name, entry in state["done"][key].items():
+                    perms[name] = torch.tensor(entry["perm"], dtype=torch.long)
+                    r = by_name[name]
+                    r.kept_chosen, r.strategy, r.note = entry["kept"], "learned", entry.get("note", "")
     finally:  # also on Ctrl-C: clear the bar so the error message starts its own line
         if sequential is not None:
             sequential.restore()
