@@ -46,7 +46,37 @@ EVAL_NOVELS = ("persuasion.txt",)
 
 # ------------------------------------------------------------------------------------------------ shared helpers
 def peak_mb() -> float:
+    """Peak resident memory of this process (MiB) since the last :func:`reset_peak` (Linux ``VmHWM``; elsewhere
+    the lifetime ``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> None:
+    """Restart the peak-memory count (Linux: ``/proc/self/clear_refs`` ← 5), so each method's row gets its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def timed_compress(loaded, cfg, stats, batches):
+    """One method's ``compress_`` run on shared calibration data: ``(result, wall seconds, peak MiB)``. The peak
+    is the whole process's resident memory during the run (it includes the evaluation data the script holds)."""
+    from permcompile.pipeline import compress_
+
+    reset_peak()
+    t = time.perf_counter()
+    c = compress_(loaded, cfg, quiet=True, stats=stats, batches=batches,
+                  checkpoint_dir=tempfile.mkdtemp(prefix="pc-learn-"))
+    return c, time.perf_counter() - t, peak_mb()
 
 
 def add_gap_recovered(rows: list[dict], metrics: list[str]) -> None:
@@ -77,7 +107,7 @@ def summarise(rows: list[dict], methods: list[str], metrics: list[str]) -> dict:
             continue
         s = {"n": len(sel)}
         for key in metrics + [f"R_{m}" for m in metrics] + ["permute_seconds", "compress_seconds",
-                                                             "kept_identity", "kept_chosen"]:
+                                                             "kept_identity", "kept_chosen", "peak_rss_mb"]:
             mean, sd = _ms([r.get(key) for r in sel])
             s[f"{key}_mean"], s[f"{key}_sd"] = mean, sd
         s["glue_ops"] = max((r.get("glue_ops") or 0) for r in sel)
@@ -92,14 +122,20 @@ def fmt(s: dict, key: str, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {s.get(f'{key}_sd', 0.0):.{digits}f}"
 
 
-def compress_row(c, wall: float) -> dict:
+def peak_cell(s: dict) -> str:
+    """The peak-memory cell of a summary row (— for rows without a compress run)."""
+    return "—" if s.get("peak_rss_mb_mean") is None else f"{s['peak_rss_mb_mean']:.0f}"
+
+
+def compress_row(c, wall: float, peak: float | None = None) -> dict:
     """What a ``compress_`` run decided: glue, timings, kept importance over the groups it moved."""
     moved = [g for g in c.group_results if g.strategy != "none"]
     return {"glue_ops": c.fold_report.glue_ops, "permute_seconds": c.timings.get("permute"),
             "compress_seconds": wall,
             "kept_identity": (sum(g.kept_identity for g in moved) / len(moved)) if moved else None,
             "kept_chosen": (sum(g.kept_chosen for g in moved) / len(moved)) if moved else None,
-            "groups_moved": len(moved), "fold_max_rel_err": c.fold_err, "peak_rss_mb": peak_mb(),
+            "groups_moved": len(moved), "fold_max_rel_err": c.fold_err,
+            "peak_rss_mb": peak_mb() if peak is None else peak,
             "group_notes": {g.name: f"{g.strategy}: {g.note}" for g in c.group_results if g.note},
             "timings": dict(c.timings)}
 
@@ -157,11 +193,13 @@ def learn_config(args):
     return learn
 
 
-def write_results(stem: str, out: dict, lines: list[str]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
+def write_results(stem: str, out: dict, lines: list[str], out_dir: str | Path | None = None) -> None:
+    """``<out_dir>/<stem>.json`` (everything) and ``.md`` (the table and the command), default benchmarks/results."""
+    folder = Path(out_dir) if out_dir else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(out, indent=1))
     lines = lines + ["", f"Command: `{out['command']}`"]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -198,7 +236,6 @@ def main() -> None:
     from permcompile.models import load_model
     from permcompile.passes.coupling import analyze
     from permcompile.passes.sparsify import select_linears, unstructured_masks_
-    from permcompile.pipeline import compress_
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="minilm")
@@ -223,6 +260,7 @@ def main() -> None:
     ap.add_argument("--task-loss", action="store_true", help="learned: weight the objective by task-loss Fisher")
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
                     help="run the (slow) learned strategy only for these calibration seeds (default: all)")
+    ap.add_argument("--out-dir", default=None, help="where the JSON/markdown results go (default benchmarks/results)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -279,11 +317,8 @@ def main() -> None:
             loaded = load_model(args.model)
             strategy, _, residual = method.partition("/")  # "hungarian/per-layer": per-layer residual sites
             cfg = OptimizeConfig(**{**base.__dict__, "permutation": strategy, "residual": residual or "global"})
-            t = time.perf_counter()
-            c = compress_(loaded, cfg, quiet=True, stats=stats, batches=batches,
-                          checkpoint_dir=tempfile.mkdtemp(prefix="pc-learn-"))
-            wall = time.perf_counter() - t
-            log({"method": method, "calib_seed": seed, **evaluate(loaded), **compress_row(c, wall)})
+            c, wall, peak = timed_compress(loaded, cfg, stats, batches)
+            log({"method": method, "calib_seed": seed, **evaluate(loaded), **compress_row(c, wall, peak)})
 
     add_gap_recovered(rows, metrics)
     methods = ["dense", "unstructured"] + args.methods
@@ -301,19 +336,21 @@ def main() -> None:
              f"({len(sentences)} held-out sentences from {', '.join(EVAL_NOVELS)}; calibration: "
              f"{args.calib_samples} sentences from {', '.join(CALIB_NOVELS)}, seeds {args.calib_seeds})",
              "", "| method | mean cosine | R (cosine) | Spearman | R (Spearman) | kept importance (identity → chosen) "
-             "| glue ops | permute time (s) | runs |", "|---|---|---|---|---|---|---|---|---|"]
+             "| glue ops | permute time (s) | peak memory (MiB) | runs |", "|---|---|---|---|---|---|---|---|---|---|"]
     for method, s in summary.items():
         kept = "—" if s["kept_chosen_mean"] is None else f"{s['kept_identity_mean']:.4f} → {s['kept_chosen_mean']:.4f}"
         pt = "—" if s["permute_seconds_mean"] is None else fmt(s, "permute_seconds", 1)
         lines.append(f"| {method} | {fmt(s, 'mean_cosine')} | {fmt(s, 'R_mean_cosine', 3)} | {fmt(s, 'spearman')} "
                      f"| {fmt(s, 'R_spearman', 3)} | {kept} | {s['glue_ops'] if method not in ('dense', 'unstructured') else '—'} "
-                     f"| {pt} | {s['n']} |")
+                     f"| {pt} | {peak_cell(s)} | {s['n']} |")
     lines += ["", "Mean ± sample sd over calibration seeds; R = (metric − metric_none) / (metric_unstructured − "
               "metric_none) per seed. Kept importance: share of the criterion's score kept by the N:M mask, averaged "
-              "over the groups the strategy moved. Runs = calibration seeds the row was measured on."]
+              "over the groups the strategy moved. Peak memory: the benchmark process's resident set during the method's "
+              "compress run (model, calibration data and what the script holds for evaluation). Runs = calibration "
+              "seeds the row was measured on."]
     if any(m.startswith("learned") for m in args.methods):
         lines += ["", "learned: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items())]
-    write_results(stem, out, lines)
+    write_results(stem, out, lines, args.out_dir)
     print(f"wall time {time.perf_counter() - t_start:.0f} s")
 
 

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -42,18 +41,12 @@ from permcompile.evaluate import perplexity
 from permcompile.models import load_model
 from permcompile.passes.coupling import analyze
 from permcompile.passes.sparsify import select_linears, unstructured_masks_
-from permcompile.pipeline import compress_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import learn_config  # noqa: E402
+from quality_encoder import compress_row, learn_config, timed_compress, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt", "sense_and_sensibility.txt")
 EVAL_NOVELS = ("persuasion.txt",)
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _calib_folder(data_dir: Path) -> Path:
@@ -97,6 +90,7 @@ def main() -> None:
     ap.add_argument("--kl", action="store_true",
                     help="also measure KL(dense || pruned) per token and next-token top-1 agreement with the dense "
                          "model on the same windows (doubles evaluation time)")
+    ap.add_argument("--out-dir", default=None, help="where the JSON/markdown results go (default benchmarks/results)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -148,16 +142,8 @@ def main() -> None:
             loaded = load_model(args.model)
             strategy, _, residual = method.partition("/")  # "hungarian/per-layer": per-layer residual sites
             cfg = OptimizeConfig(**{**base.__dict__, "permutation": strategy, "residual": residual or "global"})
-            t = time.perf_counter()
-            c = compress_(loaded, cfg, quiet=True, stats=stats, batches=batches,
-                          checkpoint_dir=tempfile.mkdtemp(prefix="pc-learn-"))
-            wall = time.perf_counter() - t
-            moved = [g for g in c.group_results if g.strategy != "none"]
-            kept = (sum(g.kept_chosen for g in moved) / len(moved)) if moved else None
-            kept0 = (sum(g.kept_identity for g in moved) / len(moved)) if moved else None
-            log({"method": method, "calib_seed": seed, **evaluate(loaded), "glue_ops": c.fold_report.glue_ops,
-                 "permute_seconds": c.timings.get("permute"), "compress_seconds": wall,
-                 "kept_identity": kept0, "kept_chosen": kept, "peak_rss_mb": _peak_mb()})
+            c, wall, peak = timed_compress(loaded, cfg, stats, batches)
+            log({"method": method, "calib_seed": seed, **evaluate(loaded), **compress_row(c, wall, peak)})
 
     # gap recovered, per calibration sample
     for r in rows:
@@ -185,31 +171,32 @@ def main() -> None:
             "ppl_mean": statistics.mean(ppls), "ppl_sd": statistics.pstdev(ppls) if len(ppls) > 1 else 0.0,
             "R_mean": statistics.mean(rs) if rs else None, "R_sd": statistics.pstdev(rs) if len(rs) > 1 else 0.0,
             "permute_seconds": statistics.mean([r["permute_seconds"] for r in sel]) if sel and "permute_seconds" in sel[0] else None,
+            "peak_rss_mb": statistics.mean([r["peak_rss_mb"] for r in sel]) if sel and "peak_rss_mb" in sel[0] else None,
             "glue_ops": sel[0].get("glue_ops", 0) if sel else None, "n": len(sel)}
     out = {"model": args.model, "sparsity": str(sparsity), "criterion": args.criterion, "context": args.context,
            "eval_tokens": args.eval_tokens, "eval_text": list(EVAL_NOVELS), "calib_text": list(CALIB_NOVELS),
            "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "dense_ppl": ppl_dense,
            "rows": rows, "summary": summary, "learn": dataclasses.asdict(learn), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "command": " ".join(["python", "benchmarks/quality_lm.py"] + sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     model_tag = Path(args.model).name if os.sep in args.model else args.model  # an HF folder: its name
     stem = f"quality_{model_tag}_{str(sparsity).replace(':', 'of')}_{args.criterion}{args.tag}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
     lines = [f"### {args.model}, {sparsity}, {args.criterion}: held-out perplexity ({', '.join(EVAL_NOVELS)}, "
              f"{args.eval_tokens} tokens, context {args.context}); dense {ppl_dense:.2f}",
              ""]
     kl_cols = args.kl
     lines += ["| method | ppl (mean ± sd) | R (mean ± sd) | " + ("KL to dense (nats/token) | R (KL) | top-1 agreement | " if kl_cols else "")
-              + "glue ops | permute time (s) | runs |", "|---|---|---|" + ("---|---|---|" if kl_cols else "") + "---|---|---|"]
+              + "glue ops | permute time (s) | peak memory (MiB) | runs |",
+              "|---|---|---|" + ("---|---|---|" if kl_cols else "") + "---|---|---|---|"]
     for method, s in summary.items():
         r = "—" if s["R_mean"] is None else f"{s['R_mean']:.3f} ± {s['R_sd']:.3f}"
         pt = "—" if s["permute_seconds"] is None else f"{s['permute_seconds']:.1f}"
+        pk = "—" if s["peak_rss_mb"] is None else f"{s['peak_rss_mb']:.0f}"
         kl = ""
         if kl_cols:
             rk = "—" if s["R_kl_mean"] is None else f"{s['R_kl_mean']:.3f} ± {s['R_kl_sd']:.3f}"
             kl = ("— | — | — | " if s["kl_mean"] is None else
                   f"{s['kl_mean']:.4f} ± {s['kl_sd']:.4f} | {rk} | {s['top1_agreement_mean']:.4f} | ")
-        lines.append(f"| {method} | {s['ppl_mean']:.2f} ± {s['ppl_sd']:.2f} | {r} | {kl}{s['glue_ops'] or 0} | {pt} | {s['n']} |")
+        lines.append(f"| {method} | {s['ppl_mean']:.2f} ± {s['ppl_sd']:.2f} | {r} | {kl}{s['glue_ops'] or 0} | {pt} | {pk} | {s['n']} |")
     seeds = list(args.calib_seeds)
     def per_seed(title: str, key: str, fmt: str) -> list[str]:
         out_lines = ["", title, "", "| method | " + " | ".join(f"seed {x}" for x in seeds) + " |",
@@ -225,9 +212,7 @@ def main() -> None:
         lines += per_seed("Per calibration seed (KL to dense, nats/token):", "kl", ".4f")
     if any(m.startswith("learned") for m in args.methods):
         lines += ["", "learned: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items())]
-    lines += ["", f"Command: `{out['command']}`"]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(stem, out, lines, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from permcompile.config import OBJECTIVES, WARM_STARTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_encoder import (CachedReference, learn_config, add_gap_recovered, compress_row, fmt, group_overview,  # noqa: E402
-                             method_seeds, summarise, write_results)
+                             method_seeds, peak_cell, summarise, timed_compress, write_results)
 
 DEFAULT_DINOV2 = Path(__file__).resolve().parent / "cache" / "dinov2-s"
 
@@ -57,15 +57,15 @@ def _photos() -> list[Path]:
 
 def _table(title: str, summary: dict, cols: list[tuple[str, str]], note: str) -> list[str]:
     head = "| method | " + " | ".join(label for _, label in cols) + \
-           " | kept importance (identity → chosen) | glue ops | permute time (s) | runs |"
-    lines = [title, "", head, "|" + "---|" * (len(cols) + 5)]
+           " | kept importance (identity → chosen) | glue ops | permute time (s) | peak memory (MiB) | runs |"
+    lines = [title, "", head, "|" + "---|" * (len(cols) + 6)]
     for method, s in summary.items():
         kept = "—" if s["kept_chosen_mean"] is None else f"{s['kept_identity_mean']:.4f} → {s['kept_chosen_mean']:.4f}"
         pt = "—" if s["permute_seconds_mean"] is None else fmt(s, "permute_seconds", 1)
         glue = "—" if method in ("dense", "unstructured") else str(s["glue_ops"])
         digits = {"top1": 4, "agreement": 4}
         cells = [fmt(s, key, 3 if key.startswith("R_") else digits.get(key, 4)) for key, _ in cols]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {kept} | {glue} | {pt} | {s['n']} |")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {kept} | {glue} | {pt} | {peak_cell(s)} | {s['n']} |")
     return lines + ["", note]
 
 
@@ -76,7 +76,6 @@ def _run_rows(args, name: str, fresh_model, calibrate, evaluate, metrics: list[s
     from permcompile.config import OptimizeConfig, Sparsity
     from permcompile.passes.coupling import analyze
     from permcompile.passes.sparsify import select_linears, unstructured_masks_
-    from permcompile.pipeline import compress_
 
     sparsity = Sparsity.parse(args.sparsity)
     learn = learn_config(args)
@@ -111,11 +110,8 @@ def _run_rows(args, name: str, fresh_model, calibrate, evaluate, metrics: list[s
             strategy, _, residual = method.partition("/")  # "hungarian/per-layer": per-layer residual sites
             cfg = OptimizeConfig(sparsity=sparsity, criterion=args.criterion, permutation=strategy, seed=seed,
                                  calib_samples=args.calib_samples, learn=learn, residual=residual or "global")
-            t = time.perf_counter()
-            c = compress_(loaded, cfg, quiet=True, stats=stats, batches=batches,
-                          checkpoint_dir=tempfile.mkdtemp(prefix="pc-learn-"))
-            wall = time.perf_counter() - t
-            log({"method": method, "calib_seed": seed, **evaluate(loaded), **compress_row(c, wall)})
+            c, wall, peak = timed_compress(loaded, cfg, stats, batches)
+            log({"method": method, "calib_seed": seed, **evaluate(loaded), **compress_row(c, wall, peak)})
     add_gap_recovered(rows, metrics)
     return rows, groups_info
 
@@ -197,7 +193,7 @@ def run_dinov2(args) -> None:
         note = (f"learned: {args.steps if args.steps is not None else 'default'} steps per round, "
                 f"{args.swap_trials if args.swap_trials is not None else 'default'} exchange trials per group, "
                 f"calibration seeds {args.learned_seeds or args.calib_seeds}. ") + note
-    write_results(stem, out, _table(title, summary, [("cls_cosine", "CLS cosine"), ("R_cls_cosine", "R (CLS)"),
+    write_results(stem, out, out_dir=args.out_dir, lines=_table(title, summary, [("cls_cosine", "CLS cosine"), ("R_cls_cosine", "R (CLS)"),
                                                      ("patch_cosine", "patch cosine"),
                                                      ("R_patch_cosine", "R (patch)")], note))
     print(f"dinov2 wall time {time.perf_counter() - t_start:.0f} s")
@@ -315,7 +311,7 @@ def run_digits(args) -> None:
         note = (f"learned: {args.steps if args.steps is not None else 'default'} steps per round, "
                 f"{args.swap_trials if args.swap_trials is not None else 'default'} exchange trials per group, "
                 f"calibration seeds {args.learned_seeds or args.calib_seeds}. ") + note
-    write_results(stem, out, _table(title, summary, [("top1", "top-1"), ("R_top1", "R (top-1)"),
+    write_results(stem, out, out_dir=args.out_dir, lines=_table(title, summary, [("top1", "top-1"), ("R_top1", "R (top-1)"),
                                                      ("agreement", "agreement with dense"),
                                                      ("R_agreement", "R (agreement)")], note))
     print(f"digits wall time {time.perf_counter() - t_start:.0f} s")
@@ -351,6 +347,7 @@ def main() -> None:
     ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
     ap.add_argument("--warm-start", choices=WARM_STARTS, default=None, help="learned: heuristic to start from")
     ap.add_argument("--sequential", action="store_true", help="learned: Grams from the already-pruned earlier blocks")
+    ap.add_argument("--out-dir", default=None, help="where the JSON/markdown results go (default benchmarks/results)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.manual_seed(0)

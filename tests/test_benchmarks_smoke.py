@@ -96,3 +96,67 @@ def test_plot_results_on_synthetic_files(tmp_path, capsys):
     assert list(table) == ["ppl", "R"]
     mean, sd, n = table["ppl"]["hungarian"]
     assert mean == pytest.approx(399.5) and sd == pytest.approx(0.5) and n == 2
+
+
+def _austen_stand_in(folder: Path) -> Path:
+    """A data folder with the file names the quality scripts read, filled with varied made-up prose."""
+    import random
+
+    rng = random.Random(0)
+    words = ("the house was quiet and she walked to the window where the letter lay unopened while her "
+             "sister spoke of the ball and the weather and of captain wentworth who had not called").split()
+    folder.mkdir()
+    for name in ("northanger_abbey.txt", "mansfield_park.txt", "sense_and_sensibility.txt", "persuasion.txt"):
+        sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "."
+                     for _ in range(300)]
+        (folder / name).write_text(" ".join(sentences), encoding="utf-8")
+    return folder
+
+
+def _run_script(args: list[str]) -> str:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def test_quality_lm_on_a_tiny_model_writes_its_table(tmp_path, tiny_dir):
+    """quality_lm.py end to end on a tiny causal LM: every requested row, R, per-method peak memory, the
+    learned settings and the command, written to --out-dir (not into benchmarks/results)."""
+    data = _austen_stand_in(tmp_path / "data")
+    out = tmp_path / "out"
+    _run_script([str(BENCH / "quality_lm.py"), "--model", str(tiny_dir("llama")), "--data-dir", str(data),
+                 "--calib-seeds", "0", "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "300",
+                 "--context", "64", "--methods", "none", "hungarian", "learned", "--swap-trials", "50",
+                 "--residual-trials", "50", "--out-dir", str(out), "--tag", "_smoke"])
+    stem = f"quality_{tiny_dir('llama').name}_2of4_wanda_smoke"
+    result = json.loads((out / f"{stem}.json").read_text())
+    assert {r["method"] for r in result["rows"]} == {"dense", "unstructured", "none", "hungarian", "learned"}
+    for r in result["rows"]:
+        if r["method"] in ("none", "hungarian", "learned"):
+            assert r["peak_rss_mb"] > 50 and r["ppl"] > 1 and "R" in r or r["method"] == "none"
+    assert result["learn"]["residual_trials"] == 50
+    table = (out / f"{stem}.md").read_text()
+    assert "| peak memory (MiB) |" in table and "Command: `python benchmarks/quality_lm.py" in table
+    row = next(line for line in table.splitlines() if line.startswith("| learned |"))
+    assert row.count("|") == table.splitlines()[2].count("|")  # as many cells as the header
+
+
+def test_quality_vision_digits_small_run(tmp_path):
+    """quality_vision.py --part digits with a small training budget: rows, R and the peak-memory column."""
+    out = tmp_path / "out"
+    _run_script([str(BENCH / "quality_vision.py"), "--part", "digits", "--calib-seeds", "0", "--digits-epochs", "1",
+                 "--methods", "none", "hungarian", "learned", "--swap-trials", "50", "--out-dir", str(out),
+                 "--tag", "_smoke"])
+    result = json.loads((out / "quality_vit-digits_2of4_wanda_smoke.json").read_text())
+    methods = {r["method"] for r in result["rows"]}
+    assert {"dense", "unstructured", "none", "hungarian", "learned"} <= methods
+    assert all(r["peak_rss_mb"] > 50 for r in result["rows"] if r["method"] in ("hungarian", "learned"))
+    table = (out / "quality_vit-digits_2of4_wanda_smoke.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| method |"))
+    assert "peak memory (MiB)" in header
+    row = next(line for line in table.splitlines() if line.startswith("| learned |"))
+    assert row.count("|") == header.count("|")
