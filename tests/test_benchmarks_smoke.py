@@ -139,6 +139,7 @@ def test_quality_lm_on_a_tiny_model_writes_its_table(tmp_path, tiny_dir):
         if r["method"] in ("none", "hungarian", "learned"):
             assert r["peak_rss_mb"] > 50 and r["ppl"] > 1 and "R" in r or r["method"] == "none"
     assert result["learn"]["residual_trials"] == 50
+    assert "learned (calibration seeds 0): block_size=" in (out / f"{stem}.md").read_text()
     table = (out / f"{stem}.md").read_text()
     assert "| peak memory (MiB) |" in table and "Command: `python benchmarks/quality_lm.py" in table
     row = next(line for line in table.splitlines() if line.startswith("| learned |"))
@@ -155,6 +156,7 @@ def test_quality_vision_digits_small_run(tmp_path):
     methods = {r["method"] for r in result["rows"]}
     assert {"dense", "unstructured", "none", "hungarian", "learned"} <= methods
     assert all(r["peak_rss_mb"] > 50 for r in result["rows"] if r["method"] in ("hungarian", "learned"))
+    assert result["learn"]["swap_trials"] == 50 and "swap_trials=50" in (out / "quality_vit-digits_2of4_wanda_smoke.md").read_text()
     table = (out / "quality_vit-digits_2of4_wanda_smoke.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| method |"))
     assert "peak memory (MiB)" in header
