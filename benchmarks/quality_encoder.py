@@ -67,6 +67,34 @@ def reset_peak() -> None:
         pass
 
 
+def text_calibration(model: str, base):
+    """A fresh copy of ``model`` and its text calibration for ``base`` (an OptimizeConfig):
+    ``(loaded, batches, stats, seconds)``."""
+    from permcompile.calib.data import load_calibration
+    from permcompile.calib.stats import collect_input_stats
+    from permcompile.models import load_model
+
+    loaded = load_model(model)
+    t = time.perf_counter()
+    batches = load_calibration(base.calib, loaded, base.calib_samples, base.calib_seq_len, base.seed)
+    stats = collect_input_stats(loaded.model, batches, progress=False, forward_kwargs=loaded.forward_kwargs())
+    return loaded, batches, stats, time.perf_counter() - t
+
+
+def unstructured_ceiling_(loaded, stats, sparsity, criterion: str):
+    """Prune ``loaded`` in place to unstructured ``1 - n/m`` sparsity with the same criterion and statistics (the
+    ceiling every N:M row is measured against). Returns ``(groups, linears)`` of the analysis it ran."""
+    from permcompile.capture import capture
+    from permcompile.passes.coupling import analyze
+    from permcompile.passes.sparsify import select_linears, unstructured_masks_
+
+    captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
+    groups = analyze(captured)
+    linears = select_linears(loaded.model, captured, groups, sparsity.m)
+    unstructured_masks_(loaded.model, linears, stats, criterion, 1 - sparsity.n / sparsity.m)
+    return groups, linears
+
+
 def timed_compress(loaded, cfg, stats, batches):
     """One method's ``compress_`` run on shared calibration data: ``(result, wall seconds, peak MiB)``. The peak
     is the whole process's resident memory during the run (it includes the evaluation data the script holds)."""
@@ -238,14 +266,9 @@ def _eval_sentences(data_dir: Path, n: int, seed: int) -> list[str]:
 
 
 def main() -> None:
-    from permcompile.calib.data import load_calibration
-    from permcompile.calib.stats import collect_input_stats
-    from permcompile.capture import capture
     from permcompile.config import OptimizeConfig, Sparsity
     from permcompile.evaluate import embedding_similarity
     from permcompile.models import load_model
-    from permcompile.passes.coupling import analyze
-    from permcompile.passes.sparsify import select_linears, unstructured_masks_
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="minilm")
@@ -305,19 +328,10 @@ def main() -> None:
         base = OptimizeConfig(sparsity=sparsity, criterion=args.criterion, calib=str(calib_dir),
                               calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=seed,
                               learn=learn)
-        loaded = load_model(args.model)
-        t = time.perf_counter()
-        batches = load_calibration(base.calib, loaded, base.calib_samples, base.calib_seq_len, seed)
-        stats = collect_input_stats(loaded.model, batches, progress=False, forward_kwargs=loaded.forward_kwargs())
-        calib_s = time.perf_counter() - t
-
-        # unstructured 50% with the same criterion and statistics: the ceiling
-        captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
-        groups = analyze(captured)
+        loaded, batches, stats, calib_s = text_calibration(args.model, base)
+        groups, linears = unstructured_ceiling_(loaded, stats, sparsity, args.criterion)
         if groups_info is None:
             groups_info = group_overview(groups)
-        linears = select_linears(loaded.model, captured, groups, sparsity.m)
-        unstructured_masks_(loaded.model, linears, stats, args.criterion, 1 - sparsity.n / sparsity.m)
         log({"method": "unstructured", "calib_seed": seed, **evaluate(loaded), "calib_seconds": calib_s,
              "pruned_layers": sum(i.prune for i in linears), "dense_layers": sum(not i.prune for i in linears)})
 
@@ -341,7 +355,8 @@ def main() -> None:
            "groups": groups_info, "rows": rows, "summary": summary, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t_start,
            "command": " ".join(["python", "benchmarks/quality_encoder.py"] + sys.argv[1:])}
-    stem = f"quality_{args.model}_{str(sparsity).replace(':', 'of')}_{args.criterion}{args.tag}"
+    model_tag = Path(args.model).name if os.sep in args.model else args.model  # an HF folder: its name
+    stem = f"quality_{model_tag}_{str(sparsity).replace(':', 'of')}_{args.criterion}{args.tag}"
     lines = [f"### {args.model}, {sparsity}, {args.criterion}: sentence-embedding agreement with the dense model "
              f"({len(sentences)} held-out sentences from {', '.join(EVAL_NOVELS)}; calibration: "
              f"{args.calib_samples} sentences from {', '.join(CALIB_NOVELS)}, seeds {args.calib_seeds})",

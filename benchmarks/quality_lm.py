@@ -33,17 +33,13 @@ import torch
 
 from permcompile.config import OBJECTIVES, WARM_STARTS
 
-from permcompile.calib.data import load_calibration
-from permcompile.calib.stats import collect_input_stats
-from permcompile.capture import capture
 from permcompile.config import OptimizeConfig, Sparsity
 from permcompile.evaluate import perplexity
 from permcompile.models import load_model
-from permcompile.passes.coupling import analyze
-from permcompile.passes.sparsify import select_linears, unstructured_masks_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import compress_row, learn_config, learned_note, timed_compress, write_results  # noqa: E402
+from quality_encoder import (compress_row, learn_config, learned_note, text_calibration, timed_compress,  # noqa: E402
+                             unstructured_ceiling_, write_results)  # noqa: E402
 
 CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt", "sense_and_sensibility.txt")
 EVAL_NOVELS = ("persuasion.txt",)
@@ -124,16 +120,8 @@ def main() -> None:
         base = OptimizeConfig(sparsity=sparsity, criterion=args.criterion, calib=str(calib_dir),
                               calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=seed,
                               learn=learn)
-        loaded = load_model(args.model)
-        t = time.perf_counter()
-        batches = load_calibration(base.calib, loaded, base.calib_samples, base.calib_seq_len, seed)
-        stats = collect_input_stats(loaded.model, batches, progress=False, forward_kwargs=loaded.forward_kwargs())
-        calib_s = time.perf_counter() - t
-
-        # unstructured 50% with the same criterion and statistics: the ceiling
-        captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
-        linears = select_linears(loaded.model, captured, analyze(captured), sparsity.m)
-        unstructured_masks_(loaded.model, linears, stats, args.criterion, 1 - sparsity.n / sparsity.m)
+        loaded, batches, stats, calib_s = text_calibration(args.model, base)
+        unstructured_ceiling_(loaded, stats, sparsity, args.criterion)
         log({"method": "unstructured", "calib_seed": seed, **evaluate(loaded), "calib_seconds": calib_s})
 
         for method in args.methods:

@@ -45,7 +45,7 @@ from permcompile.config import OBJECTIVES, WARM_STARTS
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_encoder import (CachedReference, learn_config, add_gap_recovered, compress_row, fmt, group_overview,  # noqa: E402
                              learned_note, method_seeds, peak_cell, summarise, timed_compress,
-                             write_results)
+                             unstructured_ceiling_, write_results)
 
 DEFAULT_DINOV2 = Path(__file__).resolve().parent / "cache" / "dinov2-s"
 
@@ -74,10 +74,7 @@ def _table(title: str, summary: dict, cols: list[tuple[str, str]], note: str) ->
 def _run_rows(args, name: str, fresh_model, calibrate, evaluate, metrics: list[str]) -> tuple[list[dict], list]:
     """dense, then per calibration seed: unstructured and every permutation method. ``fresh_model()`` returns a
     new LoadedModel; ``calibrate(loaded, seed)`` returns (batches, stats); ``evaluate(loaded)`` a metrics dict."""
-    from permcompile.capture import capture
     from permcompile.config import OptimizeConfig, Sparsity
-    from permcompile.passes.coupling import analyze
-    from permcompile.passes.sparsify import select_linears, unstructured_masks_
 
     sparsity = Sparsity.parse(args.sparsity)
     learn = learn_config(args)
@@ -96,12 +93,9 @@ def _run_rows(args, name: str, fresh_model, calibrate, evaluate, metrics: list[s
         t = time.perf_counter()
         batches, stats = calibrate(loaded, seed)
         calib_s = time.perf_counter() - t
-        captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
-        groups = analyze(captured)
+        groups, linears = unstructured_ceiling_(loaded, stats, sparsity, args.criterion)
         if groups_info is None:
             groups_info = group_overview(groups)
-        linears = select_linears(loaded.model, captured, groups, sparsity.m)
-        unstructured_masks_(loaded.model, linears, stats, args.criterion, 1 - sparsity.n / sparsity.m)
         log({"method": "unstructured", "calib_seed": seed, **evaluate(loaded), "calib_seconds": calib_s,
              "pruned_layers": sum(i.prune for i in linears),
              "dense_layers": [i.module for i in linears if not i.prune]})

@@ -162,3 +162,22 @@ def test_quality_vision_digits_small_run(tmp_path):
     assert "peak memory (MiB)" in header
     row = next(line for line in table.splitlines() if line.startswith("| learned |"))
     assert row.count("|") == header.count("|")
+
+
+def test_quality_encoder_on_a_tiny_model_folder(tmp_path, tiny_dir):
+    """quality_encoder.py on a tiny BERT folder (a path, not a registry name): the results are named after the
+    folder, every row is written and the table carries the peak-memory column and the learned settings."""
+    data = _austen_stand_in(tmp_path / "data")
+    out = tmp_path / "out"
+    _run_script([str(BENCH / "quality_encoder.py"), "--model", str(tiny_dir("bert")), "--data-dir", str(data),
+                 "--calib-seeds", "0", "--calib-samples", "8", "--eval-sentences", "40",
+                 "--methods", "none", "hungarian", "learned", "--swap-trials", "50", "--out-dir", str(out),
+                 "--tag", "_smoke"])
+    stem = f"quality_{tiny_dir('bert').name}_2of4_wanda_smoke"
+    result = json.loads((out / f"{stem}.json").read_text())
+    assert {r["method"] for r in result["rows"]} == {"dense", "unstructured", "none", "hungarian", "learned"}
+    table = (out / f"{stem}.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| method |"))
+    row = next(line for line in table.splitlines() if line.startswith("| learned |"))
+    assert "peak memory (MiB)" in header and row.count("|") == header.count("|")
+    assert "swap_trials=50" in table
