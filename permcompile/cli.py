@@ -115,7 +115,9 @@ def main():
 @click.option("--no-prune", is_flag=True, help="Permute and fold only; the model's function is unchanged.")
 @click.option("--prune-embeddings", is_flag=True, help="Also prune output heads (LM head), which stay dense by default.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same result).")
-@click.option("--device", default="cpu", show_default=True, help="Device for learning: cpu or cuda.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Device for the learned strategy's Sinkhorn phase (--steps > 0): cpu or cuda. Calibration and "
+                   "the exchange search run on the CPU.")
 @click.option("--steps", default=None, type=int,
               help="Learned strategy: Sinkhorn matching steps per group before the exchanges (default 0: off; it "
                    "measured within noise of its warm start).")

@@ -176,6 +176,9 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
         r.strategy = "learned"
         r.note = (f"{lc.objective} error {res.loss_warm:.5f} ({lc.warm_start}) -> {res.loss_best:.5f}"
                   f" ({res.swaps} exchanges kept)")
+        if bar:
+            bar.set_postfix_str(f"{g.name[-32:]} {lc.objective} error {res.loss_warm:.4f} -> {res.loss_best:.4f}, "
+                                f"kept importance {r.kept_chosen:.4f}")
         done_block[g.name] = {"perm": res.perm.tolist(), "kept": r.kept_chosen, "note": r.note}
     return done_block
 
@@ -395,6 +398,8 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
             if key not in state["done"]:
                 t1 = time.perf_counter()
                 gen = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
+                if bar:
+                    bar.set_postfix_str(f"residual stream: {config.learn.residual_trials} exchange trials")
                 state["done"][key] = _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen)
                 for name in state["done"][key]:
                     by_name[name].seconds += time.perf_counter() - t1
