@@ -158,20 +158,23 @@ def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, wa
     """Refine ``warm`` to lower the layer-output error of the N:M-masked consumers.
 
     Two phases: ``rounds`` × ``steps`` of block-wise Sinkhorn matching (above), then ``swap_trials``
-    exchange trials (:func:`swap_refine`) on the same low-rank objective. Returns the best hard permutation
+    exchange trials (:func:`swap_refine`) on the exact objective. Returns the best hard permutation
     evaluated (never worse than ``warm`` on the exact objective).
     """
     gen = generator or torch.Generator().manual_seed(0)
     dev = torch.device(device)
     warm = torch.as_tensor(warm, dtype=torch.long)
     cur = warm.clone()
-    factors = [gram_factor(c.gram) for c in consumers]
-    best_loss = _lowrank_error(consumers, factors, cur, n_keep, m)
+    # the Sinkhorn phase scores with a low-rank factor of each Gram (several times cheaper per step); the
+    # exchange search does not need one (its trial cost does not depend on the rank), so it uses the exact Gram
+    factors = [gram_factor(c.gram) for c in consumers] if steps > 0 else None
+    best_loss = _lowrank_error(consumers, factors, cur, n_keep, m) if factors else output_error(consumers, cur,
+                                                                                                n_keep, m)
     history = [best_loss]
     movable = ~fixed[cur] if fixed is not None else torch.ones(n, dtype=torch.bool)
     pos_labels = labels[cur]
     done = 0
-    for rnd in range(rounds):
+    for rnd in range(rounds if factors else 0):
         layout = _stripe_blocks(cur, pos_labels, movable, m, block, gen, shuffle=rnd > 0)
         if not layout:
             break
@@ -185,10 +188,10 @@ def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, wa
             done += k
     swaps = 0
     if swap_trials > 0:
-        cur, swap_loss, swaps = swap_refine(consumers, factors, cur, n_keep, m, labels, fixed, trials=swap_trials,
-                                            generator=gen)
+        cur, swap_loss, swaps = swap_refine(consumers, [c.gram for c in consumers], cur, n_keep, m, labels, fixed,
+                                            trials=swap_trials, generator=gen)
         history.append(swap_loss)
-    # the search used a low-rank Gram: confirm on the exact objective, never return something worse
+    # the Sinkhorn phase used a low-rank Gram: confirm on the exact objective, never return something worse
     warm_exact = output_error(consumers, warm, n_keep, m)
     cur_exact = output_error(consumers, cur, n_keep, m)
     if cur_exact > warm_exact:
@@ -275,13 +278,14 @@ def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, 
     return best_loss, cur, steps
 
 
-def swap_refine(consumers: list[Consumer], factors: list[torch.Tensor], perm: torch.Tensor, n_keep: int, m: int,
+def swap_refine(consumers: list[Consumer], grams: list[torch.Tensor], perm: torch.Tensor, n_keep: int, m: int,
                 labels: torch.Tensor, fixed: torch.Tensor | None, *, trials: int = 1000,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, float, int]:
-    """Pairwise exchanges that lower the low-rank output error, each checked exactly before it is kept.
+    """Pairwise exchanges that lower the output error, each checked exactly before it is kept.
 
-    The loss is ``Σ_c ||R_c F_c||² = Σ_c ⟨R_c, R_c G_c⟩`` with ``R_c`` the pruned-away weights ``W ⊙ (1-M)``
-    in the consumer's own column order and ``G_c = F_c F_cᵀ``. Exchanging the elements at positions ``i``
+    The loss is ``Σ_c ⟨R_c, R_c G_c⟩ / Σ_c ⟨W_c, W_c G_c⟩`` with ``R_c`` the pruned-away weights ``W ⊙ (1-M)``
+    in the consumer's own column order and ``G_c`` the Gram matrix it is scored with (``grams``: usually the
+    consumer's exact ``c.gram``). Exchanging the elements at positions ``i``
     and ``j`` only changes the mask of the stripes holding them (times replicas), i.e. a few columns ``S``
     of ``R``: with ``D`` the change of those columns, the loss moves by ``2⟨(RG)[:, S], D⟩ + ⟨D G[S, S], D⟩``.
     Keeping ``RG`` up to date (a rank-|S| update per kept exchange) makes a trial cost ``O(out · |S|²)``,
@@ -296,9 +300,9 @@ def swap_refine(consumers: list[Consumer], factors: list[torch.Tensor], perm: to
     pos_labels = labels[cur]
     num, den = 0.0, 0.0
     state = []  # per consumer: [src, R (pruned weights by source column), G, RG]
-    for c, f in zip(consumers, factors):
+    for c, gram in zip(consumers, grams):
         src = _positions(c, cur)
-        g = (f @ f.T).double()
+        g = gram.double()
         w = c.w.double()
         r = torch.zeros_like(w)
         r[:, src] = c.w[:, src].double() * (~nm_mask(c.scores[:, src], n_keep, m))
