@@ -20,6 +20,12 @@ R = gap recovered = (metric_none − metric_method) / (metric_none − metric_un
 (sign flipped for similarity metrics): the share of the loss between N:M without permutation and
 unstructured sparsity at the same density (the ceiling) that a method closes. `random` is the
 random-permutation control.
+
+The learned strategy's defaults changed on 2026-12-03 (from `steps=30, swap_trials=0, objective=output` to
+`steps=0, swap_trials=1000, objective=auto`). A command that does not pass `--steps`/`--swap-trials`/`--objective`
+reproduces its table only with the defaults of its day: the perplexity and MiniLM tables list every learned
+setting they used under the table (the vision tables do so since that date). Peak memory columns (process resident set
+during each method's compress run) exist in tables written since the same date.
 """
 
 
