@@ -25,7 +25,8 @@ The learned strategy's defaults changed on 2026-12-03 (from `steps=30, swap_tria
 `steps=0, swap_trials=1000, objective=auto`). A command that does not pass `--steps`/`--swap-trials`/`--objective`
 reproduces its table only with the defaults of its day: the perplexity and MiniLM tables list every learned
 setting they used under the table (the vision tables do so since that date). Peak memory columns (process resident set
-during each method's compress run) exist in tables written since the same date.
+during each method's compress run) exist in tables written since the same date, and perplexity tables show
+the sample sd over seeds like the others (before, the population sd: smaller by √((n−1)/n)).
 """
 
 

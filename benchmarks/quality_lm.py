@@ -153,11 +153,11 @@ def main() -> None:
         rkl = [r["R_kl"] for r in sel if "R_kl" in r]
         agree = [r["top1_agreement"] for r in sel if "top1_agreement" in r]
         summary[method] = {
-            "kl_mean": statistics.mean(kls) if kls else None, "kl_sd": statistics.pstdev(kls) if len(kls) > 1 else 0.0,
+            "kl_mean": statistics.mean(kls) if kls else None, "kl_sd": statistics.stdev(kls) if len(kls) > 1 else 0.0,
             "top1_agreement_mean": statistics.mean(agree) if agree else None,
-            "R_kl_mean": statistics.mean(rkl) if rkl else None, "R_kl_sd": statistics.pstdev(rkl) if len(rkl) > 1 else 0.0,
-            "ppl_mean": statistics.mean(ppls), "ppl_sd": statistics.pstdev(ppls) if len(ppls) > 1 else 0.0,
-            "R_mean": statistics.mean(rs) if rs else None, "R_sd": statistics.pstdev(rs) if len(rs) > 1 else 0.0,
+            "R_kl_mean": statistics.mean(rkl) if rkl else None, "R_kl_sd": statistics.stdev(rkl) if len(rkl) > 1 else 0.0,
+            "ppl_mean": statistics.mean(ppls), "ppl_sd": statistics.stdev(ppls) if len(ppls) > 1 else 0.0,
+            "R_mean": statistics.mean(rs) if rs else None, "R_sd": statistics.stdev(rs) if len(rs) > 1 else 0.0,
             "permute_seconds": statistics.mean([r["permute_seconds"] for r in sel]) if sel and "permute_seconds" in sel[0] else None,
             "peak_rss_mb": statistics.mean([r["peak_rss_mb"] for r in sel]) if sel and "peak_rss_mb" in sel[0] else None,
             "glue_ops": sel[0].get("glue_ops", 0) if sel else None, "n": len(sel)}
@@ -198,6 +198,8 @@ def main() -> None:
     lines += per_seed("Per calibration seed (ppl; compare methods on the same seed):", "ppl", ".2f")
     if kl_cols:
         lines += per_seed("Per calibration seed (KL to dense, nats/token):", "kl", ".4f")
+    lines += ["", "Mean ± sample sd over calibration seeds; R = (ppl_none − ppl) / (ppl_none − ppl_unstructured) per seed. "
+              "Peak memory: the benchmark process's resident set during the method's compress run."]
     lines[-1] += learned_note(args)
     write_results(stem, out, lines, args.out_dir)
 
