@@ -189,3 +189,30 @@ def test_unknown_objective_is_refused():
         LearnConfig(objective="cosine")
     with pytest.raises(ValueError):
         objective_gram(torch.eye(3), "cosine")
+
+
+def test_diagonal_exchanges_track_the_dropped_energy_exactly():
+    from permcompile.math.learn import diagonal_exchanges
+
+    gen = torch.Generator().manual_seed(3)
+    n, rows = 32, 50
+    w = torch.randn(rows, n, generator=gen) ** 3
+    ex2 = torch.rand(n, generator=gen) * 4
+    energy, scores = (w.square() * ex2).T.contiguous(), (w.abs() * ex2.sqrt()).T.contiguous()
+    labels = torch.arange(n) // 16
+    fixed = torch.zeros(n, dtype=torch.bool)
+    fixed[20:24] = True
+
+    def dropped_share(perm):
+        mask = nm_mask(scores[perm].T, 2, 4)
+        return float((energy[perm].T * (~mask)).sum() / energy.sum())
+
+    perm, start, end, kept = diagonal_exchanges(energy, scores, torch.arange(n), 2, 4, labels, fixed, trials=500,
+                                                generator=torch.Generator().manual_seed(0))
+    assert abs(start - dropped_share(torch.arange(n))) < 1e-6
+    assert kept > 0 and end < start and abs(end - dropped_share(perm)) < 1e-6
+    assert torch.equal(perm.sort().values, torch.arange(n))
+    assert torch.equal(labels[perm], labels) and torch.equal(perm[fixed], torch.arange(n)[fixed])
+    again = diagonal_exchanges(energy, scores, torch.arange(n), 2, 4, labels, fixed, trials=500,
+                               generator=torch.Generator().manual_seed(0))[0]
+    assert torch.equal(perm, again)

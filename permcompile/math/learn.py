@@ -358,3 +358,50 @@ def swap_refine(consumers: list[Consumer], grams: list[torch.Tensor], perm: torc
             loss += delta_total / den
             kept += 1
     return cur, loss, kept
+
+
+def diagonal_exchanges(energy: torch.Tensor, scores: torch.Tensor, perm: torch.Tensor, n_keep: int, m: int,
+                       labels: torch.Tensor, fixed: torch.Tensor | None, *, trials: int = 1000,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, float, float, int]:
+    """Pairwise exchanges on the diagonal objective for a group read by many consumers at once.
+
+    ``energy`` and ``scores`` are ``[n, rows]`` (element-major: row ``e`` holds element ``e``'s entry of every
+    consumer row, stacked over consumers): ``energy = W² E[x²]`` (each consumer's rows scaled as the caller
+    wants them weighted) and the criterion's scores that choose the mask. The loss is the dropped energy
+    ``Σ energy ⊙ (1 - M)`` with ``M`` the N:M mask of ``scores`` in permuted order, i.e. a sum over stripes;
+    each stripe's share is cached, so a trial recomputes only the two stripes it changes (``O(rows · m)``,
+    contiguous reads). Returns ``(perm, loss_start, loss_end, kept)`` with losses relative to the total energy.
+    """
+    gen = generator or torch.Generator().manual_seed(0)
+    n = perm.numel()
+    cur = perm.clone()
+    total = max(float(energy.sum()), 1e-30)
+
+    def dropped(elements: torch.Tensor) -> float:  # elements of one stripe, in position order
+        e, s = energy[elements].T, scores[elements].T  # [rows, m]
+        return float((e * (~nm_mask(s, n_keep, m))).sum())
+
+    stripe_loss = [dropped(cur[k * m:(k + 1) * m]) for k in range(n // m)]
+    start = sum(stripe_loss) / total
+    movable_pos = torch.ones(n, dtype=torch.bool) if fixed is None else ~fixed[cur]
+    pos_labels = labels[cur]
+    candidates = torch.nonzero(movable_pos).flatten()
+    if candidates.numel() < 2:
+        return cur, start, start, 0
+    by_label = {int(lab): torch.nonzero(movable_pos & (pos_labels == lab)).flatten()
+                for lab in torch.unique(pos_labels[candidates])}
+    kept = 0
+    for _ in range(trials):
+        i = int(candidates[torch.randint(candidates.numel(), (1,), generator=gen)])
+        pool = by_label[int(pos_labels[i])]
+        j = int(pool[torch.randint(pool.numel(), (1,), generator=gen)])
+        a, b = i // m, j // m
+        if a == b:
+            continue
+        cand = cur.clone()
+        cand[i], cand[j] = cur[j], cur[i]
+        new_a, new_b = dropped(cand[a * m:(a + 1) * m]), dropped(cand[b * m:(b + 1) * m])
+        if new_a + new_b < stripe_loss[a] + stripe_loss[b] - 1e-9 * total:
+            cur, stripe_loss[a], stripe_loss[b] = cand, new_a, new_b
+            kept += 1
+    return cur, start, sum(stripe_loss) / total, kept

@@ -184,17 +184,19 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
 
 
 RESIDUAL_KEY = "<residual>"  # checkpoint entry of the residual-stream refinement
+MAX_RESIDUAL_ROWS = 262_144  # rows (all readers stacked) the residual refinement scores; a seeded sample beyond
 
 
 def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) -> dict:
     """Exchange refinement of the global residual-stream group(s) on the diagonal objective.
 
-    Every pruned reader (q/k/v and gate/up of every block) is a consumer whose Gram is ``diag(E[x²])`` from
-    the calibration statistics, so nothing beyond what Wanda already collected is needed. Each reader's
-    weights are scaled so that its dense error term is 1: the objective is the mean over readers of the
-    share of ``Σ W² E[x²]`` each one's mask drops (deep layers with large activations do not own it).
-    Returns checkpoint entries like :func:`_learn_block`.
+    Every pruned reader (q/k/v and gate/up of every block) contributes its rows: the energy ``W² E[x²]`` of each
+    weight (``E[x²]`` from the calibration statistics, so nothing beyond what Wanda collected is needed), each
+    reader scaled so its rows sum to 1, so the objective is the mean over readers of the share of ``Σ W² E[x²]``
+    its mask drops (deep layers with large activations do not own it). At most ``MAX_RESIDUAL_ROWS`` rows
+    (a seeded sample beyond that). Returns checkpoint entries like :func:`_learn_block`.
     """
+    from ..math.learn import diagonal_exchanges
     from ..math.nm import kept_importance
     from .sparsify import group_score_matrix
 
@@ -204,32 +206,36 @@ def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) ->
         r = by_name.get(g.name)
         if (g.kind != "residual" or r is None or r.strategy == "none" or g.size % m or g.movable < 2 * m):
             continue
-        consumers = []
+        energies, scores = [], []
         for mem in g.consumers:
             st = stats.get(mem.module) if stats else None
             if mem.param not in pruned or st is None:
                 continue
             w = weight_kout(net, mem).detach().float()
-            index = mem.index_tensor(w.shape[1])
-            if not bool((index % m == torch.arange(index.numel()) % m).all()):
-                continue  # its stripes do not line up with the group's: not part of the objective
-            ex2 = (st.sum_sq / max(st.count, 1)).float()
-            w = w / (w.square() * ex2).sum().sqrt().clamp_min(1e-30)
-            consumers.append(Consumer(w, consumer_scores(net, mem, stats, config.criterion), torch.diag(ex2), index))
-        if not consumers:
+            if not torch.equal(mem.index_tensor(w.shape[1]), torch.arange(g.size)):
+                continue  # not one column per element in order (never the case for residual readers)
+            e = w.square() * (st.sum_sq / max(st.count, 1)).float()
+            energies.append((e / e.sum().clamp_min(1e-30)).T)
+            scores.append(consumer_scores(net, mem, stats, config.criterion).T)
+        if not energies:
             continue
-        res = learn_permutation(consumers, g.size, n, m, perms[g.name], g.block_labels(), g.fixed_mask(),
-                                steps=0, swap_trials=config.learn.residual_trials, generator=gen,
-                                device=config.device)
-        if not g.is_valid(res.perm):
+        energy, score = torch.cat(energies, dim=1), torch.cat(scores, dim=1)  # [n, rows]
+        if energy.shape[1] > MAX_RESIDUAL_ROWS:
+            keep = torch.randperm(energy.shape[1], generator=gen)[:MAX_RESIDUAL_ROWS].sort().values
+            energy, score = energy[:, keep], score[:, keep]
+        energy, score = energy.contiguous(), score.contiguous()
+        perm, before, after, kept = diagonal_exchanges(energy, score, perms[g.name], n, m, g.block_labels(),
+                                                       g.fixed_mask(), trials=config.learn.residual_trials,
+                                                       generator=gen)
+        if not g.is_valid(perm):
             raise RuntimeError(f"learned permutation for {g.name} breaks its constraints")
-        perms[g.name] = res.perm
-        scores = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
-        r.kept_chosen = kept_importance(scores, n, m, res.perm) / float(scores.sum())
+        perms[g.name] = perm
+        matrix = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
+        r.kept_chosen = kept_importance(matrix, n, m, perm) / float(matrix.sum())
         r.strategy = "learned"
-        r.note = (f"diagonal error over {len(consumers)} readers {res.loss_warm:.5f} ({config.learn.warm_start})"
-                  f" -> {res.loss_best:.5f} ({res.swaps} exchanges kept)")
-        done[g.name] = {"perm": res.perm.tolist(), "kept": r.kept_chosen, "note": r.note}
+        r.note = (f"diagonal error over {len(energies)} readers {before:.5f} ({config.learn.warm_start})"
+                  f" -> {after:.5f} ({kept} exchanges kept)")
+        done[g.name] = {"perm": perm.tolist(), "kept": r.kept_chosen, "note": r.note}
     return done
 
 
