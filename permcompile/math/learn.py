@@ -378,8 +378,15 @@ def diagonal_exchanges(energy: torch.Tensor, scores: torch.Tensor, perm: torch.T
     total = max(float(energy.sum()), 1e-30)
 
     def dropped(elements: torch.Tensor) -> float:  # elements of one stripe, in position order
-        e, s = energy[elements].T, scores[elements].T  # [rows, m]
-        return float((e * (~nm_mask(s, n_keep, m))).sum())
+        s = scores[elements]  # [m, rows], contiguous rows
+        # nm_mask's rule without sorting: an entry is dropped when at least n_keep others of its stripe beat it
+        # (a higher score, or an equal one at an earlier position)
+        rank = (s[0] > s).to(torch.uint8)
+        for k in range(1, m):
+            rank += s[k] > s
+        for k in range(m - 1):
+            rank[k + 1:] += s[k] == s[k + 1:]
+        return float((energy[elements] * (rank >= n_keep)).sum())
 
     stripe_loss = [dropped(cur[k * m:(k + 1) * m]) for k in range(n // m)]
     start = sum(stripe_loss) / total

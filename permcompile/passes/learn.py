@@ -184,7 +184,7 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
 
 
 RESIDUAL_KEY = "<residual>"  # checkpoint entry of the residual-stream refinement
-MAX_RESIDUAL_ROWS = 262_144  # rows (all readers stacked) the residual refinement scores; a seeded sample beyond
+MAX_RESIDUAL_ROWS = 131_072  # rows (all readers stacked) the residual refinement scores; a seeded sample beyond
 
 
 def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) -> dict:
