@@ -127,7 +127,7 @@ def main():
                    "(default 1000).")
 @click.option("--residual-trials", default=None, type=int,
               help="Learned strategy: exchange trials on the global residual-stream permutation after the blocks, "
-                   "scored on every reader's diagonal error (default 0: the residual keeps its warm start).")
+                   "scored on every reader's diagonal error (default 2000; 0 keeps the warm start's).")
 @click.option("--objective", default=None, type=click.Choice(OBJECTIVES),
               help="Learned strategy: what the search minimises: the layer-output error with the full input Gram "
                    "matrix (output), with channels treated as uncorrelated (diagonal), or with every token's "

@@ -7,7 +7,7 @@ bounded by one block whatever the model's depth. ``--resume`` reloads the finish
 checkpoint (refusing one made from different inputs).
 
 The residual-stream group (one model-wide permutation, zero glue) is read by every block, so its exact
-objective would need every block's Gram at once. With ``LearnConfig.residual_trials > 0`` it is refined
+objective would need every block's Gram at once. With ``LearnConfig.residual_trials > 0`` (default) it is refined
 after the blocks by exchanges on the diagonal objective, which needs only the per-channel ``E[x²]`` the
 calibration statistics already hold: every pruned reader counts, each normalised to the same weight
 (``_refine_residual``). Otherwise it keeps its warm start. With ``residual="per-layer"``
