@@ -110,7 +110,7 @@ class OptimizeConfig:
     """Everything ``optimize()`` needs besides the model."""
 
     sparsity: Sparsity = Sparsity()
-    permutation: str = "hungarian"
+    permutation: str = "learned"
     criterion: str = "wanda"
     precision: str = "fp32"
     prune: bool = True
