@@ -155,7 +155,7 @@ def peak_cell(s: dict) -> str:
     return "—" if s.get("peak_rss_mb_mean") is None else f"{s['peak_rss_mb_mean']:.0f}"
 
 
-def compress_row(c, wall: float, peak: float | None = None) -> dict:
+def compress_row(c, wall: float, peak: float) -> dict:
     """What a ``compress_`` run decided: glue, timings, kept importance over the groups it moved."""
     moved = [g for g in c.group_results if g.strategy != "none"]
     return {"glue_ops": c.fold_report.glue_ops, "permute_seconds": c.timings.get("permute"),
@@ -163,7 +163,7 @@ def compress_row(c, wall: float, peak: float | None = None) -> dict:
             "kept_identity": (sum(g.kept_identity for g in moved) / len(moved)) if moved else None,
             "kept_chosen": (sum(g.kept_chosen for g in moved) / len(moved)) if moved else None,
             "groups_moved": len(moved), "fold_max_rel_err": c.fold_err,
-            "peak_rss_mb": peak_mb() if peak is None else peak,
+            "peak_rss_mb": peak,
             "group_notes": {g.name: f"{g.strategy}: {g.note}" for g in c.group_results if g.note},
             "timings": dict(c.timings)}
 

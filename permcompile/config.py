@@ -77,7 +77,7 @@ class LearnConfig:
     # weight each output channel of the layer-error objective by its Fisher information of the task loss
     # (next-token cross-entropy for causal LMs; output distillation otherwise): calib/sensitivity.py
     task_loss: bool = False
-    # the heuristic every learned group starts from (and the global residual group keeps): "greedy" beat
+    # the heuristic every learned group starts from (the global residual group's too): "greedy" beat
     # "hungarian" on SmolLM2 2:4 Wanda (quality_smollm2_2of4_wanda_greedy.md) at 5-20x the time
     warm_start: str = "hungarian"
     # exchange trials on the global residual-stream group after the blocks (passes/learn.py _refine_residual),

@@ -148,6 +148,7 @@ def test_quality_lm_on_a_tiny_model_writes_its_table(tmp_path, tiny_dir):
 
 def test_quality_vision_digits_small_run(tmp_path):
     """quality_vision.py --part digits with a small training budget: rows, R and the peak-memory column."""
+    pytest.importorskip("sklearn", reason="the digits benchmark needs scikit-learn (not a dev dependency)")
     out = tmp_path / "out"
     _run_script([str(BENCH / "quality_vision.py"), "--part", "digits", "--calib-seeds", "0", "--digits-epochs", "1",
                  "--methods", "none", "hungarian", "learned", "--swap-trials", "50", "--out-dir", str(out),

@@ -278,6 +278,26 @@ def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, 
     return best_loss, cur, steps
 
 
+def _exchange_pairs(perm: torch.Tensor, labels: torch.Tensor, fixed: torch.Tensor | None, m: int, trials: int,
+                    gen: torch.Generator):
+    """The position pairs an exchange search tries: per trial ``i`` among the movable positions and ``j`` among
+    the movable positions of the same block label; trials whose two positions share a stripe are skipped.
+    Exchanges keep labels and movability in place, so the pools drawn from ``perm`` stay valid throughout."""
+    movable_pos = torch.ones(perm.numel(), dtype=torch.bool) if fixed is None else ~fixed[perm]
+    pos_labels = labels[perm]
+    candidates = torch.nonzero(movable_pos).flatten()
+    if candidates.numel() < 2:
+        return
+    by_label = {int(lab): torch.nonzero(movable_pos & (pos_labels == lab)).flatten()
+                for lab in torch.unique(pos_labels[candidates])}
+    for _ in range(trials):
+        i = int(candidates[torch.randint(candidates.numel(), (1,), generator=gen)])
+        pool = by_label[int(pos_labels[i])]
+        j = int(pool[torch.randint(pool.numel(), (1,), generator=gen)])
+        if i // m != j // m:
+            yield i, j
+
+
 def swap_refine(consumers: list[Consumer], grams: list[torch.Tensor], perm: torch.Tensor, n_keep: int, m: int,
                 labels: torch.Tensor, fixed: torch.Tensor | None, *, trials: int = 1000,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, float, int]:
@@ -296,8 +316,6 @@ def swap_refine(consumers: list[Consumer], grams: list[torch.Tensor], perm: torc
     gen = generator or torch.Generator().manual_seed(0)
     n = perm.numel()
     cur = perm.clone()
-    movable_pos = torch.ones(n, dtype=torch.bool) if fixed is None else ~fixed[cur]
-    pos_labels = labels[cur]
     num, den = 0.0, 0.0
     state = []  # per consumer: [src, R (pruned weights by source column), G, RG]
     for c, gram in zip(consumers, grams):
@@ -312,20 +330,10 @@ def swap_refine(consumers: list[Consumer], grams: list[torch.Tensor], perm: torc
         state.append([src, r, g, rg])
     den = max(den, 1e-30)
     loss = num / den
-    candidates = torch.nonzero(movable_pos).flatten()
-    if candidates.numel() < 2:
-        return cur, loss, 0
-    by_label = {int(lab): torch.nonzero(movable_pos & (pos_labels == lab)).flatten()
-                for lab in torch.unique(pos_labels[candidates])}
     identity_cols = [c.cols.numel() == n and torch.equal(c.cols, torch.arange(n)) for c in consumers]
     arange_m = torch.arange(m)
     kept = 0
-    for _ in range(trials):
-        i = int(candidates[torch.randint(candidates.numel(), (1,), generator=gen)])
-        pool = by_label[int(pos_labels[i])]
-        j = int(pool[torch.randint(pool.numel(), (1,), generator=gen)])
-        if i // m == j // m:
-            continue
+    for i, j in _exchange_pairs(cur, labels, fixed, m, trials, gen):
         cand = cur.clone()
         cand[i], cand[j] = cur[j], cur[i]
         delta_total = 0.0
@@ -390,21 +398,9 @@ def diagonal_exchanges(energy: torch.Tensor, scores: torch.Tensor, perm: torch.T
 
     stripe_loss = [dropped(cur[k * m:(k + 1) * m]) for k in range(n // m)]
     start = sum(stripe_loss) / total
-    movable_pos = torch.ones(n, dtype=torch.bool) if fixed is None else ~fixed[cur]
-    pos_labels = labels[cur]
-    candidates = torch.nonzero(movable_pos).flatten()
-    if candidates.numel() < 2:
-        return cur, start, start, 0
-    by_label = {int(lab): torch.nonzero(movable_pos & (pos_labels == lab)).flatten()
-                for lab in torch.unique(pos_labels[candidates])}
     kept = 0
-    for _ in range(trials):
-        i = int(candidates[torch.randint(candidates.numel(), (1,), generator=gen)])
-        pool = by_label[int(pos_labels[i])]
-        j = int(pool[torch.randint(pool.numel(), (1,), generator=gen)])
+    for i, j in _exchange_pairs(cur, labels, fixed, m, trials, gen):
         a, b = i // m, j // m
-        if a == b:
-            continue
         cand = cur.clone()
         cand[i], cand[j] = cur[j], cur[i]
         new_a, new_b = dropped(cand[a * m:(a + 1) * m]), dropped(cand[b * m:(b + 1) * m])

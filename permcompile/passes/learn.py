@@ -338,13 +338,26 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
     keys = list(blocks)
     if max_blocks is not None:
         keys = keys[:max_blocks]
+    def restore(key):  # a finished block (or the residual phase) from the checkpoint
+        for name, entry in state["done"][key].items():
+            perms[name] = torch.tensor(entry["perm"], dtype=torch.long)
+            r = by_name[name]
+            r.kept_chosen, r.strategy, r.note = entry["kept"], "learned", entry.get("note", "")
+
+    def save(key, entries, t1):
+        for name in entries:
+            by_name[name].seconds += time.perf_counter() - t1
+        state["done"][key] = entries
+        tmp = ckpt.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, ckpt)
+
+    def generator(key):  # one per block: a resumed run draws the same numbers as an uninterrupted one
+        return torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
+
     for key in keys:  # finished blocks come from the checkpoint
         if key in state["done"]:
-            for name, entry in state["done"][key].items():
-                perms[name] = torch.tensor(entry["perm"], dtype=torch.long)
-                r = by_name[name]
-                r.kept_chosen, r.strategy = entry["kept"], "learned"
-                r.note = entry.get("note", "")
+            restore(key)
             if bar:
                 bar.update(1)
     sensitivity = None
@@ -383,40 +396,24 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
                     last.remove()
             gram_seconds = (time.perf_counter() - t0) / max(1, len(chunk))
             for key in chunk:
-                t1 = time.perf_counter()
-                # one generator per block: a resumed run draws the same numbers as an uninterrupted one
-                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
-                done_block = _learn_block(blocks[key], hooks, net, stats, config, pruned, perms, by_name, gen, bar,
-                                          sensitivity)
-                for name in done_block:
-                    by_name[name].seconds += time.perf_counter() - t1 + gram_seconds
+                t1 = time.perf_counter() - gram_seconds  # each block is charged its share of the Gram pass
+                done_block = _learn_block(blocks[key], hooks, net, stats, config, pruned, perms, by_name,
+                                          generator(key), bar, sensitivity)
                 for g in blocks[key]:  # free this block's Grams before the next
                     for c in g.consumers:
                         hooks.grams.pop(c.module, None)
-                state["done"][key] = done_block
-                tmp = ckpt.with_suffix(".tmp")
-                tmp.write_text(json.dumps(state))
-                os.replace(tmp, ckpt)
+                save(key, done_block, t1)
                 if bar:
                     bar.update(1)
         if config.learn.residual_trials > 0 and max_blocks is None:
-            key = RESIDUAL_KEY
-            if key not in state["done"]:
+            if RESIDUAL_KEY in state["done"]:
+                restore(RESIDUAL_KEY)
+            else:
                 t1 = time.perf_counter()
-                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
                 if bar:
                     bar.set_postfix_str(f"residual stream: {config.learn.residual_trials} exchange trials")
-                state["done"][key] = _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen)
-                for name in state["done"][key]:
-                    by_name[name].seconds += time.perf_counter() - t1
-                tmp = ckpt.with_suffix(".tmp")
-                tmp.write_text(json.dumps(state))
-                os.replace(tmp, ckpt)
-            else:
-                for name, entry in state["done"][key].items():
-                    perms[name] = torch.tensor(entry["perm"], dtype=torch.long)
-                    r = by_name[name]
-                    r.kept_chosen, r.strategy, r.note = entry["kept"], "learned", entry.get("note", "")
+                save(RESIDUAL_KEY, _refine_residual(groups, net, stats, config, pruned, perms, by_name,
+                                                    generator(RESIDUAL_KEY)), t1)
     finally:  # also on Ctrl-C: clear the bar so the error message starts its own line
         if sequential is not None:
             sequential.restore()
