@@ -95,6 +95,44 @@ def unstructured_ceiling_(loaded, stats, sparsity, criterion: str):
     return groups, linears
 
 
+def free_permutation_masks_(loaded, stats, sparsity, criterion: str, trials: int = 1000, seed: int = 0):
+    """The *permutation ceiling* (an oracle, not a deployable artifact): every pruned linear gets its own input
+    permutation, free of all coupling (no shared residual order, no per-head constraint on ``o_proj``), chosen
+    like the learned default (``hungarian`` warm start, then ``trials`` checked exchanges on the diagonal error
+    ``W² E[x²]``); the N:M mask of the criterion's scores in that order is mapped back and applied in place.
+    Deploying it would need one gather per linear (PermLLM's and RIA's setting). Returns ``(seconds, glue)``."""
+    from permcompile.capture import capture
+    from permcompile.math.learn import diagonal_exchanges
+    from permcompile.math.nm import nm_mask
+    from permcompile.math.strategies import hungarian
+    from permcompile.passes.coupling import analyze
+    from permcompile.passes.sparsify import consumer_scores, select_linears, weight_kout
+
+    t = time.perf_counter()
+    model = loaded.model
+    captured = capture(model, loaded.example_inputs(), loaded.forward_kwargs())
+    linears = [i for i in select_linears(model, captured, analyze(captured), sparsity.m) if i.prune]
+    gen = torch.Generator().manual_seed(seed)
+    n, m = sparsity.n, sparsity.m
+    with torch.no_grad():
+        for info in linears:
+            w = weight_kout(model, info)
+            s = consumer_scores(model, info, stats, criterion)  # [out, K]
+            st = stats.get(info.module) if stats else None
+            e = w.float().square()
+            if st is not None:
+                e = e * (st.sum_sq / max(st.count, 1)).float()
+            k = s.shape[1]
+            labels, fixed = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.bool)
+            perm = hungarian(s, n, m, labels, fixed, generator=gen)
+            perm, *_ = diagonal_exchanges(e.T.contiguous(), s.T.contiguous(), perm, n, m, labels, fixed,
+                                          trials=trials, generator=gen)
+            mask = torch.empty_like(s, dtype=torch.bool)
+            mask[:, perm] = nm_mask(s[:, perm], n, m).bool()
+            w.mul_(mask.to(w.dtype))
+    return time.perf_counter() - t, len(linears)
+
+
 def timed_compress(loaded, cfg, stats, batches):
     """One method's ``compress_`` run on shared calibration data: ``(result, wall seconds, peak MiB)``. The peak
     is the whole process's resident memory during the run (it includes the evaluation data the script holds)."""

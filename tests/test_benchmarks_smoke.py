@@ -130,16 +130,19 @@ def test_quality_lm_on_a_tiny_model_writes_its_table(tmp_path, tiny_dir):
     out = tmp_path / "out"
     _run_script([str(BENCH / "quality_lm.py"), "--model", str(tiny_dir("llama")), "--data-dir", str(data),
                  "--calib-seeds", "0", "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "300",
-                 "--context", "64", "--methods", "none", "hungarian", "learned", "--swap-trials", "50",
+                 "--context", "64", "--methods", "none", "hungarian", "learned", "free", "--swap-trials", "50",
                  "--residual-trials", "50", "--out-dir", str(out), "--tag", "_smoke"])
     stem = f"quality_{tiny_dir('llama').name}_2of4_wanda_smoke"
     result = json.loads((out / f"{stem}.json").read_text())
-    assert {r["method"] for r in result["rows"]} == {"dense", "unstructured", "none", "hungarian", "learned"}
+    assert {r["method"] for r in result["rows"]} == {"dense", "unstructured", "none", "hungarian", "learned", "free"}
+    free = next(r for r in result["rows"] if r["method"] == "free")
+    assert free["glue_ops"] == 7 * 2  # the oracle: one gather per pruned linear (7 per block, 2 blocks)
     for r in result["rows"]:
-        if r["method"] in ("none", "hungarian", "learned"):
+        if r["method"] in ("none", "hungarian", "learned", "free"):
             assert r["peak_rss_mb"] > 50 and r["ppl"] > 1 and "R" in r or r["method"] == "none"
     assert result["learn"]["residual_trials"] == 50
     assert "learned (calibration seeds 0): block_size=" in (out / f"{stem}.md").read_text()
+    assert "free (an oracle" in (out / f"{stem}.md").read_text()
     table = (out / f"{stem}.md").read_text()
     assert "| peak memory (MiB) |" in table and "Command: `python benchmarks/quality_lm.py" in table
     row = next(line for line in table.splitlines() if line.startswith("| learned |"))
