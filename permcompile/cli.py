@@ -12,7 +12,7 @@ import traceback
 
 import click
 
-from .config import OBJECTIVES, WARM_STARTS
+from .config import AMP_MODES, OBJECTIVES, WARM_STARTS
 from .errors import PermcompileError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,6 +137,9 @@ def main():
 @click.option("--warm-start", default=None, type=click.Choice(WARM_STARTS),
               help="Learned strategy: the heuristic every group starts from (default hungarian; greedy is "
                    "slower and kept more on SmolLM2).")
+@click.option("--amp", default="auto", show_default=True, type=click.Choice(AMP_MODES),
+              help="Learned strategy: mixed precision of the Sinkhorn phase (--steps > 0): auto = bf16 on CUDA, "
+                   "fp32 on the CPU; off, bf16 or fp16 force it.")
 @click.option("--sequential", is_flag=True,
               help="Learned strategy: compute each block's calibration Grams with the blocks before it already "
                    "pruned (SparseGPT-style), so the objective sees the inputs the deployed layers will get.")
@@ -154,8 +157,8 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples, calib_seq_len, precision, no_prune,
-             prune_embeddings, seed, device, steps, block_size, swap_trials, residual_trials, objective, warm_start, sequential, task_loss, residual, resume, batch, seq, force,
-             trust_pickle, quiet, debug):
+             prune_embeddings, seed, device, steps, block_size, swap_trials, residual_trials, objective, warm_start, amp, sequential, task_loss, residual, resume, batch, seq,
+             force, trust_pickle, quiet, debug):
     """Permute, fold, prune to N:M, export and verify MODEL (short name or HF folder)."""
     def go():
         batch_range = _range(batch, "--batch")
@@ -165,7 +168,7 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
         from .config import LearnConfig, OptimizeConfig, Sparsity
         from .pipeline import optimize as run
 
-        learn = LearnConfig(task_loss=task_loss, sequential=sequential)
+        learn = LearnConfig(task_loss=task_loss, sequential=sequential, amp=amp)
         if steps is not None:
             learn = replace(learn, steps=steps)
         if block_size is not None:

@@ -39,6 +39,7 @@ class Sparsity:
 
 OBJECTIVES = ("auto", "output", "diagonal", "relative")  # LearnConfig.objective
 WARM_STARTS = ("hungarian", "greedy")  # LearnConfig.warm_start
+AMP_MODES = ("auto", "off", "bf16", "fp16")  # LearnConfig.amp
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,16 @@ class LearnConfig:
     # seeds 0/1/2; quality_smollm2_2of4_wanda_learned_default.md vs _residual_exchanges.md), hungarian 133.9 /
     # 129.0 / 136.8. Encoders whose residual stream is pinned by the output are unaffected.
     residual_trials: int = 2000
+    # mixed precision of the Sinkhorn phase's loss (torch.autocast; the Sinkhorn iterations, the hard masks and
+    # the final never-worse check stay fp32): "auto" = bf16 on CUDA, off (fp32) on the CPU; "fp16" scales the
+    # loss by 2**10 before backward (Adam's step is scale-invariant). The exchange search is unaffected.
+    amp: str = "auto"
+
+    def resolve_amp(self, device: str) -> str:
+        """The autocast mode for ``device``: "off", "bf16" or "fp16"."""
+        if self.amp != "auto":
+            return self.amp
+        return "bf16" if str(device).startswith("cuda") else "off"
 
     def resolve_objective(self, family: str) -> str:
         """The objective the search uses for a model of ``family`` ("causal-lm", "encoder", "vision", ...)."""
@@ -101,6 +112,8 @@ class LearnConfig:
                              f"{self.residual_trials}")
         if self.objective not in OBJECTIVES:
             raise UsageError(f"unknown --objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.amp not in AMP_MODES:
+            raise UsageError(f"unknown --amp {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
         if self.warm_start not in WARM_STARTS:
             raise UsageError(f"unknown --warm-start {self.warm_start!r}; choose one of {', '.join(WARM_STARTS)}")
 

@@ -217,3 +217,44 @@ def test_diagonal_exchanges_track_the_dropped_energy_exactly():
     again = diagonal_exchanges(energy, scores, torch.arange(n), 2, 4, labels, fixed, trials=500,
                                generator=torch.Generator().manual_seed(0))[0]
     assert torch.equal(perm, again)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_sinkhorn_phase_under_autocast(amp, monkeypatch):
+    """--amp runs the Sinkhorn phase's loss under torch.autocast (here the CPU's): the matmuls see the reduced
+    dtype, the planted permutation is still recovered and the result is a valid permutation."""
+    if amp == "fp16" and not torch.amp.autocast_mode.is_autocast_available("cpu"):
+        pytest.skip("no CPU autocast")
+    n = 32
+    w, _ = _planted(n)
+    c = Consumer(w, w.abs(), torch.eye(n), torch.arange(n))
+    labels, fixed = _free(n)
+    seen = []
+    real = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        out = real(a, b)
+        if a.requires_grad or b.requires_grad:
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    res = learn_permutation([c], n, 2, 4, torch.arange(n), labels, fixed, block=32, steps=150, rounds=1, lr=0.1,
+                            amp=amp)
+    monkeypatch.undo()
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert seen and set(seen) == {want}
+    assert torch.equal(res.perm.sort().values, torch.arange(n))
+    assert res.loss_best < 1e-2 * res.loss_warm + 1e-3
+    off = learn_permutation([c], n, 2, 4, torch.arange(n), labels, fixed, block=32, steps=5, rounds=1, amp="off")
+    assert off.perm.numel() == n
+    with pytest.raises(ValueError, match="amp"):
+        learn_permutation([c], n, 2, 4, torch.arange(n), labels, fixed, steps=1, amp="int8")
+
+
+def test_amp_auto_resolves_per_device():
+    assert LearnConfig().resolve_amp("cpu") == "off"
+    assert LearnConfig().resolve_amp("cuda:0") == "bf16"
+    assert LearnConfig(amp="fp16").resolve_amp("cpu") == "fp16"
+    with pytest.raises(UsageError, match="--amp"):
+        LearnConfig(amp="int8")

@@ -154,13 +154,16 @@ def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, wa
                       rounds: int = 2, lr: float = 0.05, sinkhorn_iters: int = 8, tau_start: float = 1.0,
                       tau_end: float = 0.05, mask_tau: float = 0.05, init_scale: float = 2.0,
                       generator: torch.Generator | None = None, device: str = "cpu",
-                      on_step=None, mask_grad: bool = True, swap_trials: int = 0) -> LearnResult:
+                      on_step=None, mask_grad: bool = True, swap_trials: int = 0, amp: str = "off") -> LearnResult:
     """Refine ``warm`` to lower the layer-output error of the N:M-masked consumers.
 
     Two phases: ``rounds`` × ``steps`` of block-wise Sinkhorn matching (above), then ``swap_trials``
     exchange trials (:func:`swap_refine`) on the exact objective. Returns the best hard permutation
-    evaluated (never worse than ``warm`` on the exact objective).
+    evaluated (never worse than ``warm`` on the exact objective). ``amp`` ("off", "bf16", "fp16") runs the
+    Sinkhorn phase's loss under ``torch.autocast`` on ``device``.
     """
+    if amp not in ("off", "bf16", "fp16"):
+        raise ValueError(f"amp must be off, bf16 or fp16, got {amp!r}")
     gen = generator or torch.Generator().manual_seed(0)
     dev = torch.device(device)
     warm = torch.as_tensor(warm, dtype=torch.long)
@@ -184,7 +187,7 @@ def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, wa
             idx = torch.stack(group).to(dev)  # [nb, B] positions
             best_loss, cur, k = _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr,
                                                  sinkhorn_iters, tau_start, tau_end, mask_tau, init_scale, gen,
-                                                 dev, best_loss, history, on_step, mask_grad)
+                                                 dev, best_loss, history, on_step, mask_grad, amp)
             done += k
     swaps = 0
     if swap_trials > 0:
@@ -216,12 +219,13 @@ def _apply_q(x: torch.Tensor, reps, q: torch.Tensor, back: bool = False) -> torc
     for sel, colidx in reps:
         xb = x[:, colidx]  # [out, nbs, B]
         eq = "onp,npj->onj" if back else "onj,npj->onp"
-        out[:, colidx.flatten()] = torch.einsum(eq, xb, q[sel]).reshape(x.shape[0], -1)
+        # (under autocast the einsum runs in the reduced dtype; ``out`` keeps x's)
+        out[:, colidx.flatten()] = torch.einsum(eq, xb, q[sel]).reshape(x.shape[0], -1).to(out.dtype)
     return out
 
 
 def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, tau0, tau1, mask_tau, init_scale,
-                     gen, dev, best_loss, history, on_step, mask_grad=True):
+                     gen, dev, best_loss, history, on_step, mask_grad=True, amp="off"):
     nb, bsz = idx.shape
     n = cur.numel()
     eye = torch.eye(bsz, device=dev)
@@ -239,6 +243,8 @@ def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, 
         reps = [(sel.to(dev), ci.to(dev)) for sel, ci in _replica_columns(c.cols, n, idx_cpu)]
         prepared.append((w, s, g, reps))
     total_energy = sum(float((w @ g).square().sum()) for w, _, g, _ in prepared)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    loss_scale = 2.0 ** 10 if amp == "fp16" else 1.0  # keeps fp16 gradients above underflow; Adam ignores the scale
     best_q = None
     for step in range(steps):
         frac = step / max(1, steps - 1)
@@ -249,16 +255,17 @@ def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, 
         q = hard + soft - soft.detach()  # straight-through: hard forward, soft gradient
         loss = 0.0
         for w, s, g, reps in prepared:
-            w_new = _apply_q(w, reps, q)
-            s_new = _apply_q(s, reps, q)
+            s_new = _apply_q(s, reps, q)  # fp32: the hard mask is the one the criterion will choose
             hard_mask = nm_mask(s_new.detach(), n_keep, m).float()
             if mask_grad:
                 soft_mask = soft_nm_mask(s_new, n_keep, m, mask_tau * float(s_new.detach().mean().clamp_min(1e-12)))
                 mask = hard_mask + soft_mask - soft_mask.detach()
             else:  # PermLLM-style: the mask is a constant for the gradient, only the permutation learns
                 mask = hard_mask
-            r = _apply_q(w_new * (1 - mask), reps, q, back=True)  # dropped weights, back in current order
-            loss = loss + (r @ g).square().sum()
+            with torch.autocast(device_type=dev.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                w_new = _apply_q(w, reps, q)
+                r = _apply_q(w_new * (1 - mask), reps, q, back=True)  # dropped weights, back in current order
+                loss = loss + (r @ g).float().square().sum()
         loss = loss / max(total_energy, 1e-30)
         value = float(loss.detach())
         if value < best_loss - 1e-12:
@@ -268,7 +275,7 @@ def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, 
         if on_step:
             on_step(step, value, best_loss)
         opt.zero_grad()
-        loss.backward()
+        (loss * loss_scale).backward()
         opt.step()
     if best_q is not None:
         new = cur.clone()

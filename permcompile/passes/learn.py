@@ -166,7 +166,7 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
             consumers, g.size, n, m, perms[g.name], g.block_labels(), g.fixed_mask(),
             block=lc.block_size, steps=lc.steps, rounds=lc.rounds, lr=lc.lr, sinkhorn_iters=lc.sinkhorn_iters,
             tau_start=lc.tau_start, tau_end=lc.tau_end, generator=gen, device=config.device, on_step=on_step,
-            swap_trials=lc.swap_trials)
+            swap_trials=lc.swap_trials, amp=lc.resolve_amp(config.device))
         if not g.is_valid(res.perm):
             raise RuntimeError(f"learned permutation for {g.name} breaks its constraints")
         perms[g.name] = res.perm
