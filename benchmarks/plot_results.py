@@ -12,6 +12,7 @@ be read are skipped with a printed note. Example::
 """
 from __future__ import annotations
 
+import importlib.util
 import argparse
 import json
 import math
@@ -148,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=None, help="where PNGs go (default: the results folder)")
     ap.add_argument("--pattern", default="quality_*.json")
     args = ap.parse_args(argv)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed: pip install matplotlib", file=sys.stderr)
         return 2
     src = Path(args.results_dir)
