@@ -100,10 +100,16 @@ def free_permutation_masks_(loaded, stats, sparsity, criterion: str, trials: int
     permutation, free of all coupling (no shared residual order, no per-head constraint on ``o_proj``), chosen
     like the learned default (``hungarian`` warm start, then ``trials`` checked exchanges on the diagonal error
     ``W² E[x²]``); the N:M mask of the criterion's scores in that order is mapped back and applied in place.
-    Deploying it would need one gather per linear (PermLLM's and RIA's setting). Returns ``(seconds, glue)``."""
+    Deploying it would need one gather per linear (PermLLM's and RIA's setting).
+
+    Returns ``(seconds, glue, dropped)``: ``dropped[kind]`` is the share of the diagonal energy ``W² E[x²]`` that
+    the criterion's masks drop, summed over the linears of that kind (``q_proj``, ``down_proj``, ...) for the N:M
+    mask in the original order (``identity``), in the free order (``free``) and unstructured per row
+    (``unstructured``): where the gap between N:M and unstructured is, and how much of it any permutation closes.
+    """
     from permcompile.capture import capture
     from permcompile.math.learn import diagonal_exchanges
-    from permcompile.math.nm import nm_mask
+    from permcompile.math.nm import nm_mask, unstructured_mask
     from permcompile.math.strategies import hungarian
     from permcompile.passes.coupling import analyze
     from permcompile.passes.sparsify import consumer_scores, select_linears, weight_kout
@@ -114,6 +120,7 @@ def free_permutation_masks_(loaded, stats, sparsity, criterion: str, trials: int
     linears = [i for i in select_linears(model, captured, analyze(captured), sparsity.m) if i.prune]
     gen = torch.Generator().manual_seed(seed)
     n, m = sparsity.n, sparsity.m
+    sums: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for info in linears:
             w = weight_kout(model, info)
@@ -128,9 +135,17 @@ def free_permutation_masks_(loaded, stats, sparsity, criterion: str, trials: int
             perm, *_ = diagonal_exchanges(e.T.contiguous(), s.T.contiguous(), perm, n, m, labels, fixed,
                                           trials=trials, generator=gen)
             mask = torch.empty_like(s, dtype=torch.bool)
-            mask[:, perm] = nm_mask(s[:, perm], n, m).bool()
+            mask[:, perm] = nm_mask(s[:, perm], n, m)
+            acc = sums.setdefault(info.module.rsplit(".", 1)[-1], dict.fromkeys(("identity", "free", "unstructured",
+                                                                                 "total"), 0.0))
+            acc["identity"] += float(e[~nm_mask(s, n, m)].sum())
+            acc["free"] += float(e[~mask].sum())
+            acc["unstructured"] += float(e[~unstructured_mask(s, 1 - n / m)].sum())
+            acc["total"] += float(e.sum())
             w.mul_(mask.to(w.dtype))
-    return time.perf_counter() - t, len(linears)
+    dropped = {kind: {key: v[key] / max(v["total"], 1e-30) for key in ("identity", "free", "unstructured")}
+               for kind, v in sums.items()}
+    return time.perf_counter() - t, len(linears), dropped
 
 
 def timed_compress(loaded, cfg, stats, batches):

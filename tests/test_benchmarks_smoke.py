@@ -137,12 +137,15 @@ def test_quality_lm_on_a_tiny_model_writes_its_table(tmp_path, tiny_dir):
     assert {r["method"] for r in result["rows"]} == {"dense", "unstructured", "none", "hungarian", "learned", "free"}
     free = next(r for r in result["rows"] if r["method"] == "free")
     assert free["glue_ops"] == 7 * 2  # the oracle: one gather per pruned linear (7 per block, 2 blocks)
+    for kind, d in free["dropped_energy"].items():  # Wanda: unstructured per row drops the least energy of any 50% mask
+        assert d["unstructured"] <= d["free"] + 1e-9 and 0 < d["identity"] < 1, kind
     for r in result["rows"]:
         if r["method"] in ("none", "hungarian", "learned", "free"):
             assert r["peak_rss_mb"] > 50 and r["ppl"] > 1 and "R" in r or r["method"] == "none"
     assert result["learn"]["residual_trials"] == 50
     assert "learned (calibration seeds 0): block_size=" in (out / f"{stem}.md").read_text()
     assert "free (an oracle" in (out / f"{stem}.md").read_text()
+    assert "| down_proj |" in (out / f"{stem}.md").read_text()
     table = (out / f"{stem}.md").read_text()
     assert "| peak memory (MiB) |" in table and "Command: `python benchmarks/quality_lm.py" in table
     row = next(line for line in table.splitlines() if line.startswith("| learned |"))
