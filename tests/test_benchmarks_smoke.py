@@ -188,3 +188,24 @@ def test_quality_encoder_on_a_tiny_model_folder(tmp_path, tiny_dir):
     row = next(line for line in table.splitlines() if line.startswith("| learned |"))
     assert "peak memory (MiB)" in header and row.count("|") == header.count("|")
     assert "swap_trials=50" in table
+
+
+def test_search_convergence_on_a_tiny_model(tmp_path, tiny_dir):
+    """search_convergence.py on a tiny causal LM: every search lies between unstructured and the original order
+    (Wanda: unstructured per row drops the least energy of any 50% mask), the table and the command are written."""
+    data = _austen_stand_in(tmp_path / "data")
+    out = tmp_path / "out"
+    _run_script([str(BENCH / "search_convergence.py"), "--model", str(tiny_dir("llama")), "--data-dir", str(data),
+                 "--linears", "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj",
+                 "--calib-samples", "4", "--calib-seq-len", "32", "--trials", "50", "200", "--out-dir", str(out)])
+    stem = f"search_convergence_{tiny_dir('llama').name}_2of4_wanda"
+    result = json.loads((out / f"{stem}.json").read_text())
+    assert set(result["results"]) == {"model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj"}
+    for r in result["results"].values():
+        assert r["unstructured"] < r["original"]
+        for s in r["searches"].values():
+            assert r["unstructured"] - 1e-9 <= s["dropped"] <= r["original"] + 1e-9
+        ex = r["searches"]
+        assert ex["+30k exchanges"]["dropped"] <= ex["+1k exchanges"]["dropped"] <= ex["hungarian"]["dropped"] + 1e-12
+    table = (out / f"{stem}.md").read_text()
+    assert "| model.layers.0.mlp.up_proj |" in table and "Command: `python benchmarks/search_convergence.py" in table
