@@ -258,3 +258,57 @@ def test_amp_auto_resolves_per_device():
     assert LearnConfig(amp="fp16").resolve_amp("cpu") == "fp16"
     with pytest.raises(UsageError, match="--amp"):
         LearnConfig(amp="int8")
+
+
+def test_small_groups_search_every_pair_and_stop_at_a_local_optimum():
+    """A group with fewer candidate pairs than trials gets every pair tried per pass and stops after a pass that
+    keeps nothing: the result is a pairwise-exchange local optimum, reached in far fewer than ``trials`` tries;
+    large groups keep the random draws (real models: their results are unchanged)."""
+    from permcompile.math.learn import _exchange_pairs, diagonal_exchanges, swap_refine
+
+    gen = torch.Generator().manual_seed(5)
+    n, rows = 24, 40
+    w = torch.randn(rows, n, generator=gen) ** 3
+    ex2 = torch.rand(n, generator=gen) * 4
+    energy, scores = (w.square() * ex2).T.contiguous(), (w.abs() * ex2.sqrt()).T.contiguous()
+    labels, fixed = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
+    tried = []
+    real = _exchange_pairs
+
+    def counting(*a, **k):
+        for pair in real(*a, **k):
+            tried.append(pair)
+            yield pair
+
+    import permcompile.math.learn as learn_mod
+    learn_mod._exchange_pairs, saved = counting, learn_mod._exchange_pairs
+    try:
+        perm, start, end, kept = diagonal_exchanges(energy, scores, torch.arange(n), 2, 4, labels, fixed,
+                                                    trials=10 ** 6, generator=torch.Generator().manual_seed(0))
+    finally:
+        learn_mod._exchange_pairs = saved
+    pairs = (n * n - (n // 4) * 16) // 2  # cross-stripe pairs of 24 free elements in stripes of 4
+    assert kept > 0 and end < start
+    assert pairs <= len(tried) < 10 ** 4 and len(tried) % pairs == 0  # whole passes, the last one kept nothing
+
+    def dropped(p):
+        return float((energy[p].T * (~nm_mask(scores[p].T, 2, 4))).sum())
+
+    base = dropped(perm)
+    for i in range(n):  # no single exchange improves the result
+        for j in range(i + 1, n):
+            if i // 4 != j // 4:
+                q = perm.clone()
+                q[i], q[j] = perm[j], perm[i]
+                assert dropped(q) >= base - 1e-6 * float(energy.sum())
+    # one pass when nothing is kept; the trial budget caps the passes; above the budget: random draws
+    def pairs_tried(trials, accepted):
+        return len(list(_exchange_pairs(torch.arange(n), labels, fixed, 4, trials, torch.Generator(), accepted)))
+
+    counter = iter(range(10 ** 6))
+    assert pairs_tried(300, lambda: 0) == pairs and pairs_tried(300, lambda: next(counter)) == 300
+    assert pairs_tried(pairs - 1, lambda: 0) < pairs - 1  # random draws, same-stripe ones skipped
+    # swap_refine (output objective) takes the same path
+    c = Consumer(w, w.abs(), torch.eye(n), torch.arange(n))
+    res = swap_refine([c], [c.gram], torch.arange(n), 2, 4, labels, fixed, trials=10 ** 6)
+    assert torch.equal(res[0].sort().values, torch.arange(n))

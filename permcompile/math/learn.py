@@ -286,10 +286,16 @@ def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, 
 
 
 def _exchange_pairs(perm: torch.Tensor, labels: torch.Tensor, fixed: torch.Tensor | None, m: int, trials: int,
-                    gen: torch.Generator):
+                    gen: torch.Generator, accepted=None):
     """The position pairs an exchange search tries: per trial ``i`` among the movable positions and ``j`` among
     the movable positions of the same block label; trials whose two positions share a stripe are skipped.
-    Exchanges keep labels and movability in place, so the pools drawn from ``perm`` stay valid throughout."""
+    Exchanges keep labels and movability in place, so the pools drawn from ``perm`` stay valid throughout.
+
+    When the group has no more distinct candidate pairs than ``trials`` (small groups: tiny models, never a
+    real model's), random draws would mostly repeat pairs: instead every pair is tried once per pass, in a
+    random order, and the search stops after a pass in which nothing was kept (``accepted()``, the caller's
+    count of kept exchanges, did not change): a pairwise-exchange local optimum. At most ``trials`` pairs in all.
+    """
     movable_pos = torch.ones(perm.numel(), dtype=torch.bool) if fixed is None else ~fixed[perm]
     pos_labels = labels[perm]
     candidates = torch.nonzero(movable_pos).flatten()
@@ -297,6 +303,27 @@ def _exchange_pairs(perm: torch.Tensor, labels: torch.Tensor, fixed: torch.Tenso
         return
     by_label = {int(lab): torch.nonzero(movable_pos & (pos_labels == lab)).flatten()
                 for lab in torch.unique(pos_labels[candidates])}
+    pairs = []
+    for pool in by_label.values():
+        counts = torch.bincount(pool // m)
+        pairs.append((pool.numel() ** 2 - int(counts.square().sum())) // 2)
+    if accepted is not None and sum(pairs) <= trials:
+        every = []
+        for pool in by_label.values():
+            a, b = torch.triu_indices(pool.numel(), pool.numel(), offset=1)
+            i, j = pool[a], pool[b]
+            cross = i // m != j // m
+            every.append(torch.stack([i[cross], j[cross]], dim=1))
+        every = torch.cat(every)
+        left = trials
+        while left > 0 and every.shape[0]:
+            before = accepted()
+            for i, j in every[torch.randperm(every.shape[0], generator=gen)][:left].tolist():
+                yield i, j
+            left -= every.shape[0]
+            if accepted() == before:
+                return
+        return
     for _ in range(trials):
         i = int(candidates[torch.randint(candidates.numel(), (1,), generator=gen)])
         pool = by_label[int(pos_labels[i])]
@@ -340,7 +367,7 @@ def swap_refine(consumers: list[Consumer], grams: list[torch.Tensor], perm: torc
     identity_cols = [c.cols.numel() == n and torch.equal(c.cols, torch.arange(n)) for c in consumers]
     arange_m = torch.arange(m)
     kept = 0
-    for i, j in _exchange_pairs(cur, labels, fixed, m, trials, gen):
+    for i, j in _exchange_pairs(cur, labels, fixed, m, trials, gen, accepted=lambda: kept):
         cand = cur.clone()
         cand[i], cand[j] = cur[j], cur[i]
         delta_total = 0.0
@@ -406,7 +433,7 @@ def diagonal_exchanges(energy: torch.Tensor, scores: torch.Tensor, perm: torch.T
     stripe_loss = [dropped(cur[k * m:(k + 1) * m]) for k in range(n // m)]
     start = sum(stripe_loss) / total
     kept = 0
-    for i, j in _exchange_pairs(cur, labels, fixed, m, trials, gen):
+    for i, j in _exchange_pairs(cur, labels, fixed, m, trials, gen, accepted=lambda: kept):
         a, b = i // m, j // m
         cand = cur.clone()
         cand[i], cand[j] = cur[j], cur[i]
