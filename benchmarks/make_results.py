@@ -27,6 +27,10 @@ reproduces its table only with the defaults of its day: the perplexity and MiniL
 setting they used under the table (the vision tables do so since that date). Peak memory columns (process resident set
 during each method's compress run) exist in tables written since the same date, and perplexity tables show
 the sample sd over seeds like the others (before, the population sd: smaller by √((n−1)/n)).
+Also on 2026-12-03, later that day: exchange searches on groups with fewer candidate pairs than trials
+(tiny models; of the benchmark models only the ViT-digits classifier's heads) try every pair per pass and
+stop at a local optimum instead of drawing pairs at random; the ViT-digits `_learned_default` tables were
+re-measured after that change. SmolLM2, MiniLM and DINOv2-S groups are larger and search as before.
 """
 
 
