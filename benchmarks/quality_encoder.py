@@ -67,6 +67,15 @@ def reset_peak() -> None:
         pass
 
 
+def text_model_args(ap, model: str) -> None:
+    """The options every text-model quality script shares: ``--model``, ``--data-dir``, ``--sparsity``,
+    ``--criterion``."""
+    ap.add_argument("--model", default=model)
+    ap.add_argument("--data-dir", required=True, help="folder with the Austen novels (.txt)")
+    ap.add_argument("--sparsity", default="2:4")
+    ap.add_argument("--criterion", default="wanda", choices=["magnitude", "wanda", "ria"])
+
+
 def text_calibration(model: str, base):
     """A fresh copy of ``model`` and its text calibration for ``base`` (an OptimizeConfig):
     ``(loaded, batches, stats, seconds)``."""
@@ -324,10 +333,7 @@ def main() -> None:
     from permcompile.models import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="minilm")
-    ap.add_argument("--data-dir", required=True, help="folder with the Austen novels (.txt)")
-    ap.add_argument("--sparsity", default="2:4")
-    ap.add_argument("--criterion", default="wanda", choices=["magnitude", "wanda", "ria"])
+    text_model_args(ap, "minilm")
     ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "learned"],
                     help="permutation strategies (none random greedy hungarian learned); STRATEGY/per-layer uses "
                          "per-layer residual permutations (one gather per reading site, counted as glue ops)")

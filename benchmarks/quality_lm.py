@@ -40,8 +40,8 @@ from permcompile.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_encoder import (compress_row, free_permutation_masks_, learn_config, learned_note,  # noqa: E402
-                             peak_mb, reset_peak, text_calibration, timed_compress, unstructured_ceiling_,
-                             write_results)
+                             peak_mb, reset_peak, text_calibration, text_model_args, timed_compress,
+                             unstructured_ceiling_, write_results)
 
 CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt", "sense_and_sensibility.txt")
 EVAL_NOVELS = ("persuasion.txt",)
@@ -64,10 +64,7 @@ def _eval_text(data_dir: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--data-dir", required=True, help="folder with the Austen novels (.txt)")
-    ap.add_argument("--sparsity", default="2:4")
-    ap.add_argument("--criterion", default="wanda")
+    text_model_args(ap, "smollm2")
     ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "learned"],
                     help="permutation strategies; STRATEGY/per-layer uses per-layer residual permutations (glue); "
                          "free: the permutation ceiling, one unconstrained permutation per linear (oracle)")

@@ -33,7 +33,7 @@ import torch
 from permcompile.config import OptimizeConfig, Sparsity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import text_calibration, write_results  # noqa: E402
+from quality_encoder import text_calibration, text_model_args, write_results  # noqa: E402
 from quality_lm import _calib_folder  # noqa: E402
 
 SEARCHES = ("hungarian", "+1k exchanges", "+30k exchanges", "hungarian 64 sweeps", "hungarian 64 sweeps (energy)")
@@ -84,10 +84,7 @@ def main() -> None:
     from permcompile.passes.sparsify import LinearInfo, consumer_scores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--data-dir", required=True, help="folder with the Austen novels (.txt)")
-    ap.add_argument("--sparsity", default="2:4")
-    ap.add_argument("--criterion", default="wanda", choices=["magnitude", "wanda", "ria"])
+    text_model_args(ap, "smollm2")
     ap.add_argument("--linears", nargs="+", default=[f"model.layers.{i}.{k}" for i in (5, 20)
                                                      for k in ("mlp.up_proj", "self_attn.q_proj", "self_attn.o_proj")],
                     help="module names of the linears to search")
