@@ -111,7 +111,7 @@ def free_permutation_masks_(loaded, stats, sparsity, criterion: str, trials: int
     ``W² E[x²]``); the N:M mask of the criterion's scores in that order is mapped back and applied in place.
     Deploying it would need one gather per linear (PermLLM's and RIA's setting).
 
-    Returns ``(seconds, glue, dropped)``: ``dropped[kind]`` is the share of the diagonal energy ``W² E[x²]`` that
+    Returns ``(seconds, glue, dropped, perms)``: ``perms[module]`` is the linear's input order and ``dropped[kind]`` is the share of the diagonal energy ``W² E[x²]`` that
     the criterion's masks drop, summed over the linears of that kind (``q_proj``, ``down_proj``, ...) for the N:M
     mask in the original order (``identity``), in the free order (``free``) and unstructured per row
     (``unstructured``): where the gap between N:M and unstructured is, and how much of it any permutation closes.
@@ -130,6 +130,7 @@ def free_permutation_masks_(loaded, stats, sparsity, criterion: str, trials: int
     gen = torch.Generator().manual_seed(seed)
     n, m = sparsity.n, sparsity.m
     sums: dict[str, dict[str, float]] = {}
+    perms: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for info in linears:
             w = weight_kout(model, info)
@@ -137,7 +138,7 @@ def free_permutation_masks_(loaded, stats, sparsity, criterion: str, trials: int
             st = stats.get(info.module) if stats else None
             e = w.float().square()
             if st is not None:
-                e = e * (st.sum_sq / max(st.count, 1)).float()
+                e = e * st.mean_sq
             k = s.shape[1]
             labels, fixed = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.bool)
             perm = hungarian(s, n, m, labels, fixed, generator=gen)
@@ -152,9 +153,10 @@ def free_permutation_masks_(loaded, stats, sparsity, criterion: str, trials: int
             acc["unstructured"] += float(e[~unstructured_mask(s, 1 - n / m)].sum())
             acc["total"] += float(e.sum())
             w.mul_(mask.to(w.dtype))
+            perms[info.module] = perm
     dropped = {kind: {key: v[key] / max(v["total"], 1e-30) for key in ("identity", "free", "unstructured")}
                for kind, v in sums.items()}
-    return time.perf_counter() - t, len(linears), dropped
+    return time.perf_counter() - t, len(linears), dropped, perms
 
 
 def timed_compress(loaded, cfg, stats, batches):

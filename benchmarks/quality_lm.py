@@ -130,8 +130,8 @@ def main() -> None:
             loaded = load_model(args.model)
             if method == "free":  # the permutation ceiling: one free permutation per linear (an oracle)
                 reset_peak()
-                secs, glue, dropped = free_permutation_masks_(loaded, stats, sparsity, args.criterion,
-                                                              trials=learn.swap_trials, seed=seed)
+                secs, glue, dropped, _ = free_permutation_masks_(loaded, stats, sparsity, args.criterion,
+                                                                 trials=learn.swap_trials, seed=seed)
                 log({"method": method, "calib_seed": seed, **evaluate(loaded), "glue_ops": glue,
                      "permute_seconds": secs, "peak_rss_mb": peak_mb(), "dropped_energy": dropped})
                 continue

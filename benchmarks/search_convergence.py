@@ -101,14 +101,17 @@ def main() -> None:
     loaded, _, stats, _ = text_calibration(args.model, base)
     results = {}
     for name in args.linears:
-        module = loaded.model.get_submodule(name)
-        if not isinstance(module, torch.nn.Linear):
-            raise SystemExit(f"error: {name} is not an nn.Linear")
+        try:
+            module = loaded.model.get_submodule(name)
+        except AttributeError:
+            raise SystemExit(f"error: {args.model} has no module {name!r}") from None
+        if not isinstance(module, torch.nn.Linear) or name not in stats:
+            raise SystemExit(f"error: {name} is not a linear layer with calibration statistics")
         w = module.weight.detach().float()
         info = LinearInfo(name, f"{name}.weight", 1, tuple(w.shape))
         scores = consumer_scores(loaded.model, info, stats, args.criterion)
         st = stats[name]
-        energy = w.square() * (st.sum_sq / max(st.count, 1)).float()
+        energy = w.square() * st.mean_sq
         results[name] = search_table(w, scores, energy, sparsity.n, sparsity.m, args.calib_seed,
                                      tuple(args.trials))
         r = results[name]

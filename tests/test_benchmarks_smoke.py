@@ -209,3 +209,34 @@ def test_search_convergence_on_a_tiny_model(tmp_path, tiny_dir):
         assert ex["+30k exchanges"]["dropped"] <= ex["+1k exchanges"]["dropped"] <= ex["hungarian"]["dropped"] + 1e-12
     table = (out / f"{stem}.md").read_text()
     assert "| model.layers.0.mlp.up_proj |" in table and "Command: `python benchmarks/search_convergence.py" in table
+
+
+def test_free_permutation_masks_prune_every_linear_to_n_m_in_its_own_order(tmp_path, tiny_dir):
+    """The ceiling oracle really prunes: every pruned linear keeps exactly n of m per row (so some column order
+    makes it N:M), and the energy its zeros drop is the ``free`` share it reports."""
+    from permcompile.config import OptimizeConfig, Sparsity
+    from permcompile.math.nm import is_nm
+
+    enc = _load("quality_encoder")
+    data = _austen_stand_in(tmp_path / "data")
+    base = OptimizeConfig(calib=str(data), calib_samples=4, calib_seq_len=32)
+    loaded, _, stats, _ = enc.text_calibration(str(tiny_dir("llama")), base)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    secs, glue, dropped, perms = enc.free_permutation_masks_(loaded, stats, Sparsity(2, 4), "wanda", trials=50)
+    assert glue == 14 and secs > 0 and len(perms) == 14
+    dropped_now, total = {}, {}
+    for name, p in loaded.model.named_parameters():
+        if p.dim() != 2 or "proj" not in name:
+            continue
+        w0 = before[name]
+        zero = p.detach() == 0
+        assert torch.equal(zero.sum(dim=1), torch.full((p.shape[0],), p.shape[1] // 2)), name
+        assert is_nm(p.detach()[:, perms[name.rsplit(".", 1)[0]]], 2, 4), name  # N:M in its reported order
+        assert torch.equal(p.detach()[~zero], w0[~zero])  # kept weights unchanged
+        kind = name.split(".")[-2]
+        e = w0.float().square() * stats[name.rsplit(".", 1)[0]].mean_sq
+        dropped_now[kind] = dropped_now.get(kind, 0.0) + float(e[zero].sum())
+        total[kind] = total.get(kind, 0.0) + float(e.sum())
+    assert set(dropped_now) == set(dropped)
+    for kind in dropped:
+        assert abs(dropped_now[kind] / total[kind] - dropped[kind]["free"]) < 1e-5, kind

@@ -34,6 +34,11 @@ class ChannelStats:
         return self.sum_sq.clamp_min(0).sqrt().float()
 
     @property
+    def mean_sq(self) -> torch.Tensor:
+        """E[x²] of each input channel, float32 [K] (the diagonal of the input Gram over the token count)."""
+        return (self.sum_sq / max(self.count, 1)).float()
+
+    @property
     def rms(self) -> torch.Tensor:
         """Root-mean-square of each input channel, float32 [K]."""
         return (self.sum_sq / max(self.count, 1)).clamp_min(0).sqrt().float()

@@ -214,7 +214,7 @@ def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) ->
             w = weight_kout(net, mem).detach().float()
             if not torch.equal(mem.index_tensor(w.shape[1]), torch.arange(g.size)):
                 continue  # not one column per element in order (never the case for residual readers)
-            e = w.square() * (st.sum_sq / max(st.count, 1)).float()
+            e = w.square() * st.mean_sq
             energies.append((e / e.sum().clamp_min(1e-30)).T)
             scores.append(consumer_scores(net, mem, stats, config.criterion).T)
         if not energies:
