@@ -5,6 +5,10 @@ measured it; this script only concatenates them (nothing is typed in by hand).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+import statistics
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,8 +38,118 @@ re-measured after that change. SmolLM2, MiniLM and DINOv2-S groups are larger an
 """
 
 
+# Columns of the overview, in order. "none" is R = 0 by definition and "unstructured" is the ceiling.
+OVERVIEW_METHODS = ("random", "greedy", "hungarian", "learned", "hungarian/per-layer", "learned/per-layer", "free")
+# The primary R of each kind of table (the first one present in its rows is used): R key, metric key, label.
+PRIMARY_R = (("R", "ppl", "perplexity"), ("R_mean_cosine", "mean_cosine", "mean cosine"),
+             ("R_cls_cosine", "cls_cosine", "CLS cosine"), ("R_top1", "top1", "top-1"))
+STEM = re.compile(r"quality_(?P<model>.+?)_(?P<n>\d+)of(?P<m>\d+)_(?P<criterion>magnitude|wanda|ria)(?P<tag>.*)$")
+
+
+def _current_learn_defaults() -> dict | None:
+    try:
+        from permcompile.config import LearnConfig
+    except ImportError:  # the overview still lists the heuristics
+        return None
+    d = dataclasses.asdict(LearnConfig())
+    d.pop("amp", None)  # autocast is a CPU no-op and older tables do not record it
+    return d
+
+
+def _learn_dependent(method: str) -> bool:
+    return method.startswith("learned") or method == "free"
+
+
+def _mean(rows: list[dict], method: str, key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get("method") == method and r.get(key) is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def _read_table(path: Path, defaults: dict | None) -> dict | None:
+    """The overview's view of one quality table: its primary R per method (per seed) and its baselines."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    rows = data.get("rows") or []
+    found = next((p for p in PRIMARY_R if any(p[0] in r for r in rows)), None)
+    if found is None:
+        return None
+    r_key, metric_key, label = found
+    learn = data.get("learn") or {}
+    current = defaults is not None and all(learn.get(k) == v for k, v in defaults.items())
+    per_method = {}
+    for method in OVERVIEW_METHODS:
+        if _learn_dependent(method) and not current:
+            continue
+        vals = [r[r_key] for r in rows if r.get("method") == method and r.get(r_key) is not None]
+        if vals:
+            per_method[method] = vals
+    if not per_method:
+        return None
+    return {"stem": path.stem, "label": label, "R": per_method,
+            "none": _mean(rows, "none", metric_key), "unstructured": _mean(rows, "unstructured", metric_key)}
+
+
+def overview(results: Path = RESULTS) -> str:
+    """One table of R per model × N:M × criterion, computed from the per-seed rows of results/quality_*.json.
+
+    Each cell is mean ± sample sd over calibration seeds (n) of the table's primary R. Learned and free cells come
+    only from tables run with today's LearnConfig defaults; each cell takes the table with the most seeds for that
+    method, ties going to the table that covers most of the row (so a row's cells share seeds where they can).
+    """
+    defaults = _current_learn_defaults()
+    tables: dict[tuple, list[dict]] = {}
+    for path in sorted(results.glob("quality_*.json")):
+        m = STEM.match(path.stem)
+        if m is None or path.stem.endswith(("_smoke", "_probe")):
+            continue
+        table = _read_table(path, defaults)
+        if table is not None:
+            tables.setdefault((m["model"], f"{m['n']}:{m['m']}", m["criterion"]), []).append(table)
+    if not tables:
+        return ""
+    used = [m for m in OVERVIEW_METHODS if any(m in t["R"] for ts in tables.values() for t in ts)]
+    lines = ["### Overview: gap recovered R per model, pattern and criterion (mean ± sd over calibration seeds, n)",
+             "", "| model (metric) | N:M | criterion | none → unstructured | " + " | ".join(used) + " | from |",
+             "|---|---|---|---|" + "---|" * len(used) + "---|"]
+    for (model, nm, crit), ts in sorted(tables.items()):
+        row, sources = [], []
+        for method in used:
+            cands = [t for t in ts if method in t["R"]]
+            if not cands:
+                row.append("—")
+                continue
+            t = max(cands, key=lambda t: (len(t["R"][method]), len(t["R"]), t["stem"]))
+            vals = t["R"][method]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row.append(f"{statistics.mean(vals):.3f} ± {sd:.3f} ({len(vals)})")
+            if t not in sources:
+                sources.append(t)
+        main = max(sources, key=lambda t: (len(t["R"]), t["stem"]))
+        sources.sort(key=lambda t: t is not main)  # the table the span comes from is named first
+        fmt = ".1f" if (main["none"] or 0) > 10 else ".4f"  # perplexity vs cosine / top-1
+        base = (f"{main['none']:{fmt}} → {main['unstructured']:{fmt}}"
+                if main["none"] is not None and main["unstructured"] is not None else "—")
+        lines.append(f"| {model} ({main['label']}) | {nm} | {crit} | {base} | " + " | ".join(row) + " | "
+                     + ", ".join(t["stem"].removeprefix("quality_") for t in sources) + " |")
+    lines += ["", "Computed by `make_results.py` from the per-seed rows of the tables below (each row names its tables "
+              "in the last column; `none → unstructured` is the metric's mean in the first of them, the span R "
+              "measures); nothing here is typed in. R: 0 = N:M without permutation, 1 = unstructured at the same "
+              "density. `learned` and `free` cells come only from tables run with today's LearnConfig defaults "
+              "(— where none was); `/per-layer` rows need glue ops at run time (a gather per per-layer residual "
+              "reading site) and `free` is an oracle with one gather per linear: neither is zero-overhead. Cells of "
+              "one row can come from different tables (different seeds), and seed-to-seed spread is often as large "
+              "as the gap between methods: read the sd and n, and the span (ViT-digits' top-1 span is a handful of "
+              "test images).", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parts = [INTRO]
+    table = overview()
+    if table:
+        parts.append(table)
     sections = 0
     for md in sorted(RESULTS.glob("*.md")):
         if md.stem.endswith("_smoke") or md.stem.endswith("_probe"):

@@ -67,6 +67,28 @@ def reset_peak() -> None:
         pass
 
 
+def run_main(main) -> None:
+    """Run a benchmark's ``main()``; a permcompile error (unknown model, bad option value) is one line, exit 2."""
+    from permcompile.errors import PermcompileError
+
+    try:
+        main()
+    except PermcompileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_methods(methods: list[str], extra: tuple[str, ...] = ()) -> None:
+    """Reject an unknown --methods entry before anything slow runs (STRATEGY or STRATEGY/per-layer)."""
+    from permcompile.config import STRATEGIES
+    from permcompile.errors import UsageError
+
+    valid = list(STRATEGIES) + [f"{s}/per-layer" for s in STRATEGIES] + list(extra)
+    bad = [m for m in methods if m not in valid]
+    if bad:
+        raise UsageError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(valid)}")
+
+
 def text_model_args(ap, model: str) -> None:
     """The options every text-model quality script shares: ``--model``, ``--data-dir``, ``--sparsity``,
     ``--criterion``."""
@@ -357,6 +379,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default=None, help="where the JSON/markdown results go (default benchmarks/results)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    check_methods(args.methods)
     torch.manual_seed(0)
 
     data_dir = Path(args.data_dir)
@@ -440,4 +463,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

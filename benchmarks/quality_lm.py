@@ -39,9 +39,9 @@ from permcompile.evaluate import perplexity
 from permcompile.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import (compress_row, free_permutation_masks_, learn_config, learned_note,  # noqa: E402
-                             peak_mb, reset_peak, text_calibration, text_model_args, timed_compress,
-                             unstructured_ceiling_, write_results)
+from quality_encoder import (check_methods, compress_row, free_permutation_masks_, learn_config,  # noqa: E402
+                             learned_note, peak_mb, reset_peak, run_main, text_calibration, text_model_args,
+                             timed_compress, unstructured_ceiling_, write_results)
 
 CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt", "sense_and_sensibility.txt")
 EVAL_NOVELS = ("persuasion.txt",)
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default=None, help="where the JSON/markdown results go (default benchmarks/results)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    check_methods(args.methods, ("free",))
     torch.manual_seed(0)
 
     data_dir = Path(args.data_dir)
@@ -229,4 +230,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

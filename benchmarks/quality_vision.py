@@ -43,9 +43,9 @@ import torch
 from permcompile.config import OBJECTIVES, WARM_STARTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import (CachedReference, learn_config, add_gap_recovered, compress_row, fmt, group_overview,  # noqa: E402
-                             learned_note, method_seeds, peak_cell, summarise, timed_compress,
-                             unstructured_ceiling_, write_results)
+from quality_encoder import (CachedReference, add_gap_recovered, check_methods, compress_row, fmt,  # noqa: E402
+                             group_overview, learn_config, learned_note, method_seeds, peak_cell, summarise, timed_compress,
+                             run_main, unstructured_ceiling_, write_results)
 
 DEFAULT_DINOV2 = Path(__file__).resolve().parent / "cache" / "dinov2-s"
 
@@ -342,6 +342,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default=None, help="where the JSON/markdown results go (default benchmarks/results)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    check_methods(args.methods)
     torch.manual_seed(0)
     if args.part in ("digits", "both"):
         run_digits(args)
@@ -350,4 +351,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -33,7 +33,7 @@ import torch
 from permcompile.config import OptimizeConfig, Sparsity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import text_calibration, text_model_args, write_results  # noqa: E402
+from quality_encoder import run_main, text_calibration, text_model_args, write_results  # noqa: E402
 from quality_lm import _calib_folder  # noqa: E402
 
 SEARCHES = ("hungarian", "+1k exchanges", "+30k exchanges", "hungarian 64 sweeps", "hungarian 64 sweeps (energy)")
@@ -138,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -240,3 +240,69 @@ def test_free_permutation_masks_prune_every_linear_to_n_m_in_its_own_order(tmp_p
     assert set(dropped_now) == set(dropped)
     for kind in dropped:
         assert abs(dropped_now[kind] / total[kind] - dropped[kind]["free"]) < 1e-5, kind
+
+
+def _quality_json(folder: Path, stem: str, rows: list[dict], learn: dict | None) -> None:
+    data = {"rows": rows, "summary": {}, "command": "python benchmarks/quality_lm.py --synthetic"}
+    if learn is not None:
+        data["learn"] = learn
+    (folder / f"{stem}.json").write_text(json.dumps(data))
+
+
+def test_results_overview_from_synthetic_tables(tmp_path):
+    import dataclasses
+
+    from permcompile.config import LearnConfig
+
+    mod = _load("make_results")
+    today = dataclasses.asdict(LearnConfig())
+    old = dict(today, steps=30, swap_trials=0)
+
+    def rows(method, rs):
+        return [{"method": method, "calib_seed": i, "ppl": 100.0, "R": r} for i, r in enumerate(rs)]
+
+    # three seeds of hungarian in one table, two in another: the overview takes the three-seed one
+    _quality_json(tmp_path, "quality_toy_2of4_wanda", rows("none", [0, 0, 0]) + rows("hungarian", [0.2, 0.4, 0.6]),
+                  None)
+    _quality_json(tmp_path, "quality_toy_2of4_wanda_two", rows("hungarian", [0.9, 0.9]), None)
+    # learned with older settings is left out; learned with today's defaults is used
+    # (more seeds than today's: it would win if it were not filtered out)
+    _quality_json(tmp_path, "quality_toy_2of4_wanda_old", rows("learned", [0.99, 0.99, 0.99]), old)
+    _quality_json(tmp_path, "quality_toy_2of4_wanda_today", rows("learned", [0.1, 0.3]), today)
+    # an encoder-style table (its own primary R), a smoke table (skipped) and a broken file (skipped)
+    _quality_json(tmp_path, "quality_enc_4of8_ria", [{"method": "greedy", "calib_seed": 0, "R_mean_cosine": 0.5}],
+                  None)
+    _quality_json(tmp_path, "quality_toy_2of4_ria_smoke", rows("hungarian", [0.7]), None)
+    (tmp_path / "quality_toy_4of8_wanda.json").write_text("{not json")
+    text = mod.overview(tmp_path)
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| toy") or
+             line.startswith("| enc")}
+    assert set(lines) == {"| toy (perplexity)", "| enc (mean cosine)"}  # smoke and broken files are not rows
+    toy = lines["| toy (perplexity)"]
+    cells = [c.strip() for c in toy.split("|")[1:-1]]
+    header = [c.strip() for c in text.splitlines()[2].split("|")[1:-1]]
+    got = dict(zip(header, cells))
+    assert got["hungarian"] == "0.400 ± 0.200 (3)"
+    assert got["learned"] == "0.200 ± 0.141 (2)"
+    assert got["greedy"] == "—" and got["N:M"] == "2:4" and got["criterion"] == "wanda"
+    assert "toy_2of4_wanda_today" in got["from"] and "_old" not in got["from"] and "_two" not in got["from"]
+    assert "0.500 ± 0.000 (1)" in lines["| enc (mean cosine)"]
+    assert mod.overview(tmp_path / "nothing") == ""
+
+
+def test_benchmark_scripts_reject_bad_methods_in_one_line(capsys):
+    mod = _load("quality_encoder")
+    from permcompile.errors import UsageError
+
+    mod.check_methods(["none", "learned/per-layer"])
+    mod.check_methods(["free"], extra=("free",))
+    with pytest.raises(UsageError, match="unknown method.*bogus"):
+        mod.check_methods(["none", "bogus"])
+
+    def bad_main():
+        raise UsageError("model path nosuch does not exist")
+
+    with pytest.raises(SystemExit) as exc:
+        mod.run_main(bad_main)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "error: model path nosuch does not exist\n"
