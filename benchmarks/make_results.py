@@ -133,9 +133,9 @@ def overview(results: Path = RESULTS) -> str:
                 if main["none"] is not None and main["unstructured"] is not None else "—")
         lines.append(f"| {model} ({main['label']}) | {nm} | {crit} | {base} | " + " | ".join(row) + " | "
                      + ", ".join(t["stem"].removeprefix("quality_") for t in sources) + " |")
-    lines += ["", "Computed by `make_results.py` from the per-seed rows of the tables below (each row names its tables "
-              "in the last column; `none → unstructured` is the metric's mean in the first of them, the span R "
-              "measures); nothing here is typed in. R: 0 = N:M without permutation, 1 = unstructured at the same "
+    lines += ["", "Computed by `make_results.py` from the per-seed rows of the tables in `benchmarks/results/` "
+              "(each row names its tables in the last column; `none → unstructured` is the metric's mean in the "
+              "first of them, the span R measures); nothing here is typed in. R: 0 = N:M without permutation, 1 = unstructured at the same "
               "density. `learned` and `free` cells come only from tables run with today's LearnConfig defaults "
               "(— where none was); `/per-layer` rows need glue ops at run time (a gather per per-layer residual "
               "reading site) and `free` is an oracle with one gather per linear: neither is zero-overhead. Cells of "
@@ -145,11 +145,30 @@ def overview(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+README = HERE.parent / "README.md"
+BEGIN, END = "<!-- overview: written by benchmarks/make_results.py -->", "<!-- end of overview -->"
+
+
+def update_readme(table: str, readme: Path = README) -> bool:
+    """Put the overview table between the README's markers (so its copy never goes stale); False if no markers."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        return False
+    body = table.replace("### Overview", "#### Overview", 1)
+    readme.write_text(text[:start + len(BEGIN)] + "\n" + body.strip() + "\n" + text[end:])
+    return True
+
+
 def main() -> None:
     parts = [INTRO]
     table = overview()
     if table:
         parts.append(table)
+        if update_readme(table):
+            print(f"updated the overview in {README}")
     sections = 0
     for md in sorted(RESULTS.glob("*.md")):
         if md.stem.endswith("_smoke") or md.stem.endswith("_probe"):
