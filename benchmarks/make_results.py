@@ -133,15 +133,15 @@ def overview(results: Path = RESULTS) -> str:
                 if main["none"] is not None and main["unstructured"] is not None else "—")
         lines.append(f"| {model} ({main['label']}) | {nm} | {crit} | {base} | " + " | ".join(row) + " | "
                      + ", ".join(t["stem"].removeprefix("quality_") for t in sources) + " |")
-    lines += ["", "Computed by `make_results.py` from the per-seed rows of the tables in `benchmarks/results/` "
-              "(each row names its tables in the last column; `none → unstructured` is the metric's mean in the "
-              "first of them, the span R measures); nothing here is typed in. R: 0 = N:M without permutation, "
-              "1 = unstructured at the same density. `learned` and `free` cells come only from tables run with today's LearnConfig defaults "
-              "(— where none was); `/per-layer` rows need glue ops at run time (a gather per per-layer residual "
-              "reading site) and `free` is an oracle with one gather per linear: neither is zero-overhead. Cells of "
-              "one row can come from different tables (different seeds), and seed-to-seed spread is often as large "
-              "as the gap between methods: read the sd and n, and the span (ViT-digits' top-1 span is a handful of "
-              "test images).", ""]
+    lines += ["", "Computed by `make_results.py` from the per-seed rows of the tables in `benchmarks/results/` (each "
+              "row names its tables in the last column; `none → unstructured` is the metric's mean in the first of "
+              "them, the span R measures); nothing here is typed in. R: 0 = N:M without permutation, 1 = "
+              "unstructured at the same density. `learned` and `free` cells come only from tables run with today's "
+              "LearnConfig defaults (— where none was); `/per-layer` rows need glue ops at run time (a gather per "
+              "per-layer residual reading site) and `free` is an oracle with one gather per linear: neither is "
+              "zero-overhead. Cells of one row can come from different tables (different seeds), and seed-to-seed "
+              "spread is often as large as the gap between methods: read the sd and n, and the span (ViT-digits' "
+              "top-1 span is a handful of test images).", ""]
     return "\n".join(lines)
 
 
