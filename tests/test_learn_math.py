@@ -133,6 +133,34 @@ def test_swap_refine_with_replicated_columns():
     assert abs(output_error([c], perm, 2, 4) - loss) < 1e-6
 
 
+@pytest.mark.parametrize("n_keep,m", [(2, 4), (4, 8), (1, 4)])
+def test_dropped_entries_is_the_nm_mask_complement_with_its_tie_rule(n_keep, m):
+    from permcompile.math.learn import _dropped_entries
+
+    gen = torch.Generator().manual_seed(m + n_keep)
+    scores = torch.randint(0, 3, (10, 4 * m), generator=gen).float()  # many ties: the lower position must win
+    expected = ~nm_mask(scores, n_keep, m)
+    assert torch.equal(_dropped_entries(scores.T.contiguous(), n_keep, m), expected.T)
+    assert int(expected.sum()) == 10 * 4 * (m - n_keep)
+
+
+def test_swap_refine_diagonal_gram_and_several_consumers():
+    from permcompile.math.learn import output_error, swap_refine
+
+    n = 32
+    a = _correlated_problem(n, seed=3)
+    b = _correlated_problem(n, cols=torch.arange(64) % n, seed=4)  # replicas, like GQA heads
+    cs = [Consumer(c.w, c.scores, objective_gram(c.gram, "diagonal"), c.cols) for c in (a, b)]
+    labels, fixed = _free(n)
+    start = output_error(cs, torch.arange(n), 2, 4)
+    perm, loss, kept = swap_refine(cs, [c.gram for c in cs], torch.arange(n), 2, 4, labels, fixed, trials=300)
+    assert kept > 0 and loss < start
+    assert abs(output_error(cs, perm, 2, 4) - loss) < 1e-6  # the vector form of a diagonal Gram is exact too
+    threads = torch.get_num_threads()
+    swap_refine(cs, [c.gram for c in cs], torch.arange(n), 2, 4, labels, fixed, trials=10)
+    assert torch.get_num_threads() == threads  # the single-threaded trial loop restores the setting
+
+
 def test_learned_with_exchanges_beats_the_sinkhorn_phase_alone():
     n = 48
     c = _correlated_problem(n, seed=7)
