@@ -333,8 +333,9 @@ def _exchange_pairs(perm: torch.Tensor, labels: torch.Tensor, fixed: torch.Tenso
 
 
 class _single_thread:
-    """Run a loop of tiny tensor ops on one thread: intra-op threads only add fork/join overhead to ops on a few
-    thousand elements (measured 9× slower with 2 threads than with 1 on a 2-core machine with a busy neighbour)."""
+    """Run a loop of small tensor ops on one thread: intra-op threads only add fork/join overhead there (on this
+    project's 2-core machine with a busy neighbour, 1000 exchange trials took 9× longer with 2 threads, and one
+    residual-stripe scoring 12× longer)."""
 
     def __enter__(self):
         self.prev = torch.get_num_threads()
@@ -347,12 +348,15 @@ class _single_thread:
 def _dropped_entries(scores: torch.Tensor, n_keep: int, m: int) -> torch.Tensor:
     """``~nm_mask`` for element-major scores ``[S, rows]`` (``S`` a multiple of ``m``; stripes of ``m``
     consecutive elements): an entry is dropped when at least ``n_keep`` others of its stripe beat it (a higher
-    score, or an equal one at an earlier position): the same rule as ``nm_mask``'s stable sort, without sorting."""
+    score, or an equal one at an earlier position): the same rule as ``nm_mask``'s stable sort, without sorting
+    (and reading whole rows: contiguous)."""
     s = scores.reshape(-1, m, scores.shape[-1])
-    beats = s.unsqueeze(2) > s.unsqueeze(1)  # [stripes, j, k, rows]: element j beats element k
-    earlier = torch.ones(m, m, dtype=torch.bool).triu(1)[None, :, :, None]
-    beats |= (s.unsqueeze(2) == s.unsqueeze(1)) & earlier
-    return (beats.sum(dim=1) >= n_keep).reshape(scores.shape)
+    rank = (s[:, :1] > s).to(torch.uint8)
+    for k in range(1, m):
+        rank += s[:, k:k + 1] > s
+    for k in range(m - 1):
+        rank[:, k + 1:] += s[:, k:k + 1] == s[:, k + 1:]
+    return (rank >= n_keep).reshape(scores.shape)
 
 
 def swap_refine(consumers: list[Consumer], grams: list[torch.Tensor], perm: torch.Tensor, n_keep: int, m: int,
@@ -453,25 +457,18 @@ def diagonal_exchanges(energy: torch.Tensor, scores: torch.Tensor, perm: torch.T
     total = max(float(energy.sum()), 1e-30)
 
     def dropped(elements: torch.Tensor) -> float:  # elements of one stripe, in position order
-        s = scores[elements]  # [m, rows], contiguous rows
-        # nm_mask's rule without sorting: an entry is dropped when at least n_keep others of its stripe beat it
-        # (a higher score, or an equal one at an earlier position)
-        rank = (s[0] > s).to(torch.uint8)
-        for k in range(1, m):
-            rank += s[k] > s
-        for k in range(m - 1):
-            rank[k + 1:] += s[k] == s[k + 1:]
-        return float((energy[elements] * (rank >= n_keep)).sum())
+        return float((energy[elements] * _dropped_entries(scores[elements], n_keep, m)).sum())
 
     stripe_loss = [dropped(cur[k * m:(k + 1) * m]) for k in range(n // m)]
     start = sum(stripe_loss) / total
     kept = 0
-    for i, j in _exchange_pairs(cur, labels, fixed, m, trials, gen, accepted=lambda: kept):
-        a, b = i // m, j // m
-        cand = cur.clone()
-        cand[i], cand[j] = cur[j], cur[i]
-        new_a, new_b = dropped(cand[a * m:(a + 1) * m]), dropped(cand[b * m:(b + 1) * m])
-        if new_a + new_b < stripe_loss[a] + stripe_loss[b] - 1e-9 * total:
-            cur, stripe_loss[a], stripe_loss[b] = cand, new_a, new_b
-            kept += 1
+    with _single_thread():
+        for i, j in _exchange_pairs(cur, labels, fixed, m, trials, gen, accepted=lambda: kept):
+            a, b = i // m, j // m
+            cand = cur.clone()
+            cand[i], cand[j] = cur[j], cur[i]
+            new_a, new_b = dropped(cand[a * m:(a + 1) * m]), dropped(cand[b * m:(b + 1) * m])
+            if new_a + new_b < stripe_loss[a] + stripe_loss[b] - 1e-9 * total:
+                cur, stripe_loss[a], stripe_loss[b] = cand, new_a, new_b
+                kept += 1
     return cur, start, sum(stripe_loss) / total, kept
