@@ -60,6 +60,30 @@ def test_learned_is_valid_and_not_worse_than_hungarian(tmp_path, objective, monk
     assert improved > 0, "the learned refinement improved no group's output error"
 
 
+def test_diagonal_objective_uses_the_calibration_statistics_not_a_gram_pass(tmp_path, monkeypatch):
+    """diag(XᵀX) is what the Wanda statistics hold: no Gram pass, and the same permutations as with one."""
+    import permcompile.passes.learn as learn_mod
+
+    cfg = {"learn": dataclasses.replace(LEARN, objective="diagonal")}
+    passes = []
+
+    class CountingHooks(learn_mod._GramHooks):
+        def __init__(self, *a, **k):
+            passes.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(learn_mod, "_GramHooks", CountingHooks)
+    _, fast = _run(tmp_path / "stats", cfg=cfg)
+    assert passes == [] and any(r.strategy == "learned" for r in fast.group_results)
+    monkeypatch.setattr(learn_mod, "_stat_grams_suffice", lambda *a: False)  # the Gram pass, as before
+    _, slow = _run(tmp_path / "hooks", cfg=cfg)
+    assert passes  # the forced run did take the Gram pass
+    for g in fast.groups:
+        assert torch.equal(fast.perms[g.name], slow.perms[g.name]), g.name
+    notes = {r.name: r.note for r in slow.group_results}
+    assert all(r.note == notes[r.name] for r in fast.group_results if r.strategy == "learned")
+
+
 def test_resume_after_interruption_gives_same_result(tmp_path, monkeypatch):
     _, full = _run(tmp_path / "full")
 

@@ -3,7 +3,9 @@
 Streaming: groups are processed one Transformer block at a time. For each block we run the calibration
 batches through the model with hooks that accumulate the input Gram matrices ``XᵀX`` of that block's
 consumers only, learn the block's permutations, write a checkpoint, and free the Grams, so memory stays
-bounded by one block whatever the model's depth. ``--resume`` reloads the finished blocks from the
+bounded by one block whatever the model's depth. The ``diagonal`` objective (the decoder default) needs only
+``diag(XᵀX)``, which the calibration statistics already hold: it runs no Gram pass at all (``_StatGrams``),
+unless ``sequential`` asks for Grams of the pruned prefix. ``--resume`` reloads the finished blocks from the
 checkpoint (refusing one made from different inputs).
 
 The residual-stream group (one model-wide permutation, zero glue) is read by every block, so its exact
@@ -43,6 +45,23 @@ def block_key(module: str) -> str:
         if p.isdigit():
             return ".".join(parts[: i + 1])
     return module
+
+
+class _StatGrams:
+    """The ``diagonal`` objective's Grams without a forward pass: ``diag(XᵀX)`` is the per-channel sum of squares
+    the calibration statistics already hold (same tokens, padding excluded alike), kept as ``[K]`` vectors."""
+
+    def __init__(self, stats: dict, modules: list[str]):
+        self.grams = {name: stats[name].sum_sq for name in modules}
+        self.tokens = {name: stats[name].count for name in modules}
+
+    def close(self):
+        pass
+
+
+def _stat_grams_suffice(config, sequential, stats: dict, modules: list[str]) -> bool:
+    """True when the block's objective needs only the diagonal the calibration statistics hold."""
+    return config.learn.objective == "diagonal" and sequential is None and all(x in stats for x in modules)
 
 
 class _GramHooks:
@@ -153,7 +172,9 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
                 # rows weighted by their task-loss Fisher: the objective becomes the end-to-end estimate
                 # (the mask stays the criterion's per-row choice: row weights do not change it)
                 w = w * sensitivity[mem.module].clamp_min(0).sqrt()[:, None]
-            gram = objective_gram(hooks.grams[mem.module] / max(1, hooks.tokens[mem.module]), lc.objective).float()
+            acc = hooks.grams[mem.module] / max(1, hooks.tokens[mem.module])
+            # a vector is the diagonal already (_StatGrams); objective_gram keeps only the diagonal of a matrix
+            gram = (torch.diag(acc) if acc.dim() == 1 else objective_gram(acc, lc.objective)).float()
             consumers.append(Consumer(w, s, gram, mem.index_tensor(w.shape[1])))
         if not consumers:
             continue
@@ -380,20 +401,23 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
             t0 = time.perf_counter()
             if sequential is not None:
                 sequential.mask_before(chunk[0], {g.name for g in blocks[chunk[0]]})
-            hooks = _GramHooks(net, modules, "cpu", config.learn.objective)
-            last = _last_module(net, modules)
-            try:
-                with torch.no_grad():
-                    for b in batches:
-                        hooks.mask = b.get("attention_mask")
-                        try:
-                            net(**b, **loaded.forward_kwargs())
-                        except StopForward:  # everything this chunk needs has run
-                            pass
-            finally:
-                hooks.close()
-                if last is not None:
-                    last.remove()
+            if _stat_grams_suffice(config, sequential, stats, modules):
+                hooks = _StatGrams(stats, modules)  # no forward pass, no K×K matrices
+            else:
+                hooks = _GramHooks(net, modules, "cpu", config.learn.objective)
+                last = _last_module(net, modules)
+                try:
+                    with torch.no_grad():
+                        for b in batches:
+                            hooks.mask = b.get("attention_mask")
+                            try:
+                                net(**b, **loaded.forward_kwargs())
+                            except StopForward:  # everything this chunk needs has run
+                                pass
+                finally:
+                    hooks.close()
+                    if last is not None:
+                        last.remove()
             gram_seconds = (time.perf_counter() - t0) / max(1, len(chunk))
             for key in chunk:
                 t1 = time.perf_counter() - gram_seconds  # each block is charged its share of the Gram pass
