@@ -60,6 +60,26 @@ def _learn_dependent(method: str) -> bool:
     return method.startswith("learned") or method == "free"
 
 
+def _runs_today_defaults(learn: dict, defaults: dict | None, method: str, causal_lm: bool) -> bool:
+    """Whether a table's learned settings are today's defaults for ``method``. ``objective="auto"`` is compared
+    as what it resolves to (diagonal for causal LMs, output otherwise), and per-layer rows ignore
+    ``residual_trials`` (with per-layer sites there is no global residual group to refine)."""
+    if defaults is None:
+        return False
+    resolved = "diagonal" if causal_lm else "output"
+
+    def norm(d: dict) -> dict:
+        d = dict(d)
+        if d.get("objective") == "auto":
+            d["objective"] = resolved
+        if method.endswith("/per-layer"):
+            d.pop("residual_trials", None)
+        return d
+
+    have, want = norm(learn), norm(defaults)
+    return all(have.get(k) == v for k, v in want.items())
+
+
 def _mean(rows: list[dict], method: str, key: str) -> float | None:
     vals = [r[key] for r in rows if r.get("method") == method and r.get(key) is not None]
     return statistics.mean(vals) if vals else None
@@ -77,10 +97,9 @@ def _read_table(path: Path, defaults: dict | None) -> dict | None:
         return None
     r_key, metric_key, label = found
     learn = data.get("learn") or {}
-    current = defaults is not None and all(learn.get(k) == v for k, v in defaults.items())
     per_method = {}
     for method in OVERVIEW_METHODS:
-        if _learn_dependent(method) and not current:
+        if _learn_dependent(method) and not _runs_today_defaults(learn, defaults, method, r_key == "R"):
             continue
         vals = [r[r_key] for r in rows if r.get("method") == method and r.get(r_key) is not None]
         if vals:
@@ -95,7 +114,7 @@ def overview(results: Path = RESULTS) -> str:
     """One table of R per model × N:M × criterion, computed from the per-seed rows of results/quality_*.json.
 
     Each cell is mean ± sample sd over calibration seeds (n) of the table's primary R. Learned and free cells come
-    only from tables run with today's LearnConfig defaults; each cell takes the table with the most seeds for that
+    only from tables run with today's LearnConfig defaults (``_runs_today_defaults``); each cell takes the table with the most seeds for that
     method, ties going to the table that covers most of the row (so a row's cells share seeds where they can).
     """
     defaults = _current_learn_defaults()

@@ -269,6 +269,12 @@ def test_results_overview_from_synthetic_tables(tmp_path):
     # (more seeds than today's: it would win if it were not filtered out)
     _quality_json(tmp_path, "quality_toy_2of4_wanda_old", rows("learned", [0.99, 0.99, 0.99]), old)
     _quality_json(tmp_path, "quality_toy_2of4_wanda_today", rows("learned", [0.1, 0.3]), today)
+    # a per-layer table from before the residual refinement existed, objective spelled out: today's defaults for
+    # learned/per-layer (no global residual group to refine; "auto" is "diagonal" for a causal LM), not for learned
+    older = {k: v for k, v in today.items() if k not in ("residual_trials", "amp")}
+    older["objective"] = "diagonal"
+    _quality_json(tmp_path, "quality_toy_2of4_wanda_pl", rows("learned/per-layer", [0.5, 0.7]) +
+                  rows("learned", [0.9, 0.9, 0.9]), older)
     # an encoder-style table (its own primary R), a smoke table (skipped) and a broken file (skipped)
     _quality_json(tmp_path, "quality_enc_4of8_ria", [{"method": "greedy", "calib_seed": 0, "R_mean_cosine": 0.5}],
                   None)
@@ -285,6 +291,7 @@ def test_results_overview_from_synthetic_tables(tmp_path):
     assert got["hungarian"] == "0.400 ± 0.200 (3)"
     assert got["learned"] == "0.200 ± 0.141 (2)"
     assert got["greedy"] == "—" and got["N:M"] == "2:4" and got["criterion"] == "wanda"
+    assert got["learned/per-layer"] == "0.600 ± 0.141 (2)"
     assert "toy_2of4_wanda_today" in got["from"] and "_old" not in got["from"] and "_two" not in got["from"]
     assert "0.500 ± 0.000 (1)" in lines["| enc (mean cosine)"]
     assert mod.overview(tmp_path / "nothing") == ""
