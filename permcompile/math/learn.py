@@ -72,6 +72,12 @@ def _replica_columns(cols: torch.Tensor, n: int, idx: torch.Tensor) -> list[tupl
     return out
 
 
+def _diagonal_of(gram: torch.Tensor) -> torch.Tensor | None:
+    """``diag(gram)`` (float64) when ``gram`` is diagonal (the ``diagonal`` objective), else None."""
+    d = torch.diagonal(gram)
+    return d.double() if torch.count_nonzero(gram) == torch.count_nonzero(d) else None
+
+
 def output_error(consumers: list[Consumer], perm: torch.Tensor, n_keep: int, m: int) -> float:
     """Relative layer-output error of the hard N:M mask in permuted order (the learned objective)."""
     num, den = 0.0, 0.0
@@ -80,6 +86,12 @@ def output_error(consumers: list[Consumer], perm: torch.Tensor, n_keep: int, m: 
         w = c.w[:, src]
         mask = nm_mask(c.scores[:, src], n_keep, m)
         r = (w * (~mask)).double()
+        diag = _diagonal_of(c.gram)
+        if diag is not None:  # Σ r² d: no K×K product
+            d = diag[src]
+            num += float((r * r * d).sum())
+            den += float((w.double().square() * d).sum())
+            continue
         g = c.gram[src][:, src].double()
         num += float((r @ g * r).sum())
         den += float((w.double() @ g * w.double()).sum())
@@ -171,8 +183,8 @@ def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, wa
     # the Sinkhorn phase scores with a low-rank factor of each Gram (several times cheaper per step); the
     # exchange search does not need one (its trial cost does not depend on the rank), so it uses the exact Gram
     factors = [gram_factor(c.gram) for c in consumers] if steps > 0 else None
-    best_loss = _lowrank_error(consumers, factors, cur, n_keep, m) if factors else output_error(consumers, cur,
-                                                                                                n_keep, m)
+    warm_exact = output_error(consumers, warm, n_keep, m)
+    best_loss = _lowrank_error(consumers, factors, cur, n_keep, m) if factors else warm_exact
     history = [best_loss]
     movable = ~fixed[cur] if fixed is not None else torch.ones(n, dtype=torch.bool)
     pos_labels = labels[cur]
@@ -195,8 +207,7 @@ def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, wa
                                             trials=swap_trials, generator=gen)
         history.append(swap_loss)
     # the Sinkhorn phase used a low-rank Gram: confirm on the exact objective, never return something worse
-    warm_exact = output_error(consumers, warm, n_keep, m)
-    cur_exact = output_error(consumers, cur, n_keep, m)
+    cur_exact = warm_exact if torch.equal(cur, warm) else output_error(consumers, cur, n_keep, m)
     if cur_exact > warm_exact:
         cur, cur_exact = warm.clone(), warm_exact
     return LearnResult(cur, warm_exact, cur_exact, done, history, swaps)
@@ -384,8 +395,7 @@ def swap_refine(consumers: list[Consumer], grams: list[torch.Tensor], perm: torc
     for c, gram in zip(consumers, grams):
         src = _positions(c, cur)
         g = gram.double()
-        gd = torch.diagonal(g)
-        diag = gd.clone() if torch.count_nonzero(g) == torch.count_nonzero(gd) else None
+        diag = _diagonal_of(g)
         wt = c.w.T.double().contiguous()
         st = c.scores.T.contiguous()
         rt = torch.zeros_like(wt)
