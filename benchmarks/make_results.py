@@ -9,6 +9,8 @@ import dataclasses
 import json
 import re
 import statistics
+import subprocess
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -80,6 +82,19 @@ def _runs_today_defaults(learn: dict, defaults: dict | None, method: str, causal
     return all(have.get(k) == v for k, v in want.items())
 
 
+def _recorded_at(path: Path) -> float:
+    """When a result was committed (git author time); a file git does not know yet is the newest of all. The
+    code changes between sessions, so of two tables with the same settings the newer shows today's code."""
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%ct", "--", path.name], cwd=path.parent,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return path.stat().st_mtime
+    if out.returncode != 0:
+        return path.stat().st_mtime
+    return float(out.stdout.strip()) if out.stdout.strip() else time.time()
+
+
 def _mean(rows: list[dict], method: str, key: str) -> float | None:
     vals = [r[key] for r in rows if r.get("method") == method and r.get(key) is not None]
     return statistics.mean(vals) if vals else None
@@ -106,7 +121,7 @@ def _read_table(path: Path, defaults: dict | None) -> dict | None:
             per_method[method] = vals
     if not per_method:
         return None
-    return {"stem": path.stem, "label": label, "R": per_method,
+    return {"stem": path.stem, "label": label, "R": per_method, "when": _recorded_at(path),
             "none": _mean(rows, "none", metric_key), "unstructured": _mean(rows, "unstructured", metric_key)}
 
 
@@ -114,8 +129,10 @@ def overview(results: Path = RESULTS) -> str:
     """One table of R per model × N:M × criterion, computed from the per-seed rows of results/quality_*.json.
 
     Each cell is mean ± sample sd over calibration seeds (n) of the table's primary R. Learned and free cells come
-    only from tables run with today's LearnConfig defaults (``_runs_today_defaults``); each cell takes the table with the most seeds for that
-    method, ties going to the table that covers most of the row (so a row's cells share seeds where they can).
+    only from tables run with today's LearnConfig defaults (``_runs_today_defaults``) and take the newest such
+    table (``_recorded_at``: the learned pass changed between sessions); the other cells take the table with the
+    most seeds for that method. Ties go to the table covering most of the row (so a row's cells share seeds
+    where they can), then to the newer one.
     """
     defaults = _current_learn_defaults()
     tables: dict[tuple, list[dict]] = {}
@@ -139,7 +156,10 @@ def overview(results: Path = RESULTS) -> str:
             if not cands:
                 row.append("—")
                 continue
-            t = max(cands, key=lambda t: (len(t["R"][method]), len(t["R"]), t["stem"]))
+            if _learn_dependent(method):  # the learned pass changed most between sessions: newest first
+                t = max(cands, key=lambda t: (t["when"], len(t["R"][method]), len(t["R"]), t["stem"]))
+            else:
+                t = max(cands, key=lambda t: (len(t["R"][method]), len(t["R"]), t["when"], t["stem"]))
             vals = t["R"][method]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             row.append(f"{statistics.mean(vals):.3f} ± {sd:.3f} ({len(vals)})")
@@ -156,11 +176,12 @@ def overview(results: Path = RESULTS) -> str:
               "row names its tables in the last column; `none → unstructured` is the metric's mean in the first of "
               "them, the span R measures); nothing here is typed in. R: 0 = N:M without permutation, 1 = "
               "unstructured at the same density. `learned` and `free` cells come only from tables run with today's "
-              "LearnConfig defaults (— where none was); `/per-layer` rows need glue ops at run time (a gather per "
-              "per-layer residual reading site) and `free` is an oracle with one gather per linear: neither is "
-              "zero-overhead. Cells of one row can come from different tables (different seeds), and seed-to-seed "
-              "spread is often as large as the gap between methods: read the sd and n, and the span (ViT-digits' "
-              "top-1 span is a handful of test images).", ""]
+              "LearnConfig defaults (— where none was), the newest such table (the learned pass changed between "
+              "sessions); other cells come from the table with the most seeds. `/per-layer` rows need glue ops at "
+              "run time (a gather per per-layer residual reading site) and `free` is an oracle with one gather per "
+              "linear: neither is zero-overhead. Cells of one row can come from different tables (different seeds),"
+              " and seed-to-seed spread is often as large as the gap between methods: read the sd and n, and the "
+              "span (ViT-digits' top-1 span is a handful of test images).", ""]
     return "\n".join(lines)
 
 

@@ -249,7 +249,7 @@ def _quality_json(folder: Path, stem: str, rows: list[dict], learn: dict | None)
     (folder / f"{stem}.json").write_text(json.dumps(data))
 
 
-def test_results_overview_from_synthetic_tables(tmp_path):
+def test_results_overview_from_synthetic_tables(tmp_path, monkeypatch):
     import dataclasses
 
     from permcompile.config import LearnConfig
@@ -280,6 +280,13 @@ def test_results_overview_from_synthetic_tables(tmp_path):
                   None)
     _quality_json(tmp_path, "quality_toy_2of4_ria_smoke", rows("hungarian", [0.7]), None)
     (tmp_path / "quality_toy_4of8_wanda.json").write_text("{not json")
+    # a newer one-seed learned table with today's defaults: learned cells take the newest table (the learned pass
+    # changes between sessions); heuristics keep the table with the most seeds ("_two" is newer but has 2)
+    _quality_json(tmp_path, "quality_toy_2of4_wanda_zlatest", rows("learned", [0.05]), today)
+    order = ["quality_toy_2of4_wanda", "quality_toy_2of4_wanda_old", "quality_toy_2of4_wanda_today",
+             "quality_toy_2of4_wanda_pl", "quality_toy_2of4_wanda_two", "quality_toy_2of4_wanda_zlatest"]
+    monkeypatch.setattr(mod, "_recorded_at", lambda path: float(order.index(path.stem)) if path.stem in order
+                        else 0.0)
     text = mod.overview(tmp_path)
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| toy") or
              line.startswith("| enc")}
@@ -289,10 +296,10 @@ def test_results_overview_from_synthetic_tables(tmp_path):
     header = [c.strip() for c in text.splitlines()[2].split("|")[1:-1]]
     got = dict(zip(header, cells))
     assert got["hungarian"] == "0.400 ± 0.200 (3)"
-    assert got["learned"] == "0.200 ± 0.141 (2)"
+    assert got["learned"] == "0.050 ± 0.000 (1)"
     assert got["greedy"] == "—" and got["N:M"] == "2:4" and got["criterion"] == "wanda"
     assert got["learned/per-layer"] == "0.600 ± 0.141 (2)"
-    assert "toy_2of4_wanda_today" in got["from"] and "_old" not in got["from"] and "_two" not in got["from"]
+    assert "toy_2of4_wanda_zlatest" in got["from"] and "_old" not in got["from"] and "_two" not in got["from"]
     assert "0.500 ± 0.000 (1)" in lines["| enc (mean cosine)"]
     assert mod.overview(tmp_path / "nothing") == ""
     # the README's copy sits between markers and is replaced whole; without markers nothing is written
