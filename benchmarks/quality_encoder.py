@@ -133,9 +133,9 @@ def free_permutation_masks_(loaded, stats, sparsity, criterion: str, trials: int
     ``W² E[x²]``); the N:M mask of the criterion's scores in that order is mapped back and applied in place.
     Deploying it would need one gather per linear (PermLLM's and RIA's setting).
 
-    Returns ``(seconds, glue, dropped, perms)``: ``perms[module]`` is the linear's input order and ``dropped[kind]`` is the share of the diagonal energy ``W² E[x²]`` that
-    the criterion's masks drop, summed over the linears of that kind (``q_proj``, ``down_proj``, ...) for the N:M
-    mask in the original order (``identity``), in the free order (``free``) and unstructured per row
+    Returns ``(seconds, glue, dropped, perms)``: ``perms[module]`` is the linear's input order and
+    ``dropped[kind]`` is the share of the diagonal energy ``W² E[x²]`` that the criterion's masks drop, summed
+    over the linears of that kind (``q_proj``, ``down_proj``, ...) for the N:M mask in the original order (``identity``), in the free order (``free``) and unstructured per row
     (``unstructured``): where the gap between N:M and unstructured is, and how much of it any permutation closes.
     """
     from permcompile.capture import capture

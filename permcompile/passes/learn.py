@@ -402,7 +402,7 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
             if sequential is not None:
                 sequential.mask_before(chunk[0], {g.name for g in blocks[chunk[0]]})
             if _stat_grams_suffice(config, sequential, stats, modules):
-                hooks = _StatGrams(stats, modules)  # no forward pass, no K×K matrices
+                hooks = _StatGrams(stats, modules)  # no forward pass, no K×K accumulators
             else:
                 hooks = _GramHooks(net, modules, "cpu", config.learn.objective)
                 last = _last_module(net, modules)
