@@ -1,7 +1,9 @@
 """Write a Triton Inference Server model repository for the exported model.
 
 Layout: ``<repo>/<name>/config.pbtxt`` plus ``<repo>/<name>/1/model.onnx`` (platform ``onnxruntime_onnx``)
-or ``<repo>/<name>/1/model.plan`` (platform ``tensorrt_plan``).
+or ``<repo>/<name>/1/model.plan`` (platform ``tensorrt_plan``). The model file is hard-linked when it can be;
+an external-data file (``model.onnx.data``, for weights past 2 GB) is always copied, because ``onnx.load``
+refuses external data that has several hard links and Triton may mount the repository on its own.
 
 For ONNX the config enables ONNX Runtime's TensorRT execution accelerator. The parameter keys are the
 ones documented by Triton's onnxruntime backend (README, "Parameter mapping between ONNX Runtime and Triton
@@ -157,7 +159,9 @@ def write_triton_repo(repo_dir, model_name: str, onnx_path=None, plan_path=None,
         _link_or_copy(source, target)
         data = source.with_name(source.name + ".data")
         if data.exists():  # external weights travel with the graph (same relative location)
-            _link_or_copy(data, version_dir / data.name)
+            # a copy, never a hard link: onnx.load refuses external data with several links ("potential
+            # hardlink attack"), and a symlink or a path outside the model folder is refused too
+            _copy(data, version_dir / data.name)
     else:
         platform, target = "tensorrt_plan", version_dir / "model.plan"
         _link_or_copy(source, target)
@@ -346,3 +350,10 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
+
+
+def _copy(source: Path, target: Path) -> None:
+    """An independent copy (the kernel copies it: ``copyfile`` uses ``sendfile``, nothing passes through Python)."""
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    shutil.copyfile(source, target)
