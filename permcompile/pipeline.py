@@ -280,7 +280,7 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
                      "max_rel_err": fold_err},
             "pruned_layers": mask_result.layers if mask_result else [],
             "dense_layers": (mask_result.dense if mask_result else
-                             [{"module": i.module, "param": i.param, "reason": "--no-prune"} for i in linears]),
+                             [{"module": i.module, "param": i.param, "reason": "--prune none"} for i in linears]),
             "input_names": list(loaded.example_inputs().keys()),
             "timings": t.timings,
         }

@@ -3,7 +3,7 @@
 Every full ``optimize`` run exports ONNX with torch's dynamo exporter (~10-25 s on a 2-core CPU), so the
 default suite shares a handful of runs between tests through module-scoped fixtures:
 
-* ``noprune``: tiny llama, hungarian, ``--no-prune`` (the model's function must be unchanged);
+* ``noprune``: tiny llama, hungarian, ``--prune none`` (the model's function must be unchanged);
 * ``plan``: tiny llama, hungarian, 2:4 with ``--out X.plan``: TensorRT is missing, so the command fails with
   one clear error *after* writing and verifying the artifacts in ``X/``, which the 2:4 / verify tests check;
 * one run each for tiny bert (greedy) and tiny vit (hungarian).
@@ -156,7 +156,7 @@ def work(tmp_path_factory) -> Path:
 def noprune(work, tiny_dir):
     src = tiny_dir("llama")
     out = work / "new_parent" / "noprune"  # missing parents are created
-    result = run_optimize(src, out, "--sparsity", "2:4", "--permutation", "hungarian", "--no-prune")
+    result = run_optimize(src, out, "--sparsity", "2:4", "--permutation", "hungarian", "--prune", "none")
     return src, out, result
 
 
@@ -176,7 +176,7 @@ def pruned(plan):
     return out, result
 
 
-# ----------------------------------------------------------------------------------------------- --no-prune
+# ---------------------------------------------------------------------------------------------- --prune none
 def test_noprune_writes_every_artifact(noprune):
     src, out, result = noprune
     assert result.exit_code == 0, describe(result)
@@ -378,11 +378,87 @@ def test_help(args):
     assert "Usage:" in result.stdout
 
 
+def _help_options(command: str) -> list[str]:
+    """The first flag of every option line in ``COMMAND --help`` (``--help`` included)."""
+    text = invoke([command, "--help"]).stdout
+    section = text.split("Options:", 1)[1]
+    return [re.findall(r"--[a-z][a-z0-9-]*", line)[0] for line in section.splitlines()
+            if re.match(r"  -", line) and "--" in line]
+
+
 def test_optimize_help_lists_the_options():
-    text = invoke(["optimize", "--help"]).stdout
-    for opt in ("--out", "--sparsity", "--permutation", "--criterion", "--calib", "--no-prune", "--force",
-                "--trust-pickle", "--batch", "--seq", "--debug"):
-        assert opt in text, opt
+    shown = _help_options("optimize")
+    for opt in ("--out", "--sparsity", "--permutation", "--criterion", "--calib", "--prune", "--force",
+                "--trust-pickle", "--learn", "--trt-profile", "--device", "--help"):
+        assert opt in shown, opt
+    retired = ("--steps", "--block-size", "--amp", "--sequential", "--task-loss", "--objective", "--warm-start",
+               "--swap-trials", "--residual-trials", "--batch", "--seq", "--no-prune", "--prune-embeddings")
+    assert not set(retired) & set(shown)
+
+
+def test_optimize_help_has_at_most_20_options():
+    """A newcomer's option list (issue 20): research knobs live behind --learn KEY=VALUE."""
+    shown = _help_options("optimize")
+    assert len(shown) <= 20, shown
+
+
+@pytest.fixture
+def captured_config(monkeypatch):
+    """Run ``optimize`` on the CLI without the pipeline: returns the (config, kwargs) it was called with."""
+    from types import SimpleNamespace
+
+    import permcompile.pipeline as pipeline
+
+    seen = {}
+
+    def fake(model, out, config, **kwargs):
+        seen.update(config=config, **kwargs)
+        return SimpleNamespace(report={"model": model, "sparsity": str(config.sparsity),
+                                       "permutation": config.permutation, "criterion": config.criterion})
+
+    monkeypatch.setattr(pipeline, "optimize", fake)
+    return seen
+
+
+def test_learn_pairs_and_trt_profile_reach_the_config(captured_config, tmp_path):
+    result = invoke(["optimize", "tiny", "--out", tmp_path / "o", "--learn", "swap_trials=7", "--learn",
+                     "objective=diagonal", "--learn", "task-loss=true", "--trt-profile", "batch=1,2,4",
+                     "--prune", "all"])
+    assert result.exit_code == 0, describe(result)
+    learn = captured_config["config"].learn
+    assert (learn.swap_trials, learn.objective, learn.task_loss, learn.steps) == (7, "diagonal", True, 0)
+    assert captured_config["batch_range"] == (1, 2, 4) and captured_config["seq_range"] == (1, 128, 512)
+    assert captured_config["config"].prune and captured_config["config"].prune_embeddings
+    assert "warning" not in result.stderr
+
+
+def test_retired_flags_still_work_and_warn_once(captured_config, tmp_path):
+    result = invoke(["optimize", "tiny", "--out", tmp_path / "o", "--steps", "3", "--sequential", "--amp", "off",
+                     "--no-prune", "--seq", "1,64,128", "--swap-trials", "5", "--learn", "swap_trials=9"])
+    assert result.exit_code == 0, describe(result)
+    config = captured_config["config"]
+    assert (config.learn.steps, config.learn.sequential, config.learn.amp) == (3, True, "off")
+    assert config.learn.swap_trials == 9  # --learn wins over the retired flag
+    assert not config.prune and captured_config["seq_range"] == (1, 64, 128)
+    warnings = [ln for ln in error_lines(result.stderr) if ln.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr
+    for old, new in [("--steps", "--learn steps=3"), ("--sequential", "--learn sequential="),
+                     ("--no-prune", "--prune none"), ("--seq", "--trt-profile seq=")]:
+        assert old in warnings[0] and new in warnings[0], (old, warnings[0])
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--learn", "bogus=1"], "swap_trials"), (["--learn", "steps"], "KEY=VALUE"),
+    (["--learn", "steps=many"], "int"), (["--learn", "objective=cosine"], "cosine"),
+    (["--learn", "sequential=maybe"], "bool"), (["--trt-profile", "batch=8,4,1"], "--trt-profile batch"),
+    (["--trt-profile", "width=1,2,3"], "seq=MIN,OPT,MAX"),
+])
+def test_bad_learn_and_trt_profile_values_are_one_usage_line(args, fragment, captured_config, tmp_path):
+    result = invoke(["optimize", "tiny", "--out", tmp_path / "o", *args])
+    assert result.exit_code == 2, describe(result)
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], describe(result)
+    assert "config" not in captured_config
 
 
 @pytest.mark.slow
