@@ -37,8 +37,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
-from permcompile.config import OBJECTIVES, WARM_STARTS
-
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt")
 EVAL_NOVELS = ("persuasion.txt",)
@@ -284,27 +282,43 @@ def method_seeds(args, method: str, seed: int) -> bool:
     return not method.startswith("learned") or args.learned_seeds is None or seed in args.learned_seeds
 
 
-def learn_config(args):
-    """The learned strategy's settings from the shared ``--steps``/``--swap-trials``/``--objective``/``--task-loss``
-    options."""
-    from permcompile.config import LearnConfig
+class _RetiredLearnFlag(argparse.Action):
+    """A retired per-knob flag (``--swap-trials 50``): appends ``key=value`` to ``--learn``'s list."""
 
-    learn = LearnConfig()
-    if getattr(args, "steps", None) is not None:
-        learn = dataclasses.replace(learn, steps=args.steps)
-    if getattr(args, "swap_trials", None) is not None:
-        learn = dataclasses.replace(learn, swap_trials=args.swap_trials)
-    if getattr(args, "residual_trials", None) is not None:
-        learn = dataclasses.replace(learn, residual_trials=args.residual_trials)
-    if getattr(args, "objective", None) is not None:
-        learn = dataclasses.replace(learn, objective=args.objective)
-    if getattr(args, "task_loss", False):
-        learn = dataclasses.replace(learn, task_loss=True)
-    if getattr(args, "sequential", False):
-        learn = dataclasses.replace(learn, sequential=True)
-    if getattr(args, "warm_start", None) is not None:
-        learn = dataclasses.replace(learn, warm_start=args.warm_start)
-    return learn
+    def __init__(self, option_strings, dest, key, **kwargs):
+        self.key = key
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = "true" if self.nargs == 0 else values
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), f"{self.key}={value}"])
+
+
+def add_learn_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--learn KEY=VALUE`` (repeatable), parsed like ``permcompile optimize --learn`` by ``config.parse_learn``.
+
+    The per-knob flags it replaced (``--steps``, ``--swap-trials``, ...) stay accepted, hidden, so the commands
+    recorded under older tables in results/ still run."""
+    from permcompile.config import RETIRED_LEARN_FLAGS, LearnConfig
+
+    keys = [f.name for f in dataclasses.fields(LearnConfig)]
+    ap.add_argument("--learn", action="append", default=[], metavar="KEY=VALUE",
+                    help="learned strategy setting, repeatable; KEY one of " + ", ".join(keys))
+    bools = {f.name for f in dataclasses.fields(LearnConfig) if f.type in ("bool", bool)}
+    for flag, key in RETIRED_LEARN_FLAGS.items():
+        ap.add_argument(flag, dest="learn", action=_RetiredLearnFlag, key=key, nargs=0 if key in bools else None,
+                        help=argparse.SUPPRESS)
+
+
+def learn_config(args):
+    """The learned strategy's settings from the shared ``--learn KEY=VALUE`` options (``add_learn_arguments``)."""
+    from permcompile.config import parse_learn
+    from permcompile.errors import UsageError
+
+    try:
+        return parse_learn(getattr(args, "learn", None) or [])
+    except UsageError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def learned_note(args) -> str:
@@ -366,14 +380,7 @@ def main() -> None:
     ap.add_argument("--calib-seq-len", type=int, default=128)
     ap.add_argument("--eval-sentences", type=int, default=500)
     ap.add_argument("--eval-seed", type=int, default=0, help="which held-out sentences (fixed across rows)")
-    ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
-    ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
-    ap.add_argument("--residual-trials", type=int, default=None,
-                    help="learned: exchange trials on the global residual group (diagonal objective)")
-    ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
-    ap.add_argument("--warm-start", choices=WARM_STARTS, default=None, help="learned: heuristic to start from")
-    ap.add_argument("--sequential", action="store_true", help="learned: Grams from the already-pruned earlier blocks")
-    ap.add_argument("--task-loss", action="store_true", help="learned: weight the objective by task-loss Fisher")
+    add_learn_arguments(ap)
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
                     help="run the (slow) learned strategy only for these calibration seeds (default: all)")
     ap.add_argument("--out-dir", default=None, help="where the JSON/markdown results go (default benchmarks/results)")

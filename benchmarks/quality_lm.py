@@ -32,14 +32,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
-from permcompile.config import OBJECTIVES, WARM_STARTS
-
 from permcompile.config import OptimizeConfig, Sparsity
 from permcompile.evaluate import perplexity
 from permcompile.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import (check_methods, compress_row, free_permutation_masks_, learn_config,  # noqa: E402
+from quality_encoder import (add_learn_arguments, check_methods, compress_row, free_permutation_masks_, learn_config,  # noqa: E402
                              learned_note, peak_mb, reset_peak, run_main, text_calibration, text_model_args,
                              timed_compress, unstructured_ceiling_, write_results)
 
@@ -73,14 +71,7 @@ def main() -> None:
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=10000)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
-    ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
-    ap.add_argument("--residual-trials", type=int, default=None,
-                    help="learned: exchange trials on the global residual group (diagonal objective)")
-    ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
-    ap.add_argument("--warm-start", choices=WARM_STARTS, default=None, help="learned: heuristic to start from")
-    ap.add_argument("--sequential", action="store_true", help="learned: Grams from the already-pruned earlier blocks")
-    ap.add_argument("--task-loss", action="store_true", help="learned: weight the objective by task-loss Fisher")
+    add_learn_arguments(ap)
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
                     help="run the (slow) learned strategy only for these calibration seeds (default: all)")
     ap.add_argument("--kl", action="store_true",

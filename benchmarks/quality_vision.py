@@ -40,10 +40,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
-from permcompile.config import OBJECTIVES, WARM_STARTS
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import (CachedReference, add_gap_recovered, check_methods, compress_row, fmt,  # noqa: E402
+from quality_encoder import (CachedReference, add_gap_recovered, add_learn_arguments, check_methods, compress_row, fmt,  # noqa: E402
                              group_overview, learn_config, learned_note, method_seeds, peak_cell, summarise, timed_compress,
                              run_main, unstructured_ceiling_, write_results)
 
@@ -322,7 +320,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32, help="DINOv2 calibration images (crops fill up)")
     ap.add_argument("--eval-crops", type=int, default=3, help="DINOv2: extra random crops per held-out photo")
     ap.add_argument("--eval-seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=None, help="learned: steps per round")
+    add_learn_arguments(ap)
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
                     help="run the (slow) learned strategy only for these calibration seeds (default: all)")
     ap.add_argument("--digits-calib-samples", type=int, default=256)
@@ -333,12 +331,6 @@ def main() -> None:
     ap.add_argument("--digits-lr", type=float, default=3e-3)
     ap.add_argument("--digits-test-size", type=float, default=0.3)
     ap.add_argument("--train-seed", type=int, default=0)
-    ap.add_argument("--swap-trials", type=int, default=None, help="learned: exchange trials per group")
-    ap.add_argument("--residual-trials", type=int, default=None,
-                    help="learned: exchange trials on the global residual group (diagonal objective)")
-    ap.add_argument("--objective", choices=OBJECTIVES, default=None, help="learned: output (full Gram) or diagonal")
-    ap.add_argument("--warm-start", choices=WARM_STARTS, default=None, help="learned: heuristic to start from")
-    ap.add_argument("--sequential", action="store_true", help="learned: Grams from the already-pruned earlier blocks")
     ap.add_argument("--out-dir", default=None, help="where the JSON/markdown results go (default benchmarks/results)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()

@@ -123,6 +123,23 @@ def _run_script(args: list[str]) -> str:
     return res.stdout
 
 
+def test_benchmarks_parse_learn_settings_like_the_cli():
+    """The quality scripts take ``--learn KEY=VALUE`` through ``config.parse_learn`` (the CLI's parser); the retired
+    per-knob flags of older recorded commands still map onto it, in command-line order."""
+    import argparse
+
+    mod = _load("quality_encoder")
+    ap = argparse.ArgumentParser()
+    mod.add_learn_arguments(ap)
+    args = ap.parse_args(["--steps", "3", "--learn", "objective=diagonal", "--sequential", "--swap-trials", "5",
+                          "--learn", "swap_trials=9"])
+    learn = mod.learn_config(args)
+    assert (learn.steps, learn.objective, learn.sequential, learn.swap_trials) == (3, "diagonal", True, 9)
+    assert mod.learn_config(ap.parse_args([])) == mod.learn_config(argparse.Namespace())
+    with pytest.raises(SystemExit, match="swap_trials"):
+        mod.learn_config(ap.parse_args(["--learn", "bogus=1"]))
+
+
 def test_quality_lm_on_a_tiny_model_writes_its_table(tmp_path, tiny_dir):
     """quality_lm.py end to end on a tiny causal LM: every requested row, R, per-method peak memory, the
     learned settings and the command, written to --out-dir (not into benchmarks/results)."""
@@ -130,7 +147,7 @@ def test_quality_lm_on_a_tiny_model_writes_its_table(tmp_path, tiny_dir):
     out = tmp_path / "out"
     _run_script([str(BENCH / "quality_lm.py"), "--model", str(tiny_dir("llama")), "--data-dir", str(data),
                  "--calib-seeds", "0", "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "300",
-                 "--context", "64", "--methods", "none", "hungarian", "learned", "free", "--swap-trials", "50",
+                 "--context", "64", "--methods", "none", "hungarian", "learned", "free", "--learn", "swap_trials=50",
                  "--residual-trials", "50", "--out-dir", str(out), "--tag", "_smoke"])
     stem = f"quality_{tiny_dir('llama').name}_2of4_wanda_smoke"
     result = json.loads((out / f"{stem}.json").read_text())
@@ -142,7 +159,7 @@ def test_quality_lm_on_a_tiny_model_writes_its_table(tmp_path, tiny_dir):
     for r in result["rows"]:
         if r["method"] in ("none", "hungarian", "learned", "free"):
             assert r["peak_rss_mb"] > 50 and r["ppl"] > 1 and "R" in r or r["method"] == "none"
-    assert result["learn"]["residual_trials"] == 50
+    assert result["learn"]["residual_trials"] == 50 and result["learn"]["swap_trials"] == 50
     assert "learned (calibration seeds 0): block_size=" in (out / f"{stem}.md").read_text()
     assert "free (an oracle" in (out / f"{stem}.md").read_text()
     assert "| down_proj |" in (out / f"{stem}.md").read_text()
@@ -157,7 +174,7 @@ def test_quality_vision_digits_small_run(tmp_path):
     pytest.importorskip("sklearn", reason="the digits benchmark needs scikit-learn (not a dev dependency)")
     out = tmp_path / "out"
     _run_script([str(BENCH / "quality_vision.py"), "--part", "digits", "--calib-seeds", "0", "--digits-epochs", "1",
-                 "--methods", "none", "hungarian", "learned", "--swap-trials", "50", "--out-dir", str(out),
+                 "--methods", "none", "hungarian", "learned", "--learn", "swap_trials=50", "--out-dir", str(out),
                  "--tag", "_smoke"])
     result = json.loads((out / "quality_vit-digits_2of4_wanda_smoke.json").read_text())
     methods = {r["method"] for r in result["rows"]}
@@ -178,7 +195,7 @@ def test_quality_encoder_on_a_tiny_model_folder(tmp_path, tiny_dir):
     out = tmp_path / "out"
     _run_script([str(BENCH / "quality_encoder.py"), "--model", str(tiny_dir("bert")), "--data-dir", str(data),
                  "--calib-seeds", "0", "--calib-samples", "8", "--eval-sentences", "40",
-                 "--methods", "none", "hungarian", "learned", "--swap-trials", "50", "--out-dir", str(out),
+                 "--methods", "none", "hungarian", "learned", "--learn", "swap_trials=50", "--out-dir", str(out),
                  "--tag", "_smoke"])
     stem = f"quality_{tiny_dir('bert').name}_2of4_wanda_smoke"
     result = json.loads((out / f"{stem}.json").read_text())
