@@ -8,7 +8,7 @@ from .errors import UsageError
 
 STRATEGIES = ("none", "random", "greedy", "hungarian", "learned")
 CRITERIA = ("magnitude", "wanda", "ria")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("auto", "fp32", "fp16")  # ONNX precision; "auto" is resolved by OptimizeConfig.resolve_precision
 RESIDUAL_MODES = ("global", "per-layer")
 
 
@@ -163,6 +163,33 @@ def parse_learn(pairs, base: LearnConfig | None = None) -> LearnConfig:
     return dataclasses.replace(base if base is not None else LearnConfig(), **changes)
 
 
+UPDATES = ("none", "obs")
+MASK_SCORES = ("obs", "criterion")
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """Research knobs of the reconstruction step (the CLI only exposes ``--update``).
+
+    ``mask``: "obs" picks each stripe's kept weights by OBS saliency of the weights as updated so far
+    (SparseGPT); "criterion" by the run's criterion (Wanda/RIA/magnitude) on the block's own inputs.
+    ``damp``: fraction of the mean Hessian diagonal added to the diagonal. ``block``: columns updated
+    together. ``refit_iters``: conjugate-gradient steps towards the exact fixed-mask least-squares weights
+    after the OBS pass (0 = plain SparseGPT).
+    """
+
+    mask: str = "obs"
+    damp: float = 0.01
+    block: int = 128
+    refit_iters: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mask not in MASK_SCORES:
+            raise UsageError(f"reconstruction mask must be one of {', '.join(MASK_SCORES)}, got {self.mask!r}")
+        if not 0 <= self.damp < 10 or self.block < 1 or self.refit_iters < 0:
+            raise UsageError("reconstruction needs 0 <= damp < 10, block >= 1 and refit_iters >= 0")
+
+
 @dataclass(frozen=True)
 class OptimizeConfig:
     """Everything ``optimize()`` needs besides the model."""
@@ -170,7 +197,10 @@ class OptimizeConfig:
     sparsity: Sparsity = Sparsity()
     permutation: str = "learned"
     criterion: str = "wanda"
-    precision: str = "fp32"
+    # ONNX (and Triton/TensorRT) precision. "auto" = fp16 for a bf16/fp16 checkpoint (its own size; the only
+    # one of the two where TensorRT runs 2:4 sparse tactics), fp32 otherwise (bit-faithful to an fp32 model);
+    # see resolve_precision. ``hf/`` always keeps the checkpoint's dtype.
+    precision: str = "auto"
     prune: bool = True
     calib: str | None = None  # path; None -> embedded default
     calib_samples: int = 32
@@ -182,6 +212,17 @@ class OptimizeConfig:
     # reading site (q/k/v, gate/up of each block) gets its own permutation and one run-time gather (glue).
     residual: str = "global"
     learn: LearnConfig = field(default_factory=LearnConfig)
+    # "obs": after the permutations are folded, choose each N:M mask and update the kept weights block by block
+    # (SparseGPT-style optimal brain surgeon on the layer-input Hessian, in stored order); "none": mask only
+    update: str = "obs"
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+
+    def resolve_precision(self, checkpoint_dtype) -> str:
+        """The ONNX precision for a model stored in ``checkpoint_dtype`` (a torch dtype or its name):
+        ``precision`` itself unless it is "auto", then "fp16" for bf16/fp16 checkpoints and "fp32" otherwise."""
+        if self.precision != "auto":
+            return self.precision
+        return "fp16" if str(checkpoint_dtype).replace("torch.", "") in ("bfloat16", "float16") else "fp32"
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, str):
@@ -199,11 +240,16 @@ class OptimizeConfig:
             if not torch.cuda.is_available():
                 raise UsageError(f"--device {dev}: no CUDA device is available on this machine")
         if self.permutation not in STRATEGIES:
-            raise UsageError(f"unknown permutation strategy {self.permutation!r}; choose one of {', '.join(STRATEGIES)}")
+            raise UsageError(f"unknown permutation strategy {self.permutation!r}; "
+                             f"choose one of {', '.join(STRATEGIES)}")
         if self.criterion not in CRITERIA:
             raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.update not in UPDATES:
+            raise UsageError(f"--update must be one of {', '.join(UPDATES)}, got {self.update!r}")
+        if not isinstance(self.reconstruct, ReconstructConfig):
+            raise UsageError("reconstruct must be a ReconstructConfig")
         if self.residual not in RESIDUAL_MODES:
             raise UsageError(f"--residual must be one of {', '.join(RESIDUAL_MODES)}, got {self.residual!r}")
         if self.calib_samples < 1 or self.calib_seq_len < 2:

@@ -195,7 +195,14 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
         raise VerificationError(f"folding changed the model's output (relative error {fold_err:.2e}); "
                                 "this is a bug in the coupling analysis, please report it")
     mask_result = None
-    if config.prune:
+    if config.prune and config.update == "obs":
+        from .passes.reconstruct import reconstruct_
+
+        with t.step("mask + reconstruct"):
+            mask_result = reconstruct_(net, linears, batches, config.criterion, n, m,
+                                       forward_kwargs=loaded.forward_kwargs(), config=config.reconstruct,
+                                       device=config.device, quiet=quiet)
+    elif config.prune:
         with t.step("mask"):
             mask_result = apply_masks_(net, linears, stats, config.criterion, n, m)
     return Compressed(groups, linears, perms, group_results, fold_report, fold_err, mask_result, stats, batches,

@@ -1,0 +1,179 @@
+"""Optimal-brain-surgeon reconstruction under an N:M mask (SparseGPT, Frantar & Alistarh 2023), pure math.
+
+A linear layer ``y = W x`` with calibration inputs ``X`` ([tokens, K]) is pruned to N:M along K and its
+kept weights are updated so that the layer output moves as little as possible:
+
+    minimise  ||X Wᵀ - X W'ᵀ||²  =  tr((W - W') H (W - W')ᵀ),   H = XᵀX,   W' N:M along K.
+
+:func:`sparsegpt_nm_` processes the columns left to right: for each stripe of M columns it picks the N to
+keep (by OBS saliency ``w² / [H⁻¹]ⱼⱼ²`` of the *already updated* weights, or by caller-given scores), zeroes
+the others and spreads each zeroed weight's error over the columns to its right with the Cholesky factor of
+H⁻¹. Columns to the left are never revisited, so for a fixed mask the result is close to, not exactly, the
+least-squares optimum; :func:`refit_masked_` then solves the fixed-mask least-squares problem exactly (by
+batched conjugate gradients, warm-started) when asked.
+
+Everything here works on one weight matrix in consumer orientation ``[out, K]``, in float32/float64, on any
+device; nothing imports the model or the pipeline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class HessianAccumulator:
+    """Running ``XᵀX`` of one layer's input (float64 on the accumulator's device), and the token count."""
+
+    k: int
+    device: torch.device | str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.xtx = torch.zeros(self.k, self.k, dtype=torch.float64, device=self.device)
+        self.count = 0
+
+    def add(self, rows: Tensor) -> None:
+        """Add a ``[tokens, K]`` block of inputs (any float dtype; the product runs in fp32)."""
+        rows = rows.reshape(-1, self.k).to(self.xtx.device, torch.float32)
+        self.xtx += (rows.T @ rows).double()
+        self.count += int(rows.shape[0])
+
+    def hessian(self) -> Tensor:
+        """``XᵀX / tokens`` as float32 (the scale cancels in the update; it keeps the numbers near 1)."""
+        return (self.xtx / max(self.count, 1)).float()
+
+
+def dampen(h: Tensor, damp: float) -> Tensor:
+    """``H + λ I`` with ``λ = damp · mean(diag H)``; channels that never fired (diag 0) get a unit diagonal.
+
+    Returns a new float32 matrix and leaves ``h`` untouched.
+    """
+    h = h.float().clone()
+    diag = torch.diagonal(h)
+    dead = diag <= 0
+    if bool(dead.any()):
+        h[dead, :] = 0
+        h[:, dead] = 0
+        diag[dead] = 1.0
+    mean = float(diag.mean())
+    diag += damp * (mean if mean > 0 else 1.0)
+    return h
+
+
+def inverse_cholesky_upper(h: Tensor) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``): row j of U holds the OBS update of column j
+    given that columns < j are fixed. Raises ``torch.linalg.LinAlgError`` if H is not positive definite."""
+    l = torch.linalg.cholesky(h.double())
+    hinv = torch.cholesky_inverse(l)
+    return torch.linalg.cholesky(hinv, upper=True).to(h.dtype)
+
+
+def output_error(w_ref: Tensor, w: Tensor, h: Tensor) -> float:
+    """``tr((W_ref - W) H (W_ref - W)ᵀ)``: the squared layer-output error on the inputs H was built from."""
+    d = (w_ref - w).to(h.dtype)
+    return float(((d @ h) * d).sum())
+
+
+def obs_saliency(w: Tensor, hinv_diag: Tensor) -> Tensor:
+    """OBS cost of zeroing each weight alone: ``w² / [H⁻¹]ⱼⱼ`` (here with U's diagonal, ``[H⁻¹]ⱼⱼ = U_jj²``
+    for the conditional inverse SparseGPT uses)."""
+    return w.square() / hinv_diag.square().unsqueeze(0)
+
+
+def _keep_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the ``n`` largest of every stripe of ``m`` along the last axis (lower index wins a tie)."""
+    from .nm import nm_mask
+
+    return nm_mask(scores, n, m)
+
+
+@torch.no_grad()
+def sparsegpt_nm_(w: Tensor, h: Tensor, n: int, m: int, *, damp: float = 0.01, block: int = 128,
+                  scores: Tensor | None = None) -> Tensor:
+    """Prune ``w`` ([out, K], float32, modified in place) to N:M along K with OBS updates; returns the keep mask.
+
+    ``h`` is the (undampened) ``XᵀX``-like Hessian [K, K]. ``scores`` ([out, K]) fixes the mask by a
+    criterion instead of the OBS saliency (the update still runs). ``block`` columns are updated together
+    (a multiple of ``m``); the result does not depend on it beyond rounding.
+    """
+    out, k = w.shape
+    if k % m:
+        raise ValueError(f"K={k} is not a multiple of M={m}")
+    if h.shape != (k, k):
+        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match K={k}")
+    block = max(m, block - block % m)
+    hd = dampen(h.to(w.device), damp)
+    dead = torch.diagonal(h.to(w.device)) <= 0
+    if bool(dead.any()):
+        w[:, dead] = 0  # a channel that never carries a signal: its weights change nothing on the data
+    u = inverse_cholesky_upper(hd)
+    keep = torch.zeros(out, k, dtype=torch.bool, device=w.device)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        d1 = torch.diagonal(u1)
+        for j in range(i2 - i1):
+            if j % m == 0:  # choose this stripe's mask on the weights as updated so far
+                s = (obs_saliency(w1[:, j:j + m], d1[j:j + m]) if scores is None
+                     else scores[:, i1 + j:i1 + j + m].to(w1))
+                keep[:, i1 + j:i1 + j + m] = _keep_mask(s, n, m)
+            col = w1[:, j]
+            q = torch.where(keep[:, i1 + j], col, torch.zeros_like(col))
+            e = (col - q) / d1[j]
+            w1[:, j:] -= e.unsqueeze(1) * u1[j, j:].unsqueeze(0)
+            w1[:, j] = q
+            err1[:, j] = e
+        w[:, i1:i2] = w1
+        if i2 < k:
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    w.mul_(keep.to(w.dtype))  # exact zeros (the update leaves pruned entries at 0 already, up to rounding)
+    return keep
+
+
+@torch.no_grad()
+def refit_masked_(w: Tensor, w_ref: Tensor, keep: Tensor, h: Tensor, *, iters: int = 20,
+                  damp: float = 0.01) -> Tensor:
+    """Move the kept weights of ``w`` (in place) towards the fixed-mask least-squares optimum.
+
+    Solves, for every row independently, ``min (w' - w_ref) Hd (w' - w_ref)ᵀ`` over ``w'`` zero outside
+    ``keep``, with ``Hd`` the dampened Hessian, by ``iters`` steps of conjugate gradients started at ``w``
+    (all rows at once: one ``[out, K] @ [K, K]`` product per step). Never increases the objective.
+    """
+    hd = dampen(h.to(w.device), damp).to(w.dtype)
+    km = keep.to(w.dtype)
+    x = w * km
+    r = ((w_ref - x) @ hd) * km  # minus half the gradient, restricted to the kept entries
+    p = r.clone()
+    rs = (r * r).sum(1)
+    tiny = torch.finfo(w.dtype).tiny
+    for _ in range(iters):
+        if float(rs.max()) <= tiny:
+            break
+        ap = (p @ hd) * km
+        alpha = rs / (p * ap).sum(1).clamp_min(tiny)
+        x += alpha.unsqueeze(1) * p
+        r -= alpha.unsqueeze(1) * ap
+        rs_new = (r * r).sum(1)
+        p = r + (rs_new / rs.clamp_min(tiny)).unsqueeze(1) * p
+        rs = rs_new
+    w.copy_(x * km)
+    return w
+
+
+def masked_least_squares(w_ref: Tensor, keep: Tensor, h: Tensor) -> Tensor:
+    """Reference solution (slow, exact): row by row, ``w'_S = H_SS⁻¹ (H w_refᵀ)_S`` on the kept set S.
+
+    For tests and small problems only (one K×K solve per row).
+    """
+    out = torch.zeros_like(w_ref, dtype=torch.float64)
+    hh = h.double()
+    b = w_ref.double() @ hh
+    for i in range(w_ref.shape[0]):
+        s = keep[i].nonzero().flatten()
+        if s.numel():
+            out[i, s] = torch.linalg.solve(hh[s][:, s], b[i, s])
+    return out.to(w_ref.dtype)
