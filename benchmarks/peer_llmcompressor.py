@@ -110,7 +110,8 @@ def worker_llmc(args) -> dict:
 
 def _run_worker(python: str, argv: list[str], log: Path) -> dict | None:
     with open(log, "w") as fh:
-        proc = subprocess.run([python, str(Path(__file__).resolve()), *argv], stdout=fh, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run([python, str(Path(__file__).resolve()), *argv], stdout=fh, stderr=subprocess.STDOUT,
+                              check=False)
     text = log.read_text(errors="replace")
     marker = [line for line in text.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not marker:
@@ -131,7 +132,8 @@ def _peer_available(python: str | None) -> str | None:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=False).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=False).stdout.strip()
     except OSError:
         return "unknown"
 

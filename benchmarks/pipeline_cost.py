@@ -228,8 +228,9 @@ def main() -> None:
              "", f"Machine: {env['cpu']}, os.cpu_count()={env['cpu_count']}, torch threads "
              f"{args.threads or env['torch_threads_default']}, torch {env['torch']}; load average (1/5/15 min) at "
              f"start {env['loadavg_start']} (the machine is shared: figures include contention). Code: commit "
-             f"{(env['git']['commit'] or '?')[:10]}" + (f" plus uncommitted changes to {', '.join(env['git']['modified'])}"
-                                                       if env['git']['modified'] else "") + ".", "",
+             f"{(env['git']['commit'] or '?')[:10]}"
+             + (f" plus uncommitted changes to {', '.join(env['git']['modified'])}" if env['git']['modified'] else "")
+             + ".", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "timings" not in r:
@@ -263,7 +264,8 @@ def main() -> None:
     if target:
         lines += ["", f"Target (SmolLM2, hungarian + Wanda, < {target['target_seconds']:.0f} s excluding load): "
                   f"**{'met' if target['met'] else 'not met'}** — {target['wall_excl_load']:.1f} s wall "
-                  f"({target['total_excl_load']:.1f} s in timed stages, {_fmt(target['cpu_excl_load'])} CPU s); dominant stage: {target['dominant_stage']} "
+                  f"({target['total_excl_load']:.1f} s in timed stages, {_fmt(target['cpu_excl_load'])} CPU s); "
+                  f"dominant stage: {target['dominant_stage']} "
                   f"({target['dominant_seconds']:.1f} s, {100 * target['dominant_share']:.0f}% of the timed total)."]
     lines += ["", f"Command: `{out['command']}`"]
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")

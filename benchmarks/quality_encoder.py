@@ -133,8 +133,9 @@ def free_permutation_masks_(loaded, stats, sparsity, criterion: str, trials: int
 
     Returns ``(seconds, glue, dropped, perms)``: ``perms[module]`` is the linear's input order and
     ``dropped[kind]`` is the share of the diagonal energy ``W² E[x²]`` that the criterion's masks drop, summed
-    over the linears of that kind (``q_proj``, ``down_proj``, ...) for the N:M mask in the original order (``identity``), in the free order (``free``) and unstructured per row
-    (``unstructured``): where the gap between N:M and unstructured is, and how much of it any permutation closes.
+    over the linears of that kind (``q_proj``, ``down_proj``, ...) for the N:M mask in the original order
+    (``identity``), in the free order (``free``) and unstructured per row (``unstructured``): where the gap
+    between N:M and unstructured is, and how much of it any permutation closes.
     """
     from permcompile.capture import capture
     from permcompile.math.learn import diagonal_exchanges
@@ -456,14 +457,15 @@ def main() -> None:
     for method, s in summary.items():
         kept = "—" if s["kept_chosen_mean"] is None else f"{s['kept_identity_mean']:.4f} → {s['kept_chosen_mean']:.4f}"
         pt = "—" if s["permute_seconds_mean"] is None else fmt(s, "permute_seconds", 1)
+        glue = s['glue_ops'] if method not in ('dense', 'unstructured') else '—'
         lines.append(f"| {method} | {fmt(s, 'mean_cosine')} | {fmt(s, 'R_mean_cosine', 3)} | {fmt(s, 'spearman')} "
-                     f"| {fmt(s, 'R_spearman', 3)} | {kept} | {s['glue_ops'] if method not in ('dense', 'unstructured') else '—'} "
+                     f"| {fmt(s, 'R_spearman', 3)} | {kept} | {glue} "
                      f"| {pt} | {peak_cell(s)} | {s['n']} |")
     lines += ["", "Mean ± sample sd over calibration seeds; R = (metric − metric_none) / (metric_unstructured − "
               "metric_none) per seed. Kept importance: share of the criterion's score kept by the N:M mask, averaged "
-              "over the groups the strategy moved. Peak memory: the benchmark process's resident set during the method's "
-              "compress run (model, calibration data and what the script holds for evaluation). Runs = calibration "
-              "seeds the row was measured on."]
+              "over the groups the strategy moved. Peak memory: the benchmark process's resident set during the "
+              "method's compress run (model, calibration data and what the script holds for evaluation). Runs = "
+              "calibration seeds the row was measured on."]
     lines[-1] += learned_note(args)
     write_results(stem, out, lines, args.out_dir)
     print(f"wall time {time.perf_counter() - t_start:.0f} s")

@@ -3,9 +3,10 @@
 Rows: dense; unstructured 50% (same criterion: the ceiling); N:M with permutation none / random (control) /
 greedy / hungarian / learned, optionally with per-layer residual permutations (``hungarian/per-layer``:
 one gather per reading site, counted as glue ops) and the permutation ceiling ``free`` (an oracle: every linear
-its own unconstrained permutation, one gather per linear, chosen like ``learned``), each over several calibration samples (disjoint windows, chosen by seed) so that the
-spread is visible. Columns: held-out perplexity, gap recovered R = (ppl_none - ppl) / (ppl_none -
-ppl_unstructured) against the baseline of the same calibration sample, glue ops, permutation wall time.
+its own unconstrained permutation, one gather per linear, chosen like ``learned``), each over several calibration
+samples (disjoint windows, chosen by seed) so that the spread is visible. Columns: held-out perplexity, gap
+recovered R = (ppl_none - ppl) / (ppl_none - ppl_unstructured) against the baseline of the same calibration
+sample, glue ops, permutation wall time.
 
 Every figure is measured by this script in the run that prints it. Example (the Austen novels are in the
 workplace's shared data folder; pass any folder of .txt files)::
@@ -37,9 +38,9 @@ from permcompile.evaluate import perplexity
 from permcompile.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import (add_learn_arguments, check_methods, compress_row, free_permutation_masks_, learn_config,  # noqa: E402
-                             learned_note, peak_mb, reset_peak, run_main, text_calibration, text_model_args,
-                             timed_compress, unstructured_ceiling_, write_results)
+from quality_encoder import (add_learn_arguments, check_methods, compress_row,  # noqa: E402
+                             free_permutation_masks_, learn_config, learned_note, peak_mb, reset_peak, run_main,
+                             text_calibration, text_model_args, timed_compress, unstructured_ceiling_, write_results)
 
 CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt", "sense_and_sensibility.txt")
 EVAL_NOVELS = ("persuasion.txt",)
@@ -154,16 +155,20 @@ def main() -> None:
         summary[method] = {
             "kl_mean": statistics.mean(kls) if kls else None, "kl_sd": statistics.stdev(kls) if len(kls) > 1 else 0.0,
             "top1_agreement_mean": statistics.mean(agree) if agree else None,
-            "R_kl_mean": statistics.mean(rkl) if rkl else None, "R_kl_sd": statistics.stdev(rkl) if len(rkl) > 1 else 0.0,
+            "R_kl_mean": statistics.mean(rkl) if rkl else None,
+            "R_kl_sd": statistics.stdev(rkl) if len(rkl) > 1 else 0.0,
             "ppl_mean": statistics.mean(ppls), "ppl_sd": statistics.stdev(ppls) if len(ppls) > 1 else 0.0,
             "R_mean": statistics.mean(rs) if rs else None, "R_sd": statistics.stdev(rs) if len(rs) > 1 else 0.0,
-            "permute_seconds": statistics.mean([r["permute_seconds"] for r in sel]) if sel and "permute_seconds" in sel[0] else None,
-            "peak_rss_mb": statistics.mean([r["peak_rss_mb"] for r in sel]) if sel and "peak_rss_mb" in sel[0] else None,
+            "permute_seconds": (statistics.mean([r["permute_seconds"] for r in sel])
+                                if sel and "permute_seconds" in sel[0] else None),
+            "peak_rss_mb": (statistics.mean([r["peak_rss_mb"] for r in sel])
+                            if sel and "peak_rss_mb" in sel[0] else None),
             "glue_ops": sel[0].get("glue_ops", 0) if sel else None, "n": len(sel)}
     out = {"model": args.model, "sparsity": str(sparsity), "criterion": args.criterion, "context": args.context,
            "eval_tokens": args.eval_tokens, "eval_text": list(EVAL_NOVELS), "calib_text": list(CALIB_NOVELS),
            "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "dense_ppl": ppl_dense,
-           "rows": rows, "summary": summary, "learn": dataclasses.asdict(learn), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "rows": rows, "summary": summary, "learn": dataclasses.asdict(learn), "torch": torch.__version__,
+           "threads": torch.get_num_threads(),
            "command": " ".join(["python", "benchmarks/quality_lm.py"] + sys.argv[1:])}
     model_tag = Path(args.model).name if os.sep in args.model else args.model  # an HF folder: its name
     stem = f"quality_{model_tag}_{str(sparsity).replace(':', 'of')}_{args.criterion}{args.tag}"
@@ -171,7 +176,8 @@ def main() -> None:
              f"{args.eval_tokens} tokens, context {args.context}); dense {ppl_dense:.2f}",
              ""]
     kl_cols = args.kl
-    lines += ["| method | ppl (mean ± sd) | R (mean ± sd) | " + ("KL to dense (nats/token) | R (KL) | top-1 agreement | " if kl_cols else "")
+    lines += ["| method | ppl (mean ± sd) | R (mean ± sd) | "
+              + ("KL to dense (nats/token) | R (KL) | top-1 agreement | " if kl_cols else "")
               + "glue ops | permute time (s) | peak memory (MiB) | runs |",
               "|---|---|---|" + ("---|---|---|" if kl_cols else "") + "---|---|---|---|"]
     for method, s in summary.items():
@@ -183,7 +189,8 @@ def main() -> None:
             rk = "—" if s["R_kl_mean"] is None else f"{s['R_kl_mean']:.3f} ± {s['R_kl_sd']:.3f}"
             kl = ("— | — | — | " if s["kl_mean"] is None else
                   f"{s['kl_mean']:.4f} ± {s['kl_sd']:.4f} | {rk} | {s['top1_agreement_mean']:.4f} | ")
-        lines.append(f"| {method} | {s['ppl_mean']:.2f} ± {s['ppl_sd']:.2f} | {r} | {kl}{s['glue_ops'] or 0} | {pt} | {pk} | {s['n']} |")
+        lines.append(f"| {method} | {s['ppl_mean']:.2f} ± {s['ppl_sd']:.2f} | {r} | {kl}{s['glue_ops'] or 0} | {pt} "
+                     f"| {pk} | {s['n']} |")
     seeds = list(args.calib_seeds)
     def per_seed(title: str, key: str, fmt: str) -> list[str]:
         out_lines = ["", title, "", "| method | " + " | ".join(f"seed {x}" for x in seeds) + " |",
@@ -197,8 +204,8 @@ def main() -> None:
     lines += per_seed("Per calibration seed (ppl; compare methods on the same seed):", "ppl", ".2f")
     if kl_cols:
         lines += per_seed("Per calibration seed (KL to dense, nats/token):", "kl", ".4f")
-    lines += ["", "Mean ± sample sd over calibration seeds; R = (ppl_none − ppl) / (ppl_none − ppl_unstructured) per seed. "
-              "Peak memory: the benchmark process's resident set during the method's compress run."]
+    lines += ["", "Mean ± sample sd over calibration seeds; R = (ppl_none − ppl) / (ppl_none − ppl_unstructured) per "
+              "seed. Peak memory: the benchmark process's resident set during the method's compress run."]
     lines[-1] += learned_note(args)
     free_rows = [r for r in rows if r["method"] == "free"]
     if free_rows:
@@ -214,9 +221,9 @@ def main() -> None:
             closed = (v["identity"] - v["free"]) / gap if gap > 0 else float("nan")
             lines.append(f"| {kind} | {v['identity']:.4f} | {v['free']:.4f} | {v['unstructured']:.4f} | {closed:.2f} |")
     if "free" in args.methods:
-        lines[-1] += (f"\n\nfree (an oracle, not deployable without one gather per linear): every pruned linear its own "
-                      f"permutation, hungarian warm start + {learn.swap_trials} checked exchanges on the diagonal error, "
-                      "no coupling constraint (the permutation ceiling of this criterion).")
+        lines[-1] += ("\n\nfree (an oracle, not deployable without one gather per linear): every pruned linear its "
+                      f"own permutation, hungarian warm start + {learn.swap_trials} checked exchanges on the diagonal "
+                      "error, no coupling constraint (the permutation ceiling of this criterion).")
     write_results(stem, out, lines, args.out_dir)
 
 

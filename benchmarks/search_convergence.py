@@ -123,8 +123,8 @@ def main() -> None:
              "| linear | original | unstructured | " + " | ".join(SEARCHES) + " |",
              "|---|---|---|" + "---|" * len(SEARCHES)]
     for name, r in results.items():
-        cells = [f"{r['searches'][s]['dropped']:.4f} ({r['searches'][s]['closed']:.2f}, {r['searches'][s]['seconds']:.1f} s)"
-                 for s in SEARCHES]
+        cells = [f"{r['searches'][s]['dropped']:.4f} ({r['searches'][s]['closed']:.2f}, "
+                 f"{r['searches'][s]['seconds']:.1f} s)" for s in SEARCHES]
         lines.append(f"| {name} | {r['original']:.4f} | {r['unstructured']:.4f} | " + " | ".join(cells) + " |")
     lines += ["", "Cell: dropped share (gap closed = (original − x) / (original − unstructured), search seconds, "
               "cumulative for the exchange rows). The exchanges are `math.learn.diagonal_exchanges`, the learned "

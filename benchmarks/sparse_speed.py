@@ -397,8 +397,8 @@ def markdown(out: dict) -> str:
                                                      if dry else "")
     lines = [f"### {title}", "",
              f"Device: {env['device']}; torch {env['torch']}, CUDA {env['cuda_version']}, cuSPARSELt "
-             f"{'available (version ' + str(env['cusparselt_version']) + ')' if env['cusparselt_available'] else 'not available'}"
-             f"; backend: {env['backend']}. Median of {out['repeats']} samples after {out['warmup']} warm-up calls.",
+             + (f"available (version {env['cusparselt_version']})" if env['cusparselt_available'] else "not available")
+             + f"; backend: {env['backend']}. Median of {out['repeats']} samples after {out['warmup']} warm-up calls.",
              ""]
     if out.get("skipped"):
         return "\n".join(lines + [f"skipped: {out['reason']}", "", f"Command: `{out['command']}`"]) + "\n"
@@ -423,8 +423,8 @@ def markdown(out: dict) -> str:
                   "| batch × seq | dense tokens/s | sparse tokens/s | speed-up | max rel logit diff |",
                   "|---|---|---|---|---|"]
         for p in m["points"]:
-            lines.append(f"| {p['batch']}×{p['seq']} | {p['dense_tokens_per_s']:.0f} | {p['sparse_tokens_per_s']:.0f} | "
-                         f"{p['speedup']:.2f}× | {p['max_rel_logit_diff']:.1e} |")
+            lines.append(f"| {p['batch']}×{p['seq']} | {p['dense_tokens_per_s']:.0f} | "
+                         f"{p['sparse_tokens_per_s']:.0f} | {p['speedup']:.2f}× | {p['max_rel_logit_diff']:.1e} |")
     if dry:
         lines += ["", "Dry run: the 'sparse' operand is the pruned weight stored densely; figures only prove the code "
                   "path runs."]

@@ -153,14 +153,16 @@ def _trt_ranges(pairs, retired: dict) -> tuple[tuple[int, int, int], tuple[int, 
 
 @main.command()
 @click.argument("model")
-@click.option("--out", "out", required=True, help="Output folder, or X.plan for a TensorRT engine (artifacts go to X/).")
+@click.option("--out", "out", required=True,
+              help="Output folder, or X.plan for a TensorRT engine (artifacts go to X/).")
 @click.option("--sparsity", default="2:4", show_default=True, help="N:M pattern along each layer's input axis.")
 @click.option("--permutation", default="learned", show_default=True,
               help="Permutation strategy: none, random, greedy, hungarian or learned (the default: best measured on "
                    "every model benchmarked; hungarian searches ~6x faster: SmolLM2 11 s vs 63 s on 2 CPU cores).")
 @click.option("--criterion", default="wanda", show_default=True, help="Mask criterion: magnitude, wanda or ria.")
-@click.option("--calib", default=None, help="Calibration data: text file/folder, saved dataset, data file or image folder "
-                                            "(default: the embedded sample).")
+@click.option("--calib", default=None,
+              help="Calibration data: text file/folder, saved dataset, data file or image folder (default: the "
+                   "embedded sample).")
 @click.option("--calib-samples", default=32, show_default=True, type=int, help="Number of calibration samples.")
 @click.option("--calib-seq-len", default=128, show_default=True, type=int, help="Tokens per calibration sample.")
 @click.option("--precision", default="fp32", show_default=True, help="ONNX precision: fp32 or fp16.")
@@ -273,7 +275,8 @@ def inspect(model, as_json, residual, debug):
             click.echo(groups_to_json(groups))
             return
         click.echo(f"{loaded.name}: {len(groups)} coupling groups (captured in {captured.seconds:.1f}s)")
-        header = f"{'group':<48} {'kind':<13} {'size':>5} {'cons':>4} {'prod':>4} {'pass':>4} {'blocks':>6} {'fixed':>5}"
+        header = (f"{'group':<48} {'kind':<13} {'size':>5} {'cons':>4} {'prod':>4} {'pass':>4} {'blocks':>6} "
+                  f"{'fixed':>5}")
         click.echo(header)
         click.echo("-" * len(header))
         for g in groups:

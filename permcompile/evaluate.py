@@ -537,7 +537,8 @@ def image_paths(path: str | os.PathLike) -> list[Path]:
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
                    and not any(part.startswith(".") for part in f.relative_to(p).parts))
     if not files:
-        raise UsageError(f"data folder {path} holds no images ({', '.join(IMAGE_SUFFIXES[:4])}); this is a vision model")
+        raise UsageError(f"data folder {path} holds no images ({', '.join(IMAGE_SUFFIXES[:4])}); "
+                         "this is a vision model")
     return files
 
 

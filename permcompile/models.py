@@ -226,7 +226,8 @@ def _check_safetensors(files: list[Path]) -> None:
                 raise UsageError(f"{path} is not a valid safetensors index ({_short(exc)})") from None
             missing = [s for s in shards if not (path.parent / s).is_file()]
             if missing:
-                raise UsageError(f"{path.parent} is missing weight shard(s) {', '.join(missing[:3])} listed in {path.name}")
+                raise UsageError(f"{path.parent} is missing weight shard(s) {', '.join(missing[:3])} "
+                                 f"listed in {path.name}")
             continue
         if path.stat().st_size == 0:
             raise UsageError(f"weights file {path} is empty")
@@ -323,7 +324,8 @@ def _load_folder(folder: Path, *, trust_pickle: bool = False, name: str | None =
     elif pickles:
         if not trust_pickle:
             raise UsageError(f"{folder} holds only pickled weights ({pickles[0].name}), which can run arbitrary code "
-                             "when loaded; convert them to safetensors, or pass --trust-pickle (trust_pickle=True) if you trust the file")
+                             "when loaded; convert them to safetensors, or pass --trust-pickle (trust_pickle=True) "
+                             "if you trust the file")
         kwargs["use_safetensors"] = False
     else:
         raise UsageError(f"{folder} has a config.json but no weights (model.safetensors) next to it")

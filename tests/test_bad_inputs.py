@@ -727,7 +727,7 @@ def test_api_unvalidated_fields(word, kwargs, llama, tmp_path, no_export):
     assert_no_output(target)
 
 
-# ------------------------------------------------------------------------------------------------ full / read-only disks
+# ----------------------------------------------------------------------------------------------- full / read-only disks
 @pytest.fixture
 def mount_tmpfs(tmp_path):
     """Factory: a real tmpfs of ``size`` bytes (read-only with ``ro=True``) mounted under tmp_path.

@@ -180,7 +180,8 @@ def test_quality_vision_digits_small_run(tmp_path):
     methods = {r["method"] for r in result["rows"]}
     assert {"dense", "unstructured", "none", "hungarian", "learned"} <= methods
     assert all(r["peak_rss_mb"] > 50 for r in result["rows"] if r["method"] in ("hungarian", "learned"))
-    assert result["learn"]["swap_trials"] == 50 and "swap_trials=50" in (out / "quality_vit-digits_2of4_wanda_smoke.md").read_text()
+    table = (out / "quality_vit-digits_2of4_wanda_smoke.md").read_text()
+    assert result["learn"]["swap_trials"] == 50 and "swap_trials=50" in table
     table = (out / "quality_vit-digits_2of4_wanda_smoke.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| method |"))
     assert "peak memory (MiB)" in header

@@ -420,8 +420,8 @@ def captured_config(monkeypatch):
     return seen
 
 
-def test_learn_pairs_and_trt_profile_reach_the_config(captured_config, tmp_path):
-    result = invoke(["optimize", "tiny", "--out", tmp_path / "o", "--learn", "swap_trials=7", "--learn",
+def test_learn_pairs_and_trt_profile_reach_the_config(captured_config, tiny_dir, tmp_path):
+    result = invoke(["optimize", tiny_dir("llama"), "--out", tmp_path / "o", "--learn", "swap_trials=7", "--learn",
                      "objective=diagonal", "--learn", "task-loss=true", "--trt-profile", "batch=1,2,4",
                      "--prune", "all"])
     assert result.exit_code == 0, describe(result)
@@ -432,9 +432,10 @@ def test_learn_pairs_and_trt_profile_reach_the_config(captured_config, tmp_path)
     assert "warning" not in result.stderr
 
 
-def test_retired_flags_still_work_and_warn_once(captured_config, tmp_path):
-    result = invoke(["optimize", "tiny", "--out", tmp_path / "o", "--steps", "3", "--sequential", "--amp", "off",
-                     "--no-prune", "--seq", "1,64,128", "--swap-trials", "5", "--learn", "swap_trials=9"])
+def test_retired_flags_still_work_and_warn_once(captured_config, tiny_dir, tmp_path):
+    result = invoke(["optimize", tiny_dir("llama"), "--out", tmp_path / "o", "--steps", "3", "--sequential",
+                     "--amp", "off", "--no-prune", "--seq", "1,64,128", "--swap-trials", "5",
+                     "--learn", "swap_trials=9"])
     assert result.exit_code == 0, describe(result)
     config = captured_config["config"]
     assert (config.learn.steps, config.learn.sequential, config.learn.amp) == (3, True, "off")
@@ -453,8 +454,8 @@ def test_retired_flags_still_work_and_warn_once(captured_config, tmp_path):
     (["--learn", "sequential=maybe"], "bool"), (["--trt-profile", "batch=8,4,1"], "--trt-profile batch"),
     (["--trt-profile", "width=1,2,3"], "seq=MIN,OPT,MAX"),
 ])
-def test_bad_learn_and_trt_profile_values_are_one_usage_line(args, fragment, captured_config, tmp_path):
-    result = invoke(["optimize", "tiny", "--out", tmp_path / "o", *args])
+def test_bad_learn_and_trt_profile_values_are_one_usage_line(args, fragment, captured_config, tiny_dir, tmp_path):
+    result = invoke(["optimize", tiny_dir("llama"), "--out", tmp_path / "o", *args])
     assert result.exit_code == 2, describe(result)
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], describe(result)

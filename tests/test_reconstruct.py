@@ -76,7 +76,8 @@ def test_block_streaming_equals_one_pass_over_the_whole_model():
 
     slow = wrap_module(copy.deepcopy(net))
     for b in range(len(net.model.layers)):
-        only = [i if i.module.startswith(f"model.layers.{b}.") else dataclasses.replace(i, prune=False) for i in linears]
+        only = [i if i.module.startswith(f"model.layers.{b}.") else dataclasses.replace(i, prune=False)
+                for i in linears]
         # no blocks besides this one have pruned linears: reconstruct_ handles it alone, with full forwards
         reconstruct_(slow.model, only, batches, "wanda", 2, 4, forward_kwargs=slow.forward_kwargs())
     for info in linears:

@@ -129,7 +129,8 @@ def _read_table(path: Path) -> list[str]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise MissingDependencyError("reading .parquet calibration data needs pyarrow: pip install pyarrow") from None
+            raise MissingDependencyError("reading .parquet calibration data needs pyarrow: pip install pyarrow") \
+                from None
         try:
             rows = pq.read_table(str(path)).to_pylist()
         except Exception as exc:
@@ -178,7 +179,8 @@ def _read_saved_dataset(folder: Path, seed: int) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise MissingDependencyError("reading a saved dataset needs the datasets package: pip install datasets") from None
+        raise MissingDependencyError("reading a saved dataset needs the datasets package: pip install datasets") \
+            from None
     try:
         ds = datasets.load_from_disk(str(folder))
     except Exception as exc:

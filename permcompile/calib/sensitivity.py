@@ -24,7 +24,8 @@ from torch import nn
 
 
 def output_sensitivity(model: nn.Module, batches: Iterable[dict], modules: list[str], family: str, *,
-                       forward_kwargs: dict | None = None, seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+                       forward_kwargs: dict | None = None, seed: int = 0,
+                       progress: bool = False) -> dict[str, torch.Tensor]:
     """Mean squared gradient of the task loss w.r.t. each output channel of each module in ``modules``.
 
     Returns ``{module: float32 [out]}`` (mean over non-padded tokens).

@@ -724,7 +724,8 @@ def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: st
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     itemsize = 2 if precision == "fp16" else None
-    use_external = external_data if external_data is not None else _model_bytes(model, itemsize) > EXTERNAL_DATA_THRESHOLD
+    use_external = (external_data if external_data is not None
+                    else _model_bytes(model, itemsize) > EXTERNAL_DATA_THRESHOLD)
 
     stages: dict[str, float] = {}
     clock = [time.perf_counter()]
@@ -1124,7 +1125,8 @@ class _quiet_loggers:
 
     def __enter__(self):
         self._levels = {}
-        for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "torch.fx.experimental.symbolic_shapes"):
+        for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript",
+                     "torch.fx.experimental.symbolic_shapes"):
             lg = logging.getLogger(name)
             self._levels[name] = lg.level
             lg.setLevel(logging.ERROR)

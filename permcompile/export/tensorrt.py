@@ -176,7 +176,8 @@ def build_engine(onnx_path, plan_path, precision: str = "fp16",
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise TensorRTError("TensorRT cannot parse the ONNX: " + ("; ".join(errors) or "unknown error").replace("\n", " ")[:500])
+        detail = ("; ".join(errors) or "unknown error").replace("\n", " ")[:500]
+        raise TensorRTError("TensorRT cannot parse the ONNX: " + detail)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))

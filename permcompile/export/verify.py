@@ -623,7 +623,8 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
                 index = torch.as_tensor(glue[param]["index"], dtype=torch.long)
                 if index.numel() != weight.shape[axis] or not torch.equal(index.sort().values,
                                                                          torch.arange(index.numel())):
-                    bad.append(f"{param}: its glue index in report.json is not a permutation of its {weight.shape[axis]} inputs")
+                    bad.append(f"{param}: its glue index in report.json is not a permutation of its "
+                               f"{weight.shape[axis]} inputs")
                     continue
                 weight = weight.index_select(axis, index)
                 source += " in glue order"

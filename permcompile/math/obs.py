@@ -65,8 +65,8 @@ def dampen(h: Tensor, damp: float) -> Tensor:
 def inverse_cholesky_upper(h: Tensor) -> Tensor:
     """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``): row j of U holds the OBS update of column j
     given that columns < j are fixed. Raises ``torch.linalg.LinAlgError`` if H is not positive definite."""
-    l = torch.linalg.cholesky(h.double())
-    hinv = torch.cholesky_inverse(l)
+    lower = torch.linalg.cholesky(h.double())
+    hinv = torch.cholesky_inverse(lower)
     return torch.linalg.cholesky(hinv, upper=True).to(h.dtype)
 
 

@@ -670,7 +670,8 @@ class _Analysis:
             elif "attention" in flags:
                 kind = "attention"
             elif len(consumers) >= 1 and "linear" in flags:
-                kind = "mlp" if all(".attn" not in c.module and "attention" not in c.module for c in consumers) else "other"
+                attention = any(".attn" in c.module or "attention" in c.module for c in consumers)
+                kind = "other" if attention else "mlp"
             else:
                 kind = "other"
             if kind == "residual":

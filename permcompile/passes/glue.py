@@ -70,8 +70,8 @@ def split_residual(groups: list[Group], model: nn.Module, pruned: set[str]) -> l
                 by_index.setdefault(mem.index, []).append(mem)
             for members in by_index.values():
                 name = f"{g.name}@{_common_prefix([m.module for m in members])}"
-                local.append(Group(name=name, size=g.size, members=list(members), siblings=[[m.module for m in members]],
-                                   kind="residual-site", glue=True))
+                local.append(Group(name=name, size=g.size, members=list(members),
+                                   siblings=[[m.module for m in members]], kind="residual-site", glue=True))
                 taken.update(m.param for m in members)
         if not taken:
             out.append(g)

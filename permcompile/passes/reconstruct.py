@@ -201,7 +201,8 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
                  device: str = "cpu", quiet: bool = True) -> MaskResult:
     """Prune every ``info.prune`` linear of ``model`` to N:M along K with OBS reconstruction, in place.
 
-    ``batches`` are the calibration batches (masks by ``criterion`` use each block's own inputs). Post-conditions: every pruned weight is N:M along K in stored order and finite;
+    ``batches`` are the calibration batches (masks by ``criterion`` use each block's own inputs).
+    Post-conditions: every pruned weight is N:M along K in stored order and finite;
     layers left dense are untouched. Returns the same record as :func:`passes.sparsify.apply_masks_`, each
     pruned layer with its relative output error with the mask alone and after reconstruction.
     """
