@@ -165,6 +165,7 @@ def parse_learn(pairs, base: LearnConfig | None = None) -> LearnConfig:
 
 UPDATES = ("none", "obs")
 MASK_SCORES = ("obs", "criterion")
+SEARCH_OBJECTIVES = ("criterion", "obs")
 
 
 @dataclass(frozen=True)
@@ -175,15 +176,22 @@ class ReconstructConfig:
     (SparseGPT); "criterion" by the run's criterion (Wanda/RIA/magnitude) on the block's own inputs.
     ``damp``: fraction of the mean Hessian diagonal added to the diagonal. ``block``: columns updated
     together. ``refit_iters``: conjugate-gradient steps towards the exact fixed-mask least-squares weights
-    after the OBS pass (0 = plain SparseGPT).
+    after the OBS pass (0 = plain SparseGPT). ``search``: what the permutation search scores each weight by
+    when reconstruction is on: "criterion" (the run's criterion on activation norms, as without
+    reconstruction) or "obs" (the OBS cost ``w²/[H⁻¹]ⱼⱼ`` of pruning it with the rest of the row compensating,
+    from the dense model's Hessians; costs one more calibration pass).
     """
 
     mask: str = "obs"
     damp: float = 0.01
     block: int = 128
     refit_iters: int = 0
+    search: str = "criterion"
 
     def __post_init__(self) -> None:
+        if self.search not in SEARCH_OBJECTIVES:
+            raise UsageError(f"reconstruction search must be one of {', '.join(SEARCH_OBJECTIVES)}, "
+                             f"got {self.search!r}")
         if self.mask not in MASK_SCORES:
             raise UsageError(f"reconstruction mask must be one of {', '.join(MASK_SCORES)}, got {self.mask!r}")
         if not 0 <= self.damp < 10 or self.block < 1 or self.refit_iters < 0:

@@ -171,18 +171,29 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
         else:
             stats = copy.deepcopy(stats)
 
+    search_stats, search_config = stats, config
+    if config.prune and config.update == "obs" and config.reconstruct.search == "obs" and config.permutation != "none":
+        from dataclasses import replace
+
+        from .calib.blocks import obs_stats
+
+        with t.step("OBS statistics"):  # score weights by what reconstruction cannot recover (see obs_stats)
+            search_stats = obs_stats(net, batches, sorted({i.module for i in linears if i.prune}),
+                                     damp=config.reconstruct.damp, forward_kwargs=loaded.forward_kwargs(),
+                                     device=config.device, quiet=quiet)
+            search_config = replace(config, criterion="wanda")
     with t.step("permute"):
         if config.permutation == "learned":
             from .passes.learn import learn_permutations
 
             perms, group_results = learn_permutations(
-                loaded, groups, stats, batches, config, pruned=pruned, quiet=quiet,
+                loaded, groups, search_stats, batches, search_config, pruned=pruned, quiet=quiet,
                 resume=resume, checkpoint_dir=checkpoint_dir)
         else:
             with group_progress(len(groups), config.permutation, quiet) as progress:
                 perms, group_results = choose_permutations(
-                    groups, net, stats, config.criterion, config.permutation, n, m, pruned, seed=config.seed,
-                    progress=progress)
+                    groups, net, search_stats, search_config.criterion, config.permutation, n, m, pruned,
+                    seed=config.seed, progress=progress)
 
     verify_inputs = _verification_inputs(loaded, batches)
     with torch.no_grad():

@@ -70,6 +70,13 @@ def inverse_cholesky_upper(h: Tensor) -> Tensor:
     return torch.linalg.cholesky(hinv, upper=True).to(h.dtype)
 
 
+def inverse_diagonal(h: Tensor, damp: float = 0.01) -> Tensor:
+    """``diag((H + λI)⁻¹)`` (float32): how expensive each input channel's weights are to prune once the rest
+    of the row may compensate; ``w² / [H⁻¹]ⱼⱼ`` is the OBS cost of zeroing weight j alone."""
+    factor = torch.linalg.cholesky(dampen(h, damp).double())
+    return torch.diagonal(torch.cholesky_inverse(factor)).float()
+
+
 def output_error(w_ref: Tensor, w: Tensor, h: Tensor) -> float:
     """``tr((W_ref - W) H (W_ref - W)ᵀ)``: the squared layer-output error on the inputs H was built from."""
     d = (w_ref - w).to(h.dtype)

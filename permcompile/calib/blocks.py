@@ -1,0 +1,244 @@
+"""Block streaming: run calibration data through a Transformer one block at a time (Wanda/SparseGPT style).
+
+The model runs once up to its first repeated block (the embeddings) and is cut there; from then on each
+block is called alone on the stored inputs of the block before it, so only one block's inputs, outputs and
+per-layer statistics are alive at a time, and only that block needs to sit on the compute device. Callers
+may change a block's weights between seeing its statistics and the next block (sequential pruning: the
+next block's inputs then come from the changed block).
+
+Data: :func:`find_blocks` names the blocks; :func:`stream_hessians` yields each block's layer-input
+Hessians ``XᵀX`` (padded tokens left out, after any glue gather, so in each linear's stored column order);
+:func:`model_hessians` does the same with whole-model forwards for linears outside the blocks.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..math.obs import HessianAccumulator, inverse_diagonal
+from .stats import ChannelStats, StopForward
+
+@dataclass
+class BlockInputs:
+    """Everything a block is called with, per calibration batch: the hidden states and the other arguments."""
+
+    hidden: list = field(default_factory=list)  # tensors, one per batch
+    args: list = field(default_factory=list)  # positional arguments after the hidden states
+    kwargs: list = field(default_factory=list)
+    positional: bool = True  # hidden states passed as args[0] (else as kwargs["hidden_states"])
+    masks: list = field(default_factory=list)  # token masks [B, S] (None: every token counts)
+
+
+def find_blocks(model: nn.Module, modules: set[str]) -> list[str]:
+    """FQNs of the repeated Transformer blocks: the ``nn.ModuleList`` whose children hold most of ``modules``."""
+    best, covered = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and name:
+            n = sum(1 for x in modules if x.startswith(name + "."))
+            if n > covered:
+                best, covered = name, n
+    if best is None:
+        return []
+    return [f"{best}.{i}" for i in range(len(model.get_submodule(best)))]
+
+
+def _to(x, device):
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    if isinstance(x, list):
+        return [_to(v, device) for v in x]
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _token_mask(batch: dict) -> torch.Tensor | None:
+    mask = batch.get("attention_mask")
+    if torch.is_tensor(mask) and mask.dim() == 2 and not bool(mask.bool().all()):
+        return mask.bool()
+    return None
+
+
+@torch.no_grad()
+def _embed(model: nn.Module, first_block: str, batches: list[dict], forward_kwargs: dict) -> BlockInputs:
+    """Run the model up to ``first_block`` on every batch and keep what the block is called with."""
+    store = BlockInputs()
+
+    def grab(_mod, args, kwargs):
+        if args:
+            store.hidden.append(args[0])
+            store.args.append(tuple(args[1:]))
+            store.positional = True
+        else:
+            kwargs = dict(kwargs)
+            store.hidden.append(kwargs.pop("hidden_states"))
+            store.args.append(())
+            store.positional = False
+        store.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise StopForward
+
+    handle = model.get_submodule(first_block).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in batches:
+            store.masks.append(_token_mask(batch))
+            try:
+                model(**batch, **forward_kwargs)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(store.hidden) != len(batches):
+        raise RuntimeError(f"the model never reached {first_block} on the calibration batches")
+    return store
+
+
+def _call_block(block: nn.Module, inputs: BlockInputs, i: int, device) -> torch.Tensor:
+    hidden = inputs.hidden[i].to(device)
+    args, kwargs = _to(inputs.args[i], device), _to(inputs.kwargs[i], device)
+    out = block(hidden, *args, **kwargs) if inputs.positional else block(*args, hidden_states=hidden, **kwargs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    elif not torch.is_tensor(out) and hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state
+    return out
+
+
+class _HessianHooks:
+    """Forward pre-hooks accumulating ``XᵀX`` of the named linears' inputs (padded tokens left out).
+
+    Registered after any glue gather, so each Hessian is in the linear's stored column order."""
+
+    def __init__(self, model: nn.Module, modules: list[str], device):
+        self.acc: dict[str, HessianAccumulator] = {}
+        self.mask: torch.Tensor | None = None
+        self.handles = []
+        for name in modules:
+            mod = model.get_submodule(name)
+            k = mod.in_features if isinstance(mod, nn.Linear) else int(mod.weight.shape[0])
+            self.acc[name] = HessianAccumulator(k, device)
+            self.handles.append(mod.register_forward_pre_hook(self._hook(name, k)))
+
+    def _hook(self, name: str, k: int):
+        def fn(_mod, args):
+            x = args[0]
+            if not torch.is_tensor(x) or x.shape[-1] != k:
+                return
+            mask = self.mask
+            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                x = x[mask.to(x.device)]
+            self.acc[name].add(x.detach())
+            return
+
+        return fn
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    if quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="block", file=sys.stderr, leave=False)
+
+
+@torch.no_grad()
+def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *, forward_kwargs: dict | None = None,
+                    device: str | torch.device = "cpu", rerun: bool = True, desc: str = "blocks",
+                    quiet: bool = True) -> Iterator[tuple[str, dict[str, HessianAccumulator]]]:
+    """For each block holding some of ``modules``: yield ``(block FQN, {module: HessianAccumulator})``.
+
+    Each block is moved to ``device`` while it is processed and back afterwards. With ``rerun`` (the
+    sequential mode) the block is run again after the caller resumes the generator, so the next block sees
+    the outputs of this block *as the caller left it*; without, the outputs of the first pass are reused
+    (statistics of the unchanged model, one pass per block). Modules outside every block are not visited:
+    see :func:`model_hessians`.
+    """
+    forward_kwargs = forward_kwargs or {}
+    device = torch.device(device)
+    blocks = find_blocks(model, set(modules))
+    if not blocks:
+        return
+    inputs = _embed(model, blocks[0], batches, forward_kwargs)
+    bar = _progress(len(blocks), desc, quiet)
+    try:
+        for name in blocks:
+            block = model.get_submodule(name)
+            home = next(block.parameters()).device
+            block.to(device)
+            inside = [x for x in modules if x.startswith(name + ".")]
+            hooks = _HessianHooks(model, inside, device)
+            outputs = []
+            try:
+                for i in range(len(inputs.hidden)):
+                    hooks.mask = inputs.masks[i]
+                    y = _call_block(block, inputs, i, device)
+                    if not rerun:
+                        outputs.append(y.to(inputs.hidden[i].device))
+            finally:
+                hooks.close()
+            yield name, hooks.acc
+            del hooks
+            if rerun:
+                outputs = [_call_block(block, inputs, i, device).to(inputs.hidden[i].device)
+                           for i in range(len(inputs.hidden))]
+            inputs.hidden = outputs
+            block.to(home)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(name)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@torch.no_grad()
+def model_hessians(model: nn.Module, batches: list[dict], modules: list[str], *,
+                   forward_kwargs: dict | None = None) -> dict[str, HessianAccumulator]:
+    """Layer-input Hessians of ``modules`` from whole-model forwards (for linears outside the blocks)."""
+    home = next(model.parameters()).device
+    hooks = _HessianHooks(model, modules, home)
+    try:
+        for batch in batches:
+            hooks.mask = _token_mask(batch)
+            model(**batch, **(forward_kwargs or {}))
+    finally:
+        hooks.close()
+    return hooks.acc
+
+
+def obs_stats(model: nn.Module, batches: list[dict], modules: list[str], *, damp: float = 0.01,
+              forward_kwargs: dict | None = None, device: str | torch.device = "cpu",
+              quiet: bool = True) -> dict[str, ChannelStats]:
+    """Per-channel OBS weights of every module's input: ``ChannelStats`` whose ``norm`` is ``1/√[H⁻¹]ⱼⱼ``.
+
+    Used in place of the activation norms, a Wanda-style score ``|W_ij| · norm_j`` becomes the square root
+    of the OBS cost ``W_ij² / [H⁻¹]ⱼⱼ`` of pruning that weight when the rest of its row compensates (the
+    error left *after* reconstruction), so a permutation search on these statistics aims at the
+    reconstructed model. The dense model's inputs, one block at a time; one K-vector kept per module.
+    """
+    out: dict[str, ChannelStats] = {}
+
+    def keep(name: str, acc: HessianAccumulator) -> None:
+        inv = inverse_diagonal(acc.hessian(), damp).cpu().double()
+        out[name] = ChannelStats(sum_sq=1.0 / inv.clamp_min(1e-30), count=1)
+
+    for _block, hessians in stream_hessians(model, batches, modules, forward_kwargs=forward_kwargs, device=device,
+                                            rerun=False, desc="OBS statistics", quiet=quiet):
+        for name in list(hessians):
+            keep(name, hessians.pop(name))
+    rest = [x for x in modules if x not in out]
+    if rest:
+        for name, acc in model_hessians(model, batches, rest, forward_kwargs=forward_kwargs).items():
+            if acc.count:
+                keep(name, acc)
+    return out
