@@ -185,20 +185,20 @@ def overview(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
-README = HERE.parent / "README.md"
+FINDINGS = HERE.parent / "docs" / "FINDINGS.md"
 BEGIN, END = "<!-- overview: written by benchmarks/make_results.py -->", "<!-- end of overview -->"
 
 
-def update_readme(table: str, readme: Path = README) -> bool:
-    """Put the overview table between the README's markers (so its copy never goes stale); False if no markers."""
-    if not readme.is_file():
+def update_findings(table: str, findings: Path = FINDINGS) -> bool:
+    """Put the overview table between the markers in docs/FINDINGS.md (so its copy never goes stale); False if
+    the file or its markers are missing."""
+    if not findings.is_file():
         return False
-    text = readme.read_text()
+    text = findings.read_text()
     start, end = text.find(BEGIN), text.find(END)
     if start < 0 or end < start:
         return False
-    body = table.replace("### Overview", "#### Overview", 1)
-    readme.write_text(text[:start + len(BEGIN)] + "\n" + body.strip() + "\n" + text[end:])
+    findings.write_text(text[:start + len(BEGIN)] + "\n" + table.strip() + "\n" + text[end:])
     return True
 
 
@@ -207,8 +207,8 @@ def main() -> None:
     table = overview()
     if table:
         parts.append(table)
-        if update_readme(table):
-            print(f"updated the overview in {README}")
+        if update_findings(table):
+            print(f"updated the overview in {FINDINGS}")
     sections = 0
     for md in sorted(RESULTS.glob("*.md")):
         if md.stem.endswith("_smoke") or md.stem.endswith("_probe"):

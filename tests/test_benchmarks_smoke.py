@@ -320,15 +320,23 @@ def test_results_overview_from_synthetic_tables(tmp_path, monkeypatch):
     assert "toy_2of4_wanda_zlatest" in got["from"] and "_old" not in got["from"] and "_two" not in got["from"]
     assert "0.500 ± 0.000 (1)" in lines["| enc (mean cosine)"]
     assert mod.overview(tmp_path / "nothing") == ""
-    # the README's copy sits between markers and is replaced whole; without markers nothing is written
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{mod.BEGIN}\nstale table\n{mod.END}\nafter\n")
-    assert mod.update_readme(text, readme)
-    new = readme.read_text()
+    # docs/FINDINGS.md's copy sits between markers and is replaced whole; without markers nothing is written
+    findings = tmp_path / "FINDINGS.md"
+    findings.write_text(f"intro\n{mod.BEGIN}\nstale table\n{mod.END}\nafter\n")
+    assert mod.update_findings(text, findings)
+    new = findings.read_text()
     assert "stale table" not in new and "0.400 ± 0.200 (3)" in new and new.endswith(f"{mod.END}\nafter\n")
-    assert new.count("#### Overview") == 1 and new.startswith(f"intro\n{mod.BEGIN}\n")
-    readme.write_text("no markers\n")
-    assert not mod.update_readme(text, readme) and readme.read_text() == "no markers\n"
+    assert new.count("### Overview") == 1 and new.startswith(f"intro\n{mod.BEGIN}\n### Overview")
+    findings.write_text("no markers\n")
+    assert not mod.update_findings(text, findings) and findings.read_text() == "no markers\n"
+    assert not mod.update_findings(text, tmp_path / "missing.md")
+
+
+def test_findings_holds_the_overview_markers():
+    """make_results.py writes its overview into docs/FINDINGS.md; the README stays short (issue 20)."""
+    mod = _load("make_results")
+    text = mod.FINDINGS.read_text()
+    assert 0 <= text.find(mod.BEGIN) < text.find(mod.END)
 
 
 def test_benchmark_scripts_reject_bad_methods_in_one_line(capsys):
