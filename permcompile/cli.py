@@ -13,7 +13,7 @@ import traceback
 
 import click
 
-from .config import RETIRED_LEARN_FLAGS, LearnConfig
+from .config import RETIRED_LEARN_FLAGS, UPDATES, LearnConfig
 from .errors import PermcompileError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,6 +169,9 @@ def _trt_ranges(pairs, retired: dict) -> tuple[tuple[int, int, int], tuple[int, 
 @click.option("--prune", "prune_mode", default="blocks", show_default=True, type=click.Choice(PRUNE_MODES),
               help="What gets N:M masks: blocks (every linear but the output heads: LM head, pooler, classifier), "
                    "all (heads too) or none (permute and fold only; the model's function is unchanged).")
+@click.option("--update", default="obs", show_default=True, type=click.Choice(UPDATES),
+              help="After masking, update the kept weights to absorb the pruning error (obs: SparseGPT-style, "
+                   "block by block on the calibration data; none: mask only).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same result).")
 @click.option("--device", default="cpu", show_default=True,
               help="Device for the learned strategy's Sinkhorn phase (--learn steps=N): cpu or cuda. Calibration "
@@ -189,7 +192,7 @@ def _trt_ranges(pairs, retired: dict) -> tuple[tuple[int, int, int], tuple[int, 
 @click.option("--debug", is_flag=True, hidden=True, help="Show tracebacks.")
 @_retired_options
 def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples, calib_seq_len, precision, prune_mode,
-             seed, device, learn_pairs, residual, resume, trt_profile, force, trust_pickle, quiet, debug):
+             update, seed, device, learn_pairs, residual, resume, trt_profile, force, trust_pickle, quiet, debug):
     """Permute, fold, prune to N:M, export and verify MODEL (short name or HF folder).
 
     Add --debug to any command to see tracebacks instead of one error line.
@@ -211,7 +214,8 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
         config = OptimizeConfig(sparsity=Sparsity.parse(sparsity), permutation=permutation, criterion=criterion,
                                 precision=precision, prune=mode != "none", calib=calib, calib_samples=calib_samples,
                                 calib_seq_len=calib_seq_len, seed=seed, device=device,
-                                prune_embeddings=mode == "all", residual=residual, learn=learn)
+                                prune_embeddings=mode == "all", residual=residual, learn=learn,
+                                update=update)
         _warn_retired(retired)
         from .pipeline import optimize as run
 
@@ -238,6 +242,12 @@ def _print_summary(report: dict) -> None:
                  f"{100 * cost.get('ratio', 0):.3f}% of the linear layers' multiply-adds)")
     click.echo(f"pruned layers: {len(report.get('pruned_layers', []))}  dense: {len(report.get('dense_layers', []))}  "
                + glue)
+    recon = [x["reconstruction"] for x in report.get("pruned_layers", []) if "reconstruction" in x]
+    if recon:
+        before = sum(r["rel_error_mask_only"] for r in recon) / len(recon)
+        after = sum(r["rel_error_reconstructed"] for r in recon) / len(recon)
+        click.echo(f"reconstruction (update obs): relative layer-output error on the calibration data, mean over "
+                   f"{len(recon)} layers: mask only {before:.4f} -> reconstructed {after:.4f}")
     checks = report.get("checks", [])
     click.echo(f"checks: {sum(c['passed'] for c in checks)}/{len(checks)} passed")
     click.echo("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items()))
