@@ -165,7 +165,10 @@ def _trt_ranges(pairs, retired: dict) -> tuple[tuple[int, int, int], tuple[int, 
                    "embedded sample).")
 @click.option("--calib-samples", default=32, show_default=True, type=int, help="Number of calibration samples.")
 @click.option("--calib-seq-len", default=128, show_default=True, type=int, help="Tokens per calibration sample.")
-@click.option("--precision", default="fp32", show_default=True, help="ONNX precision: fp32 or fp16.")
+@click.option("--precision", default="auto", show_default=True,
+              help="ONNX/Triton precision. auto = fp16 for a bf16/fp16 checkpoint, fp32 for an fp32 one. TensorRT "
+                   "runs 2:4 sparse kernels only in fp16 (or int8/fp8): with fp32 the Triton config leaves "
+                   "sparsity off. hf/ always keeps the checkpoint's dtype.")
 @click.option("--prune", "prune_mode", default="blocks", show_default=True, type=click.Choice(PRUNE_MODES),
               help="What gets N:M masks: blocks (every linear but the output heads: LM head, pooler, classifier), "
                    "all (heads too) or none (permute and fold only; the model's function is unchanged).")

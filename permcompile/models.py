@@ -288,7 +288,16 @@ def _from_pretrained(auto_cls, folder: Path, **kwargs):
     return auto_cls.from_pretrained(str(folder), attn_implementation="eager", **kwargs)
 
 
-def _finalize(model: nn.Module) -> nn.Module:
+def _finalize(model: nn.Module, keep_half: bool = False) -> nn.Module:
+    """Eval mode, in fp32 unless ``keep_half`` and the model is stored in bf16/fp16.
+
+    Half-precision checkpoints stay half (memory ≈ the checkpoint); every step that needs fp32 (statistics,
+    scores, searches, checks) upcasts locally.
+    """
+    from .dtypes import HALF_DTYPES, model_dtype
+
+    if keep_half and model_dtype(model) in HALF_DTYPES:
+        return model.eval()
     return model.float().eval()
 
 
@@ -317,7 +326,7 @@ def _load_folder(folder: Path, *, trust_pickle: bool = False, name: str | None =
     auto_name = _auto_class_for(arch, getattr(config, "model_type", None))
 
     safes, pickles = _find_weights(folder)
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "output_loading_info": True}
+    kwargs: dict[str, Any] = {"dtype": "auto", "output_loading_info": True}  # as stored (see _finalize)
     if safes:
         _check_safetensors(safes)
         kwargs["use_safetensors"] = True
@@ -356,7 +365,7 @@ def _load_folder(folder: Path, *, trust_pickle: bool = False, name: str | None =
     if mismatched:
         raise UsageError(f"weights in {folder} do not match config.json: {sorted(mismatched)[0]}")
 
-    model = _finalize(model)
+    model = _finalize(model, keep_half=True)
     family = _family_for(model, auto_name)
     tokenizer = _load_tokenizer(folder) if family != "vision" else None
     image_processor = _load_image_processor(folder) if family == "vision" else None
@@ -493,7 +502,8 @@ def load_model(spec: "str | os.PathLike | nn.Module | LoadedModel", *, trust_pic
     """Load a model for the pipeline.
 
     ``spec`` is a short name from :data:`SHORT_NAMES` ("minilm", "smollm2"), a local Hugging Face folder
-    (config.json + safetensors; pickled ``.bin`` weights only with ``trust_pickle=True``), a ``.gguf`` file,
+    (config.json + safetensors; pickled ``.bin`` weights only with ``trust_pickle=True``; bf16/fp16 weights
+    stay in that dtype, anything else becomes fp32), a ``.gguf`` file,
     an ``nn.Module`` (used as is, switched to eval/fp32) or an existing :class:`LoadedModel` (returned as is).
     """
     if isinstance(spec, LoadedModel):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import OptimizeConfig
+from .dtypes import dtype_name, fp32_compute, model_dtype
 from .errors import (MissingDependencyError, OutputWriteError, PermcompileError, UsageError, VerificationError,
                      write_failure)
 
@@ -196,7 +197,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
                     seed=config.seed, progress=progress)
 
     verify_inputs = _verification_inputs(loaded, batches)
-    with torch.no_grad():
+    with torch.no_grad(), fp32_compute(net):  # a bf16/fp16 model is checked in fp32: rounding is not a bug
         dense_ref = [_main_output(net, b, loaded) for b in verify_inputs]
     with t.step("fold"):
         fold_report = fold_(net, groups, perms)
@@ -246,6 +247,10 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
     t = _Timer(quiet=quiet)
     with t.step("load"):
         loaded = load_model(model, trust_pickle=trust_pickle)
+    if config.precision == "auto":  # fp16 for a half-precision checkpoint, fp32 otherwise
+        import dataclasses
+
+        config = dataclasses.replace(config, precision=config.resolve_precision(model_dtype(loaded.model)))
     prefetch = None
     if prefetch_export is None:
         prefetch_export = sum(p.numel() for p in loaded.model.parameters()) >= PREFETCH_MIN_PARAMS
@@ -289,6 +294,7 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
             "model": loaded.name, "source": loaded.source, "family": loaded.family,
             "auto_class": loaded.auto_class, "sparsity": str(config.sparsity),
             "permutation": config.permutation, "criterion": config.criterion, "precision": config.precision,
+            "checkpoint_dtype": dtype_name(model_dtype(net)),
             "pruned": config.prune, "config": _config_dict(config),
             "groups": [r.to_dict() for r in group_results],
             "glue_ops": fold_report.glue_ops,
@@ -401,7 +407,8 @@ def _main_output(net, batch: dict, loaded) -> torch.Tensor:
 def _max_rel_err(net, inputs, refs, loaded) -> float:
     worst = 0.0
     for b, ref in zip(inputs, refs):
-        y = _main_output(net, b, loaded)
+        with fp32_compute(net):
+            y = _main_output(net, b, loaded)
         worst = max(worst, float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
     return worst
 
@@ -457,8 +464,10 @@ def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_resu
             except Exception as exc:  # mapping is best effort; verify falls back to structure checks
                 report["onnx_mapping_error"] = str(exc)
         layer["onnx_initializer"] = name
-    write_triton_repo(tmp / "triton", "model", onnx_path=tmp / "model.onnx", sparse=config.prune,
-                      precision=config.precision, inputs=info.inputs, outputs=info.outputs)
+    triton = write_triton_repo(tmp / "triton", "model", onnx_path=tmp / "model.onnx", sparse=config.prune,
+                               precision=config.precision, inputs=info.inputs, outputs=info.outputs)
+    report["triton"] = {"precision": config.precision, "sparsity": 'key: "trt_sparsity_enable"' in triton.config,
+                        "notes": triton.notes}
     stages["triton"] = round(time.perf_counter() - clock, 3)
     report["onnx"]["stages"] = {**stages, **info.stages}
     _write_report(tmp, report)

@@ -682,7 +682,7 @@ def _trace(model: nn.Module, example_kwargs: Mapping[str, Tensor], precision: st
     try:
         if method == "half":
             try:
-                half = _half_copy(model)
+                half = _export_module(model, method)
                 program = run_export(half, torch.float16)
                 exported_module = half
             except Exception as exc:  # noqa: BLE001
@@ -691,8 +691,8 @@ def _trace(model: nn.Module, example_kwargs: Mapping[str, Tensor], precision: st
                 notes.append(f"fp16 export of the .half() model failed ({_one_line(exc)}); converted the fp32 graph")
                 method = "convert"
         if program is None:
-            program = run_export(model, None)
-            exported_module = model
+            exported_module = _export_module(model, method)
+            program = run_export(exported_module, None)
     except OnnxExportError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -723,7 +723,7 @@ def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    itemsize = 2 if precision == "fp16" else None
+    itemsize = 2 if precision == "fp16" else 4  # the graph's float dtype, whatever the model's
     use_external = (external_data if external_data is not None
                     else _model_bytes(model, itemsize) > EXTERNAL_DATA_THRESHOLD)
 
@@ -894,7 +894,7 @@ class GraphPrefetch:
         import onnx_ir as ir
 
         ir_model = ir.load(str(self.workdir / "graph.onnx"))
-        module = _half_copy(model) if meta["method"] == "half" else model
+        module = _export_module(model, meta["method"])
         wrapper = ExportWrapper(module, names, None)
         state = dict(wrapper.named_parameters(remove_duplicate=False))
         state.update(dict(wrapper.named_buffers(remove_duplicate=False)))
@@ -992,30 +992,44 @@ def _fast_optimize(model) -> None:
     passes(model)
 
 
+def _export_module(model: nn.Module, method: str | None) -> nn.Module:
+    """The module a graph is traced from: an fp16 copy for the "half" method; otherwise the model itself, or
+    an fp32 copy of a bf16/fp16 model (an fp32 graph, or the fp32 graph the "convert" method starts from)."""
+    from ..dtypes import is_half
+
+    if method == "half":
+        return _half_copy(model)
+    return _cast_copy(model, torch.float32) if is_half(model) else model
+
+
 def _half_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with every floating *parameter* in fp16; buffers keep their dtype.
+    """:func:`_cast_copy` to fp16."""
+    return _cast_copy(model, torch.float16)
+
+
+def _cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A deep copy with every floating *parameter* in ``dtype``; buffers keep their dtype.
 
     Buffers such as rotary ``inv_freq`` stay fp32 (the model computes RoPE in fp32 from them; rounding
-    them to fp16 shifts high positions' phases). ``nn.Module``'s own casting is used because transformers'
-    ``PreTrainedModel.half`` refuses models loaded from quantized checkpoints (GGUF).
+    them to fp16 shifts high positions' phases). ``nn.Module``'s own casting is not used because transformers'
+    ``PreTrainedModel.half`` refuses models loaded from quantized checkpoints (GGUF). The cast parameters are
+    handed to ``deepcopy`` up front, so the original weights are never copied first (peak: the model plus
+    the cast copy). A model already in ``dtype`` is returned itself: nothing to copy.
     """
-    half = copy.deepcopy(model)  # keeps tied parameters shared inside the copy
-    converted: dict[int, nn.Parameter] = {}
+    if not any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        return model.eval()
+    memo: dict[int, Any] = {}
     with torch.no_grad():
-        for module in half.modules():
-            for name, param in list(module._parameters.items()):
-                if param is None or not param.is_floating_point() or param.dtype == torch.float16:
-                    continue
-                new = converted.get(id(param))
-                if new is None:
-                    new = converted[id(param)] = nn.Parameter(param.detach().to(torch.float16), requires_grad=False)
-                module._parameters[name] = new
-    if hasattr(half, "config") and hasattr(half.config, "dtype"):
+        for param in model.parameters():  # tied parameters appear once: they stay shared in the copy
+            if param.is_floating_point() and param.dtype != dtype:
+                memo[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+    cast = copy.deepcopy(model, memo)
+    if hasattr(cast, "config") and hasattr(cast.config, "dtype"):
         try:
-            half.config.dtype = torch.float16
+            cast.config.dtype = dtype
         except Exception:  # noqa: BLE001
             pass
-    return half.eval()
+    return cast.eval()
 
 
 def _save(proto, path: Path, rewrite_external: bool) -> None:

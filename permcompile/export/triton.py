@@ -21,7 +21,7 @@ import json
 import re
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -53,6 +53,11 @@ class TritonModelInfo:
     model_file: Path
     platform: str
     config: str  # the config.pbtxt text
+    notes: list[str] = field(default_factory=list)  # choices the caller should report (sparsity left off, ...)
+
+
+SPARSITY_OFF_FP32 = ("trt_sparsity_enable is off: TensorRT runs 2:4 sparse tactics only in FP16/INT8/FP8, "
+                     "never FP32; export with precision fp16 for sparse kernels")
 
 
 def triton_dtype(dtype: Any) -> str:
@@ -127,6 +132,8 @@ def write_triton_repo(repo_dir, model_name: str, onnx_path=None, plan_path=None,
     with ``-1`` for dynamic dims, *including* the batch dim (dropped when ``max_batch_size > 0``);
     omitted, they are read from ``onnx_path`` (or ``io_from_onnx`` for a plan). ``profiles`` (input ->
     (min, opt, max) shapes) become ``trt_profile_*_shapes`` for the ONNX Runtime TensorRT accelerator.
+    ``sparse`` asks for TensorRT's 2:4 sparse tactics; with ``precision="fp32"`` they are left off (and the
+    config says why in a comment): TensorRT has sparse kernels only for FP16/INT8/FP8.
     """
     if (onnx_path is None) == (plan_path is None):
         raise UsageError("write_triton_repo needs exactly one of onnx_path or plan_path")
@@ -169,11 +176,15 @@ def write_triton_repo(repo_dir, model_name: str, onnx_path=None, plan_path=None,
     lines = [f"name: {_q(model_name)}", f"platform: {_q(platform)}", f"max_batch_size: {int(max_batch_size)}",
              _io_block("input", ins), _io_block("output", outs),
              f"instance_group [\n  {{\n    kind: KIND_GPU\n    count: {int(instance_count)}\n  }}\n]"]
+    notes: list[str] = []
     if platform == "onnxruntime_onnx":
         params = [("precision_mode", "FP16" if precision == "fp16" else "FP32")]
         if workspace_bytes:
             params.append(("max_workspace_size_bytes", str(int(workspace_bytes))))
-        if sparse:
+        if sparse and precision == "fp32":
+            notes.append(SPARSITY_OFF_FP32)
+            lines.append(f"# {SPARSITY_OFF_FP32}")
+        elif sparse:
             params.append(("trt_sparsity_enable", "1"))
         if engine_cache_dir:
             params += [("trt_engine_cache_enable", "1"), ("trt_engine_cache_path", str(engine_cache_dir))]
@@ -187,7 +198,7 @@ def write_triton_repo(repo_dir, model_name: str, onnx_path=None, plan_path=None,
     text = "\n".join(lines) + "\n"
     config_path = model_dir / "config.pbtxt"
     config_path.write_text(text)
-    return TritonModelInfo(model_dir, config_path, target, platform, text)
+    return TritonModelInfo(model_dir, config_path, target, platform, text, notes)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -34,6 +35,9 @@ __all__ = [
     "check_onnx_nm",
     "onnx_initializer_for_param",
     "compare_ort_torch",
+    "compare_ort_refs",
+    "torch_outputs",
+    "check_external_data",
     "ort_session",
     "format_checks",
     "raise_if_failed",
@@ -86,21 +90,22 @@ def _nm_stats(arr: np.ndarray, k_axis: int, n: int, m: int) -> tuple[bool, int, 
     return bad == 0, bad, int(counts.size)
 
 
-def _load_onnx(path_or_model):
+def _load_onnx(path_or_model, external_data: bool = True):
     import onnx
 
     if isinstance(path_or_model, onnx.ModelProto):
         return path_or_model
     try:
-        return onnx.load(str(path_or_model))
+        return onnx.load(str(path_or_model), load_external_data=external_data)
     except FileNotFoundError:
         raise UsageError(f"ONNX file not found: {path_or_model}") from None
     except Exception as exc:  # noqa: BLE001
         raise VerificationError(f"cannot read ONNX file {path_or_model}: {exc}".splitlines()[0]) from exc
 
 
-def _constant_arrays(model) -> dict[str, Any]:
-    """Lazily converted arrays for initializers and Constant-node values."""
+def _constant_arrays(model, base_dir: str | os.PathLike = "") -> dict[str, Any]:
+    """Lazily converted arrays for initializers and Constant-node values (external data read from
+    ``base_dir`` one tensor at a time; nothing is cached, so a large model is never held whole)."""
     import onnx
     from onnx import numpy_helper
 
@@ -113,21 +118,48 @@ def _constant_arrays(model) -> dict[str, Any]:
 
     class _Lazy(dict):
         def __missing__(self, key):
-            value = numpy_helper.to_array(tensors[key])
-            self[key] = value
-            return value
+            return numpy_helper.to_array(tensors[key], str(base_dir))
 
     return _Lazy()
 
 
-def onnx_nm_report(path, n: int = 2, m: int = 4, min_k: int = 0) -> list[LinearCheck]:
+def check_external_data(path) -> list[str]:
+    """Problems ``onnx.load`` would have with the external data of ONNX file ``path`` (empty: none).
+
+    Every external tensor's location is resolved and read the way ``onnx.load`` does (a file next to the
+    graph, no symlink, no path outside the folder, a single hard link, in bounds), one tensor at a time.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    problems = []
+    for tensor in proto.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        probe = onnx.TensorProto()
+        probe.CopyFrom(tensor)  # a header only: the payload is read into the probe, then dropped
+        try:
+            load_external_data_for_tensor(probe, str(path.parent))
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"{path.name}: {str(exc).splitlines()[0][:200]}")
+            break  # one reason is enough: the same file usually fails every tensor
+    return problems
+
+
+def onnx_nm_report(path, n: int = 2, m: int = 4, min_k: int = 0,
+                   base_dir: str | os.PathLike | None = None) -> list[LinearCheck]:
     """Every constant MatMul/Gemm weight (K >= ``min_k``) with its N:M status along K.
 
     A weight shared by several nodes with the same K axis is reported once. fp16 / fp32 / fp64 (and any
-    numeric) initializers are handled; external data is loaded from next to the file.
+    numeric) initializers are handled; external data is read from next to the file (or from ``base_dir``
+    for a model proto loaded without it), one weight at a time.
     """
-    model = _load_onnx(path)
-    arrays = _constant_arrays(model)
+    if base_dir is None and not hasattr(path, "graph"):
+        base_dir = Path(path).parent
+    model = _load_onnx(path, external_data=False)
+    arrays = _constant_arrays(model, base_dir or "")
     seen: set[tuple[str, int]] = set()
     out: list[LinearCheck] = []
     for use in iter_weight_uses(model):
@@ -305,7 +337,7 @@ def compare_outputs(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray], prec
 def compare_ort_torch(model: nn.Module, onnx_path, input_batches: Sequence[Mapping[str, Tensor]],
                       forward_kwargs: Mapping[str, Any] | None = None, precision: str = "fp32",
                       tol: float | None = None, providers: Sequence[str] | None = None) -> CompareResult:
-    """Run ``model`` (in its own dtype, normally fp32) and ONNX Runtime on each batch and compare.
+    """Run ``model`` (see :func:`torch_outputs`) and ONNX Runtime on each batch and compare.
 
     The torch side goes through the same wrapper as the export (same output selection, ``use_cache=False``).
     Errors are relative to the output scale ``max |torch|``; ``tol`` defaults to 1e-4 (fp32) / 2e-2 (fp16).
@@ -315,21 +347,46 @@ def compare_ort_torch(model: nn.Module, onnx_path, input_batches: Sequence[Mappi
     if not input_batches:
         raise UsageError("compare_ort_torch needs at least one input batch")
     start = time.perf_counter()
-    session = ort_session(onnx_path, providers)
-    refs, outs = [], []
+    refs = torch_outputs(model, input_batches, forward_kwargs)
+    result = compare_ort_refs(onnx_path, input_batches, refs, precision, tol, providers)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def torch_outputs(model: nn.Module, input_batches: Sequence[Mapping[str, Tensor]],
+                  forward_kwargs: Mapping[str, Any] | None = None) -> list[np.ndarray]:
+    """``model``'s main output on each batch, as fp32 arrays: references to compare ONNX Runtime with.
+
+    A bf16/fp16 model runs under :func:`permcompile.dtypes.fp32_compute`, so the reference is the fp32
+    function of its stored weights (what an fp32 or fp16 graph of those weights should compute), not
+    half-precision rounding; no fp32 copy of the model is made.
+    """
+    from ..dtypes import fp32_compute
+
+    refs = []
     was_training = model.training
     model.eval()
     try:
         for batch in input_batches:
             names = list(batch)
             wrapper = ExportWrapper(model, names, forward_kwargs)
-            with torch.no_grad():
-                ref = wrapper(*[batch[n] for n in names]).float().cpu().numpy()
-            out = session.run(None, _feeds(session, batch))[0]
-            refs.append(ref)
-            outs.append(out)
+            with torch.no_grad(), fp32_compute(model):
+                refs.append(wrapper(*[batch[n] for n in names]).float().cpu().numpy())
     finally:
         model.train(was_training)
+    return refs
+
+
+def compare_ort_refs(onnx_path, input_batches: Sequence[Mapping[str, Tensor]], refs: Sequence[np.ndarray],
+                     precision: str = "fp32", tol: float | None = None,
+                     providers: Sequence[str] | None = None) -> CompareResult:
+    """ONNX Runtime on each batch against recorded reference outputs (:func:`torch_outputs`): no torch model
+    needs to be in memory next to the session."""
+    if precision not in DEFAULT_TOLERANCE:
+        raise UsageError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    start = time.perf_counter()
+    session = ort_session(onnx_path, providers)
+    outs = [session.run(None, _feeds(session, batch))[0] for batch in input_batches]
     result = compare_outputs(refs, outs, precision, tol)
     result.seconds = time.perf_counter() - start
     return result
@@ -569,7 +626,8 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
         if cls is None or not str(report["auto_class"]).startswith("Auto"):
             raise ValueError(f"unknown auto class {report['auto_class']!r}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        model = cls.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
+        # in the dtype it was saved in (the checkpoint's): a half model's reference still runs in fp32
+        model = cls.from_pretrained(str(hf_dir), dtype="auto", local_files_only=True).eval()
         checks.append(Check("hf_load", True, f"{type(model).__name__} from {HF_DIR}/"))
     except Exception as exc:  # noqa: BLE001
         checks.append(Check("hf_load", False, f"cannot load {HF_DIR}/: {str(exc).splitlines()[0][:200]}"))
@@ -577,12 +635,18 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
     # --- N:M in model.onnx
     onnx_path = out_dir / ONNX_FILE
     onnx_model = None
-    try:
-        onnx_model = _load_onnx(onnx_path)
+    try:  # the graph without its external weights: those are read one at a time below
+        onnx_model = _load_onnx(onnx_path, external_data=False)
+        # what onnx.load would refuse (hard links, symlinks, paths outside the folder), here and in triton/
+        problems = [p for f in [onnx_path, *sorted(out_dir.glob("triton/*/*/model.onnx"))]
+                    for p in check_external_data(f)]
+        if problems:
+            raise VerificationError("; ".join(problems))
     except Exception as exc:  # noqa: BLE001
+        onnx_model = None
         checks.append(Check("onnx_load", False, str(exc).splitlines()[0][:200]))
     if onnx_model is not None:
-        report_rows = {(r.name): r for r in onnx_nm_report(onnx_model, n, m)}
+        report_rows = {(r.name): r for r in onnx_nm_report(onnx_model, n, m, base_dir=onnx_path.parent)}
         bad = []
         for entry in layers:
             name = entry.get("onnx_initializer") or onnx_initializer_for_param(onnx_model, entry["param"])
@@ -634,7 +698,8 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
                                                       else f"{violations} of {groups} groups break {n}:{m}"))
         checks.append(_aggregate("hf_nm", len(layers), bad, f"{len(layers)} pruned parameters are {n}:{m} along K"))
 
-    # --- ONNX Runtime vs torch on the reloaded hf/ model
+    # --- ONNX Runtime vs torch on the reloaded hf/ model: its outputs are recorded and the model released
+    # before ONNX Runtime loads the graph, so at most one copy of the weights is held at a time
     if model is not None and onnx_model is not None:
         image_hw = _static_image_hw(onnx_model)
         del onnx_model
@@ -643,8 +708,12 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
             max_pos = getattr(_text_config(model.config), "max_position_embeddings", None) or 10**9
             batches = [random_inputs(report["input_names"], model.config, b, min(s, int(max_pos)), gen, image_hw)
                        for b, s in shapes]
-            result = compare_ort_torch(model, onnx_path, batches, report.get("forward_kwargs") or None,
-                                       precision, tol)
+            start = time.perf_counter()
+            refs = torch_outputs(model, batches, report.get("forward_kwargs") or None)
+            state = model = None
+            gc.collect()
+            result = compare_ort_refs(onnx_path, batches, refs, precision, tol)
+            result.seconds = time.perf_counter() - start
             checks.append(result.as_check())
         except Exception as exc:  # noqa: BLE001
             checks.append(Check("onnxruntime_vs_torch", False, " ".join(str(exc).split())[:300]))
