@@ -10,8 +10,8 @@ Version notes (see ``docs`` / DATA.md "TensorRT facts"):
 * ``BuilderFlag.SPARSE_WEIGHTS`` exists in both. The builder's INFO log names the layers that picked a
   sparse kernel ("... picked sparse implementation for layers: a, b"); we capture it with our own ILogger.
 
-Engines are run through torch CUDA tensors (no pycuda): ``context.set_tensor_address(name, t.data_ptr())``
-then ``execute_async_v3`` on torch's current stream (TensorRT >= 8.6 name-based API).
+The engine is built and its sparse layers reported; it is not run here (running it needs a GPU, and a
+TensorRT-vs-ONNX-Runtime comparison belongs in verification once there is one to test it on).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from ..errors import MissingDependencyError, PermcompileError, UsageError
 
@@ -29,8 +29,6 @@ __all__ = [
     "tensorrt_available",
     "build_engine",
     "default_profiles",
-    "run_engine",
-    "compare_trt_ort",
     "parse_sparse_layers",
 ]
 
@@ -229,96 +227,3 @@ def _onnx_has_fp16_weights(onnx_path) -> bool:
     model = onnx.load(str(onnx_path), load_external_data=False)
     return any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
 
-
-def _torch_dtype(trt, dtype):
-    import torch  # noqa: PLC0415
-
-    table = {
-        trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int8: torch.int8,
-        trt.bool: torch.bool,
-    }
-    for name, tdt in (("int64", torch.int64), ("bfloat16", torch.bfloat16), ("uint8", torch.uint8)):
-        if hasattr(trt, name):
-            table[getattr(trt, name)] = tdt
-    if dtype not in table:
-        raise TensorRTError(f"unsupported TensorRT tensor type {dtype}")
-    return table[dtype]
-
-
-class _Engine:
-    """A deserialized engine plus one execution context."""
-
-    def __init__(self, plan_path):
-        trt = _import_trt()
-        _require_gpu()
-        self.trt = trt
-        self.logger = _make_logger(trt)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-        if self.engine is None:
-            raise TensorRTError(f"TensorRT cannot load the engine {plan_path}: " + "; ".join(self.logger.errors[-2:]))
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        import numpy as np  # noqa: PLC0415
-        import torch  # noqa: PLC0415
-
-        keep = []
-        for name in self.inputs:
-            if name not in batch:
-                raise UsageError(f"engine input {name!r} is missing from the batch")
-            value = batch[name]
-            t = torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
-            t = t.to(device="cuda", dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(name))).contiguous()
-            keep.append(t)
-            if not self.context.set_input_shape(name, tuple(t.shape)):
-                raise TensorRTError(f"shape {tuple(t.shape)} of {name} is outside the engine's optimisation profile")
-            self.context.set_tensor_address(name, t.data_ptr())
-        outs = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise TensorRTError(f"cannot infer the shape of output {name}")
-            t = torch.empty(shape, dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(name)), device="cuda")
-            self.context.set_tensor_address(name, t.data_ptr())
-            outs[name] = t
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise TensorRTError("TensorRT execution failed: " + "; ".join(self.logger.errors[-2:]))
-        stream.synchronize()
-        del keep
-        return {k: v.float().cpu().numpy() for k, v in outs.items()}
-
-
-def run_engine(plan_path, batches: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Run the engine on each batch (dict of numpy arrays or torch tensors) -> list of {output: ndarray}."""
-    engine = _Engine(plan_path)
-    return [engine(b) for b in batches]
-
-
-def compare_trt_ort(plan_path, onnx_path, batches: Sequence[Mapping[str, Any]], precision: str = "fp16",
-                    tol: float | None = None):
-    """Run the engine and ONNX Runtime (CPU) on the same batches and compare the first output.
-
-    Returns a :class:`permcompile.export.verify.CompareResult` (ONNX Runtime is the reference).
-    """
-    import torch  # noqa: PLC0415
-
-    from .verify import _feeds, compare_outputs, ort_session  # noqa: PLC0415
-
-    start = time.perf_counter()
-    engine = _Engine(plan_path)
-    session = ort_session(onnx_path)
-    out_name = session.get_outputs()[0].name
-    refs, outs = [], []
-    for batch in batches:
-        tensors = {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in batch.items()}
-        refs.append(session.run(None, _feeds(session, tensors))[0])
-        result = engine(tensors)
-        outs.append(result.get(out_name, next(iter(result.values()))))
-    res = compare_outputs(refs, outs, precision, tol)
-    res.seconds = time.perf_counter() - start
-    return res

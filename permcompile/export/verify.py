@@ -32,7 +32,6 @@ __all__ = [
     "CompareResult",
     "DEFAULT_TOLERANCE",
     "onnx_nm_report",
-    "check_onnx_nm",
     "onnx_initializer_for_param",
     "compare_ort_torch",
     "compare_ort_refs",
@@ -175,11 +174,6 @@ def onnx_nm_report(path, n: int = 2, m: int = 4, min_k: int = 0,
         out.append(LinearCheck(use.init, use.node, use.op, tuple(arr.shape), use.k_axis, k, n, m, ok, bad, groups,
                                density, str(arr.dtype), use.param))
     return out
-
-
-def check_onnx_nm(path, n: int = 2, m: int = 4, min_k: int = 0) -> list[LinearCheck]:
-    """Alias of :func:`onnx_nm_report`: the caller decides which weights must be sparse."""
-    return onnx_nm_report(path, n, m, min_k)
 
 
 def onnx_initializer_for_param(onnx_model, fqn: str) -> str | None:

@@ -164,9 +164,8 @@ def gram_factor(gram: torch.Tensor, energy: float = 0.999, max_rank: int | None 
 def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, warm: torch.Tensor,
                       labels: torch.Tensor, fixed: torch.Tensor, *, block: int = 64, steps: int = 60,
                       rounds: int = 2, lr: float = 0.05, sinkhorn_iters: int = 8, tau_start: float = 1.0,
-                      tau_end: float = 0.05, mask_tau: float = 0.05, init_scale: float = 2.0,
-                      generator: torch.Generator | None = None, device: str = "cpu",
-                      on_step=None, mask_grad: bool = True, swap_trials: int = 0, amp: str = "off") -> LearnResult:
+                      tau_end: float = 0.05, generator: torch.Generator | None = None, device: str = "cpu",
+                      on_step=None, swap_trials: int = 0, amp: str = "off") -> LearnResult:
     """Refine ``warm`` to lower the layer-output error of the N:M-masked consumers.
 
     Two phases: ``rounds`` × ``steps`` of block-wise Sinkhorn matching (above), then ``swap_trials``
@@ -198,8 +197,8 @@ def learn_permutation(consumers: list[Consumer], n: int, n_keep: int, m: int, wa
             group = [b for b in layout if b.numel() == size]
             idx = torch.stack(group).to(dev)  # [nb, B] positions
             best_loss, cur, k = _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr,
-                                                 sinkhorn_iters, tau_start, tau_end, mask_tau, init_scale, gen,
-                                                 dev, best_loss, history, on_step, mask_grad, amp)
+                                                 sinkhorn_iters, tau_start, tau_end, gen, dev, best_loss, history,
+                                                 on_step, amp)
             done += k
     swaps = 0
     if swap_trials > 0:
@@ -235,13 +234,18 @@ def _apply_q(x: torch.Tensor, reps, q: torch.Tensor, back: bool = False) -> torc
     return out
 
 
-def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, tau0, tau1, mask_tau, init_scale,
-                     gen, dev, best_loss, history, on_step, mask_grad=True, amp="off"):
+# Sinkhorn phase constants: the identity's logit margin at the start (so the warm start is where the search
+# begins) and the soft N:M mask's temperature relative to the mean score
+_INIT_SCALE, _MASK_TAU = 2.0, 0.05
+
+
+def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, tau0, tau1, gen, dev, best_loss,
+                     history, on_step, amp="off"):
     nb, bsz = idx.shape
     n = cur.numel()
     eye = torch.eye(bsz, device=dev)
     noise = torch.rand(nb, bsz, bsz, generator=gen).to(dev) * 0.01
-    logits = (init_scale * eye.expand(nb, bsz, bsz) + noise).clone().requires_grad_(True)
+    logits = (_INIT_SCALE * eye.expand(nb, bsz, bsz) + noise).clone().requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=lr)
     prepared = []
     idx_cpu = idx.cpu()
@@ -268,11 +272,8 @@ def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, 
         for w, s, g, reps in prepared:
             s_new = _apply_q(s, reps, q)  # fp32: the hard mask is the one the criterion will choose
             hard_mask = nm_mask(s_new.detach(), n_keep, m).float()
-            if mask_grad:
-                soft_mask = soft_nm_mask(s_new, n_keep, m, mask_tau * float(s_new.detach().mean().clamp_min(1e-12)))
-                mask = hard_mask + soft_mask - soft_mask.detach()
-            else:  # PermLLM-style: the mask is a constant for the gradient, only the permutation learns
-                mask = hard_mask
+            soft_mask = soft_nm_mask(s_new, n_keep, m, _MASK_TAU * float(s_new.detach().mean().clamp_min(1e-12)))
+            mask = hard_mask + soft_mask - soft_mask.detach()  # straight-through: hard forward, soft gradient
             with torch.autocast(device_type=dev.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 w_new = _apply_q(w, reps, q)
                 r = _apply_q(w_new * (1 - mask), reps, q, back=True)  # dropped weights, back in current order

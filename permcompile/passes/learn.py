@@ -316,8 +316,7 @@ class _SequentialMasks:
 
 
 def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[dict], config, *, pruned: set[str],
-                       quiet: bool = False, resume: bool = False, checkpoint_dir: str | None = None,
-                       max_blocks: int | None = None):
+                       quiet: bool = False, resume: bool = False, checkpoint_dir: str | None = None):
     """Learned permutations for every group; returns ``(perms, results)`` like ``choose_permutations``."""
     n, m = config.sparsity.n, config.sparsity.m
     # "auto" becomes the family's objective here, so checkpoints, notes and Grams all name the real one
@@ -357,8 +356,6 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
 
         bar = tqdm(total=len(blocks), desc="learn", unit="block", file=sys.stderr, leave=False)
     keys = list(blocks)
-    if max_blocks is not None:
-        keys = keys[:max_blocks]
     def restore(key):  # a finished block (or the residual phase) from the checkpoint
         for name, entry in state["done"][key].items():
             perms[name] = torch.tensor(entry["perm"], dtype=torch.long)
@@ -429,7 +426,7 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
                 save(key, done_block, t1)
                 if bar:
                     bar.update(1)
-        if config.learn.residual_trials > 0 and max_blocks is None:
+        if config.learn.residual_trials > 0:
             if RESIDUAL_KEY in state["done"]:
                 restore(RESIDUAL_KEY)
             else:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..math.nm import criterion_scores, is_nm, kept_importance, nm_mask
 from .fold import member_source
-from .groups import Group, Member
+from .groups import Group
 
 
 @dataclass
@@ -255,10 +255,3 @@ def select_linears(model: nn.Module, captured, groups: list[Group], m: int,
             info.prune, info.reason = False, f"K={info.k} not divisible by M={m}"
         out.append(info)
     return out
-
-
-def group_member(group: Group, param: str) -> Member | None:
-    for mem in group.members:
-        if mem.param == param:
-            return mem
-    return None
