@@ -87,37 +87,61 @@ def group_score_matrix(group: Group, model: nn.Module, stats: dict, criterion: s
 
     A consumer whose positions carry an element several times (GQA ``o_proj``) contributes one block of
     rows per replica. Consumers whose N:M stripes do not line up with the group's stripes are left out
-    of the objective (they are still folded correctly).
+    of the objective (they are still folded correctly). Past ``max_rows`` rows, a seeded uniform sample
+    of them is kept. The sample is drawn over row numbers first, from the consumers' shapes alone, and each
+    consumer's score matrix is computed and cut down to its sampled rows in turn: memory peaks at one
+    consumer's scores plus the result, never the stack of a whole residual group (every reader of every
+    block); the rows are those of sampling the full stack.
     """
-    blocks = []
     n = group.size
+    layouts = []
     for mem in group.consumers:
         if mem.param not in pruned:
             continue
-        s = consumer_scores(model, mem, stats, criterion)
-        if normalize:
-            s = s / s.mean().clamp_min(1e-30)
-        index = mem.index_tensor(s.shape[1])
+        rows, k = weight_kout(model, mem).shape  # shapes only: nothing computed yet
+        index = mem.index_tensor(k)
         if not bool((index % m == torch.arange(index.numel()) % m).all()):
             continue
         counts = torch.bincount(index, minlength=n)
+        layouts.append((mem, index, counts, rows, int(counts.max())))
+    if not layouts:
+        return None
+    total = sum(rows * replicas for _, _, _, rows, replicas in layouts)
+    keep = None
+    if max_rows is not None and total > max_rows:
+        # rows are independent terms of the objective: a seeded uniform sample estimates it without bias
+        gen = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(total, generator=gen)[:max_rows].sort().values
+    blocks = []
+    offset = 0
+    for mem, index, counts, rows, replicas in layouts:
+        span = rows * replicas
+        if keep is not None:
+            lo, hi = torch.searchsorted(keep, torch.tensor([offset, offset + span])).tolist()
+            local = keep[lo:hi] - offset  # this consumer's sampled rows, replica-major like the full stack
+            offset += span
+            if local.numel() == 0:
+                continue
+        else:
+            local = None
+            offset += span
+        s = consumer_scores(model, mem, stats, criterion)
+        if normalize:
+            s = s / s.mean().clamp_min(1e-30)
         order = torch.argsort(index, stable=True)
         starts = torch.cumsum(counts, 0) - counts
-        for r in range(int(counts.max())):
+        for r in range(replicas):
             present = counts > r
             cols = torch.zeros(n, dtype=torch.long)
             cols[present] = order[starts[present] + r]
-            block = s[:, cols] * present.to(s.dtype)
-            blocks.append(block)
-    if not blocks:
-        return None
-    scores = torch.cat(blocks, dim=0)
-    if max_rows is not None and scores.shape[0] > max_rows:
-        # rows are independent terms of the objective: a seeded uniform sample estimates it without bias
-        gen = torch.Generator().manual_seed(seed)
-        keep = torch.randperm(scores.shape[0], generator=gen)[:max_rows].sort().values
-        scores = scores[keep]
-    return scores
+            if local is None:
+                blocks.append(s[:, cols] * present.to(s.dtype))
+                continue
+            mine = local[(local >= r * rows) & (local < (r + 1) * rows)] - r * rows
+            if mine.numel():
+                blocks.append(s[mine][:, cols] * present.to(s.dtype))
+        del s
+    return torch.cat(blocks, dim=0) if blocks else torch.zeros(0, n)
 
 
 @contextmanager
