@@ -22,6 +22,9 @@ What ``export_onnx`` produces
   (``pixel_values``) stay fp32 at the graph boundary and are cast inside the graph; the output is fp16.
   If the half export fails, we fall back to exporting fp32 and converting the graph with
   :func:`convert_to_fp16` (all float tensors become fp16; float inputs stay fp32 via a Cast; outputs fp16).
+* A bf16/fp16 model (a half-precision checkpoint kept in its dtype) is traced from a copy with its
+  parameters in the graph's dtype: fp16 for FP16 (bf16 -> fp16 is exact within fp16's range), fp32 for FP32.
+  A model already in the graph's dtype is traced as it is (no copy).
 * Weights go to an external data file (``<name>.data``) only when they exceed 2 GB (protobuf's limit).
 """
 from __future__ import annotations
