@@ -76,15 +76,40 @@ def run_main(main) -> None:
         raise SystemExit(2) from None
 
 
+# "+obs": reconstruction on (update="obs"); "+search": its OBS search objective; "+refit": 30 least-squares
+# refit steps after the OBS pass; "+critmask": the criterion picks the mask. Without "+obs" a row is mask-only.
+UPDATE_SUFFIXES = ("obs", "search", "refit", "critmask")
+
+
 def check_methods(methods: list[str], extra: tuple[str, ...] = ()) -> None:
-    """Reject an unknown --methods entry before anything slow runs (STRATEGY or STRATEGY/per-layer)."""
+    """Reject an unknown --methods entry before anything slow runs: STRATEGY[/per-layer][+obs[+search|+refit|...]]."""
     from permcompile.config import STRATEGIES
     from permcompile.errors import UsageError
 
     valid = list(STRATEGIES) + [f"{s}/per-layer" for s in STRATEGIES] + list(extra)
-    bad = [m for m in methods if m not in valid]
+    bad = []
+    for m in methods:
+        head, *suffixes = m.split("+")
+        if head not in valid or any(x not in UPDATE_SUFFIXES for x in suffixes) or (suffixes and "obs" not in suffixes):
+            bad.append(m)
     if bad:
-        raise UsageError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(valid)}")
+        raise UsageError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(valid)}, each optionally "
+                         f"with +obs (reconstruction) and then +{', +'.join(UPDATE_SUFFIXES[1:])}")
+
+
+def method_config(base, method: str):
+    """The ``OptimizeConfig`` of one --methods entry on top of ``base`` (mask-only unless ``+obs``)."""
+    import dataclasses
+
+    from permcompile.config import ReconstructConfig
+
+    head, *suffixes = method.split("+")
+    strategy, _, residual = head.partition("/")  # "hungarian/per-layer": per-layer residual sites
+    recon = ReconstructConfig(search="obs" if "search" in suffixes else "criterion",
+                              refit_iters=30 if "refit" in suffixes else 0,
+                              mask="criterion" if "critmask" in suffixes else "obs")
+    return dataclasses.replace(base, permutation=strategy, residual=residual or "global",
+                               update="obs" if "obs" in suffixes else "none", reconstruct=recon)
 
 
 def text_model_args(ap, model: str) -> None:
@@ -296,7 +321,8 @@ class _RetiredLearnFlag(argparse.Action):
 
 
 def add_learn_arguments(ap: argparse.ArgumentParser) -> None:
-    """``--learn KEY=VALUE`` (repeatable), parsed like ``permcompile optimize --learn`` by ``config.parse_learn``.
+    """``--learn KEY=VALUE`` (repeatable), parsed like ``permcompile optimize --learn`` by ``config.parse_learn``,
+    and ``--learned-seeds`` (the calibration seeds the slow learned rows run on).
 
     The per-knob flags it replaced (``--steps``, ``--swap-trials``, ...) stay accepted, hidden, so the commands
     recorded under older tables in results/ still run."""
@@ -309,6 +335,14 @@ def add_learn_arguments(ap: argparse.ArgumentParser) -> None:
     for flag, key in RETIRED_LEARN_FLAGS.items():
         ap.add_argument(flag, dest="learn", action=_RetiredLearnFlag, key=key, nargs=0 if key in bools else None,
                         help=argparse.SUPPRESS)
+    ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
+                    help="run the (slow) learned strategy only for these calibration seeds (default: all)")
+
+
+def add_output_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--out-dir`` and ``--tag``: where a quality script writes its JSON/markdown and the suffix of its name."""
+    ap.add_argument("--out-dir", default=None, help="where the JSON/markdown results go (default benchmarks/results)")
+    ap.add_argument("--tag", default="")
 
 
 def learn_config(args):
@@ -382,10 +416,7 @@ def main() -> None:
     ap.add_argument("--eval-sentences", type=int, default=500)
     ap.add_argument("--eval-seed", type=int, default=0, help="which held-out sentences (fixed across rows)")
     add_learn_arguments(ap)
-    ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
-                    help="run the (slow) learned strategy only for these calibration seeds (default: all)")
-    ap.add_argument("--out-dir", default=None, help="where the JSON/markdown results go (default benchmarks/results)")
-    ap.add_argument("--tag", default="")
+    add_output_arguments(ap)
     args = ap.parse_args()
     check_methods(args.methods)
     torch.manual_seed(0)
@@ -431,8 +462,7 @@ def main() -> None:
             if not method_seeds(args, method, seed):
                 continue
             loaded = load_model(args.model)
-            strategy, _, residual = method.partition("/")  # "hungarian/per-layer": per-layer residual sites
-            cfg = OptimizeConfig(**{**base.__dict__, "permutation": strategy, "residual": residual or "global"})
+            cfg = method_config(base, method)
             c, wall, peak = timed_compress(loaded, cfg, stats, batches)
             log({"method": method, "calib_seed": seed, **evaluate(loaded), **compress_row(c, wall, peak)})
 

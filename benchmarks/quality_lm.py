@@ -38,7 +38,7 @@ from permcompile.evaluate import perplexity
 from permcompile.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import (add_learn_arguments, check_methods, compress_row,  # noqa: E402
+from quality_encoder import (add_learn_arguments, add_output_arguments, check_methods, compress_row, method_config,  # noqa: E402
                              free_permutation_masks_, learn_config, learned_note, peak_mb, reset_peak, run_main,
                              text_calibration, text_model_args, timed_compress, unstructured_ceiling_, write_results)
 
@@ -73,13 +73,10 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=10000)
     ap.add_argument("--context", type=int, default=512)
     add_learn_arguments(ap)
-    ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
-                    help="run the (slow) learned strategy only for these calibration seeds (default: all)")
     ap.add_argument("--kl", action="store_true",
                     help="also measure KL(dense || pruned) per token and next-token top-1 agreement with the dense "
                          "model on the same windows (doubles evaluation time)")
-    ap.add_argument("--out-dir", default=None, help="where the JSON/markdown results go (default benchmarks/results)")
-    ap.add_argument("--tag", default="")
+    add_output_arguments(ap)
     args = ap.parse_args()
     check_methods(args.methods, ("free",))
     torch.manual_seed(0)
@@ -128,8 +125,7 @@ def main() -> None:
                 log({"method": method, "calib_seed": seed, **evaluate(loaded), "glue_ops": glue,
                      "permute_seconds": secs, "peak_rss_mb": peak_mb(), "dropped_energy": dropped})
                 continue
-            strategy, _, residual = method.partition("/")  # "hungarian/per-layer": per-layer residual sites
-            cfg = OptimizeConfig(**{**base.__dict__, "permutation": strategy, "residual": residual or "global"})
+            cfg = method_config(base, method)
             c, wall, peak = timed_compress(loaded, cfg, stats, batches)
             log({"method": method, "calib_seed": seed, **evaluate(loaded), **compress_row(c, wall, peak)})
 

@@ -41,9 +41,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import (CachedReference, add_gap_recovered, add_learn_arguments, check_methods,  # noqa: E402
-                             compress_row, fmt, group_overview, learn_config, learned_note, method_seeds, peak_cell,
-                             summarise, timed_compress, run_main, unstructured_ceiling_, write_results)
+from quality_encoder import (CachedReference, add_gap_recovered, add_learn_arguments,  # noqa: E402
+                             add_output_arguments, check_methods, compress_row, fmt, group_overview, learn_config,
+                             learned_note, method_config, method_seeds, peak_cell, summarise, timed_compress, run_main,
+                             unstructured_ceiling_, write_results)
 
 DEFAULT_DINOV2 = Path(__file__).resolve().parent / "cache" / "dinov2-s"
 
@@ -101,9 +102,8 @@ def _run_rows(args, name: str, fresh_model, calibrate, evaluate, metrics: list[s
             if not method_seeds(args, method, seed):
                 continue
             loaded = fresh_model()
-            strategy, _, residual = method.partition("/")  # "hungarian/per-layer": per-layer residual sites
-            cfg = OptimizeConfig(sparsity=sparsity, criterion=args.criterion, permutation=strategy, seed=seed,
-                                 calib_samples=args.calib_samples, learn=learn, residual=residual or "global")
+            cfg = method_config(OptimizeConfig(sparsity=sparsity, criterion=args.criterion, seed=seed,
+                                               calib_samples=args.calib_samples, learn=learn), method)
             c, wall, peak = timed_compress(loaded, cfg, stats, batches)
             log({"method": method, "calib_seed": seed, **evaluate(loaded), **compress_row(c, wall, peak)})
     add_gap_recovered(rows, metrics)
@@ -326,8 +326,6 @@ def main() -> None:
     ap.add_argument("--eval-crops", type=int, default=3, help="DINOv2: extra random crops per held-out photo")
     ap.add_argument("--eval-seed", type=int, default=0)
     add_learn_arguments(ap)
-    ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
-                    help="run the (slow) learned strategy only for these calibration seeds (default: all)")
     ap.add_argument("--digits-calib-samples", type=int, default=256)
     ap.add_argument("--digits-size", type=int, default=16)
     ap.add_argument("--digits-hidden", type=int, default=64)
@@ -336,8 +334,7 @@ def main() -> None:
     ap.add_argument("--digits-lr", type=float, default=3e-3)
     ap.add_argument("--digits-test-size", type=float, default=0.3)
     ap.add_argument("--train-seed", type=int, default=0)
-    ap.add_argument("--out-dir", default=None, help="where the JSON/markdown results go (default benchmarks/results)")
-    ap.add_argument("--tag", default="")
+    add_output_arguments(ap)
     args = ap.parse_args()
     check_methods(args.methods)
     torch.manual_seed(0)
