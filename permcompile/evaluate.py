@@ -764,7 +764,7 @@ def _light_assets(folder: Path, family: str):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(folder))
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except Exception:  # noqa: BLE001 - the config only refines limits
         config = None
     tokenizer = processor = None
@@ -774,14 +774,14 @@ def _light_assets(folder: Path, family: str):
             try:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(str(folder))
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
             except Exception:  # noqa: BLE001
                 tokenizer = None
         if family == "vision" and any((folder / f).is_file() for f in _IMAGE_PROCESSOR_FILES):
             try:
                 from transformers import AutoImageProcessor
 
-                processor = AutoImageProcessor.from_pretrained(str(folder))
+                processor = AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=False)
             except Exception:  # noqa: BLE001
                 processor = None
     return config, tokenizer, processor

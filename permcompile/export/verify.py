@@ -620,8 +620,12 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
         if cls is None or not str(report["auto_class"]).startswith("Auto"):
             raise ValueError(f"unknown auto class {report['auto_class']!r}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+        if isinstance(hf_config, Mapping) and hf_config.get("auto_map"):  # never run code from an output
+            raise ValueError("config.json asks to run custom code (auto_map); permcompile never runs it")
         # in the dtype it was saved in (the checkpoint's): a half model's reference still runs in fp32
-        model = cls.from_pretrained(str(hf_dir), dtype="auto", local_files_only=True).eval()
+        model = cls.from_pretrained(str(hf_dir), dtype="auto", local_files_only=True,
+                                    trust_remote_code=False).eval()
         checks.append(Check("hf_load", True, f"{type(model).__name__} from {HF_DIR}/"))
     except Exception as exc:  # noqa: BLE001
         checks.append(Check("hf_load", False, f"cannot load {HF_DIR}/: {str(exc).splitlines()[0][:200]}"))
