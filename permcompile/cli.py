@@ -8,22 +8,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import traceback
 
 import click
 
 from .config import RETIRED_LEARN_FLAGS, UPDATES, LearnConfig
-from .errors import PermcompileError
+from .errors import PermcompileError, Terminated
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _run(fn, debug: bool):
-    _quiet_hf()
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
+def _run(fn, debug: bool, precheck=None):
+    """Run ``fn`` turning every error into one line; ``precheck`` (torch-free argument checks) runs first,
+    before transformers and torch are imported. SIGTERM unwinds like Ctrl-C (temporaries removed), exit 143."""
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        if precheck is not None:
+            precheck()
+        _quiet_hf()
         return fn()
     except PermcompileError as exc:
         if debug:
@@ -31,6 +45,9 @@ def _run(fn, debug: bool):
         msg = str(exc).strip()
         click.echo(f"error: {msg}", err=True)
         sys.exit(exc.exit_code)
+    except Terminated:
+        click.echo("error: terminated by SIGTERM (nothing was written to the output)", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         click.echo("error: interrupted (nothing was written to the output)", err=True)
         sys.exit(130)
@@ -46,6 +63,18 @@ def _run(fn, debug: bool):
         click.echo(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug for details)",
                    err=True)
         sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _precheck_optimize(model, calib, seed) -> None:
+    """What ``optimize`` can refuse before torch or the model is loaded (a large model takes minutes)."""
+    from .precheck import check_calibration_source, check_model_spec, check_seed
+
+    check_seed(seed)
+    check_model_spec(model)
+    check_calibration_source(calib)
 
 
 def _range(text: str, name: str) -> tuple[int, int, int]:
@@ -226,7 +255,7 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
                      resume=resume, trust_pickle=trust_pickle)
         _print_summary(result.report)
 
-    _run(go, debug)
+    _run(go, debug, precheck=lambda: _precheck_optimize(model, calib, seed))
 
 
 def _print_summary(report: dict) -> None:

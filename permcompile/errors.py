@@ -59,3 +59,8 @@ def write_failure(exc: BaseException) -> str | None:
         if reason.lower() in text.lower():
             return reason
     return None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, CI timeouts, orchestrators), raised in the main thread like Ctrl-C so that every
+    ``finally`` runs: temporary folders are removed and nothing is left at OUT. The CLI exits 143 (128 + 15)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -70,17 +71,18 @@ def resolve_outputs(out: str | os.PathLike, force: bool, model=None) -> tuple[Pa
     if out.suffix == ".plan":
         plan = out
         out = out.with_suffix("")
-    model_path = Path(model).resolve() if isinstance(model, (str, os.PathLike)) and Path(model).exists() else None
+    model_path = None
+    if isinstance(model, (str, os.PathLike)) and Path(model).expanduser().exists():
+        model_path = Path(model).expanduser().resolve()
+    resolved_out = out.resolve()
+    if model_path is not None and (resolved_out == model_path or resolved_out in model_path.parents):
+        raise UsageError(f"refusing to write {out}: it holds the input model {model}")
     for target in [out] + ([plan] if plan else []):
-        if not target.exists():
+        if not (target.exists() or target.is_symlink()):
             continue
         if not force:
             raise UsageError(f"output {target} already exists (use --force to replace it)")
-        resolved = target.resolve()
-        if model_path is not None and (resolved == model_path or resolved in model_path.parents):
-            raise UsageError(f"refusing to replace {target}: it holds the input model")
-        if target.is_dir() and not (target / "report.json").is_file():
-            raise UsageError(f"refusing to replace {target}: it is not a permcompile output (no report.json)")
+        _check_replaceable(target, model_path, engine=target is plan, folder=out)
     parent = out.resolve().parent
     probe_dir = parent
     while not probe_dir.exists():
@@ -93,6 +95,27 @@ def resolve_outputs(out: str | os.PathLike, force: bool, model=None) -> tuple[Pa
     except OSError as exc:
         raise UsageError(f"cannot write to {probe_dir}: {exc.strerror or exc}") from None
     return out, plan
+
+
+def _check_replaceable(target: Path, model_path: Path | None, *, engine: bool, folder: Path) -> None:
+    """``--force`` replaces only a permcompile output: a folder with its report.json (or the engine file
+    ``X.plan`` of an output folder ``X/``), never another file or folder, and never anything that is, holds
+    or lies inside the input model (symlinks resolved)."""
+    resolved = target.resolve()
+    if model_path is not None:
+        if resolved == model_path or resolved in model_path.parents:
+            raise UsageError(f"refusing to replace {target}: it holds the input model")
+        if model_path in resolved.parents:
+            raise UsageError(f"refusing to replace {target}: it lies inside the input model {model_path}")
+    if engine:
+        if not resolved.is_file() or not (folder / "report.json").is_file():
+            raise UsageError(f"refusing to replace {target}: it is not the engine of a permcompile output "
+                             f"(no {folder / 'report.json'})")
+        return
+    if not resolved.is_dir():
+        raise UsageError(f"refusing to replace {target}: it is a file, not a permcompile output folder")
+    if not (resolved / "report.json").is_file():
+        raise UsageError(f"refusing to replace {target}: it is not a permcompile output (no report.json)")
 
 
 def _check_range(r, name: str) -> tuple[int, int, int]:
@@ -243,10 +266,24 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
         raise UsageError(f"config must be an OptimizeConfig, got {type(config).__name__}")
     batch_range = _check_range(batch_range, "batch range")
     seq_range = _check_range(seq_range, "sequence range")
+    from .precheck import check_calibration_source, check_model_spec, check_seed
+
+    check_seed(config.seed)  # before any file is read or the model loaded (minutes on a large model)
+    check_model_spec(model)
+    check_calibration_source(config.calib)
     out_dir, plan_path = resolve_outputs(out, force, model)
-    t = _Timer(quiet=quiet)
-    with t.step("load"):
-        loaded = load_model(model, trust_pickle=trust_pickle)
+    lock = _OutputLock(out_dir)
+    lock.acquire()  # now if OUT's folder exists, else once it is created (before anything is written there)
+    try:
+        if lock.held and _clean_stale(out_dir):  # an old output came back to OUT: check OUT again
+            resolve_outputs(out, force, model)
+            lock.identity = _identity(out_dir)
+        t = _Timer(quiet=quiet)
+        with t.step("load"):
+            loaded = load_model(model, trust_pickle=trust_pickle)
+    except BaseException:
+        lock.release()
+        raise
     if config.precision == "auto":  # fp16 for a half-precision checkpoint, fp32 otherwise
         import dataclasses
 
@@ -265,8 +302,9 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
             prefetch = GraphPrefetch(loaded.model, loaded.example_inputs(), config.precision, loaded.forward_kwargs(),
                                      workdir=trace_dir)
         return _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_range, seq_range, quiet,
-                                resume, checkpoint_dir)
+                                resume, checkpoint_dir, lock=lock)
     finally:
+        lock.release()
         if prefetch is not None:
             prefetch.cancel()
         if trace_dir is not None:
@@ -277,7 +315,7 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
 
 
 def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_range, seq_range, quiet, resume,
-                     checkpoint_dir) -> OptimizeResult:
+                     checkpoint_dir, lock: "_OutputLock | None" = None) -> OptimizeResult:
     from .passes.glue import glue_cost, glue_records
 
     c = compress_(loaded, config, timer=t, quiet=quiet, resume=resume, checkpoint_dir=checkpoint_dir)
@@ -287,8 +325,12 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
     verify_inputs = c.verify_inputs
 
     out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves nothing
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
-    os.chmod(tmp, 0o755)
+    lock = lock or _OutputLock(out_dir)
+    if not lock.held:
+        lock.acquire()
+        _clean_stale(out_dir)
+    # the PID in the name tells a later run whether this folder's owner is still alive (_clean_stale)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.resolve().parent))
     try:
         report = {
             "model": loaded.name, "source": loaded.source, "family": loaded.family,
@@ -339,7 +381,12 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
             dest = out_dir.with_name(out_dir.name + ".failed")
             _replace(tmp, dest)
             raise VerificationError(f"verification failed, artifacts kept in {dest}:\n{format_checks(failed)}")
+        lock.check_unchanged()
+        _normalise_modes(tmp)
         _replace(tmp, out_dir)
+        stale = loaded.extras.pop("learn_checkpoint", None)
+        if stale is not None:  # the output is in place: the learned pass's checkpoint has served its purpose
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -496,12 +543,157 @@ def _write_report(folder: Path, report: dict, digests: dict | None = None) -> No
 
 
 def _replace(src: Path, dest: Path) -> None:
-    if dest.exists():
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        else:
-            dest.unlink()
-    os.replace(src, dest)
+    """Move ``src`` to ``dest`` so that a crash at any point loses neither: an existing ``dest`` is renamed
+    aside (``.DEST.old-PID-*``), ``src`` moved in, and only then the old one deleted. A run that dies between
+    the two renames leaves the old output aside; the next run to the same OUT puts it back (``_clean_stale``).
+    """
+    import secrets
+
+    aside = None
+    if dest.exists() or dest.is_symlink():
+        aside = dest.with_name(f".{dest.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.replace(dest, aside)  # a rename: atomic
+    try:
+        os.replace(src, dest)
+    except BaseException:
+        if aside is not None and not (dest.exists() or dest.is_symlink()):
+            os.replace(aside, dest)
+        raise
+    if aside is not None:
+        _remove(aside)
+
+
+def _normalise_modes(folder: Path) -> None:
+    """Every file ``0o666``, every folder ``0o777``, less the umask (0644 / 0755 usually), like a file made
+    with ``open()``: some writers (safetensors through transformers) create theirs 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
+
+
+def _clean_stale(out_dir: Path) -> None:
+    """Remove what runs to ``out_dir`` that died (SIGKILL, power loss) left next to it: their temporary
+    folders ``.OUT.tmp-PID-*``; an old output renamed aside (``.OUT.old-PID-*``) goes back to OUT if OUT is
+    missing (the run died between the two renames of ``_replace``), else is deleted. Only names of that form
+    whose process is gone are touched. Returns True when an old output was put back."""
+    restored = False
+    parent = out_dir.parent
+    for name in (out_dir.name, out_dir.name + ".failed"):
+        pattern = re.compile(rf"\.{re.escape(name)}\.(tmp|old)-(\d+)-[A-Za-z0-9_]+")
+        try:
+            entries = sorted(parent.iterdir())
+        except OSError:
+            return restored
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if match is None or _pid_alive(int(match.group(2))) or not entry.is_dir() or entry.is_symlink():
+                continue
+            dest = parent / name
+            try:
+                if match.group(1) == "old" and not (dest.exists() or dest.is_symlink()):
+                    os.replace(entry, dest)
+                    restored = True
+                else:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                pass
+    return restored
+
+
+def _identity(path: Path):
+    """What tells one output at ``path`` from another written there later (None: nothing there)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    try:
+        report = (path / "report.json").stat().st_mtime_ns
+    except OSError:
+        report = None
+    return st.st_dev, st.st_ino, report
+
+
+class _OutputLock:
+    """``.OUT.lock`` next to OUT, created exclusively and holding the owner's PID, for the whole run: a
+    second run to the same OUT is refused at once instead of silently replacing the first one's result. A
+    lock whose process is gone (SIGKILL) is taken over. The state of OUT when the run started is recorded:
+    at the end, an OUT that changed meanwhile (a run that did not see the lock) is not replaced."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.path = out_dir.parent / f".{out_dir.name}.lock"
+        self.held = False
+        self.identity = _identity(out_dir)
+
+    def acquire(self) -> None:
+        if self.held or not self.path.parent.is_dir():
+            return
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text(encoding="utf-8").split()[0])
+                except (OSError, ValueError, IndexError):
+                    pid = None
+                if pid is not None and _pid_alive(pid):
+                    raise UsageError(f"another permcompile run (pid {pid}) is writing {self.out_dir}; wait for it "
+                                     f"to finish (or delete {self.path} if no run is)") from None
+                if pid is None and time.time() - self._mtime() < 5:  # being written by its owner right now
+                    time.sleep(0.2)
+                    continue
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            except OSError as exc:
+                raise UsageError(f"cannot write to {self.path.parent}: {exc.strerror or exc}") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(f"{os.getpid()}\n")
+            self.held = True
+            return
+        raise UsageError(f"cannot lock {self.out_dir}: {self.path} is in the way")
+
+    def _mtime(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def check_unchanged(self) -> None:
+        if _identity(self.out_dir) != self.identity:
+            raise OutputWriteError(f"{self.out_dir} was written by another run while this one worked; "
+                                   "it was left as it is and this run's result discarded")
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 def _build_engine(out_dir, plan_path, config, loaded, batch_range, seq_range, report, t) -> Path:
