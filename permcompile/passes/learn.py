@@ -111,8 +111,13 @@ def _last_module(net: nn.Module, modules: list[str]):
 
 
 def _fingerprint(loaded, groups, config, batches) -> str:
+    """Digest of what the learned permutations depend on: the weights, the calibration data and the settings.
+
+    Content only (no folder name or path): two models in folders of the same name get different checkpoints,
+    and a copy of the same model in another folder resumes from the same one.
+    """
     h = hashlib.sha256()
-    h.update(json.dumps({"model": loaded.name, "source": str(loaded.source), "sparsity": str(config.sparsity),
+    h.update(json.dumps({"sparsity": str(config.sparsity),
                          "criterion": config.criterion, "seed": config.seed,
                          "learn": {k: getattr(config.learn, k) for k in config.learn.__dataclass_fields__},
                          "groups": [g.name for g in groups]}, sort_keys=True).encode())
@@ -121,15 +126,45 @@ def _fingerprint(loaded, groups, config, batches) -> str:
             h.update(k.encode())
             h.update(b[k].detach().cpu().contiguous().numpy().tobytes())
     for name, p in sorted(loaded.model.named_parameters()):
-        h.update(name.encode())
-        h.update(str(float(p.detach().double().sum())).encode())
+        x = p.detach().double().flatten()
+        h.update(f"{name}{tuple(p.shape)}{float(x.sum())}{float(x.square().sum())}".encode())
+        h.update(x[:: max(1, x.numel() // 4096)].float().numpy().tobytes())  # a sample of the values themselves
     return h.hexdigest()
 
 
-def default_checkpoint_dir(loaded, config) -> Path:
-    base = Path(os.environ.get("PERMCOMPILE_CACHE", Path.home() / ".cache" / "permcompile"))
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{loaded.name}-{config.sparsity}-{config.criterion}-s{config.seed}")
-    return base / "learn" / tag
+# Checkpoints under the default cache are written only once the search has run this long: a shorter run loses
+# little when interrupted, and writes nothing to the user's home (README, "Cache and checkpoints").
+CHECKPOINT_AFTER_S = 30.0
+
+
+def default_checkpoint_dir(loaded, config, fingerprint: str | None = None) -> Path:
+    """``<cache>/learn/<model name>-<content digest>``: keyed by what the result depends on, not by names."""
+    from ..models import cache_root
+
+    if fingerprint is None:
+        fingerprint = _fingerprint(loaded, [], config, [])
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{loaded.name}"[:40])
+    return cache_root() / "learn" / f"{tag}-{fingerprint[:20]}"
+
+
+def read_checkpoint(ckpt: Path, fingerprint: str) -> dict:
+    """The saved state at ``ckpt`` for a ``--resume``; :class:`UsageError` naming the file when it is missing,
+    unreadable, truncated or made from other inputs."""
+    if not ckpt.is_file():
+        raise UsageError(f"--resume: no checkpoint at {ckpt} (none is written for a search shorter than "
+                         f"{CHECKPOINT_AFTER_S:.0f} s); rerun without --resume")
+    try:
+        saved = json.loads(ckpt.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        why = getattr(exc, "strerror", None) or "truncated or corrupt"
+        raise UsageError(f"--resume: checkpoint {ckpt} cannot be read ({why}); rerun without --resume") from None
+    done = saved.get("done") if isinstance(saved, dict) else None
+    if not isinstance(done, dict) or not all(isinstance(v, dict) for v in done.values()):
+        raise UsageError(f"--resume: checkpoint {ckpt} is not a permcompile checkpoint; rerun without --resume")
+    if saved.get("fingerprint") != fingerprint:
+        raise UsageError("--resume: the checkpoint was made from a different model, data or configuration; "
+                         "rerun without --resume")
+    return saved
 
 
 GRAM_BUDGET_BYTES = 1 << 30  # Gram matrices held at once (float64): bounds memory whatever the depth
@@ -335,19 +370,18 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
     for g in learnable:
         blocks.setdefault(block_key(g.consumers[0].module), []).append(g)
 
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(loaded, config)
-    ckpt = ckpt_dir / "learn_state.json"
     fp = _fingerprint(loaded, groups, config, batches)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(loaded, config, fp)
+    ckpt = ckpt_dir / "learn_state.json"
     state = {"fingerprint": fp, "done": {}}
     if resume:
-        if not ckpt.is_file():
-            raise UsageError(f"--resume: no checkpoint at {ckpt}")
-        saved = json.loads(ckpt.read_text())
-        if saved.get("fingerprint") != fp:
-            raise UsageError("--resume: the checkpoint was made from a different model, data or configuration; "
-                             "rerun without --resume")
-        state = saved
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+        state = read_checkpoint(ckpt, fp)
+    # an explicit folder or --resume: every block is saved; the default cache only once the search runs long
+    write_after = 0.0 if (checkpoint_dir or resume) else CHECKPOINT_AFTER_S
+    started = time.perf_counter()
+    writer = {"on": True}
+    if not checkpoint_dir:  # the pipeline deletes the default checkpoint once the output is written
+        loaded.extras["learn_checkpoint"] = ckpt_dir
 
     use_tqdm = not quiet
     bar = None
@@ -366,9 +400,24 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
         for name in entries:
             by_name[name].seconds += time.perf_counter() - t1
         state["done"][key] = entries
-        tmp = ckpt.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, ckpt)
+        if not writer["on"] or time.perf_counter() - started < write_after:
+            return
+        tmp = ckpt.with_suffix(f".tmp-{os.getpid()}")
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(state), encoding="utf-8")
+            os.replace(tmp, ckpt)
+        except OSError as exc:  # a read-only or full home: the run goes on, only --resume is lost
+            writer["on"] = False
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            import warnings
+
+            warnings.warn(f"cannot write the learned pass's checkpoint to {ckpt_dir} ({exc.strerror or exc}); "
+                          f"the run goes on without one (set PERMCOMPILE_CACHE_DIR to a writable folder to be "
+                          f"able to --resume)", stacklevel=2)
 
     def generator(key):  # one per block: a resumed run draws the same numbers as an uninterrupted one
         return torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
