@@ -36,8 +36,8 @@ DEFAULT_IMAGES = Path(__file__).resolve().parents[1] / "permcompile" / "calib" /
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def invoke(args: list) -> "object":
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+def invoke(args: list, input: str | None = None) -> "object":
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True, input=input)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result
@@ -70,8 +70,14 @@ def assert_no_output(out: Path) -> None:
     assert not out.with_name(out.name + ".failed").exists()
     parent = out.parent
     if parent.is_dir():
-        left = [p.name for p in parent.iterdir() if ".tmp-" in p.name]
+        left = [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
         assert left == [], f"temporary folders left behind: {left}"
+        assert not (parent / f".{out.name}.lock").exists(), "the output lock was left behind"
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` and its bytes: inputs must come out of a failed run as they went in."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def copy_model(src: Path, dest: Path) -> Path:
@@ -145,6 +151,34 @@ def _wrong_shape(folder: Path) -> None:
     _edit_state(folder, lambda s: s.__setitem__("model.layers.0.mlp.down_proj.weight", torch.zeros(64, 64)))
 
 
+def _non_finite(value: float):
+    def breaker(folder: Path) -> None:
+        def poison(state):
+            state["model.layers.1.self_attn.q_proj.weight"][3, 5] = value
+        _edit_state(folder, poison)
+    return breaker
+
+
+def _heads_not_dividing_hidden(folder: Path) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(num_attention_heads=3, num_key_value_heads=3)
+    cfg.pop("head_dim", None)
+    (folder / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+
+
+SENTINEL_CODE = "import pathlib\npathlib.Path(__file__).with_name('CODE_RAN').write_text('x')\n"
+
+
+def _remote_code(folder: Path) -> None:
+    """A config that names its own Python code (auto_map), which writes CODE_RAN when imported."""
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="evil_llama", auto_map={"AutoConfig": "configuration_evil.EvilConfig",
+                                                  "AutoModelForCausalLM": "modeling_evil.EvilModel"})
+    (folder / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (folder / name).write_text(SENTINEL_CODE, encoding="utf-8")
+
+
 def _pickled(folder: Path) -> None:
     from safetensors.torch import load_file
 
@@ -169,7 +203,11 @@ BROKEN_FOLDERS = {
     "garbage_safetensors": (_garbage_weights, "truncated or corrupt"),
     "empty_safetensors": (_empty_weights, "empty"),
     "missing_tensor": (_missing_tensor, "missing model.layers.0.mlp.down_proj.weight"),
-    "wrong_shape_tensor": (_wrong_shape, "cannot load"),
+    "wrong_shape_tensor": (_wrong_shape, ("model.layers.0.mlp.down_proj.weight", "[64, 64]", "[64, 128]")),
+    "nan_weight": (_non_finite(float("nan")), ("model.layers.1.self_attn.q_proj.weight", "not finite", "NaN")),
+    "inf_weight": (_non_finite(float("inf")), ("model.layers.1.self_attn.q_proj.weight", "not finite", "Inf")),
+    "heads_not_dividing_hidden": (_heads_not_dividing_hidden, "not a multiple of the number of attention heads"),
+    "remote_code": (_remote_code, ("custom code", "auto_map")),
     "pickled_bin": (_pickled, "pickled"),
     "index_missing_shard": (_index_missing_shard, "missing weight shard"),
 }
@@ -177,11 +215,15 @@ BROKEN_FOLDERS = {
 
 @pytest.mark.parametrize("case", sorted(BROKEN_FOLDERS))
 def test_broken_model_folder(case, llama, tmp_path, out):
-    breaker, fragment = BROKEN_FOLDERS[case]
+    breaker, fragments = BROKEN_FOLDERS[case]
     folder = copy_model(llama, tmp_path / f"model_{case}")
     breaker(folder)
-    assert_one_error(optimize_cli(folder, out), 2, fragment)
+    before = snapshot(folder)
+    result = invoke(["optimize", folder, "--out", out, *FAST], input="y\n")  # a prompt would read this 'y'
+    assert_one_error(result, 2, *((fragments,) if isinstance(fragments, str) else fragments))
+    assert "[y/N]" not in result.stdout + result.stderr, "transformers prompted for remote code"
     assert_no_output(out)
+    assert snapshot(folder) == before, "the input model was changed"
 
 
 def test_nonexistent_model_path(tmp_path, out):
@@ -350,6 +392,53 @@ def test_bad_calibration_text(case, llama, tmp_path, out):
     assert_no_output(out)
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Arguments that can be checked without the model must be refused before it is loaded (minutes on a
+    large one): reaching the loader fails the test."""
+    import permcompile.models as models
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load_model", boom)
+
+
+@pytest.mark.parametrize("case", ["missing_path", "empty_file", "whitespace_file", "empty_folder", "binary_file",
+                                  "not_utf8"])
+def test_bad_calibration_is_refused_before_loading(case, llama, tmp_path, out, no_model_load):
+    make, fragment = CALIB_CASES[case]
+    assert_one_error(optimize_cli(llama, out, "--calib", make(tmp_path)), 2, fragment)
+    assert_no_output(out)
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "-1"])
+def test_seed_out_of_range(value, llama, out, no_model_load):
+    assert_one_error(optimize_cli(llama, out, "--seed", value), 2, "--seed", value)
+    assert_no_output(out)
+
+
+@pytest.mark.parametrize("text,guess", [("MiniLM", "minilm"), ("smollm", "smollm2"), ("all-minilm", "minilm")])
+def test_near_miss_short_name_is_suggested(text, guess, tmp_path, out, monkeypatch, no_model_load):
+    monkeypatch.chdir(tmp_path)
+    assert_one_error(optimize_cli(text, out), 2, text, f"did you mean {guess!r}")
+    assert_no_output(out)
+
+
+def test_arguments_are_checked_before_torch_is_imported(tmp_path):
+    """A missing --calib file, an unknown model name or a bad seed costs no torch import (seconds) either."""
+    code = ("import sys\nfrom permcompile.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit as exc:\n    print('torch' in sys.modules, exc.code)\n")
+    cases = [["tinyllama-nope", "--out", tmp_path / "o1"],
+             [tmp_path, "--out", tmp_path / "o2", "--calib", tmp_path / "missing.txt"],
+             [tmp_path, "--out", tmp_path / "o3", "--seed", "99999999999999999999"]]
+    for args in cases:
+        proc = subprocess.run([sys.executable, "-c", code, "optimize", *map(str, args), "--quiet"],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.stdout.split() == ["False", "2"], (args, proc.stdout, proc.stderr)
+        assert len(message_lines(proc.stderr)) == 1 and proc.stderr.startswith("error: "), proc.stderr
+
+
 def test_calibration_from_a_fifo_is_refused(llama, call_on_fifo):
     from permcompile.calib.data import load_calibration
     from permcompile.models import load_model
@@ -468,6 +557,165 @@ def test_force_never_deletes_the_input_model(llama, tmp_path):
     assert_one_error(result, 2)
 
 
+def test_output_files_are_world_readable(old_and_forced):
+    """Every file of an output has the mode ``open()`` gives (0644 under umask 022): hf/model.safetensors too."""
+    import stat
+
+    target, _, forced = old_and_forced
+    assert forced.exit_code == 0, describe(forced)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(p.relative_to(target)): oct(stat.S_IMODE(p.stat().st_mode)) for p in target.rglob("*") if p.is_file()}
+    assert "hf/model.safetensors" in modes
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == [], "lock or aside folder left"
+
+
+def _force_targets(model: Path, tmp_path: Path) -> dict:
+    """OUT paths --force must never replace: a file inside the model, the model itself (directly and through a
+    symlink), a symlink to a file inside it, a plain file and a folder that is not an output."""
+    plain = tmp_path / "notes.txt"
+    plain.write_text("precious", encoding="utf-8")
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.txt").write_text("meow", encoding="utf-8")
+    (tmp_path / "link_to_model").symlink_to(model, target_is_directory=True)
+    (tmp_path / "link_to_weights").symlink_to(model / "model.safetensors")
+    return {"file_inside_model": (model / "model.safetensors", "inside the input model"),
+            "model_itself": (model, "input model"),
+            "symlink_to_model": (tmp_path / "link_to_model", "input model"),
+            "symlink_into_model": (tmp_path / "link_to_weights", "input model"),
+            "plain_file": (plain, "is a file"),
+            "not_an_output": (other, "not a permcompile output")}
+
+
+@pytest.mark.parametrize("case", ["file_inside_model", "model_itself", "symlink_to_model", "symlink_into_model",
+                                  "plain_file", "not_an_output"])
+def test_force_replaces_only_a_permcompile_output(case, llama, tmp_path):
+    model = copy_model(llama, tmp_path / "model")
+    target, fragment = _force_targets(model, tmp_path)[case]
+    before = {p: snapshot(p) for p in (model, tmp_path / "photos")}
+    plain = (tmp_path / "notes.txt").read_text(encoding="utf-8")
+    assert_one_error(optimize_cli(model, target, "--force"), 2, fragment)
+    assert {p: snapshot(p) for p in before} == before, "an input was changed"
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == plain
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".lock" in p.name] == []
+
+
+def test_force_replaces_atomically(tmp_path, monkeypatch):
+    """The old output is renamed aside, the new one moved in, and only then the old one deleted: a failure
+    in between (here the move-in) leaves the old output in place."""
+    from permcompile import pipeline
+
+    old = tmp_path / "out"
+    old.mkdir()
+    (old / "report.json").write_text("old", encoding="utf-8")
+    new = tmp_path / f".out.tmp-{os.getpid()}-abc"
+    new.mkdir()
+    (new / "report.json").write_text("new", encoding="utf-8")
+    real = os.replace
+
+    def fail_move_in(src, dst):
+        if Path(src) == new:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(pipeline.os, "replace", fail_move_in)
+    with pytest.raises(OSError):
+        pipeline._replace(new, old)
+    assert (old / "report.json").read_text(encoding="utf-8") == "old"
+    monkeypatch.setattr(pipeline.os, "replace", real)
+    pipeline._replace(new, old)
+    assert (old / "report.json").read_text(encoding="utf-8") == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_concurrent_run_to_the_same_output_is_refused(llama, tmp_path, out):
+    """A live run's lock (.OUT.lock with its PID) stops a second run at once; a dead run's lock is taken over."""
+    lock = tmp_path / ".out.lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(f"{sleeper.pid}\n", encoding="utf-8")
+        # 2:3 fits no layer: a run that got past the lock would end at 'no linear layer' after loading
+        assert_one_error(optimize_cli(llama, out, "--sparsity", "2:3"), 2, "another permcompile run",
+                         str(sleeper.pid))
+        assert lock.read_text(encoding="utf-8") == f"{sleeper.pid}\n" and not out.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock.write_text(f"{_dead_pid()}\n", encoding="utf-8")
+    assert_one_error(optimize_cli(llama, out, "--sparsity", "2:3"), 2, "no linear layer")
+    assert_no_output(out)
+
+
+def test_output_written_meanwhile_by_another_run_is_kept(llama, out, monkeypatch):
+    """A run that did not see the lock (an older version, another host) wrote OUT while this one worked: this
+    run must not replace it, even though OUT did not exist when it started."""
+    import permcompile.pipeline as pipeline
+
+    real = pipeline._write_artifacts
+
+    def other_run_finishes_first(*args, **kwargs):
+        out.mkdir()
+        (out / "report.json").write_text('{"model": "the other run"}', encoding="utf-8")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_write_artifacts", other_run_finishes_first)
+    assert_one_error(optimize_cli(llama, out), 1, "another run")
+    assert json.loads((out / "report.json").read_text()) == {"model": "the other run"}
+    assert [p.name for p in out.parent.iterdir() if p.name != "out"] == []
+
+
+def test_stale_temporaries_of_dead_runs_are_cleaned_up(llama, tmp_path, out):
+    """What a killed run left next to OUT goes; what a live run is writing stays. An old output a run had
+    renamed aside when it died goes back to OUT (here: so OUT exists again and --force is needed)."""
+    dead, alive = _dead_pid(), os.getpid()
+    for name in (f".out.tmp-{dead}-abc123", f".out.tmp-{alive}-def456", f".out.old-{dead}-0a1b2c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps({"model": name}), encoding="utf-8")
+    (tmp_path / ".other.tmp-1-abc").mkdir()  # not ours to judge: another OUT's name
+    assert_one_error(optimize_cli(llama, out, "--sparsity", "2:3"), 2, "already exists")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".other.tmp-1-abc", f".out.tmp-{alive}-def456", "out"], left
+    assert json.loads((out / "report.json").read_text()) == {"model": f".out.old-{dead}-0a1b2c"}
+
+
+def test_sigterm_during_export_leaves_nothing(llama, tmp_path):
+    """SIGTERM (docker stop, CI timeouts) is handled like Ctrl-C: one line, exit 143, no OUT, no temporaries."""
+    import signal
+    import time
+
+    target = tmp_path / "out"
+    before = snapshot(llama)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "permcompile", "optimize", str(llama), "--out", str(target),
+                                 *FAST], stdout=subprocess.DEVNULL, stderr=err_file,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # the export has begun once its folder exists
+        if any(".out.tmp-" in p.name for p in tmp_path.iterdir()):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be terminated: " + log.read_text()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    err = log.read_text()
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    lines = message_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "SIGTERM" in lines[0], err[-2000:]
+    assert_no_output(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stderr.txt"]
+    assert snapshot(llama) == before
+
+
 # ------------------------------------------------------------------------------------------------ verify
 def test_verify_not_an_output(tmp_path, llama):
     empty = tmp_path / "empty"
@@ -583,6 +831,24 @@ def test_verify_corrupt_report(good_copy):
 def test_verify_extra_file_in_hf(good_copy):
     (good_copy / "hf" / "model-extra.safetensors").write_bytes((good_copy / "hf" / "model.safetensors").read_bytes())
     _verify_fails(good_copy, "integrity")
+
+
+def test_verify_never_runs_code_from_a_tampered_output(good_copy):
+    """hf/config.json made to name code (auto_map), digests re-recorded: the code neither runs nor is asked
+    about; the reload check fails saying why."""
+    cfg_path = good_copy / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
+                       "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (good_copy / "hf" / name).write_text(SENTINEL_CODE, encoding="utf-8")
+    _rerecord_digests(good_copy)
+    result = invoke(["verify", good_copy, "--json"], input="y\n")
+    assert_one_error(result, 1, "checks failed")
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert not checks["hf_load"]["passed"] and "custom code" in checks["hf_load"]["detail"], checks["hf_load"]
+    assert not (good_copy / "hf" / "CODE_RAN").exists(), "code from the output folder ran"
 
 
 # ------------------------------------------------------------------------------------------------ --debug
@@ -793,16 +1059,98 @@ def test_write_that_fails_half_way_leaves_nothing(llama, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+# ------------------------------------------------------------------------------------------------ checkpoints, cache
+QUICK_LEARN = dict(swap_trials=20, residual_trials=0)
+
+
+def _learned(loaded, **kwargs):
+    from permcompile.pipeline import compress_
+
+    cfg = OptimizeConfig(permutation="learned", calib_samples=2, calib_seq_len=16,
+                         learn=dataclasses.replace(LearnConfig(), **QUICK_LEARN))
+    return compress_(loaded, cfg, quiet=True, **kwargs)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh HOME with no cache variable set: where the default cache would go."""
+    monkeypatch.delenv("PERMCOMPILE_CACHE_DIR", raising=False)
+    monkeypatch.delenv("PERMCOMPILE_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.mark.parametrize("content", ['{"fingerprint": "abc", "done": {"model.layers.0": {"q": ', "", "\xff\xfe"],
+                                     ids=["truncated", "empty", "not-utf8"])
+def test_corrupt_resume_checkpoint(content, llama, tmp_path, out, monkeypatch):
+    import permcompile.passes.learn as learn_mod
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "learn_state.json").write_bytes(content.encode("latin-1"))
+    monkeypatch.setattr(learn_mod, "default_checkpoint_dir", lambda *args, **kwargs: ckpt)
+    line = assert_one_error(optimize_cli(llama, out, "--permutation", "learned", "--resume"), 2,
+                            "learn_state.json", "rerun without --resume")
+    assert str(ckpt) in line
+    assert_no_output(out)
+
+
+def test_learned_run_writes_nothing_to_home_by_default(home):
+    """A short learned search (under CHECKPOINT_AFTER_S) writes no checkpoint to the user's home."""
+    from permcompile.models import load_model
+    from permcompile.testing.zoo import build_tiny
+
+    _learned(load_model(build_tiny("llama")))
+    assert not home.exists(), sorted(str(p) for p in home.rglob("*"))
+
+
+def test_read_only_home_does_not_stop_a_learned_run(home, tmp_path, monkeypatch):
+    """HOME under a regular file (what a read-only home is to root): the checkpoint cannot be written, the run
+    says so in one warning and goes on."""
+    import permcompile.passes.learn as learn_mod
+    from permcompile.models import load_model
+    from permcompile.testing.zoo import build_tiny
+
+    (tmp_path / "blocker").write_text("a file", encoding="utf-8")
+    monkeypatch.setenv("HOME", str(tmp_path / "blocker" / "home"))
+    monkeypatch.setattr(learn_mod, "CHECKPOINT_AFTER_S", 0.0)  # as if the search ran long
+    with pytest.warns(UserWarning, match="checkpoint") as caught:
+        c = _learned(load_model(build_tiny("llama")))
+    assert len([w for w in caught if "checkpoint" in str(w.message)]) == 1
+    assert any(r.strategy == "learned" for r in c.group_results)
+
+
+def test_checkpoints_are_keyed_by_content_under_one_variable(home, tmp_path, monkeypatch):
+    """Two models with the same name get different checkpoints; the folder is $PERMCOMPILE_CACHE_DIR/learn,
+    and the retired PERMCOMPILE_CACHE is not read."""
+    from permcompile.models import wrap_module
+    from permcompile.passes.learn import default_checkpoint_dir
+    from permcompile.testing.zoo import build_tiny
+
+    monkeypatch.setenv("PERMCOMPILE_CACHE", str(tmp_path / "retired"))
+    cfg = OptimizeConfig(permutation="learned")
+    a = default_checkpoint_dir(wrap_module(build_tiny("llama", seed=0), name="model"), cfg)
+    b = default_checkpoint_dir(wrap_module(build_tiny("llama", seed=1), name="model"), cfg)
+    assert a != b
+    assert a.parent == b.parent == home / ".cache" / "permcompile" / "learn"
+    monkeypatch.setenv("PERMCOMPILE_CACHE_DIR", str(tmp_path / "cache"))
+    again = default_checkpoint_dir(wrap_module(build_tiny("llama", seed=0), name="renamed"), cfg)
+    assert again.parent == tmp_path / "cache" / "learn" and again.name.split("-")[-1] == a.name.split("-")[-1]
+
+
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 def test_ctrl_c_during_learning_then_resume(llama, tmp_path):
     """SIGINT in the middle of a learned run: exit 130, one line, no OUT; ``--resume`` then completes."""
     import signal
     import time
 
-    env = {**os.environ, "PERMCOMPILE_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PERMCOMPILE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     target = tmp_path / "out"
-    args = [sys.executable, "-m", "permcompile", "optimize", str(llama), "--out", str(target),
-            "--calib-samples", "4", "--calib-seq-len", "32", "--permutation", "learned", "--steps", "400"]
+    # checkpoints from the first block on (by default only once the search has run CHECKPOINT_AFTER_S)
+    main_code = ("import permcompile.passes.learn as learn; learn.CHECKPOINT_AFTER_S = 0\n"
+                 "from permcompile.cli import main; main()")
+    args = [sys.executable, "-c", main_code, "optimize", str(llama), "--out", str(target),
+            "--calib-samples", "4", "--calib-seq-len", "32", "--permutation", "learned", "--learn", "steps=400"]
     log = tmp_path / "stderr.txt"  # a file, not a pipe: progress bars would fill a pipe and block the child
     with open(log, "w") as err_file:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err_file, text=True, env=env)
@@ -825,3 +1173,4 @@ def test_ctrl_c_during_learning_then_resume(llama, tmp_path):
     resumed = subprocess.run(args + ["--resume", "--quiet"], capture_output=True, text=True, env=env, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (target / "report.json").is_file()
+    assert not any(ckpt_root.rglob("learn_state.json")), "the checkpoint outlived the output it was for"
