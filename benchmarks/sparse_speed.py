@@ -1,8 +1,9 @@
 """Speed of 2:4 semi-structured sparse linears vs dense on an NVIDIA GPU (sparse tensor cores via torch).
 
 Part 1, per linear shape: dense ``F.linear(x, W)`` against ``F.linear(x, to_sparse_semi_structured(W))`` for every
-linear shape of SmolLM2-135M (q/o 576→576, k/v 576→192, gate/up 576→1536, down 1536→576) and of a 7B-class
-Llama (4096×4096, 11008×4096, 4096×11008 as [out, in]), at several token counts, in fp16 and bf16. ``W`` is a
+linear shape of SmolLM2-135M (q/o 576→576, k/v 576→192, gate/up 576→1536, down 1536→576), of Llama-3.2-1B
+(2048×2048, 512×2048, 8192×2048, 2048×8192) and of a 7B-class Llama (4096×4096, 11008×4096, 4096×11008 as
+[out, in]; ``--models`` picks some), at several token counts, in fp16 and bf16. ``W`` is a
 random weight pruned 2:4 along its input (K) axis by magnitude; the dense baseline multiplies by the same pruned
 weight stored densely. Each figure is the median over ``--repeats`` samples timed with CUDA events after a
 warm-up; every sample replays a CUDA graph holding ``inner`` back-to-back calls (inputs, weights and outputs
@@ -53,6 +54,10 @@ SHAPES = [
     ("smollm2-135m", "k_proj, v_proj", (192, 576)),
     ("smollm2-135m", "gate_proj, up_proj", (1536, 576)),
     ("smollm2-135m", "down_proj", (576, 1536)),
+    ("llama-3.2-1b", "q_proj, o_proj", (2048, 2048)),
+    ("llama-3.2-1b", "k_proj, v_proj", (512, 2048)),
+    ("llama-3.2-1b", "gate_proj, up_proj", (8192, 2048)),
+    ("llama-3.2-1b", "down_proj", (2048, 8192)),
     ("7b-class", "q/k/v/o_proj", (4096, 4096)),
     ("7b-class", "gate_proj, up_proj", (11008, 4096)),
     ("7b-class", "down_proj", (4096, 11008)),
@@ -218,7 +223,7 @@ def _summary(times: list[float]) -> dict:
 
 # ------------------------------------------------------------------------------------------------ part 1
 def bench_shapes(args, device, dry_run: bool) -> list[dict]:
-    shapes = DRY_SHAPES if dry_run else SHAPES
+    shapes = DRY_SHAPES if dry_run else [s for s in SHAPES if not args.models or s[0] in args.models]
     tokens_list = args.tokens or (DRY_TOKENS if dry_run else TOKENS)
     modes = ["eager"] if device.type != "cuda" else (["graph", "eager"] if not args.no_graph else ["eager"])
     rows = []
@@ -437,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, dense stand-in: logic check only")
     ap.add_argument("--hf", default=None, help="hf/ folder written by `permcompile optimize ... --out X`")
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=sorted(DTYPES))
+    ap.add_argument("--models", nargs="+", default=None, choices=sorted({s[0] for s in SHAPES}),
+                    help="only these models' linear shapes (default: all)")
     ap.add_argument("--tokens", nargs="+", type=int, default=None, help=f"token counts (default {TOKENS})")
     ap.add_argument("--backend", default="auto", choices=["auto", "cusparselt", "cutlass"])
     ap.add_argument("--warmup", type=int, default=10)
