@@ -90,14 +90,17 @@ def _range(text: str, name: str) -> tuple[int, int, int]:
 
 
 def _quiet_hf() -> None:
-    """Our own step lines say what is happening; transformers' per-file bars only clutter stderr."""
-    try:
-        from transformers.utils import logging as hf_logging
+    """Our own step lines say what is happening; transformers' per-file bars only clutter stderr.
 
-        hf_logging.disable_progress_bar()
-    except Exception:  # an older transformers without the switch
-        pass
+    transformers reads the variable when first imported; importing it here (and torch with it) would cost
+    seconds before the arguments are even checked, so an already imported one is switched off directly."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        try:
+            hf_logging.disable_progress_bar()
+        except Exception:  # an older transformers without the switch
+            pass
 
 
 class _Group(click.Group):

@@ -426,12 +426,14 @@ def test_near_miss_short_name_is_suggested(text, guess, tmp_path, out, monkeypat
 
 
 def test_arguments_are_checked_before_torch_is_imported(tmp_path):
-    """A missing --calib file, an unknown model name or a bad seed costs no torch import (seconds) either."""
+    """A missing --calib file, an unknown model name, a bad seed or option value costs no torch import either."""
     code = ("import sys\nfrom permcompile.cli import main\ntry:\n    main(sys.argv[1:])\n"
             "except SystemExit as exc:\n    print('torch' in sys.modules, exc.code)\n")
     cases = [["tinyllama-nope", "--out", tmp_path / "o1"],
              [tmp_path, "--out", tmp_path / "o2", "--calib", tmp_path / "missing.txt"],
-             [tmp_path, "--out", tmp_path / "o3", "--seed", "99999999999999999999"]]
+             [tmp_path, "--out", tmp_path / "o3", "--seed", "99999999999999999999"],
+             [tmp_path, "--out", tmp_path / "o4", "--sparsity", "3:2"],
+             [tmp_path, "--out", tmp_path / "o5", "--permutation", "bogus"]]
     for args in cases:
         proc = subprocess.run([sys.executable, "-c", code, "optimize", *map(str, args), "--quiet"],
                               capture_output=True, text=True, timeout=120, cwd=tmp_path)

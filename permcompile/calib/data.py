@@ -452,9 +452,10 @@ def load_calibration(source: "str | Path | None", loaded: "LoadedModel", n_sampl
     batch_size = max(1, int(batch_size))
     path = None
     if source is not None and str(source) != "":
+        from ..precheck import check_calibration_source
+
+        check_calibration_source(source)  # the checks optimize() made before loading, for direct callers
         path = Path(source).expanduser()
-        if not path.exists():
-            raise UsageError(f"calibration path {source} does not exist")
 
     if loaded.family == "vision":
         return _vision_batches(path, loaded, n_samples, seed, batch_size)
