@@ -332,7 +332,7 @@ def _refuse_mismatched_shapes(folder: Path, auto_cls, config, safes: list[Path])
         return
 
 
-def _refuse_non_finite(model: nn.Module, folder: Path) -> None:
+def _refuse_non_finite(model: nn.Module, folder: "Path | str") -> None:
     """NaN or Inf in a weight would surface later as a failed score or mask: name the tensor now."""
     for name, tensor in model.named_parameters():  # buffers may hold -inf on purpose (attention masks)
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -594,6 +594,7 @@ def load_model(spec: "str | os.PathLike | nn.Module | LoadedModel", *, trust_pic
 def wrap_module(model: nn.Module, *, tokenizer=None, image_processor=None, name: str | None = None) -> LoadedModel:
     """Wrap an in-memory module; the family and Auto class are guessed from its class name and config."""
     model = _finalize(model)
+    _refuse_non_finite(model, f"the given {type(model).__name__}")
     cfg = getattr(model, "config", None)
     archs = getattr(cfg, "architectures", None) or [] if cfg is not None else []
     arch = type(model).__name__ if cfg is not None else None

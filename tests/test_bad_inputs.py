@@ -1061,6 +1061,19 @@ def test_write_that_fails_half_way_leaves_nothing(llama, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_api_module_with_non_finite_weights(out):
+    """An in-memory module is checked like a folder: the tensor is named before any work."""
+    from permcompile.pipeline import optimize
+    from permcompile.testing.zoo import build_tiny
+
+    net = build_tiny("llama")
+    with torch.no_grad():
+        net.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(UsageError, match=r"not finite: model\.layers\.0\.mlp\.up_proj\.weight holds Inf"):
+        optimize(net, out, OptimizeConfig(permutation="none", calib_samples=2, calib_seq_len=16), quiet=True)
+    assert_no_output(out)
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints, cache
 QUICK_LEARN = dict(swap_trials=20, residual_trials=0)
 
