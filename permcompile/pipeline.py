@@ -595,13 +595,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_stale(out_dir: Path) -> None:
+LEGACY_TMP_STALE_S = 86_400  # a temporary folder without a PID in its name is presumed dead after a day
+
+
+def _clean_stale(out_dir: Path) -> bool:
     """Remove what runs to ``out_dir`` that died (SIGKILL, power loss) left next to it: their temporary
     folders ``.OUT.tmp-PID-*``; an old output renamed aside (``.OUT.old-PID-*``) goes back to OUT if OUT is
     missing (the run died between the two renames of ``_replace``), else is deleted. Only names of that form
-    whose process is gone are touched. Returns True when an old output was put back."""
+    whose process is gone are touched, and temporaries of versions that named them without a PID
+    (``.OUT.tmp-XXXXXXXX``) once a day old. Returns True when an old output was put back."""
     restored = False
     parent = out_dir.parent
+    legacy = re.compile(rf"\.{re.escape(out_dir.name)}\.tmp-[a-z0-9_]{{8}}")
     for name in (out_dir.name, out_dir.name + ".failed"):
         pattern = re.compile(rf"\.{re.escape(name)}\.(tmp|old)-(\d+)-[A-Za-z0-9_]+")
         try:
@@ -609,6 +614,13 @@ def _clean_stale(out_dir: Path) -> None:
         except OSError:
             return restored
         for entry in entries:
+            if name == out_dir.name and legacy.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                try:
+                    if time.time() - entry.stat().st_mtime > LEGACY_TMP_STALE_S:
+                        shutil.rmtree(entry, ignore_errors=True)
+                except OSError:
+                    pass
+                continue
             match = pattern.fullmatch(entry.name)
             if match is None or _pid_alive(int(match.group(2))) or not entry.is_dir() or entry.is_symlink():
                 continue

@@ -677,14 +677,19 @@ def test_output_written_meanwhile_by_another_run_is_kept(llama, out, monkeypatch
 def test_stale_temporaries_of_dead_runs_are_cleaned_up(llama, tmp_path, out):
     """What a killed run left next to OUT goes; what a live run is writing stays. An old output a run had
     renamed aside when it died goes back to OUT (here: so OUT exists again and --force is needed)."""
+    import time
+
     dead, alive = _dead_pid(), os.getpid()
     for name in (f".out.tmp-{dead}-abc123", f".out.tmp-{alive}-def456", f".out.old-{dead}-0a1b2c"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "report.json").write_text(json.dumps({"model": name}), encoding="utf-8")
     (tmp_path / ".other.tmp-1-abc").mkdir()  # not ours to judge: another OUT's name
+    for name, age in ((".out.tmp-k3j_x9q2", 2 * 86_400), (".out.tmp-recent01", 60)):  # no PID: older versions
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (time.time() - age, time.time() - age))
     assert_one_error(optimize_cli(llama, out, "--sparsity", "2:3"), 2, "already exists")
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == [".other.tmp-1-abc", f".out.tmp-{alive}-def456", "out"], left
+    assert left == [".other.tmp-1-abc", f".out.tmp-{alive}-def456", ".out.tmp-recent01", "out"], left
     assert json.loads((out / "report.json").read_text()) == {"model": f".out.old-{dead}-0a1b2c"}
 
 
