@@ -486,10 +486,16 @@ def _grow_examples(example: dict[str, Tensor], axes: dict[str, dict[int, str]]) 
 
 
 def _model_bytes(model: nn.Module, itemsize: int | None) -> int:
+    """Bytes of weights the graph will hold, with float tensors at ``itemsize`` bytes.
+
+    A tied parameter counts once per use: the exporter folds the LM head's transpose into a second,
+    anonymous initializer next to the embedding's, and a single-file model past protobuf's 2 GiB is unreadable.
+    """
     seen: set[int] = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen:
+    tensors = [p for _, p in model.named_parameters(remove_duplicate=False)]
+    for i, t in enumerate(tensors + list(model.buffers())):
+        if id(t) in seen and i >= len(tensors):  # buffers once; parameters once per owner
             continue
         seen.add(id(t))
         total += t.numel() * (itemsize if (itemsize and t.is_floating_point()) else t.element_size())
