@@ -4,8 +4,9 @@ Rows (each per calibration seed; seed s takes the s-th disjoint block of ``sampl
 calibration file, so seed 0 is its first tokens):
 
 - ``dense``; ``unstructured`` (50 % Wanda per row, the ceiling a 2:4 mask approaches);
-- ours, N:M with ``--update none`` (mask only) and ``--update obs`` (mask + SparseGPT-style reconstruction),
-  for the permutations listed in ``--methods`` (``none``, ``random`` = control, ``hungarian``, ``learned``);
+- ours, one row per ``--methods`` entry ``STRATEGY[/per-layer][+obs...]``: ``none``/``random`` (the control)/
+  ``hungarian``/``learned`` permutations, mask only, or with ``+obs`` mask + SparseGPT-style reconstruction
+  (``+search``: the permutation search scores OBS costs; see ``quality_encoder.method_config``);
 - theirs: llm-compressor ``SparseGPTModifier`` and ``WandaPruningModifier`` with ``mask_structure="N:M"``,
   run from a separate Python (``--peer-python``, a venv with ``pip install torch==2.13.0 && pip install
   llmcompressor``); skipped with one line when that Python has no ``llmcompressor``.
@@ -61,10 +62,15 @@ def worker_ours(args) -> dict:
     loaded = load_model(args.model)
     start = time.perf_counter()
     n, m = (int(x) for x in args.sparsity.split(":"))
-    permutation = "none" if args.method == "unstructured" else args.method
-    config = OptimizeConfig(sparsity=Sparsity(n, m), permutation=permutation, criterion=args.criterion,
-                            update=args.update, seed=args.seed, calib_seq_len=ids.shape[1],
-                            calib_samples=ids.shape[0])
+    sys.path.insert(0, str(HERE))
+    from quality_encoder import method_config
+
+    method = args.method
+    if args.update == "obs" and "+obs" not in method:
+        method += "+obs"
+    base = OptimizeConfig(sparsity=Sparsity(n, m), criterion=args.criterion, seed=args.seed,
+                          calib_seq_len=ids.shape[1], calib_samples=ids.shape[0])
+    config = method_config(base, "none" if method == "unstructured" else method)
     if args.method == "unstructured":
         from permcompile.calib.stats import collect_input_stats
         from permcompile.capture import capture
@@ -151,9 +157,9 @@ def main() -> None:
     ap.add_argument("--sparsity", default="2:4")
     ap.add_argument("--criterion", default="wanda")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "learned"],
-                    help="our permutations, each run with --update none and obs")
-    ap.add_argument("--updates", nargs="+", default=["none", "obs"])
+    ap.add_argument("--methods", nargs="+",
+                    default=["none", "hungarian", "none+obs", "random+obs", "hungarian+obs", "learned+obs"],
+                    help="our rows: STRATEGY[/per-layer][+obs[+search|+refit|+critmask]] (see quality_encoder.py)")
     ap.add_argument("--peer-methods", nargs="+", default=["sparsegpt", "wanda"])
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON"))
     ap.add_argument("--no-unstructured", action="store_true")
@@ -176,6 +182,13 @@ def main() -> None:
 
     if not args.data_dir:
         ap.error("--data-dir is required (a folder holding --calib-file and --eval-file)")
+    sys.path.insert(0, str(HERE))
+    from quality_encoder import check_methods
+
+    try:
+        check_methods(args.methods)
+    except Exception as exc:  # permcompile's UsageError: one line, exit 2
+        sys.exit(f"error: {exc}")
     import torch
 
     from permcompile.evaluate import perplexity
@@ -221,17 +234,15 @@ def main() -> None:
                                                             "--model", args.model, "--criterion", args.criterion],
                          sys.executable))
         for method in args.methods:
-            for update in args.updates:
-                jobs.append(("ours", f"{method}/{update}", common + [
-                    "--worker", "ours", "--method", method, "--update", update, "--model", args.model,
-                    "--criterion", args.criterion], sys.executable))
+            jobs.append(("ours", method, common + ["--worker", "ours", "--method", method, "--model", args.model,
+                                                   "--criterion", args.criterion], sys.executable))
         if not skip:
             for method in args.peer_methods:
                 jobs.append(("llm-compressor", method, common + ["--worker", "llmc", "--method", method,
                                                                   "--model-dir", model_dir], args.peer_python))
     for tool, name, argv, python in jobs:
         seed = int(argv[argv.index("--seed") + 1])
-        out = work / f"{tool}_{name.replace('/', '_')}_{seed}"
+        out = work / f"{tool}_{name.replace('/', '_').replace('+', '_')}_{seed}"
         print(f"[{tool}] {name} seed {seed} ...", file=sys.stderr, flush=True)
         res = _run_worker(python, argv + ["--out", str(out)], work / f"{out.name}.log")
         if res is None:
@@ -242,11 +253,12 @@ def main() -> None:
         row = {"tool": tool, "method": name, "seed": seed, "ppl": ppl, **res}
         print(f"  ppl {ppl:.2f}  {res['seconds']:.0f} s  peak {res['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
         rows.append(row)
+        _write(args, rows, dense_ppl, quiet=True)  # partial results survive an interrupted run
     _write(args, rows, dense_ppl)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _write(args, rows: list[dict], dense_ppl: float) -> None:
+def _write(args, rows: list[dict], dense_ppl: float, quiet: bool = False) -> None:
     import statistics
 
     n, m = args.sparsity.split(":")
@@ -270,7 +282,7 @@ def _write(args, rows: list[dict], dense_ppl: float) -> None:
              f"`{args.calib_file}` as {args.samples} × {args.seq_len}; held-out perplexity on the first "
              f"{args.eval_tokens} tokens of `{args.eval_file}` (context {args.context}). Dense: {dense_ppl:.2f}. "
              "Wall time and peak RSS are the compressing process's own (model load excluded from the time).", "",
-             "| tool | method (permutation/update) | ppl per seed | mean ± sd | seconds (mean) | peak MB (max) |",
+             "| tool | method | ppl per seed | mean ± sd | seconds (mean) | peak MB (max) |",
              "|---|---|---|---|---|---|"]
     for tool, method in keys:
         rs = [r for r in rows if r["tool"] == tool and r["method"] == method and not r.get("failed")]
@@ -283,7 +295,8 @@ def _write(args, rows: list[dict], dense_ppl: float) -> None:
                      f"{statistics.mean(ppl):.1f} ± {sd:.1f} | {statistics.mean(r['seconds'] for r in rs):.0f} | "
                      f"{max(r['peak_mb'] for r in rs):.0f} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ class ReconstructConfig:
 
     mask: str = "obs"
     damp: float = 0.01
-    block: int = 128
+    block: int = 32
     refit_iters: int = 0
     search: str = "criterion"
 

@@ -158,3 +158,23 @@ def test_obs_search_objective_gives_valid_permutations():
     for info in c1.linears:
         if info.prune:
             assert is_nm(weight_kout(obs.model, info), 2, 4)
+
+
+def test_siblings_share_one_hessian_product_correctly():
+    """q/k/v read one tensor: their Hessians come from one product and equal each one's own XᵀX."""
+    from permcompile.calib.blocks import model_hessians
+    from permcompile.calib.data import load_calibration
+
+    loaded = wrap_module(build_tiny("llama").eval())
+    batches = load_calibration(None, loaded, 4, 16, 0)
+    names = [f"model.layers.0.self_attn.{x}_proj" for x in "qkv"] + ["model.layers.0.self_attn.o_proj"]
+    seen: dict = {n: [] for n in names}
+    handles = [loaded.model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, a, n=n: seen[n].append(a[0].detach().reshape(-1, a[0].shape[-1]))) for n in names]
+    acc = model_hessians(loaded.model, batches, names, forward_kwargs=loaded.forward_kwargs())
+    for h in handles:
+        h.remove()
+    for n in names:
+        x = torch.cat(seen[n]).double()
+        torch.testing.assert_close(acc[n].xtx, x.T @ x, rtol=1e-4, atol=1e-4)
+        assert acc[n].count == x.shape[0]

@@ -117,6 +117,7 @@ class _HessianHooks:
     def __init__(self, model: nn.Module, modules: list[str], device):
         self.acc: dict[str, HessianAccumulator] = {}
         self.mask: torch.Tensor | None = None
+        self._last = None  # (input tensor, its XᵀX, its token count): siblings share one product
         self.handles = []
         for name in modules:
             mod = model.get_submodule(name)
@@ -129,11 +130,14 @@ class _HessianHooks:
             x = args[0]
             if not torch.is_tensor(x) or x.shape[-1] != k:
                 return
+            last = self._last
+            if last is not None and last[0] is x:  # a sibling (q/k/v, gate/up) read this very tensor
+                self.acc[name].add_product(last[1], last[2])
+                return
             mask = self.mask
-            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-                x = x[mask.to(x.device)]
-            self.acc[name].add(x.detach())
-            return
+            rows = x[mask.to(x.device)] if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape) else x
+            product, count = self.acc[name].add(rows.detach())
+            self._last = (x, product, count)
 
         return fn
 

@@ -34,11 +34,19 @@ class HessianAccumulator:
         self.xtx = torch.zeros(self.k, self.k, dtype=torch.float64, device=self.device)
         self.count = 0
 
-    def add(self, rows: Tensor) -> None:
-        """Add a ``[tokens, K]`` block of inputs (any float dtype; the product runs in fp32)."""
+    def add(self, rows: Tensor) -> tuple[Tensor, int]:
+        """Add a ``[tokens, K]`` block of inputs (any float dtype; the product runs in fp32).
+
+        Returns the block's ``(XᵀX, tokens)`` so a layer reading the same inputs can reuse it."""
         rows = rows.reshape(-1, self.k).to(self.xtx.device, torch.float32)
-        self.xtx += (rows.T @ rows).double()
-        self.count += int(rows.shape[0])
+        product = (rows.T @ rows).double()
+        self.add_product(product, int(rows.shape[0]))
+        return product, int(rows.shape[0])
+
+    def add_product(self, product: Tensor, count: int) -> None:
+        """Add an already computed ``XᵀX`` of ``count`` tokens."""
+        self.xtx += product
+        self.count += count
 
     def hessian(self) -> Tensor:
         """``XᵀX / tokens`` as float32 (the scale cancels in the update; it keeps the numbers near 1)."""
@@ -64,10 +72,16 @@ def dampen(h: Tensor, damp: float) -> Tensor:
 
 def inverse_cholesky_upper(h: Tensor) -> Tensor:
     """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``): row j of U holds the OBS update of column j
-    given that columns < j are fixed. Raises ``torch.linalg.LinAlgError`` if H is not positive definite."""
-    lower = torch.linalg.cholesky(h.double())
-    hinv = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(hinv, upper=True).to(h.dtype)
+    given that columns < j are fixed. Float32 (as SparseGPT; a dampened H is well conditioned), float64 when
+    that fails. Raises ``torch.linalg.LinAlgError`` if H is not positive definite even then."""
+    for dtype in (torch.float32, torch.float64):
+        lower, info = torch.linalg.cholesky_ex(h.to(dtype))
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper.to(h.dtype)
+    lower = torch.linalg.cholesky(h.double())  # raises with torch's own message
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).to(h.dtype)
 
 
 def inverse_diagonal(h: Tensor, damp: float = 0.01) -> Tensor:
@@ -97,8 +111,8 @@ def _keep_mask(scores: Tensor, n: int, m: int) -> Tensor:
 
 
 @torch.no_grad()
-def sparsegpt_nm_(w: Tensor, h: Tensor, n: int, m: int, *, damp: float = 0.01, block: int = 128,
-                  scores: Tensor | None = None) -> Tensor:
+def sparsegpt_nm_(w: Tensor, h: Tensor, n: int, m: int, *, damp: float = 0.01, block: int = 32,
+                  scores: Tensor | None = None, hinv_chol: Tensor | None = None) -> Tensor:
     """Prune ``w`` ([out, K], float32, modified in place) to N:M along K with OBS updates; returns the keep mask.
 
     ``h`` is the (undampened) ``XᵀX``-like Hessian [K, K]. ``scores`` ([out, K]) fixes the mask by a
@@ -115,7 +129,7 @@ def sparsegpt_nm_(w: Tensor, h: Tensor, n: int, m: int, *, damp: float = 0.01, b
     dead = torch.diagonal(h.to(w.device)) <= 0
     if bool(dead.any()):
         w[:, dead] = 0  # a channel that never carries a signal: its weights change nothing on the data
-    u = inverse_cholesky_upper(hd)
+    u = inverse_cholesky_upper(hd) if hinv_chol is None else hinv_chol.to(w.device, w.dtype)
     keep = torch.zeros(out, k, dtype=torch.bool, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)

@@ -21,7 +21,7 @@ from torch import nn
 from ..calib.blocks import model_hessians, stream_hessians
 from ..config import ReconstructConfig
 from ..math.nm import criterion_scores, is_nm
-from ..math.obs import HessianAccumulator, output_error, refit_masked_, sparsegpt_nm_
+from ..math.obs import HessianAccumulator, dampen, inverse_cholesky_upper, output_error, refit_masked_, sparsegpt_nm_
 from .sparsify import LinearInfo, MaskResult, check_nm, weight_kout
 
 
@@ -31,8 +31,10 @@ def _act_norm_from(h: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumulator, criterion: str, n: int,
-                        m: int, cfg: ReconstructConfig, device) -> dict:
-    """Prune one linear to N:M with OBS updates (in place); returns its record (errors before/after)."""
+                        m: int, cfg: ReconstructConfig, device, factors: list | None = None) -> dict:
+    """Prune one linear to N:M with OBS updates (in place); returns its record (errors before/after).
+
+    ``factors`` caches ``(H, Cholesky factor of H⁻¹)`` pairs: siblings reading one input (q/k/v) share one."""
     view = weight_kout(model, info)
     w_ref = view.detach().to(device, torch.float32)
     h = acc.hessian().to(device)
@@ -44,12 +46,18 @@ def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumula
     crit = criterion_scores(criterion, w_ref, act if criterion != "magnitude" else None)
     from ..math.nm import nm_mask
 
+    u = None
+    if factors is not None:
+        u = next((f for hh, f in factors if hh.shape == h.shape and torch.equal(hh, h)), None)
+        if u is None:
+            u = inverse_cholesky_upper(dampen(h, cfg.damp))
+            factors.append((h, u))
     masked = w_ref * nm_mask(crit, n, m)
     total = output_error(w_ref, torch.zeros_like(w_ref), h)
     err_mask = output_error(w_ref, masked, h)
     w = w_ref.clone()
     keep = sparsegpt_nm_(w, h, n, m, damp=cfg.damp, block=cfg.block,
-                         scores=crit if cfg.mask == "criterion" else None)
+                         scores=crit if cfg.mask == "criterion" else None, hinv_chol=u)
     if cfg.refit_iters:
         refit_masked_(w, w_ref, keep, h, iters=cfg.refit_iters, damp=cfg.damp)
     err_after = output_error(w_ref, w, h)
@@ -86,9 +94,10 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
     # sequential: each block's inputs come from the blocks before it already pruned and reconstructed
     for _block, hessians in stream_hessians(model, batches, list(by_module), forward_kwargs=forward_kwargs,
                                             device=device, rerun=True, desc="reconstruct", quiet=quiet):
+        factors: list = []
         for name in list(hessians):
             records[name] = _reconstruct_linear(model, by_module[name], hessians.pop(name), criterion, n, m,
-                                                config, device)
+                                                config, device, factors)
     rest = [x for x in by_module if x not in records]
     if rest:  # outside the repeated blocks (a pooler, say): one pass over the whole, already pruned, model
         hessians = model_hessians(model, batches, rest, forward_kwargs=forward_kwargs)
