@@ -155,6 +155,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     weight is N:M along its input axis.
     """
     from .calib.data import load_calibration
+    from .calib.distributed import shard
     from .calib.stats import collect_input_stats
     from .capture import capture
     from .passes.coupling import analyze
@@ -189,9 +190,11 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
         if batches is None:
             batches = load_calibration(config.calib, loaded, config.calib_samples, config.calib_seq_len,
                                        config.seed)
+        # with several processes (calib/distributed.py) each runs its share and the sums are all-reduced
+        local = shard(batches)
         if stats is None:
-            stats = collect_input_stats(net, batches, progress=not quiet, forward_kwargs=loaded.forward_kwargs(),
-                                        stop_at=_trailing_heads(captured, linears))
+            stats = collect_input_stats(net, local, progress=not quiet, forward_kwargs=loaded.forward_kwargs(),
+                                        stop_at=_trailing_heads(captured, linears), device=config.device)
         else:
             stats = copy.deepcopy(stats)
 
@@ -202,7 +205,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
         from .calib.blocks import obs_stats
 
         with t.step("OBS statistics"):  # score weights by what reconstruction cannot recover (see obs_stats)
-            search_stats = obs_stats(net, batches, sorted({i.module for i in linears if i.prune}),
+            search_stats = obs_stats(net, local, sorted({i.module for i in linears if i.prune}),
                                      damp=config.reconstruct.damp, forward_kwargs=loaded.forward_kwargs(),
                                      device=config.device, quiet=quiet)
             search_config = replace(config, criterion="wanda")
@@ -234,7 +237,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
         from .passes.reconstruct import reconstruct_
 
         with t.step("mask + reconstruct"):
-            mask_result = reconstruct_(net, linears, batches, config.criterion, n, m,
+            mask_result = reconstruct_(net, linears, local, config.criterion, n, m,
                                        forward_kwargs=loaded.forward_kwargs(), config=config.reconstruct,
                                        device=config.device, quiet=quiet)
     elif config.prune:

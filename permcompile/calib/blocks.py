@@ -147,6 +147,16 @@ class _HessianHooks:
         self.handles = []
 
 
+def _reduce_(accs: dict[str, HessianAccumulator]) -> None:
+    """Sum the Hessians and token counts over data-parallel ranks (a no-op in one process)."""
+    from .distributed import all_reduce_counts, all_reduce_sum_
+
+    names = sorted(accs)
+    all_reduce_sum_([accs[n].xtx for n in names])
+    for n, c in zip(names, all_reduce_counts([accs[n].count for n in names])):
+        accs[n].count = c
+
+
 def _progress(total: int, desc: str, quiet: bool):
     if quiet:
         return None
@@ -190,6 +200,7 @@ def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *
                         outputs.append(y.to(inputs.hidden[i].device))
             finally:
                 hooks.close()
+            _reduce_(hooks.acc)
             yield name, hooks.acc
             del hooks
             if rerun:
@@ -217,6 +228,7 @@ def model_hessians(model: nn.Module, batches: list[dict], modules: list[str], *,
             model(**batch, **(forward_kwargs or {}))
     finally:
         hooks.close()
+    _reduce_(hooks.acc)
     return hooks.acc
 
 

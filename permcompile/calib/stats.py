@@ -182,6 +182,24 @@ def collect_input_stats(model: Any, batches: Iterable[dict[str, torch.Tensor]], 
         if moved:
             model.to(original_device)
 
+    from .distributed import all_reduce_counts, all_reduce_sum_, world
+
+    if world()[1] > 1:  # data parallel: every rank ends with the sums over all ranks' batches
+        names = sorted(targets)
+        for name in names:
+            k = in_features(targets[name])
+            sums_sq.setdefault(name, torch.zeros(k, dtype=acc_dtype))
+            counts.setdefault(name, 0)
+            if track_mean:
+                sums.setdefault(name, torch.zeros(k, dtype=acc_dtype))
+        all_reduce_sum_([sums_sq[n] for n in names])
+        if track_mean:
+            all_reduce_sum_([sums[n] for n in names])
+        for name, c in zip(names, all_reduce_counts([counts[n] for n in names])):
+            counts[name] = c
+        for name in names:
+            if counts[name] == 0:
+                sums_sq.pop(name, None)
     return {
         name: ChannelStats(sum_sq=sums_sq[name].cpu().double(), count=counts[name],
                            sum=sums[name].cpu().double() if track_mean else None)

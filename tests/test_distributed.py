@@ -1,0 +1,64 @@
+"""Data-parallel calibration (calib/distributed.py): two CPU ranks (gloo) end with the single-process result."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from permcompile.config import OptimizeConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _compress(seed_dir: str, rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from permcompile.models import wrap_module
+    from permcompile.pipeline import compress_
+    from permcompile.testing.zoo import build_tiny
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loaded = wrap_module(build_tiny("llama").eval())
+        c = compress_(loaded, OptimizeConfig(permutation="hungarian", calib_samples=16, calib_seq_len=32), quiet=True)
+        torch.save({"state": loaded.model.state_dict(), "perms": c.perms,
+                    "tokens": [r["reconstruction"]["tokens"] for r in c.mask_result.layers]},
+                   os.path.join(seed_dir, f"rank{rank}_of{world}.pt"))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    _compress(str(tmp_path), 0, 1, 0)
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_compress, args=(str(tmp_path), r, 2, port)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+        assert p.exitcode == 0, "a rank failed"
+    one = torch.load(tmp_path / "rank0_of1.pt", weights_only=False)
+    ranks = [torch.load(tmp_path / f"rank{r}_of2.pt", weights_only=False) for r in range(2)]
+    assert len(one["tokens"]) and ranks[0]["tokens"] == one["tokens"]  # every rank saw all tokens' statistics
+    for r in ranks:
+        assert {k: v.tolist() for k, v in r["perms"].items()} == {k: v.tolist() for k, v in one["perms"].items()}
+        for name, w in one["state"].items():
+            torch.testing.assert_close(r["state"][name], w, rtol=1e-4, atol=1e-5, msg=name)
+    for name, w in ranks[0]["state"].items():  # and the ranks agree exactly with each other
+        assert torch.equal(w, ranks[1]["state"][name]), name
