@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
@@ -48,10 +49,31 @@ def _up(value):
     return value
 
 
+CHUNK_ELEMENTS = 1 << 24  # a half weight larger than this is upcast in slices of rows (64 MB of fp32 each)
+
+
+def _chunked_linear(x, weight, bias):
+    """``F.linear`` of an fp32 input with a large half weight, upcasting ``rows`` output rows at a time: an LM
+    head of 128256 x 2048 would otherwise need a 1 GB transient fp32 copy for each call."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    outs = [F.linear(x, weight[i:i + rows].float(), None if bias is None else _up(bias[i:i + rows]))
+            for i in range(0, weight.shape[0], rows)]
+    return torch.cat(outs, dim=-1)
+
+
 class _Fp32Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        args, kwargs = tree_map(_up, (tuple(args), dict(kwargs or {})))
+        kwargs = dict(kwargs or {})
+        if func in _EMBEDDINGS:  # gather the rows in the stored dtype, then upcast (exact): no fp32 table
+            return _up(func(*args, **kwargs))
+        if func is F.linear and len(args) >= 2 and not kwargs and isinstance(args[1], torch.Tensor) \
+                and args[1].dtype in HALF_DTYPES and args[1].dim() == 2 and args[1].numel() > CHUNK_ELEMENTS:
+            return _chunked_linear(_up(args[0]), args[1], args[2] if len(args) > 2 else None)
+        args, kwargs = tree_map(_up, (tuple(args), kwargs))
         return func(*args, **kwargs)
+
+
+_EMBEDDINGS = (F.embedding, torch.embedding)
 
 
 @contextmanager

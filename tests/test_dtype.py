@@ -76,6 +76,27 @@ def test_fp32_compute_is_the_fp32_function_of_the_stored_weights(half_dir):
     assert float((plain.float() - upcast).abs().max() / upcast.abs().max()) > 1e-3
 
 
+def test_fp32_compute_slices_large_weights(half_dir, monkeypatch):
+    """Large half weights are upcast a slice of rows at a time (an LM head would need a 1 GB fp32 copy):
+    the same numbers as upcasting the whole weight."""
+    import copy
+
+    from permcompile import dtypes
+
+    model = load_model(str(half_dir(torch.bfloat16))).model
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = dtypes._chunked_linear
+    monkeypatch.setattr(dtypes, "_chunked_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(dtypes, "CHUNK_ELEMENTS", 1000)  # every linear of the tiny model, in slices of 15 rows
+    with torch.no_grad():
+        upcast = copy.deepcopy(model).float()(input_ids=ids).logits
+        with fp32_compute(model):
+            ours = model(input_ids=ids).logits
+    assert calls  # the sliced path ran
+    torch.testing.assert_close(ours, upcast, rtol=1e-5, atol=1e-5)
+
+
 def test_resolve_precision():
     assert Config().precision == "auto"
     assert Config().resolve_precision(torch.bfloat16) == "fp16"
