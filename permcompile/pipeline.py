@@ -236,15 +236,36 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     if config.prune and config.update == "obs":
         from .passes.reconstruct import reconstruct_
 
+        ckpt_dir, write_after = _reconstruct_checkpoint(loaded, linears, local, config, resume, checkpoint_dir)
         with t.step("mask + reconstruct"):
             mask_result = reconstruct_(net, linears, local, config.criterion, n, m,
                                        forward_kwargs=loaded.forward_kwargs(), config=config.reconstruct,
-                                       device=config.device, quiet=quiet)
+                                       device=config.device, quiet=quiet, checkpoint_dir=ckpt_dir, resume=resume,
+                                       write_after=write_after)
     elif config.prune:
         with t.step("mask"):
             mask_result = apply_masks_(net, linears, stats, config.criterion, n, m)
     return Compressed(groups, linears, perms, group_results, fold_report, fold_err, mask_result, stats, batches,
                       verify_inputs, t.timings)
+
+
+def _reconstruct_checkpoint(loaded, linears, batches, config, resume, checkpoint_dir):
+    """Where the reconstruction saves its blocks, and after how many seconds: an explicit folder or ``--resume``
+    saves every block; the default (``<cache>/reconstruct/<name>-<content digest>``, removed once the output is
+    written) only once the pass has run ``CHECKPOINT_AFTER_S``."""
+    import re
+
+    from .models import cache_root
+    from .passes.reconstruct import CHECKPOINT_AFTER_S, checkpoint_digest
+
+    if checkpoint_dir:
+        return Path(checkpoint_dir) / "reconstruct", 0.0
+    digest = checkpoint_digest(loaded.model, linears, batches, config.criterion, config.sparsity.n,
+                               config.sparsity.m, config.reconstruct)
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{loaded.name}"[:40])
+    folder = cache_root() / "reconstruct" / f"{tag}-{digest[:20]}"
+    loaded.extras["reconstruct_checkpoint"] = folder
+    return folder, 0.0 if resume else CHECKPOINT_AFTER_S
 
 
 def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeConfig(), *, force: bool = False,
@@ -387,9 +408,10 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
         lock.check_unchanged()
         _normalise_modes(tmp)
         _replace(tmp, out_dir)
-        stale = loaded.extras.pop("learn_checkpoint", None)
-        if stale is not None:  # the output is in place: the learned pass's checkpoint has served its purpose
-            shutil.rmtree(stale, ignore_errors=True)
+        for key in ("learn_checkpoint", "reconstruct_checkpoint"):
+            stale = loaded.extras.pop(key, None)
+            if stale is not None:  # the output is in place: the pass's checkpoint has served its purpose
+                shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

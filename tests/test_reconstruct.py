@@ -178,3 +178,63 @@ def test_siblings_share_one_hessian_product_correctly():
         x = torch.cat(seen[n]).double()
         torch.testing.assert_close(acc[n].xtx, x.T @ x, rtol=1e-4, atol=1e-4)
         assert acc[n].count == x.shape[0]
+
+
+def _setup_llama():
+    from permcompile.calib.data import load_calibration
+    from permcompile.capture import capture
+    from permcompile.passes.coupling import analyze
+    from permcompile.passes.sparsify import select_linears
+
+    net = build_tiny("llama").eval()
+    loaded = wrap_module(copy.deepcopy(net))
+    captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
+    linears = select_linears(loaded.model, captured, analyze(captured), 4)
+    return net, linears, load_calibration(None, loaded, 4, 16, 0)
+
+
+def test_interrupted_reconstruction_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import permcompile.passes.reconstruct as rec
+
+    net, linears, batches = _setup_llama()
+    whole = copy.deepcopy(net)
+    rec.reconstruct_(whole, linears, batches, "wanda", 2, 4)
+
+    first = copy.deepcopy(net)
+    real = rec._reconstruct_linear
+    calls = {"n": 0}
+
+    def dies_in_block_1(model, info, *a, **k):
+        if info.module.startswith("model.layers.1."):
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(model, info, *a, **k)
+
+    monkeypatch.setattr(rec, "_reconstruct_linear", dies_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        rec.reconstruct_(first, linears, batches, "wanda", 2, 4, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(rec, "_reconstruct_linear", real)
+    assert calls["n"] > 0 and (tmp_path / "progress.json").is_file()
+
+    resumed = copy.deepcopy(net)  # a fresh process: dense weights, the checkpoint restores block 0
+    result = rec.reconstruct_(resumed, linears, batches, "wanda", 2, 4, checkpoint_dir=tmp_path, resume=True)
+    for info in linears:
+        assert torch.equal(resumed.get_parameter(info.param), whole.get_parameter(info.param)), info.param
+    assert len(result.layers) == sum(i.prune for i in linears)
+    assert all("reconstruction" in x for x in result.layers)
+
+
+def test_resume_refuses_a_bad_or_foreign_checkpoint(tmp_path):
+    import permcompile.passes.reconstruct as rec
+    from permcompile.errors import UsageError
+
+    net, linears, batches = _setup_llama()
+    fresh = copy.deepcopy(net)  # nothing saved yet (interrupted earlier): --resume starts the pass afresh
+    rec.reconstruct_(fresh, linears, batches, "wanda", 2, 4, checkpoint_dir=tmp_path / "none", resume=True)
+    assert is_nm(weight_kout(fresh, linears[0]), 2, 4)
+    rec.reconstruct_(copy.deepcopy(net), linears, batches, "wanda", 2, 4, checkpoint_dir=tmp_path)
+    with pytest.raises(UsageError, match="other weights, data or settings"):
+        rec.reconstruct_(copy.deepcopy(net), linears, batches, "ria", 2, 4, checkpoint_dir=tmp_path, resume=True)
+    (tmp_path / "progress.json").write_text('{"digest": "x", "do')
+    with pytest.raises(UsageError, match="progress.json|truncated or corrupt"):
+        rec.reconstruct_(copy.deepcopy(net), linears, batches, "wanda", 2, 4, checkpoint_dir=tmp_path, resume=True)

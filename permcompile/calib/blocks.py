@@ -168,7 +168,8 @@ def _progress(total: int, desc: str, quiet: bool):
 @torch.no_grad()
 def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *, forward_kwargs: dict | None = None,
                     device: str | torch.device = "cpu", rerun: bool = True, desc: str = "blocks",
-                    quiet: bool = True) -> Iterator[tuple[str, dict[str, HessianAccumulator]]]:
+                    quiet: bool = True, start: int = 0, hidden: list | None = None,
+                    on_block_done=None) -> Iterator[tuple[str, dict[str, HessianAccumulator]]]:
     """For each block holding some of ``modules``: yield ``(block FQN, {module: HessianAccumulator})``.
 
     Each block is moved to ``device`` while it is processed and back afterwards. With ``rerun`` (the
@@ -176,6 +177,9 @@ def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *
     the outputs of this block *as the caller left it*; without, the outputs of the first pass are reused
     (statistics of the unchanged model, one pass per block). Modules outside every block are not visited:
     see :func:`model_hessians`.
+
+    Resuming: ``start`` skips the first blocks and ``hidden`` gives the inputs of block ``start`` (one tensor
+    per batch, as passed to ``on_block_done(index, block FQN, next inputs)`` after each block).
     """
     forward_kwargs = forward_kwargs or {}
     device = torch.device(device)
@@ -183,9 +187,17 @@ def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *
     if not blocks:
         return
     inputs = _embed(model, blocks[0], batches, forward_kwargs)
+    if start:
+        if hidden is None or len(hidden) != len(inputs.hidden):
+            raise ValueError("resuming needs the inputs of the first block to run, one tensor per batch")
+        inputs.hidden = [h.to(x.device, x.dtype) for h, x in zip(hidden, inputs.hidden)]
     bar = _progress(len(blocks), desc, quiet)
+    if bar is not None and start:
+        bar.update(start)
     try:
-        for name in blocks:
+        for index, name in enumerate(blocks):
+            if index < start:
+                continue
             block = model.get_submodule(name)
             home = next(block.parameters()).device
             block.to(device)
@@ -208,6 +220,8 @@ def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *
                            for i in range(len(inputs.hidden))]
             inputs.hidden = outputs
             block.to(home)
+            if on_block_done is not None:
+                on_block_done(index, name, inputs.hidden)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(name)

@@ -17,7 +17,6 @@ each reading site is its own group (``passes/glue.py``) and is learned like any 
 """
 from __future__ import annotations
 
-import hashlib
 import zlib
 import json
 import os
@@ -111,25 +110,14 @@ def _last_module(net: nn.Module, modules: list[str]):
 
 
 def _fingerprint(loaded, groups, config, batches) -> str:
-    """Digest of what the learned permutations depend on: the weights, the calibration data and the settings.
+    """Digest of what the learned permutations depend on: the weights, the calibration data and the settings
+    (:func:`passes.checkpoint.content_digest`)."""
+    from .checkpoint import content_digest
 
-    Content only (no folder name or path): two models in folders of the same name get different checkpoints,
-    and a copy of the same model in another folder resumes from the same one.
-    """
-    h = hashlib.sha256()
-    h.update(json.dumps({"sparsity": str(config.sparsity),
-                         "criterion": config.criterion, "seed": config.seed,
-                         "learn": {k: getattr(config.learn, k) for k in config.learn.__dataclass_fields__},
-                         "groups": [g.name for g in groups]}, sort_keys=True).encode())
-    for b in batches:
-        for k in sorted(b):
-            h.update(k.encode())
-            h.update(b[k].detach().cpu().contiguous().numpy().tobytes())
-    for name, p in sorted(loaded.model.named_parameters()):
-        x = p.detach().double().flatten()
-        h.update(f"{name}{tuple(p.shape)}{float(x.sum())}{float(x.square().sum())}".encode())
-        h.update(x[:: max(1, x.numel() // 4096)].float().numpy().tobytes())  # a sample of the values themselves
-    return h.hexdigest()
+    return content_digest(loaded.model, batches, {
+        "sparsity": str(config.sparsity), "criterion": config.criterion, "seed": config.seed,
+        "learn": {k: getattr(config.learn, k) for k in config.learn.__dataclass_fields__},
+        "groups": [g.name for g in groups]})
 
 
 # Checkpoints under the default cache are written only once the search has run this long: a shorter run loses

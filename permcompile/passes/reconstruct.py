@@ -15,6 +15,11 @@ handled last with one pass over the whole, already pruned, model.
 """
 from __future__ import annotations
 
+import json
+import sys
+import time
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -71,16 +76,100 @@ def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumula
             "rel_error_reconstructed": err_after / total if total > 0 else 0.0}
 
 
+class _Checkpoint:
+    """Per-block state of a reconstruction, so an interrupted run resumes at the next block.
+
+    ``progress.json`` (content digest, blocks done, per-layer records), ``block_NNNN.safetensors`` (the
+    reconstructed weights of each finished block) and ``inputs.safetensors`` (the next block's inputs, one
+    tensor per batch). Safetensors and JSON only: nothing in the folder is executed or unpickled. Written once
+    the pass has run ``write_after`` seconds (0: every block).
+    """
+
+    def __init__(self, folder: Path, digest: str, write_after: float):
+        self.folder, self.digest, self.write_after = Path(folder), digest, write_after
+        self.started = time.perf_counter()
+        self.progress = self.folder / "progress.json"
+
+    def load(self, model: nn.Module) -> tuple[int, dict, list]:
+        """Restore the finished blocks' weights; returns (blocks done, records, next inputs): (0, {}, None)
+        when there is no checkpoint (the run was interrupted before reconstruction saved anything)."""
+        from safetensors.torch import load_file
+
+        from ..errors import UsageError
+
+        if not self.progress.is_file():  # interrupted before reconstruction began (or before 30 s of it)
+            return 0, {}, None
+        try:
+            state = json.loads(self.progress.read_text(encoding="utf-8"))
+            done, records = int(state["done"]), dict(state["records"])
+            if state.get("digest") != self.digest:
+                raise UsageError(f"--resume: the reconstruction checkpoint {self.progress} was made from other "
+                                 "weights, data or settings; rerun without --resume")
+            params = dict(model.named_parameters())
+            for i in range(done):
+                for name, t in load_file(str(self.folder / f"block_{i:04d}.safetensors")).items():
+                    params[name].data.copy_(t.to(params[name].dtype))
+            inputs = load_file(str(self.folder / "inputs.safetensors"))
+            hidden = [inputs[f"batch_{i}"] for i in range(len(inputs))]
+        except UsageError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--resume: reconstruction checkpoint in {self.folder} cannot be read "
+                             f"({type(exc).__name__}: truncated or corrupt); rerun without --resume") from None
+        return done, records, hidden
+
+    def save(self, index: int, model: nn.Module, params: list[str], records: dict, hidden: list) -> None:
+        if time.perf_counter() - self.started < self.write_after:
+            return
+        from safetensors.torch import save_file
+
+        from .checkpoint import write_atomic
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tensors = dict(model.named_parameters())
+            write_atomic(self.folder / f"block_{index:04d}.safetensors", lambda p: save_file(
+                {n: tensors[n].detach().cpu().contiguous() for n in params}, str(p)))
+            write_atomic(self.folder / "inputs.safetensors", lambda p: save_file(
+                {f"batch_{i}": h.detach().cpu().contiguous() for i, h in enumerate(hidden)}, str(p)))
+            write_atomic(self.progress, lambda p: p.write_text(json.dumps(
+                {"digest": self.digest, "done": index + 1, "records": records})))
+        except OSError as exc:  # a full or read-only cache must not stop the run
+            import warnings
+
+            warnings.warn(f"cannot write the reconstruction checkpoint to {self.folder} ({exc.strerror or exc}); "
+                          "continuing without it", stacklevel=2)
+            self.write_after = float("inf")
+
+
+# like the learned search's: a checkpoint under the default cache only once the pass has run this long
+CHECKPOINT_AFTER_S = 30.0
+
+
+def checkpoint_digest(model: nn.Module, linears: list[LinearInfo], batches: list[dict], criterion: str, n: int,
+                      m: int, config: ReconstructConfig) -> str:
+    """What a reconstruction depends on: the (folded, still dense) weights, the data and every setting."""
+    from .checkpoint import content_digest
+
+    return content_digest(model, batches, {"pass": "reconstruct", "criterion": criterion, "n": n, "m": m,
+                                           "config": config.__dict__, "pruned": [i.param for i in linears
+                                                                                 if i.prune]})
+
+
 @torch.no_grad()
 def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict], criterion: str,
                  n: int, m: int, *, forward_kwargs: dict | None = None, config: ReconstructConfig | None = None,
-                 device: str = "cpu", quiet: bool = True) -> MaskResult:
+                 device: str = "cpu", quiet: bool = True, checkpoint_dir: str | Path | None = None,
+                 resume: bool = False, write_after: float = 0.0) -> MaskResult:
     """Prune every ``info.prune`` linear of ``model`` to N:M along K with OBS reconstruction, in place.
 
     ``batches`` are the calibration batches (masks by ``criterion`` use each block's own inputs). Post-conditions:
     every pruned weight is N:M along K in stored order and finite; layers left dense are untouched. Returns the
     same record as :func:`passes.sparsify.apply_masks_`, each pruned layer with its relative output error with
     the mask alone and after reconstruction.
+
+    ``checkpoint_dir``: save each finished block there (once the pass has run ``write_after`` seconds);
+    ``resume``: continue from it (identical result to an uninterrupted run).
     """
     config = config or ReconstructConfig()
     result = MaskResult()
@@ -91,9 +180,25 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
     records: dict[str, dict] = {}
     was_training = model.training
     model.eval()
+    ckpt, start, hidden = None, 0, None
+    if checkpoint_dir is not None:
+        digest = checkpoint_digest(model, linears, batches, criterion, n, m, config)
+        ckpt = _Checkpoint(Path(checkpoint_dir), digest, write_after)
+        if resume:
+            start, records, hidden = ckpt.load(model)
+            if not quiet and start:
+                print(f"[permcompile] reconstruct: resuming after {start} finished blocks from {ckpt.folder}",
+                      file=sys.stderr)
+
+    def block_done(index: int, block: str, next_inputs: list) -> None:
+        if ckpt is not None:
+            params = [by_module[x].param for x in by_module if x.startswith(block + ".")]
+            ckpt.save(index, model, params, records, next_inputs)
+
     # sequential: each block's inputs come from the blocks before it already pruned and reconstructed
     for _block, hessians in stream_hessians(model, batches, list(by_module), forward_kwargs=forward_kwargs,
-                                            device=device, rerun=True, desc="reconstruct", quiet=quiet):
+                                            device=device, rerun=True, desc="reconstruct", quiet=quiet,
+                                            start=start, hidden=hidden, on_block_done=block_done):
         factors: list = []
         for name in list(hessians):
             records[name] = _reconstruct_linear(model, by_module[name], hessians.pop(name), criterion, n, m,
