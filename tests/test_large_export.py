@@ -24,12 +24,15 @@ def _config(**kw) -> OptimizeConfig:
     return OptimizeConfig(permutation="hungarian", calib_samples=2, calib_seq_len=16, **kw)
 
 
-def test_external_data_model_optimizes_and_verifies(large, tiny_dir, tmp_path):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_external_data_model_optimizes_and_verifies(large, tiny_dir, tmp_path, prefetch):
+    """Both export routes: traced after compression, and the graph traced ahead in a forked child."""
     import onnx
     import onnxruntime as ort
 
     out = tmp_path / "out"
-    result = optimize(str(tiny_dir("llama")), out, _config(), quiet=True, prefetch_export=False)
+    result = optimize(str(tiny_dir("llama")), out, _config(), quiet=True, prefetch_export=prefetch)
+    assert result.report["onnx"]["prefetched"] is prefetch
     assert result.report["onnx"]["external_data"]
     assert all(c["passed"] for c in result.report["checks"]), result.report["checks"]
     data = out / "model.onnx.data"
@@ -44,6 +47,11 @@ def test_external_data_model_optimizes_and_verifies(large, tiny_dir, tmp_path):
         ids = torch.randint(0, 128, (1, 5)).numpy()
         assert sess.run(None, {"input_ids": ids})[0].shape[:2] == (1, 5)
     raise_if_failed(verify_artifacts(out))
+    if not prefetch:  # and verify catches a Triton copy that onnx.load would refuse (the old hard link)
+        (triton_dir / "model.onnx.data").unlink()
+        os.link(data, triton_dir / "model.onnx.data")
+        failed = {c.name: c.detail for c in verify_artifacts(out) if not c.passed}
+        assert "hard link" in failed.get("onnx_load", ""), failed
 
 
 def test_triton_repo_gets_its_own_external_data(tmp_path):
