@@ -7,65 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import sys
-import traceback
 
 import click
 
+from .cli_eval import eval_cmd
+from .cli_run import run_command
 from .config import RETIRED_LEARN_FLAGS, UPDATES, LearnConfig
-from .errors import PermcompileError, Terminated
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _on_sigterm(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-    raise Terminated()
-
-
-def _run(fn, debug: bool, precheck=None):
-    """Run ``fn`` turning every error into one line; ``precheck`` (torch-free argument checks) runs first,
-    before transformers and torch are imported. SIGTERM unwinds like Ctrl-C (temporaries removed), exit 143."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
-    try:
-        if precheck is not None:
-            precheck()
-        _quiet_hf()
-        return fn()
-    except PermcompileError as exc:
-        if debug:
-            traceback.print_exc()
-        msg = str(exc).strip()
-        click.echo(f"error: {msg}", err=True)
-        sys.exit(exc.exit_code)
-    except Terminated:
-        click.echo("error: terminated by SIGTERM (nothing was written to the output)", err=True)
-        sys.exit(143)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted (nothing was written to the output)", err=True)
-        sys.exit(130)
-    except OSError as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {exc.strerror or exc} ({exc.filename or ''})".replace(" ()", ""), err=True)
-        sys.exit(1)
-    except Exception as exc:  # a bug: still one line unless --debug
-        if debug:
-            traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0]
-        click.echo(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug for details)",
-                   err=True)
-        sys.exit(1)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _precheck_optimize(model, calib, seed) -> None:
@@ -75,32 +23,6 @@ def _precheck_optimize(model, calib, seed) -> None:
     check_seed(seed)
     check_model_spec(model)
     check_calibration_source(calib)
-
-
-def _range(text: str, name: str) -> tuple[int, int, int]:
-    from .errors import UsageError
-
-    try:
-        parts = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UsageError(f"{name} must be MIN,OPT,MAX integers, got {text!r}") from None
-    if len(parts) != 3 or not (1 <= parts[0] <= parts[1] <= parts[2]):
-        raise UsageError(f"{name} must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
-    return tuple(parts)
-
-
-def _quiet_hf() -> None:
-    """Our own step lines say what is happening; transformers' per-file bars only clutter stderr.
-
-    transformers reads the variable when first imported; importing it here (and torch with it) would cost
-    seconds before the arguments are even checked, so an already imported one is switched off directly."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    hf_logging = sys.modules.get("transformers.utils.logging")
-    if hf_logging is not None:
-        try:
-            hf_logging.disable_progress_bar()
-        except Exception:  # an older transformers without the switch
-            pass
 
 
 class _Group(click.Group):
@@ -170,16 +92,17 @@ def _warn_retired(retired: dict) -> None:
 def _trt_ranges(pairs, retired: dict) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(batch, seq) MIN,OPT,MAX ranges from ``--trt-profile KEY=MIN,OPT,MAX`` (or the retired --batch/--seq)."""
     from .errors import UsageError
+    from .precheck import check_range
 
     ranges = {"batch": (1, 1, 8), "seq": (1, 128, 512)}
     for flag in ("--batch", "--seq"):
         if flag in retired:
-            ranges[flag[2:]] = _range(retired[flag], flag)
+            ranges[flag[2:]] = check_range(retired[flag], flag)
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or key.strip() not in ranges:
             raise UsageError(f"--trt-profile expects batch=MIN,OPT,MAX or seq=MIN,OPT,MAX, got {pair!r}")
-        ranges[key.strip()] = _range(text, f"--trt-profile {key.strip()}")
+        ranges[key.strip()] = check_range(text, f"--trt-profile {key.strip()}")
     return ranges["batch"], ranges["seq"]
 
 
@@ -258,7 +181,13 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
                      resume=resume, trust_pickle=trust_pickle)
         _print_summary(result.report)
 
-    _run(go, debug, precheck=lambda: _precheck_optimize(model, calib, seed))
+    run_command(go, debug, precheck=lambda: _precheck_optimize(model, calib, seed))
+
+
+def _in_memory_checks(checks: list[dict]) -> list[str]:
+    """The checks ``optimize`` ran on the model in memory with its calibration inputs (pipeline.py names them
+    ``*_calibration``): ``verify`` reads only the written files, so it cannot run them again."""
+    return [c["name"] for c in checks if str(c.get("name", "")).endswith("_calibration")]
 
 
 def _print_summary(report: dict) -> None:
@@ -284,7 +213,10 @@ def _print_summary(report: dict) -> None:
         click.echo(f"reconstruction (update obs): relative layer-output error on the calibration data, mean over "
                    f"{len(recon)} layers: mask only {before:.4f} -> reconstructed {after:.4f}")
     checks = report.get("checks", [])
-    click.echo(f"checks: {sum(c['passed'] for c in checks)}/{len(checks)} passed")
+    in_memory = _in_memory_checks(checks)
+    why = (f" ({len(checks) - len(in_memory)} on the written files, which `permcompile verify` re-runs; "
+           f"{', '.join(in_memory)} on the model in memory)") if in_memory else ""
+    click.echo(f"checks: {sum(c['passed'] for c in checks)}/{len(checks)} passed{why}")
     click.echo("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items()))
 
 
@@ -332,7 +264,7 @@ def inspect(model, as_json, residual, debug):
                 click.echo(f"    pinned by {pin.op} at {pin.node} ({pin.module or 'top'}): {pin.reason}")
         click.echo("consumers = linears whose input channels move; fixed = channels pinned in place.")
 
-    _run(go, debug)
+    run_command(go, debug)
 
 
 @main.command()
@@ -358,20 +290,23 @@ def verify(out, as_json, debug):
             click.echo(json.dumps([c.__dict__ for c in checks], indent=1))
         else:
             click.echo(format_checks(checks))
+            try:
+                recorded = json.loads((folder / "report.json").read_text(encoding="utf-8")).get("checks") or []
+            except (OSError, ValueError, AttributeError):
+                recorded = []
+            in_memory = _in_memory_checks(recorded)
+            if in_memory:  # why optimize printed more checks than this
+                click.echo(f"optimize also ran {', '.join(in_memory)} on the model in memory (report.json: "
+                           f"{sum(c.get('passed', False) for c in recorded)}/{len(recorded)} passed); "
+                           "verify reads only the files")
         failed = [c for c in checks if not c.passed]
         if failed:
             raise VerificationError(f"{len(failed)} of {len(checks)} checks failed")
 
-    _run(go, debug)
+    run_command(go, debug)
 
 
-def _register_eval() -> None:
-    from .cli_eval import eval_cmd
-
-    main.add_command(eval_cmd, "eval")
-
-
-_register_eval()
+main.add_command(eval_cmd, "eval")
 
 if __name__ == "__main__":
     main()

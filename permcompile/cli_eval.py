@@ -1,19 +1,16 @@
 """``permcompile eval``: quality of an optimized model (perplexity, embedding / feature similarity, top-1).
 
-Registered in :mod:`permcompile.cli` with ``main.add_command(eval_cmd, "eval")``.
+Registered in :mod:`permcompile.cli` with ``main.add_command(eval_cmd, "eval")``; errors are reported by
+:func:`permcompile.cli_run.run_command` like every command's.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 
 import click
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from .cli_run import run_command
 
 
 class _no_loading_bars:
@@ -75,7 +72,7 @@ def eval_cmd(target, data, reference, backend, context, stride, max_tokens, labe
         with _no_loading_bars():
             result = evaluate(target, data, reference=reference, family=family, context=context,
                               max_tokens=max_tokens, backend=backend, labels=labels, stride=stride,
-                              progress=not quiet and sys.stderr.isatty())
+                              progress=not quiet)
         if not quiet:
             for note in result.get("notes", []):
                 click.echo(f"note: {note}", err=True)
@@ -84,6 +81,4 @@ def eval_cmd(target, data, reference, backend, context, stride, max_tokens, labe
         else:
             click.echo(format_result(result))
 
-    from .cli import _run
-
-    _run(go, debug)
+    run_command(go, debug)

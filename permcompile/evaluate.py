@@ -20,7 +20,7 @@ import json
 import math
 import os
 import random
-import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +29,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .calib.data import IMAGE_SUFFIXES, open_image, read_text_file
+from .calib.data import IMAGE_SUFFIXES, open_image
+from .calib.text import read_text_file, split_sentences
 from .errors import MissingDependencyError, UsageError
 
 MAX_PAIRS = 20_000
@@ -37,22 +38,57 @@ DEFAULT_MAX_SENTENCES = 1_000
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "image_processor_config.json")
-_ABBREVIATIONS = ("Mr.", "Mrs.", "Ms.", "Dr.", "St.", "Mt.", "Jr.", "Sr.", "vs.", "e.g.", "i.e.", "etc.", "No.")
-# a sentence ends at . ! ? (optionally followed by a closing quote/bracket) before whitespace and a capital,
-# a digit or an opening quote/bracket
-_SENTENCE_END = re.compile(r"(?<=[.!?][\"'\u201d\u2019)\]])\s+(?=[\"'\u201c\u2018(\[A-Z0-9])"
-                           r"|(?<=[.!?])\s+(?=[\"'\u201c\u2018(\[A-Z0-9])")
-
-
 # ================================================================================================ helpers
-def _progress(iterable, total: int, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False)
+PROGRESS_LINE_EVERY_S = 10.0  # off a terminal, a count line at most this often (and one at the end)
+
+
+def _say(enabled: bool, text: str) -> None:
+    """A step line on stderr, like ``optimize``'s."""
+    if enabled:
+        print(f"[permcompile] {text}", file=sys.stderr, flush=True)
+
+
+class _Counter:
+    """Progress of a long loop in the user's units (windows, sentences, images), on stderr.
+
+    A tqdm bar with the whole description on a terminal; elsewhere (a log file, a pipe, CI) a count line
+    every :data:`PROGRESS_LINE_EVERY_S` seconds and one at the end, so that a log shows progress too.
+    """
+
+    def __init__(self, enabled: bool, total: int, desc: str, unit: str):
+        self.enabled, self.total, self.desc, self.unit = enabled and total > 0, total, desc, unit
+        self.done, self.bar = 0, None
+        self.start = self.last = time.perf_counter()
+        if self.enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if self.enabled and (self.done >= self.total or now - self.last >= PROGRESS_LINE_EVERY_S):
+            self.last = now
+            _say(True, f"{self.desc}: {self.done}/{self.total} {self.unit}s ({now - self.start:.0f} s)")
+
+    def close(self) -> None:
+        """Clear the bar; a finished loop leaves its count line (an interrupted one leaves none)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+            if self.done >= self.total:
+                _say(True, f"{self.desc}: {self.done}/{self.total} {self.unit}s "
+                           f"({time.perf_counter() - self.start:.0f} s)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 def _config(model) -> Any:
@@ -166,34 +202,6 @@ def read_text(path: str | os.PathLike) -> str:
     return text
 
 
-def split_sentences(text: str, min_words: int = 4, max_sentences: int | None = None) -> list[str]:
-    """Split ``text`` into sentences with a simple regex (paragraph by paragraph, whitespace normalised).
-
-    Common abbreviations ("Mr.", "Mrs.", ...) do not end a sentence; sentences with fewer than ``min_words``
-    words are dropped; at most ``max_sentences`` (the first ones) are returned.
-    """
-    out: list[str] = []
-    for para in re.split(r"\n\s*\n", text):
-        para = " ".join(para.split())
-        if not para:
-            continue
-        merged: list[str] = []
-        for piece in _SENTENCE_END.split(para):
-            piece = piece.strip()
-            if not piece:
-                continue
-            if merged and merged[-1].endswith(_ABBREVIATIONS):
-                merged[-1] = f"{merged[-1]} {piece}"
-            else:
-                merged.append(piece)
-        for sentence in merged:
-            if len(sentence.split()) >= min_words:
-                out.append(sentence)
-                if max_sentences is not None and len(out) >= max_sentences:
-                    return out
-    return out
-
-
 # ================================================================================================ perplexity
 def _windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, n_target) per window, as in the HF perplexity guide: the last ``n_target`` tokens of
@@ -267,10 +275,13 @@ def perplexity_ids(model, ids: torch.Tensor, context: int = 512, stride: int | N
     restore_ref = _was_eval(reference) if reference is not None else (lambda: None)
     total_nll, total_tokens = 0.0, 0
     ref_nll, total_kl, agree = 0.0, 0.0, 0
+    what = f"perplexity{' and reference' if reference is not None else ''} ({context}-token windows)"
+    counter = _Counter(progress, len(windows), what, "window")
     try:
-        for batch in _progress(batches, len(batches), progress, "perplexity"):
+        for batch in batches:
             length = batch[0][1] - batch[0][0]
             if length < 2:
+                counter.update(len(batch))
                 continue
             x = torch.stack([ids[b:e] for b, e, _ in batch])
             logits = _get(_forward(model, {"input_ids": x}, causal=True), "logits")
@@ -296,7 +307,9 @@ def perplexity_ids(model, ids: torch.Tensor, context: int = 512, stride: int | N
                 ref_nll += float(-lq.gather(1, flat_t[scored, None]).double().sum())
                 total_kl += float((lq.exp() * (lq - lp)).sum(dtype=torch.float64))
                 agree += int((lq.argmax(-1) == lp.argmax(-1)).sum())
+            counter.update(len(batch))
     finally:
+        counter.close()
         restore()
         restore_ref()
     if total_tokens == 0:
@@ -325,6 +338,7 @@ def perplexity(model, tokenizer_or_none, text: str, context: int = 512, stride: 
         tokenizer = loaded.tokenizer
     if not isinstance(text, str) or not text.strip():
         raise UsageError("the text to evaluate perplexity on is empty")
+    _say(progress, f"tokenizing {len(text):,} characters" + ("" if tokenizer else " (bytes: no tokenizer)"))
     if max_tokens is not None and tokenizer is not None:
         # tokenizing a whole corpus to keep its start is wasteful: cut the text generously first
         budget = max(4096, int(max_tokens) * 16)
@@ -333,6 +347,8 @@ def perplexity(model, tokenizer_or_none, text: str, context: int = 512, stride: 
             ids = _encode_ids(tokenizer, text, 0)
     else:
         ids = _encode_ids(tokenizer, text, _vocab_size(net, tokenizer))
+    _say(progress, f"{len(ids):,} tokens" + (f" (the first {max_tokens:,} are scored)"
+                                             if max_tokens is not None and len(ids) > max_tokens else ""))
     return perplexity_ids(net, torch.tensor(ids, dtype=torch.long), context=context, stride=stride,
                           max_tokens=max_tokens, batch_size=batch_size, progress=progress, reference=reference)
 
@@ -360,7 +376,7 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sentence_embeddings(model, tokenizer, sentences: Sequence[str], batch_size: int = 32,
-                        max_length: int = 128) -> torch.Tensor:
+                        max_length: int = 128, progress: bool = False, desc: str = "embeddings") -> torch.Tensor:
     """``[n, hidden]`` float64 embeddings: attention-masked mean of ``last_hidden_state``."""
     model, _ = _unwrap(model)
     limit = _max_positions(model)
@@ -373,11 +389,13 @@ def sentence_embeddings(model, tokenizer, sentences: Sequence[str], batch_size: 
     restore = _was_eval(model)
     out = []
     try:
-        for start in range(0, len(order), batch_size):
-            group = [sentences[i] for i in order[start:start + batch_size]]
-            batch = _tokenize_batch(tokenizer, group, max_length, vocab, pad)
-            hidden = _get(_forward(model, batch), "last_hidden_state")
-            out.append(_mean_pool(hidden.double(), batch["attention_mask"]))
+        with _Counter(progress, len(order), desc, "sentence") as counter:
+            for start in range(0, len(order), batch_size):
+                group = [sentences[i] for i in order[start:start + batch_size]]
+                batch = _tokenize_batch(tokenizer, group, max_length, vocab, pad)
+                hidden = _get(_forward(model, batch), "last_hidden_state")
+                out.append(_mean_pool(hidden.double(), batch["attention_mask"]))
+                counter.update(len(group))
     finally:
         restore()
     emb = torch.cat(out)
@@ -416,7 +434,8 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def embedding_similarity(model, ref_model, tokenizer, sentences: list[str], batch_size: int = 32,
-                         max_length: int = 128, max_pairs: int = MAX_PAIRS, seed: int = 0) -> dict:
+                         max_length: int = 128, max_pairs: int = MAX_PAIRS, seed: int = 0,
+                         progress: bool = False) -> dict:
     """Sentence-embedding agreement of ``model`` with ``ref_model`` (normally the dense source).
 
     ``mean_cosine``: mean over sentences of cos(model embedding, reference embedding) of the same sentence;
@@ -427,8 +446,9 @@ def embedding_similarity(model, ref_model, tokenizer, sentences: list[str], batc
     sentences = [s for s in sentences if isinstance(s, str) and s.strip()]
     if len(sentences) < 3:
         raise UsageError(f"embedding similarity needs at least 3 sentences, got {len(sentences)}")
-    emb = sentence_embeddings(model, tokenizer, sentences, batch_size, max_length)
-    ref = sentence_embeddings(ref_model, tokenizer, sentences, batch_size, max_length)
+    emb = sentence_embeddings(model, tokenizer, sentences, batch_size, max_length, progress, "embeddings (model)")
+    ref = sentence_embeddings(ref_model, tokenizer, sentences, batch_size, max_length, progress,
+                              "embeddings (reference)")
     if emb.shape != ref.shape:
         raise UsageError(f"the model's embeddings ({emb.shape[-1]}) and the reference's ({ref.shape[-1]}) "
                          "differ in size: is the reference the right model?")
@@ -443,13 +463,14 @@ def embedding_similarity(model, ref_model, tokenizer, sentences: list[str], batc
 
 # ================================================================================================ vision
 @torch.no_grad()
-def feature_similarity(model, ref_model, pixel_values_batches: Iterable) -> dict:
+def feature_similarity(model, ref_model, pixel_values_batches: Iterable, progress: bool = False) -> dict:
     """Vision backbone agreement with ``ref_model``: mean cosine of the CLS features
     (``last_hidden_state[:, 0]``, per image) and of the patch features (``[:, 1:]``, per token)."""
     model, _ = _unwrap(model)
     ref_model, _ = _unwrap(ref_model)
     restore_a, restore_b = _was_eval(model), _was_eval(ref_model)
     cls_sum, patch_sum, images, patches = 0.0, 0.0, 0, 0
+    counter = _Counter(progress, _count_images(pixel_values_batches), "features (model and reference)", "image")
     try:
         for batch in pixel_values_batches:
             pixels = batch["pixel_values"] if isinstance(batch, Mapping) else batch
@@ -464,13 +485,29 @@ def feature_similarity(model, ref_model, pixel_values_batches: Iterable) -> dict
                 pc = F.cosine_similarity(a[:, 1:], b[:, 1:], dim=-1)
                 patch_sum += float(pc.sum())
                 patches += pc.numel()
+            counter.update(a.shape[0])
     finally:
+        counter.close()
         restore_a()
         restore_b()
     if images == 0:
         raise UsageError("no images to compare")
     return {"cls_cosine": cls_sum / images, "patch_cosine": patch_sum / patches if patches else float("nan"),
             "images": images}
+
+
+def _count_images(batches) -> int:
+    """Images in a list of batches (0, no count shown, for a one-pass iterable that cannot be counted ahead)."""
+    if not isinstance(batches, (list, tuple)):
+        return 0
+    total = 0
+    for batch in batches:
+        if isinstance(batch, Mapping):
+            pixels = batch.get("pixel_values", batch.get("labels"))
+        else:
+            pixels = batch[1] if isinstance(batch, tuple) else batch
+        total += int(pixels.shape[0]) if isinstance(pixels, torch.Tensor) and pixels.dim() else 0
+    return total
 
 
 def _split_labelled(batch) -> tuple[dict, torch.Tensor]:
@@ -486,19 +523,22 @@ def _split_labelled(batch) -> tuple[dict, torch.Tensor]:
 
 
 @torch.no_grad()
-def top1(model, batches_with_labels: Iterable) -> float:
+def top1(model, batches_with_labels: Iterable, progress: bool = False, desc: str = "top-1") -> float:
     """Top-1 accuracy of a classifier: batches are ``{"pixel_values": ..., "labels": ...}`` dicts or
     ``(inputs, labels)`` pairs (inputs a tensor of pixels or a dict of model inputs)."""
     model, _ = _unwrap(model)
     restore = _was_eval(model)
     correct, total = 0, 0
+    counter = _Counter(progress, _count_images(batches_with_labels), desc, "image")
     try:
         for batch in batches_with_labels:
             inputs, labels = _split_labelled(batch)
             logits = _get(_forward(model, inputs), "logits")
             correct += int((logits.argmax(-1).cpu() == labels.view(-1).cpu()).sum())
             total += int(labels.numel())
+            counter.update(int(labels.numel()))
     finally:
+        counter.close()
         restore()
     if total == 0:
         raise UsageError("no labelled samples to score")
@@ -506,19 +546,21 @@ def top1(model, batches_with_labels: Iterable) -> float:
 
 
 @torch.no_grad()
-def logits_agreement(model, ref_model, batches: Iterable) -> dict:
+def logits_agreement(model, ref_model, batches: Iterable, progress: bool = False) -> dict:
     """Classifier vs reference without labels: top-1 agreement and mean logits cosine."""
     model, _ = _unwrap(model)
     ref_model, _ = _unwrap(ref_model)
     agree, cos, total = 0, 0.0, 0
-    for batch in batches:
-        inputs = dict(batch) if isinstance(batch, Mapping) else {"pixel_values": batch}
-        inputs.pop("labels", None)
-        a = _get(_forward(model, inputs), "logits").double()
-        b = _get(_forward(ref_model, inputs), "logits").double()
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        cos += float(F.cosine_similarity(a, b, dim=-1).sum())
-        total += a.shape[0]
+    with _Counter(progress, _count_images(batches), "logits (model and reference)", "image") as counter:
+        for batch in batches:
+            inputs = dict(batch) if isinstance(batch, Mapping) else {"pixel_values": batch}
+            inputs.pop("labels", None)
+            a = _get(_forward(model, inputs), "logits").double()
+            b = _get(_forward(ref_model, inputs), "logits").double()
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            cos += float(F.cosine_similarity(a, b, dim=-1).sum())
+            total += a.shape[0]
+            counter.update(a.shape[0])
     if total == 0:
         raise UsageError("no images to compare")
     return {"top1_agreement": agree / total, "logits_cosine": cos / total, "images": total}
@@ -561,16 +603,18 @@ def images_to_pixels(images: list, image_processor=None, config=None) -> torch.T
 
 
 def pixel_batches(paths: Sequence[Path], image_processor=None, config=None, batch_size: int = 16,
-                  labels: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
+                  labels: Sequence[int] | None = None, progress: bool = False) -> list[dict[str, torch.Tensor]]:
     channels = int(getattr(config, "num_channels", 3) or 3) if config is not None else 3
     mode = "L" if channels == 1 else "RGB"
     batches = []
-    for start in range(0, len(paths), batch_size):
-        images = [open_image(p, mode) for p in paths[start:start + batch_size]]
-        batch = {"pixel_values": images_to_pixels(images, image_processor, config)}
-        if labels is not None:
-            batch["labels"] = torch.tensor(list(labels[start:start + batch_size]), dtype=torch.long)
-        batches.append(batch)
+    with _Counter(progress, len(paths), "reading images", "image") as counter:
+        for start in range(0, len(paths), batch_size):
+            images = [open_image(p, mode) for p in paths[start:start + batch_size]]
+            batch = {"pixel_values": images_to_pixels(images, image_processor, config)}
+            if labels is not None:
+                batch["labels"] = torch.tensor(list(labels[start:start + batch_size]), dtype=torch.long)
+            batches.append(batch)
+            counter.update(len(images))
     return batches
 
 
@@ -803,6 +847,9 @@ def evaluate(target: str, data: str, *, reference: str | None = None, family: st
     * vision: CLS / patch feature similarity to the reference on the images in ``data``; classifiers get
       top-1 accuracy when ``labels`` (or ``data``) is a folder of class subfolders, else top-1 agreement
       with the reference.
+
+    ``progress``: a line on stderr for every phase (loading, reading, tokenizing) and counts of the windows,
+    sentences or images evaluated (a bar on a terminal, a line every few seconds elsewhere).
     """
     from .models import FAMILIES, load_model
 
@@ -856,10 +903,12 @@ def _evaluate(target, data_path: Path, *, reference, family, context, max_tokens
             if fam is None:
                 raise UsageError(f"{out_dir}/report.json does not say the model family; pass --family")
             config, tokenizer, processor = (_light_assets(hf_dir, fam) if hf_dir.is_dir() else (None, None, None))
+            _say(progress, f"loading {onnx_path} in ONNX Runtime")
             model = OnnxModel(onnx_path, family=fam, config=config)
         else:
             if not hf_dir.is_dir():
                 raise UsageError(f"{out_dir} has no hf/ folder to evaluate with torch (try --backend onnx)")
+            _say(progress, f"loading {hf_dir}")
             loaded = load_model(hf_dir)
             model, tokenizer, processor, config = loaded.model, loaded.tokenizer, loaded.image_processor, loaded.config
             fam = family or report.get("family") or loaded.family
@@ -869,6 +918,7 @@ def _evaluate(target, data_path: Path, *, reference, family, context, max_tokens
         if backend == "onnx":
             raise UsageError(f"--backend onnx needs a permcompile output folder (with report.json and model.onnx); "
                              f"{target} is not one")
+        _say(progress, f"loading {target}")
         loaded = load_model(target)
         model, tokenizer, processor, config = loaded.model, loaded.tokenizer, loaded.image_processor, loaded.config
         fam = family or loaded.family
@@ -890,10 +940,13 @@ def _evaluate(target, data_path: Path, *, reference, family, context, max_tokens
         result["reference"] = str(ref)
         return str(ref)
 
-    def ref_loaded():
-        return load_model(ref_spec())
+    def ref_loaded(spec: str | None = None):
+        spec = spec or ref_spec()
+        _say(progress, f"loading the reference {spec}")
+        return load_model(spec)
 
     if fam == "causal-lm":
+        _say(progress, f"reading {data_path}")
         text = read_text(data_path)
         ref = ref_loaded() if reference is not None else None
         ppl = perplexity(model, tokenizer or (ref.tokenizer if ref else None), text, context=context, stride=stride,
@@ -904,6 +957,7 @@ def _evaluate(target, data_path: Path, *, reference, family, context, max_tokens
 
     if fam == "encoder":
         spec = ref_spec()  # a missing reference is the first thing to report
+        _say(progress, f"reading {data_path}")
         text = read_text(data_path)
         sentences = split_sentences(text)
         if len(sentences) < 3:
@@ -914,10 +968,11 @@ def _evaluate(target, data_path: Path, *, reference, family, context, max_tokens
         if len(sentences) < 3:
             raise UsageError(f"data {data_path} holds {len(sentences)} sentence(s); embedding similarity needs "
                              "at least 3")
-        ref = load_model(spec)
+        _say(progress, f"{len(sentences):,} sentences")
+        ref = ref_loaded(spec)
         sim = embedding_similarity(model, ref.model, tokenizer or ref.tokenizer, sentences,
                                    batch_size=batch_size or 32,
-                                   max_length=min(128, context) if context else 128)
+                                   max_length=min(128, context) if context else 128, progress=progress)
         result.update({"metric": "embedding_similarity", **sim})
         return result
 
@@ -930,23 +985,24 @@ def _evaluate(target, data_path: Path, *, reference, family, context, max_tokens
         bs = batch_size or 16
         if classifier and label_dir is not None:
             paths, ids, mapping = labelled_images(label_dir, config)
-            batches = pixel_batches(paths, processor, config, bs, labels=ids)
-            result.update({"metric": "top1", "top1": top1(model, batches), "images": len(paths),
-                           "classes": len(mapping)})
+            batches = pixel_batches(paths, processor, config, bs, labels=ids, progress=progress)
+            result.update({"metric": "top1", "top1": top1(model, batches, progress, "top-1 (model)"),
+                           "images": len(paths), "classes": len(mapping)})
             if reference is not None:
                 ref = ref_loaded()
                 ref_batches = (batches if processor is not None or ref.image_processor is None else
-                               pixel_batches(paths, ref.image_processor, config, bs, labels=ids))
-                result["reference_top1"] = top1(ref.model, ref_batches)
+                               pixel_batches(paths, ref.image_processor, config, bs, labels=ids, progress=progress))
+                result["reference_top1"] = top1(ref.model, ref_batches, progress, "top-1 (reference)")
             return result
         spec = ref_spec()
         paths = image_paths(data_path)
-        ref = load_model(spec)
-        batches = pixel_batches(paths, processor or ref.image_processor, config or ref.config, bs)
+        ref = ref_loaded(spec)
+        batches = pixel_batches(paths, processor or ref.image_processor, config or ref.config, bs, progress=progress)
         if classifier:
-            result.update({"metric": "logits_agreement", **logits_agreement(model, ref.model, batches)})
+            result.update({"metric": "logits_agreement", **logits_agreement(model, ref.model, batches, progress)})
         else:
-            result.update({"metric": "feature_similarity", **feature_similarity(model, ref.model, batches)})
+            result.update({"metric": "feature_similarity",
+                           **feature_similarity(model, ref.model, batches, progress)})
         return result
 
     raise UsageError(f"cannot evaluate a model of family {fam!r}")

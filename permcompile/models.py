@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Nothing here may reach the network: set before transformers / huggingface_hub are imported.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import torch
 from torch import nn
 
 from .errors import MissingDependencyError, UsageError
+from .hfenv import set_hf_env
+
+# Nothing here may reach the network: set before transformers / huggingface_hub are imported.
+set_hf_env(quiet=False)
 
 FAMILIES = ("causal-lm", "encoder", "vision")
 
@@ -68,6 +69,7 @@ class LoadedModel:
     source: str = "<in-memory>"
     name: str = "model"
     extras: dict = field(default_factory=dict)
+    folder: Path | None = None  # the HF folder it was read from (None for an in-memory module)
 
     @property
     def config(self):
@@ -131,7 +133,7 @@ class LoadedModel:
         ids = None
         if self.tokenizer is not None:
             try:
-                from .calib.data import default_text
+                from .calib.text import default_text
 
                 ids = self.tokenizer(default_text()[:2000], add_special_tokens=False, verbose=False)["input_ids"]
                 ids = torch.tensor(ids[:seq], dtype=torch.long) if len(ids) >= seq else None
@@ -431,7 +433,34 @@ def _load_folder(folder: Path, *, trust_pickle: bool = False, name: str | None =
     image_processor = _load_image_processor(folder) if family == "vision" else None
     return LoadedModel(model=model, family=family, auto_class=auto_name, tokenizer=tokenizer,
                        image_processor=image_processor, source=source or str(folder),
-                       name=name or folder.resolve().name)
+                       name=name or folder.resolve().name, folder=folder)
+
+
+# What ``save_pretrained`` does not write but a model folder may carry: sentence-transformers' modules.json,
+# 1_Pooling/, config_sentence_transformers.json, ... Never weights (any format; an index would point at shards
+# that are not there), code (never run from an output), model cards (they describe the dense model) or our cache
+# marker.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data",
+                    ".gguf", ".npz", ".npy", ".pkl", ".pickle", ".tflite", ".ot", ".data", ".index.json")
+_NOT_COPIED = ("readme.md", "permcompile_source.json")
+MAX_EXTRA_FILE_BYTES = 64 * 1024 * 1024  # larger: weights in a format not listed above
+
+
+def copy_extra_files(src: Path, dst: Path) -> list[str]:
+    """Copy ``src``'s files that ``dst`` lacks, but for weights, code, model cards and hidden files (links are
+    followed: a Hub cache snapshot links to its blobs). Returns the relative paths copied."""
+    copied = []
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        name = path.name.lower()
+        if (any(part.startswith(".") for part in rel.parts) or not path.is_file() or name.endswith(_WEIGHT_SUFFIXES)
+                or name.endswith(".py") or name in _NOT_COPIED or (dst / rel).exists()
+                or path.stat().st_size > MAX_EXTRA_FILE_BYTES):
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dst / rel)
+        copied.append(rel.as_posix())
+    return copied
 
 
 # ------------------------------------------------------------------------------------------------ short names

@@ -22,6 +22,20 @@ _NOT_PLAIN_TEXT = (".json", ".jsonl", ".csv", ".parquet", ".png", ".jpg", ".jpeg
 _SNIFF_BYTES = 1 << 16
 
 
+def check_range(value, name: str) -> tuple[int, int, int]:
+    """A TensorRT profile range: ``"MIN,OPT,MAX"`` (the command line's text) or three integers (the API's), with
+    ``1 <= MIN <= OPT <= MAX``; else :class:`UsageError` naming ``name``."""
+    try:
+        parts = [int(x) for x in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        parts = []
+    if len(parts) != 3:
+        raise UsageError(f"{name} must be three integers MIN,OPT,MAX, got {value!r}")
+    if not 1 <= parts[0] <= parts[1] <= parts[2]:
+        raise UsageError(f"{name} must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {value!r}")
+    return parts[0], parts[1], parts[2]
+
+
 def check_seed(seed) -> int:
     """``seed`` as an int in ``[0, MAX_SEED]``, else :class:`UsageError`."""
     if isinstance(seed, bool) or not isinstance(seed, int):

@@ -7,14 +7,8 @@ import json
 import pytest
 import torch
 
-from permcompile.calib.data import (
-    DEFAULT_IMAGES,
-    DEFAULT_TEXT,
-    count_samples,
-    default_text,
-    load_calibration,
-    split_sentences,
-)
+from permcompile.calib.data import DEFAULT_IMAGES, count_samples, load_calibration
+from permcompile.calib.text import DEFAULT_TEXT, default_text, split_sentences
 from permcompile.calib.stats import ChannelStats, collect_input_stats, linear_layers
 from permcompile.errors import UsageError
 from permcompile.models import load_model
@@ -100,11 +94,6 @@ def test_default_images(vit):
     # 4 originals + 2 seeded augmentations, deterministic
     again = torch.cat([b["pixel_values"] for b in load_calibration(None, vit, 6, 16, 0)])
     torch.testing.assert_close(pixels, again)
-
-
-def test_split_sentences():
-    s = split_sentences('Mr. Allen was there. "Was he?" she asked! Yes.\n\nA new paragraph begins here.')
-    assert s == ["Mr. Allen was there.", '"Was he?" she asked!', "A new paragraph begins here."]
 
 
 # ------------------------------------------------------------------------------------------------ sources

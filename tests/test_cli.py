@@ -185,7 +185,10 @@ def test_noprune_writes_every_artifact(noprune):
     assert list((out / "hf").glob("*.safetensors"))
     assert tmp_leftovers(out.parent) == []
     assert not out.with_name(out.name + ".failed").exists()
-    assert "checks:" in result.stdout and "pruned layers: 0" in result.stdout
+    assert "pruned layers: 0" in result.stdout
+    n = len(json.loads((out / "report.json").read_text())["checks"])
+    assert (f"checks: {n}/{n} passed ({n - 1} on the written files, which `permcompile verify` re-runs; "
+            "onnxruntime_vs_torch_calibration on the model in memory)") in result.stdout
 
     perms = json.loads((out / "permutations.json").read_text())
     assert perms["strategy"] == "hungarian" and perms["sparsity"] == "2:4"
@@ -240,6 +243,12 @@ def test_verify_command_passes_on_fresh_output(pruned):
     checked = invoke(["verify", out])
     assert checked.exit_code == 0, describe(checked)
     assert "FAIL" not in checked.stdout and "checks passed" in checked.stdout
+    # optimize's count and verify's differ by the in-memory check; both outputs say so (optimize's: above)
+    recorded = json.loads((out / "report.json").read_text())["checks"]
+    n_files = int(re.search(r"(\d+)/\d+ checks passed", checked.stdout).group(1))
+    assert n_files == len(recorded) - 1, (checked.stdout, recorded)
+    assert (f"optimize also ran onnxruntime_vs_torch_calibration on the model in memory (report.json: "
+            f"{len(recorded)}/{len(recorded)} passed)") in checked.stdout
     as_json = invoke(["verify", out, "--json"])
     assert as_json.exit_code == 0, describe(as_json)
     checks = json.loads(as_json.stdout)

@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import click
@@ -346,6 +347,13 @@ def test_cli_eval_prints_ppl(tmp_path, tiny_dir):
     result = CliRunner().invoke(_cli(), ["eval", str(folder), "--data", str(text_file), "--context", "32"])
     assert result.exit_code == 0, result.output
     assert "ppl" in result.stdout and "perplexity" in result.stdout
+    # every phase says what it does, with counts (stderr: stdout stays the table)
+    windows = int(re.search(r"^windows +(\d+)$", result.stdout, re.M).group(1))
+    for line in (f"[permcompile] loading {folder}", f"[permcompile] reading {text_file}",
+                 "[permcompile] tokenizing ", f"perplexity (32-token windows): {windows}/{windows} windows"):
+        assert line in result.stderr, result.stderr
+    quiet = CliRunner().invoke(_cli(), ["eval", str(folder), "--data", str(text_file), "--context", "32", "--quiet"])
+    assert quiet.exit_code == 0 and "[permcompile]" not in quiet.stderr, quiet.stderr
     result = CliRunner().invoke(_cli(), ["eval", str(folder), "--data", str(text_file), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -374,8 +382,10 @@ def test_cli_eval_errors_are_one_line(tmp_path, tiny_dir, case):
     result = CliRunner().invoke(_cli(), ["eval", target, "--data", data])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
+    lines = [ln for ln in result.stderr.strip().splitlines() if not ln.startswith("[permcompile] ")]  # progress
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    quiet = CliRunner().invoke(_cli(), ["eval", target, "--data", data, "--quiet"])
+    assert quiet.exit_code == 2 and quiet.stderr.strip().splitlines() == lines, quiet.stderr
 
 
 # ------------------------------------------------------------------------------------------------ real models

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from permcompile.errors import MissingDependencyError, PermcompileError, UsageError
+from permcompile.modelio import main_output
 from permcompile.models import SHORT_NAMES, LoadedModel, load_model, wrap_module
 from permcompile.testing import ZOO, build_tiny
 
@@ -26,8 +27,6 @@ EXPECTED = {
 }
 
 
-def _main_output(out):
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 def _assert_one_line(exc: BaseException, *fragments: str) -> None:
@@ -65,8 +64,8 @@ def test_zoo_roundtrip(name, tiny_dir):
         assert ("attention_mask" in inputs) == (family == "encoder")
     assert loaded.forward_kwargs() == ({"use_cache": False} if family == "causal-lm" else {})
     with torch.no_grad():
-        got = _main_output(loaded.model(**inputs, **loaded.forward_kwargs()))
-        want = _main_output(reference(**inputs, **loaded.forward_kwargs()))
+        got = main_output(loaded.model(**inputs, **loaded.forward_kwargs()))
+        want = main_output(reference(**inputs, **loaded.forward_kwargs()))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
@@ -296,3 +295,40 @@ def test_image_size_follows_the_image_processor():
     assert wrap_module(model, image_processor=resize).image_size == (48, 48)
     no_fixed = SimpleNamespace(do_center_crop=False, size={"shortest_edge": 40})
     assert wrap_module(model, image_processor=no_fixed).image_size == (model.config.image_size,) * 2
+
+
+# ------------------------------------------------------------------------------------------------ extra files
+def test_sentence_transformers_files_reach_hf(tmp_path, tiny_dir):
+    """A sentence-transformers folder (MiniLM) keeps modules.json, 1_Pooling/ ... in OUT/hf; weights, code,
+    the model card and hidden files are never copied, and the output still verifies."""
+    from permcompile import OptimizeConfig, optimize
+    from permcompile.models import copy_extra_files
+
+    src = tmp_path / "st"
+    shutil.copytree(tiny_dir("bert"), src)
+    extras = {"modules.json": "[]", "1_Pooling/config.json": '{"pooling_mode_mean_tokens": true}',
+              "config_sentence_transformers.json": "{}", "sentence_bert_config.json": '{"max_seq_length": 64}'}
+    never = {"pytorch_model.bin": "x", "model.safetensors.index.json": "{}", "custom_model.py": "raise SystemExit",
+             "README.md": "# dense model card", ".gitattributes": "*", "onnx/model.onnx": "x"}
+    for rel, text in {**extras, **never}.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "modules.json").write_text("kept")  # what the destination has already is never overwritten
+    copied = set(copy_extra_files(src, dst))
+    assert set(extras) - {"modules.json"} <= copied and not copied & set(never), copied
+    assert (dst / "modules.json").read_text() == "kept"
+
+    for rel in ("pytorch_model.bin", "model.safetensors.index.json"):  # the loader would read these
+        (src / rel).unlink()
+    out = tmp_path / "out"
+    result = optimize(str(src), out, OptimizeConfig(permutation="none", calib_samples=2, calib_seq_len=16),
+                      quiet=True)
+    assert all(c["passed"] for c in result.report["checks"])
+    for rel, text in extras.items():
+        assert (out / "hf" / rel).read_text() == text, rel
+    for rel in never:
+        assert not (out / "hf" / rel).exists(), rel
+    assert sorted(result.report["hf_extra_files"]) == sorted(extras)
+    assert json.loads((out / "report.json").read_text())["files"]  # digests cover the copied files too

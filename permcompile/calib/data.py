@@ -19,10 +19,8 @@ file, a folder of ``.txt`` files, a ``datasets`` dataset saved with ``save_to_di
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import random
-import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -30,12 +28,11 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 
 from ..errors import MissingDependencyError, UsageError
+from .text import DEFAULT_DIR, default_text, read_text_file, split_sentences
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import LoadedModel
 
-DEFAULT_DIR = Path(__file__).resolve().parent / "default"
-DEFAULT_TEXT = DEFAULT_DIR / "northanger_abbey.txt"
 DEFAULT_IMAGES = DEFAULT_DIR / "images"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # calibration and eval alike
 TABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -44,47 +41,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_BATCH_SIZE = 8
 MAX_TEXT_CHARS = 4_000_000  # text beyond this (a seeded random slice is kept) is never tokenized
 MAX_DATASET_ROWS = 20_000
-_ABBREVIATIONS = ("Mr.", "Mrs.", "Ms.", "Dr.", "St.", "Mt.", "Jr.", "Sr.", "vs.", "e.g.", "i.e.", "etc.", "No.")
 
 
 # ------------------------------------------------------------------------------------------------ defaults
-@functools.lru_cache(maxsize=1)
-def default_text() -> str:
-    """The embedded calibration text (Northanger Abbey, chapters 1-12ish, public domain)."""
-    return DEFAULT_TEXT.read_text(encoding="utf-8")
-
-
 def default_image_paths() -> list[Path]:
     return sorted(p for p in DEFAULT_IMAGES.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-# ------------------------------------------------------------------------------------------------ reading text
-MAX_FILE_BYTES = 64 * 1024 * 1024  # read at most this much of one calibration file
-
-
-def read_text_file(path: Path, what: str = "calibration", max_bytes: int | None = MAX_FILE_BYTES) -> str:
-    """One UTF-8 text file (BOM dropped; at most ``max_bytes`` read). ``what`` names the file in errors.
-
-    Raises :class:`UsageError` for a path that is not a regular file (a device or pipe would block or never
-    end), an unreadable file, binary data or invalid UTF-8.
-    """
-    import stat as _stat
-
-    try:
-        mode = path.stat().st_mode
-        if not _stat.S_ISREG(mode):
-            raise UsageError(f"{what} path {path} is not a regular file (device, pipe or socket)")
-        with open(path, "rb") as fh:
-            raw = fh.read() if max_bytes is None else fh.read(max_bytes)
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
-    if b"\x00" in raw[:8192]:
-        raise UsageError(f"{what} file {path} is binary, not UTF-8 text")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UsageError(f"{what} file {path} is not UTF-8 text (binary data?)") from None
-
 
 
 def _pick_column(rows: list, where: str) -> list[str]:
@@ -292,31 +253,9 @@ def _causal_windows(docs: list[str], loaded: "LoadedModel", n_samples: int, seq_
     return [data[i] for i in chosen]
 
 
-# a sentence ends at . ! ? (optionally followed by a closing quote/bracket) before a capital, digit or quote
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[A-Z0-9])")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split text into sentences (paragraph by paragraph), keeping common abbreviations together."""
-    sentences: list[str] = []
-    for para in re.split(r"\n\s*\n|\n", text):
-        para = " ".join(para.split())
-        if not para:
-            continue
-        pieces = [p for p in _SENTENCE_END.split(para) if p]
-        merged: list[str] = []
-        for piece in pieces:
-            if merged and merged[-1].endswith(_ABBREVIATIONS):
-                merged[-1] = f"{merged[-1]} {piece}"
-            else:
-                merged.append(piece)
-        sentences.extend(s for s in merged if len(s.split()) >= 2)
-    return sentences
-
-
 def _encoder_batches(docs: list[str], loaded: "LoadedModel", n_samples: int, seq_len: int, seed: int,
                      batch_size: int, where: str) -> list[dict[str, torch.Tensor]]:
-    sentences = [s for d in docs for s in split_sentences(d)]
+    sentences = [s for d in docs for s in split_sentences(d, min_words=2)]
     if not sentences:
         sentences = [" ".join(d.split()) for d in docs if d.strip()]
     if not sentences:

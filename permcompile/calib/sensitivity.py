@@ -22,6 +22,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..modelio import main_output
+
 
 def output_sensitivity(model: nn.Module, batches: Iterable[dict], modules: list[str], family: str, *,
                        forward_kwargs: dict | None = None, seed: int = 0,
@@ -89,18 +91,8 @@ def output_sensitivity(model: nn.Module, batches: Iterable[dict], modules: list[
     return {name: (sums[name] / max(1, counts[name])).float() for name in sums}
 
 
-def _main_output(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if value is not None:
-            return value
-    return out[0]
-
-
 def _task_loss(out, batch: dict, family: str, gen: torch.Generator) -> torch.Tensor:
-    y = _main_output(out)
+    y = main_output(out)
     mask = batch.get("attention_mask")
     if family == "causal-lm" and "input_ids" in batch and y.dim() == 3:
         labels = batch["input_ids"][:, 1:]

@@ -45,6 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PermcompileError, UsageError
+from ..modelio import main_output as _main_output
+from ..modelio import main_output_name
 
 __all__ = [
     "OnnxExportError",
@@ -161,33 +163,18 @@ def default_forward_kwargs(model: nn.Module, forward_kwargs: Mapping[str, Any] |
 
 
 def main_output(out: Any) -> Tensor:
-    """The model's main tensor: ``logits``, else ``last_hidden_state``, else the first tensor."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, Mapping):
-        for key in ("logits", "last_hidden_state"):
-            value = out.get(key)
-            if isinstance(value, Tensor):
-                return value
-        for value in out.values():
-            if isinstance(value, Tensor):
-                return value
-    if isinstance(out, (tuple, list)):
-        for value in out:
-            if isinstance(value, Tensor):
-                return value
-    raise OnnxExportError(f"cannot find an output tensor in the model's {type(out).__name__} output")
+    """The model's main tensor (:func:`permcompile.modelio.main_output`), as an export error when there is none."""
+    try:
+        return _main_output(out)
+    except ValueError as exc:
+        raise OnnxExportError(str(exc)) from None
 
 
 def _output_name(out: Any) -> str:
-    if isinstance(out, Mapping):
-        for key in ("logits", "last_hidden_state"):
-            if isinstance(out.get(key), Tensor):
-                return key
-        for key, value in out.items():
-            if isinstance(value, Tensor):
-                return str(key)
-    return "output"
+    try:
+        return main_output_name(out)
+    except ValueError:
+        return "output"
 
 
 class ExportWrapper(nn.Module):

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError, VerificationError
+from ..hfenv import set_hf_env
+from ..modelio import random_inputs, text_config
 from .onnx import ExportWrapper, iter_weight_uses
 
 __all__ = [
@@ -537,50 +539,6 @@ def _safetensors_reader(hf_dir: Path):
     return where, read
 
 
-def _text_config(config):
-    getter = getattr(config, "get_text_config", None)
-    if callable(getter):
-        try:
-            return getter()
-        except Exception:  # noqa: BLE001
-            pass
-    return config
-
-
-def random_inputs(input_names: Sequence[str], config, batch: int, seq: int,
-                  generator: torch.Generator, image_hw: tuple[int, int] | None = None) -> dict[str, Tensor]:
-    """Random model inputs for ``input_names`` from a transformers config (vocab_size / image_size).
-
-    ``image_hw`` overrides the config's ``image_size`` for ``pixel_values``: the size the graph was
-    exported at (a processor may crop to less than the config says, as DINOv2's does: 224 vs 518).
-    """
-    out: dict[str, Tensor] = {}
-    text = _text_config(config)
-    for name in input_names:
-        if name in ("input_ids", "decoder_input_ids"):
-            vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
-            if not vocab:
-                raise UsageError(f"cannot generate {name}: the config has no vocab_size")
-            out[name] = torch.randint(0, int(vocab), (batch, seq), generator=generator)
-        elif name in ("attention_mask", "decoder_attention_mask"):
-            out[name] = torch.ones(batch, seq, dtype=torch.long)
-        elif name == "token_type_ids":
-            out[name] = torch.zeros(batch, seq, dtype=torch.long)
-        elif name == "position_ids":
-            out[name] = torch.arange(seq).unsqueeze(0).repeat(batch, 1)
-        elif name == "pixel_values":
-            vision = getattr(config, "vision_config", None) or config
-            size = image_hw or getattr(vision, "image_size", None)
-            if size is None:
-                raise UsageError("cannot generate pixel_values: the config has no image_size")
-            h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
-            channels = int(getattr(vision, "num_channels", 3))
-            out[name] = torch.randn(batch, channels, int(h), int(w), generator=generator)
-        else:
-            raise UsageError(f"cannot generate random values for input {name!r}")
-    return out
-
-
 def _static_image_hw(onnx_model) -> tuple[int, int] | None:
     """(height, width) of the graph's ``pixel_values`` input when both are fixed numbers, else None."""
     for vi in onnx_model.graph.input:
@@ -681,7 +639,7 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
         cls = getattr(transformers, str(report["auto_class"]), None)
         if cls is None or not str(report["auto_class"]).startswith("Auto"):
             raise ValueError(f"unknown auto class {report['auto_class']!r}")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        set_hf_env(quiet=False)
         hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
         if isinstance(hf_config, Mapping) and hf_config.get("auto_map"):  # never run code from an output
             raise ValueError("config.json asks to run custom code (auto_map); permcompile never runs it")
@@ -738,7 +696,7 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
     if model is not None and onnx_ok:
         try:
             gen = torch.Generator().manual_seed(seed)
-            max_pos = getattr(_text_config(model.config), "max_position_embeddings", None) or 10**9
+            max_pos = getattr(text_config(model.config), "max_position_embeddings", None) or 10**9
             batches = [random_inputs(report["input_names"], model.config, b, min(s, int(max_pos)), gen, image_hw)
                        for b, s in shapes]
             start = time.perf_counter()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..passes.groups import gather_index
+from .gather import gather_index
 from .nm import nm_mask
 from .sinkhorn import harden, log_sinkhorn, soft_nm_mask
 

@@ -1,0 +1,83 @@
+"""How every ``permcompile`` command runs: one ``error:`` line per failure, SIGTERM like Ctrl-C.
+
+Shared by :mod:`permcompile.cli` and :mod:`permcompile.cli_eval` (which ``cli`` registers), so neither
+imports the other's module at run time.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+
+import click
+
+from .errors import PermcompileError, Terminated
+from .hfenv import set_hf_env
+
+set_hf_env()
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
+def run_command(fn, debug: bool, precheck=None):
+    """Run ``fn`` turning every error into one line; ``precheck`` (torch-free argument checks) runs first,
+    before transformers and torch are imported. SIGTERM unwinds like Ctrl-C (temporaries removed), exit 143."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        if precheck is not None:
+            precheck()
+        _quiet_hf()
+        return fn()
+    except PermcompileError as exc:
+        if debug:
+            traceback.print_exc()
+        msg = str(exc).strip()
+        click.echo(f"error: {msg}", err=True)
+        sys.exit(exc.exit_code)
+    except Terminated as exc:
+        hint = getattr(exc, "resume_hint", None)
+        click.echo("error: terminated by SIGTERM (nothing was written to the output"
+                   + (f"; {hint})" if hint else ")"), err=True)
+        sys.exit(143)
+    except KeyboardInterrupt as exc:
+        # a pass that keeps a checkpoint says what is in it (passes/learn.py sets ``resume_hint``)
+        hint = getattr(exc, "resume_hint", None)
+        click.echo("error: interrupted (nothing was written to the output" + (f"; {hint})" if hint else ")"),
+                   err=True)
+        sys.exit(130)
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc.strerror or exc} ({exc.filename or ''})".replace(" ()", ""), err=True)
+        sys.exit(1)
+    except Exception as exc:  # a bug: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        click.echo(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug for details)",
+                   err=True)
+        sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_hf() -> None:
+    """Our own step lines say what is happening; transformers' per-file bars only clutter stderr.
+
+    transformers reads the variable when first imported; importing it here (and torch with it) would cost
+    seconds before the arguments are even checked, so an already imported one is switched off directly."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        try:
+            hf_logging.disable_progress_bar()
+        except Exception:  # an older transformers without the switch
+            pass
