@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+",
                     default=["none", "hungarian", "none+obs", "random+obs", "hungarian+obs", "learned+obs"],
                     help="our rows: STRATEGY[/per-layer][+obs[+search|+refit|+critmask]] (see quality_encoder.py)")
-    ap.add_argument("--peer-methods", nargs="+", default=["sparsegpt", "wanda"])
+    ap.add_argument("--peer-methods", nargs="*", default=["sparsegpt", "wanda"], help="none: our rows only")
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON"))
     ap.add_argument("--no-unstructured", action="store_true")
     ap.add_argument("--tag", default="")
