@@ -26,8 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from permcompile.hfenv import unset_hf_env
+
+os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: provenance
+from provenance import command_line, git_state, provenance_lines  # noqa: E402
 
 import numpy as np
 import torch
@@ -184,7 +188,7 @@ def main() -> None:
     result = {**info, "onnx": str(onnx_path), "images_checked": len(photos), "image_size": 224,
               "max_abs_err": worst_abs, "max_rel_err": worst_rel, "min_cls_cosine": min(cls_cos),
               "seconds": time.perf_counter() - t0, "out": str(out),
-              "command": " ".join(["python", "benchmarks/dinov2_from_onnx.py"] + sys.argv[1:])}
+              "command": command_line("dinov2_from_onnx.py"), "git": git_state()}
     (out / "conversion.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     results = Path(args.results_dir)
@@ -198,7 +202,7 @@ def main() -> None:
              f"{info['hidden']} / {info['mlp']} | {info['positions']} | {len(photos)} | {worst_abs:.2e} | "
              f"{worst_rel:.2e} | {min(cls_cos):.7f} |", "",
              "Relative error = max |torch − ORT| / max |ORT| per image, worst image. The mask token (training only) is "
-             "not in the ONNX graph and is set to zeros.", "", f"Command: `{result['command']}`"]
+             "not in the ONNX graph and is set to zeros.", ""] + provenance_lines(result)
     (results / "dinov2_conversion.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"max error vs ONNX Runtime over {len(photos)} photos: abs {worst_abs:.3e}, relative {worst_rel:.3e}")

@@ -15,11 +15,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from permcompile.hfenv import unset_hf_env
+
+os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: provenance
+from provenance import command_line, git_state, provenance_lines  # noqa: E402
 
 import torch
 
@@ -72,7 +77,7 @@ def main() -> None:
         ev, ev1 = torch.linalg.eigvalsh(g), torch.linalg.eigvalsh(g - g0)
         lines.append(f"| {name} | {float(torch.trace(g0) / torch.trace(g)):.3f} | {ratio:.1f} | "
                      f"{float(ev[-1] / ev.sum()):.3f} | {float(ev1[-1] / ev1.sum()):.3f} |")
-    lines += ["", f"Command: `python benchmarks/gram_token_share.py --data-dir {args.data_dir}`"]
+    lines += [""] + provenance_lines({"command": command_line("gram_token_share.py"), "git": git_state()})
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)

@@ -20,7 +20,9 @@ INTRO = """# Benchmark results
 
 Produced on the project's CPU machine (2 cores, shared with other jobs while these ran, so wall times are
 upper bounds) unless a table names a GPU. Each section is a table written by a benchmark script; the command
-that produced it is under the table. Regenerate this file with `python benchmarks/make_results.py`.
+that produced it is under the table (and, in tables written since 2026-12-06, the commit). Regenerate this file
+with `python benchmarks/make_results.py`. Superseded tables (a newer table repeats their settings and seeds) are
+kept in `results/archive/` and not shown.
 
 R = gap recovered = (metric_none − metric_method) / (metric_none − metric_unstructured) for perplexity
 (sign flipped for similarity metrics): the share of the loss between N:M without permutation and
@@ -146,7 +148,7 @@ def overview(results: Path = RESULTS) -> str:
     if not tables:
         return ""
     used = [m for m in OVERVIEW_METHODS if any(m in t["R"] for ts in tables.values() for t in ts)]
-    lines = ["### Overview: gap recovered R per model, pattern and criterion (mean ± sd over calibration seeds, n)",
+    lines = [f"### {OVERVIEW_TITLE}",
              "", "| model (metric) | N:M | criterion | none → unstructured | " + " | ".join(used) + " | from |",
              "|---|---|---|---|" + "---|" * len(used) + "---|"]
     for (model, nm, crit), ts in sorted(tables.items()):
@@ -185,6 +187,54 @@ def overview(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+# The questions the tables answer, in the order a reader asks them: (question, stem pattern, sub-question of the
+# one above). A table may answer several; one no pattern matches is listed under the last entry. Superseded
+# tables live in results/archive/ (a newer table repeats their settings) and appear nowhere here.
+QUESTIONS = (
+    ("How much quality does N:M sparsity cost, and how much do permutations win back? The overview, then by model:",
+     None, False),
+    ("SmolLM2-135M (perplexity, KL to dense)", r"quality_smollm2_.*", True),
+    ("MiniLM-L6 (sentence-embedding cosine to dense)", r"quality_minilm_.*", True),
+    ("DINOv2-S (CLS and patch feature cosine to dense)", r"quality_dinov2-s_.*", True),
+    ("ViT classifier on digits (top-1)", r"quality_vit-digits_.*", True),
+    ("Which learned-strategy settings work (objective, warm start, exchanges, sequential, task loss)?",
+     r"quality_.*_(diagonal|relative|warmgreedy|exchanges|sequential|taskloss|residual)(_.*)?", False),
+    ("One residual permutation for the model, or one per reading site (glue ops)?",
+     r"quality_.*_(perlayer|residual_modes)", False),
+    ("How does the exchange search converge with its budget?", r"search_convergence_.*", False),
+    ("How do we compare with llm-compressor's SparseGPT?", r"peer_.*", False),
+    ("How fast is 2:4 on a GPU (sparse kernels vs dense)?", r"sparse_speed.*", False),
+    ("What does a compile cost (time per stage, peak memory)?", r"(pipeline_cost|memory_scaling).*", False),
+    ("Is the DINOv2 model converted from ONNX the same model?", r"dinov2_conversion", False),
+    ("Why do Gram-based objectives over-weight the first token?", r"gram_token_share_.*", False),
+)
+OVERVIEW_TITLE = "Overview: gap recovered R per model, pattern and criterion (mean ± sd over calibration seeds, n)"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but ``-`` and ``_`` dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def index_by_question(stems: list[str]) -> str:
+    """The opening index of RESULTS.md: each question and links to the sections that answer it."""
+    lines = ["## Index by question", ""]
+    placed: set[str] = set()
+    for question, pattern, sub in QUESTIONS:
+        found = [s for s in stems if pattern is not None and re.fullmatch(pattern, s)]
+        placed.update(found)
+        links = [f"[{s.removeprefix('quality_')}](#{_anchor(s)})" for s in found]
+        if pattern is None:
+            links = [f"[overview](#{_anchor(OVERVIEW_TITLE)})"]
+        if links:
+            lines.append(f"{'  ' if sub else ''}- **{question}** " + ", ".join(links))
+    rest = [s for s in stems if s not in placed]
+    if rest:
+        lines.append("- **Other tables** " + ", ".join(f"[{s.removeprefix('quality_')}](#{_anchor(s)})" for s in rest))
+    lines.append("")
+    return "\n".join(lines)
+
+
 FINDINGS = HERE.parent / "docs" / "FINDINGS.md"
 BEGIN, END = "<!-- overview: written by benchmarks/make_results.py -->", "<!-- end of overview -->"
 
@@ -202,17 +252,22 @@ def update_findings(table: str, findings: Path = FINDINGS) -> bool:
     return True
 
 
+def _section_files(results: Path = RESULTS) -> list[Path]:
+    """The tables RESULTS.md shows: results/*.md but smoke runs and probes (results/archive/ is not read)."""
+    return [md for md in sorted(results.glob("*.md")) if not md.stem.endswith(("_smoke", "_probe"))]
+
+
 def main() -> None:
-    parts = [INTRO]
+    files = _section_files()
+    title, _, intro = INTRO.partition("\n\n")
+    parts = [title + "\n", index_by_question([md.stem for md in files]), "## About these tables\n\n" + intro]
     table = overview()
     if table:
         parts.append(table)
         if update_findings(table):
             print(f"updated the overview in {FINDINGS}")
     sections = 0
-    for md in sorted(RESULTS.glob("*.md")):
-        if md.stem.endswith("_smoke") or md.stem.endswith("_probe"):
-            continue
+    for md in files:
         parts.append(f"## {md.stem}\n")
         sections += 1
         parts.append(md.read_text().strip() + "\n")

@@ -35,8 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from permcompile.hfenv import unset_hf_env
+
+os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: provenance
+from provenance import git_state  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -47,20 +51,6 @@ SHAPE_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads
 # --tiny: the same code path on a toy shape (a logic check in seconds; its figures mean nothing)
 SHAPE_TINY = dict(SHAPE_1B, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=256, head_dim=16)
-
-
-def git_state() -> dict:
-    """Commit and locally modified files (the tree may hold uncommitted work); env PERMCOMPILE_COMMIT else."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.splitlines()
-        if head:
-            return {"commit": head, "modified": [x[3:] for x in dirty]}
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"commit": os.environ.get("PERMCOMPILE_COMMIT", "unknown"), "modified": None}
 
 
 def machine() -> dict:

@@ -33,9 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from permcompile.hfenv import unset_hf_env
+
+os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: provenance
+from provenance import git_state  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (report key, column title)
@@ -60,18 +63,6 @@ def _loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def _git_state() -> dict:
-    """Commit and locally modified files: the tree may hold uncommitted work when this runs."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "permcompile"], cwd=root, capture_output=True,
-                               text=True).stdout.splitlines()
-        return {"commit": head or None, "modified": [x[3:] for x in dirty]}
-    except OSError:
-        return {"commit": None, "modified": []}
 
 
 def run_one(model: str, args) -> dict:
@@ -171,7 +162,7 @@ def main() -> None:
 
     env = {"cpu_count": os.cpu_count(), "torch_threads_default": torch.get_num_threads(),
            "threads_requested": args.threads or None, "cpu": _cpu_name(), "torch": torch.__version__,
-           "python": platform.python_version(), "loadavg_start": _loadavg(), "git": _git_state()}
+           "python": platform.python_version(), "loadavg_start": _loadavg(), "git": git_state()}
     print(f"cpu_count={env['cpu_count']} torch_threads={env['torch_threads_default']} "
           f"loadavg(1,5,15 min) at start={env['loadavg_start']}", flush=True)
 

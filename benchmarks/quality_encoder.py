@@ -32,8 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from permcompile.hfenv import unset_hf_env
+
+os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: provenance
+from provenance import git_state, provenance_lines  # noqa: E402
 
 import torch
 
@@ -367,11 +371,13 @@ def learned_note(args) -> str:
 
 
 def write_results(stem: str, out: dict, lines: list[str], out_dir: str | Path | None = None) -> None:
-    """``<out_dir>/<stem>.json`` (everything) and ``.md`` (the table and the command), default benchmarks/results."""
+    """``<out_dir>/<stem>.json`` (everything, with the commit) and ``.md`` (the table, the commit and the command),
+    default benchmarks/results."""
     folder = Path(out_dir) if out_dir else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
+    out.setdefault("git", git_state())
     (folder / f"{stem}.json").write_text(json.dumps(out, indent=1))
-    lines = lines + ["", f"Command: `{out['command']}`"]
+    lines = lines + [""] + provenance_lines(out)
     (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -35,8 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from permcompile.hfenv import unset_hf_env
+
+os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
 
 import torch
 

@@ -39,8 +39,12 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from permcompile.hfenv import unset_hf_env
+
+os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: provenance
+from provenance import command_line, git_state, provenance_lines  # noqa: E402
 
 import torch
 import torch.nn.functional as F
@@ -354,11 +358,7 @@ def bench_model(args, device, dry_run: bool) -> dict | None:
             inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
         batches.append(inputs)
 
-    def out_of(o):
-        for key in ("logits", "last_hidden_state"):
-            if getattr(o, key, None) is not None:
-                return getattr(o, key)
-        return o[0] if isinstance(o, (tuple, list)) else o
+    from permcompile.modelio import main_output as out_of
 
     result = {"model": what, "dtype": str(dtype).replace("torch.", ""), "points": []}
     with torch.inference_mode():
@@ -406,7 +406,7 @@ def markdown(out: dict) -> str:
              + f"; backend: {env['backend']}. Median of {out['repeats']} samples after {out['warmup']} warm-up calls.",
              ""]
     if out.get("skipped"):
-        return "\n".join(lines + [f"skipped: {out['reason']}", "", f"Command: `{out['command']}`"]) + "\n"
+        return "\n".join(lines + [f"skipped: {out['reason']}", ""] + provenance_lines(out)) + "\n"
     lines += ["| model | layers | [out, in] | tokens | dtype | dense ms | sparse ms | speed-up (graph) | "
               "speed-up (eager) | max rel err |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["shapes"]:
@@ -433,7 +433,7 @@ def markdown(out: dict) -> str:
     if dry:
         lines += ["", "Dry run: the 'sparse' operand is the pruned weight stored densely; figures only prove the code "
                   "path runs."]
-    lines += ["", f"Command: `{out['command']}`"]
+    lines += [""] + provenance_lines(out)
     return "\n".join(lines) + "\n"
 
 
@@ -460,14 +460,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 20 or args.model_repeats < 20:
         if not args.dry_run:
             ap.error("--repeats and --model-repeats must be >= 20")
-    command = " ".join(["python", "benchmarks/sparse_speed.py"] + (sys.argv[1:] if argv is None else argv))
+    command = command_line("sparse_speed.py", argv)
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"sparse_speed{'_dryrun' if args.dry_run else ''}{args.tag}"
     env = backend_info(args.dry_run)
     out = {"dry_run": args.dry_run, "env": env, "warmup": args.warmup, "repeats": args.repeats,
-           "command": command, "skipped": False}
+           "command": command, "git": git_state(), "skipped": False}
 
     def write(o):
         (out_dir / f"{stem}.json").write_text(json.dumps(o, indent=1))

@@ -39,6 +39,7 @@ def test_sparse_speed_dry_run_writes_json(tmp_path, keep_threads, capsys):
     assert m["swapped"] and m["points"] and m["points"][0]["max_rel_logit_diff"] < 1e-4
     assert any("tied" in s["reason"] or "dense" in s["reason"] for s in m["kept_dense"])  # lm_head stays dense
     assert "DRY RUN" in (tmp_path / "sparse_speed_dryrun_t.md").read_text()
+    assert out["git"]["commit"] and "Commit `" in (tmp_path / "sparse_speed_dryrun_t.md").read_text()
 
 
 def test_prune_2of4_is_nm():
@@ -355,3 +356,38 @@ def test_benchmark_scripts_reject_bad_methods_in_one_line(capsys):
         mod.run_main(bad_main)
     assert exc.value.code == 2
     assert capsys.readouterr().err == "error: model path nosuch does not exist\n"
+
+
+def test_results_index_by_question_and_archive(tmp_path):
+    """RESULTS.md opens with an index by question; every table is listed, results/archive/ is not read."""
+    mod = _load("make_results")
+    for stem in ("quality_smollm2_2of4_wanda", "quality_minilm_2of4_wanda_taskloss", "sparse_speed",
+                 "pipeline_cost_x", "brand_new_table", "quality_smollm2_2of4_wanda_smoke"):
+        (tmp_path / f"{stem}.md").write_text("| a |\n")
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / "quality_old_2of4_wanda.md").write_text("| old |\n")
+    stems = [md.stem for md in mod._section_files(tmp_path)]
+    assert "quality_old_2of4_wanda" not in stems and "quality_smollm2_2of4_wanda_smoke" not in stems
+    index = mod.index_by_question(stems)
+    lines = index.splitlines()
+    assert lines[0] == "## Index by question"
+    by_question = {line.split("**")[1]: line for line in lines if "**" in line}
+    assert "(#quality_smollm2_2of4_wanda)" in by_question["SmolLM2-135M (perplexity, KL to dense)"]
+    assert "(#quality_minilm_2of4_wanda_taskloss)" in next(v for k, v in by_question.items()
+                                                             if k.startswith("Which learned-strategy"))
+    assert "(#sparse_speed)" in by_question["How fast is 2:4 on a GPU (sparse kernels vs dense)?"]
+    assert "(#brand_new_table)" in by_question["Other tables"]  # a table no question names is still listed
+    assert "#overview-gap-recovered-r-per-model" in lines[2]
+    assert mod._anchor(mod.OVERVIEW_TITLE) == "overview-gap-recovered-r-per-model-pattern-and-criterion-mean--sd-" \
+                                               "over-calibration-seeds-n"
+
+
+def test_results_record_the_commit_and_the_command(tmp_path, capsys):
+    """Every writer stores provenance (issue 20): quality_encoder.write_results serves the quality scripts."""
+    mod = _load("quality_encoder")
+    mod.write_results("t", {"command": "python benchmarks/quality_encoder.py --methods none"}, ["| t |"], tmp_path)
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert len(data["git"]["commit"]) == 40 and isinstance(data["git"]["modified"], list)
+    md = (tmp_path / "t.md").read_text()
+    assert f"Commit `{data['git']['commit'][:12]}`" in md
+    assert md.rstrip().endswith("Command: `python benchmarks/quality_encoder.py --methods none`")
