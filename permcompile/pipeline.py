@@ -118,16 +118,6 @@ def _check_replaceable(target: Path, model_path: Path | None, *, engine: bool, f
         raise UsageError(f"refusing to replace {target}: it is not a permcompile output (no report.json)")
 
 
-def _check_range(r, name: str) -> tuple[int, int, int]:
-    try:
-        lo, opt, hi = (int(x) for x in r)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name} must be three integers MIN, OPT, MAX, got {r!r}") from None
-    if not 1 <= lo <= opt <= hi:
-        raise UsageError(f"{name} must satisfy 1 <= MIN <= OPT <= MAX, got {r!r}")
-    return lo, opt, hi
-
-
 @dataclass
 class Compressed:
     """Everything ``compress_`` decided and measured (the model itself was changed in place)."""
@@ -288,9 +278,10 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
 
     if not isinstance(config, OptimizeConfig):
         raise UsageError(f"config must be an OptimizeConfig, got {type(config).__name__}")
-    batch_range = _check_range(batch_range, "batch range")
-    seq_range = _check_range(seq_range, "sequence range")
-    from .precheck import check_calibration_source, check_model_spec, check_seed
+    from .precheck import check_calibration_source, check_model_spec, check_range, check_seed
+
+    batch_range = check_range(batch_range, "batch range")
+    seq_range = check_range(seq_range, "sequence range")
 
     check_seed(config.seed)  # before any file is read or the model loaded (minutes on a large model)
     check_model_spec(model)
@@ -448,31 +439,19 @@ def _verification_inputs(loaded, batches: list[dict]) -> list[dict]:
     first = {k: v[:2] for k, v in batches[0].items()}
     if "input_ids" in first and first["input_ids"].shape[-1] > 64:
         first = {k: (v[:, :64] if v.dim() >= 2 and k != "pixel_values" else v) for k, v in first.items()}
-    inputs = [first]
+    from .modelio import random_inputs
+
     gen = torch.Generator().manual_seed(1234)
-    ex = loaded.example_inputs(batch=2, seq=16)
-    rand = {}
-    for k, v in ex.items():
-        if v.dtype in (torch.long, torch.int64, torch.int32) and k == "input_ids":
-            hi = int(getattr(loaded.model.config, "vocab_size", int(v.max()) + 1))
-            rand[k] = torch.randint(0, hi, tuple(v.shape), generator=gen)
-        elif v.is_floating_point():
-            rand[k] = torch.randn(tuple(v.shape), generator=gen)
-        else:
-            rand[k] = v
-    inputs.append(rand)
-    return inputs
+    names = list(loaded.example_inputs(batch=2, seq=16))
+    image_hw = loaded.image_size if "pixel_values" in names else None
+    return [first, random_inputs(names, loaded.config, 2, 16, gen, image_hw=image_hw, vocab_size=loaded.vocab_size)]
 
 
 def _main_output(net, batch: dict, loaded) -> torch.Tensor:
-    out = net(**batch, **loaded.forward_kwargs())
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits") and out.logits is not None:
-        return out.logits
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    return out[0]
+    """``net``'s main tensor on ``batch`` (:func:`permcompile.modelio.main_output`)."""
+    from .modelio import main_output
+
+    return main_output(net(**batch, **loaded.forward_kwargs()))
 
 
 @torch.no_grad()
@@ -518,6 +497,10 @@ def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_resu
                     extra.save_pretrained(tmp / "hf")
                 except Exception:  # a tokenizer that cannot save is not worth failing the run
                     pass
+        if loaded.folder is not None:  # e.g. sentence-transformers' modules.json and 1_Pooling/
+            from .models import copy_extra_files
+
+            report["hf_extra_files"] = copy_extra_files(Path(loaded.folder), tmp / "hf")
     stages["save_hf"] = round(time.perf_counter() - clock, 3)
     info = export_onnx(net, loaded.example_inputs(), tmp / "model.onnx", config.precision,
                        forward_kwargs=loaded.forward_kwargs(), prefetched=prefetch)
