@@ -1189,6 +1189,7 @@ def test_ctrl_c_during_learning_then_resume(llama, tmp_path):
     lines = message_lines(err)
     errors = [ln for ln in lines if ln.startswith("error: ")]
     assert errors == [lines[-1]] and "interrupted" in errors[0], err[-2000:]
+    assert "learned blocks are checkpointed in" in errors[0] and "--resume" in errors[0], errors[0]
     assert_no_output(target)
     resumed = subprocess.run(args + ["--resume", "--quiet"], capture_output=True, text=True, env=env, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

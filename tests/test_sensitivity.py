@@ -90,11 +90,11 @@ def test_learned_with_task_loss_runs_and_changes_the_objective(tiny_dir, tmp_pat
                     OptimizeConfig(**base, learn=LearnConfig(steps=5, task_loss=True)), quiet=True,
                     checkpoint_dir=str(tmp_path / "cb"))
     assert all(c["passed"] for c in task.report["checks"])
-    notes_a = {g["name"]: g["note"] for g in plain.report["groups"] if g["strategy"] == "learned"}
-    notes_b = {g["name"]: g["note"] for g in task.report["groups"] if g["strategy"] == "learned"}
-    assert notes_a.keys() == notes_b.keys() and notes_a
+    errors_a = {g["name"]: g["error_after"] for g in plain.report["groups"] if g["strategy"] == "learned"}
+    errors_b = {g["name"]: g["error_after"] for g in task.report["groups"] if g["strategy"] == "learned"}
+    assert errors_a.keys() == errors_b.keys() and errors_a
     # the objective values differ: the rows are weighted by their Fisher information
-    assert any(notes_a[k] != notes_b[k] for k in notes_a)
+    assert any(errors_a[k] != errors_b[k] for k in errors_a)
     assert task.report["config"]["learn"]["task_loss"] is True
 
 

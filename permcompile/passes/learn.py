@@ -204,7 +204,7 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
 
         def on_step(step, value, best, _g=g):
             if bar:
-                bar.set_postfix_str(f"{_g.name[-32:]} step {step} loss {value:.4f} best {best:.4f}")
+                bar.set_postfix_str(f"{_g.name} step {step} loss {value:.4f} best {best:.4f}")
 
         res = learn_permutation(
             consumers, g.size, n, m, perms[g.name], g.block_labels(), g.fixed_mask(),
@@ -218,13 +218,28 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
         scores = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
         r.kept_chosen = kept_importance(scores, n, m, res.perm) / float(scores.sum())
         r.strategy = "learned"
-        r.note = (f"{lc.objective} error {res.loss_warm:.5f} ({lc.warm_start}) -> {res.loss_best:.5f}"
-                  f" ({res.swaps} exchanges kept)")
+        _record_search(r, lc.objective, float(res.loss_warm), float(res.loss_best), int(res.swaps),
+                       f"{lc.objective} error {res.loss_warm:.5f} ({lc.warm_start}) -> {res.loss_best:.5f}"
+                       f" ({res.swaps} exchanges kept)")
         if bar:
-            bar.set_postfix_str(f"{g.name[-32:]} {lc.objective} error {res.loss_warm:.4f} -> {res.loss_best:.4f}, "
+            bar.set_postfix_str(f"{g.name} {lc.objective} error {res.loss_warm:.4f} -> {res.loss_best:.4f}, "
                                 f"kept importance {r.kept_chosen:.4f}")
-        done_block[g.name] = {"perm": res.perm.tolist(), "kept": r.kept_chosen, "note": r.note}
+        done_block[g.name] = _entry(r, res.perm)
     return done_block
+
+
+_SEARCH_FIELDS = ("objective", "error_before", "error_after", "exchanges_kept")
+
+
+def _record_search(r, objective: str, before: float, after: float, kept: int, note: str) -> None:
+    """A group's exchange-search outcome: typed fields for programs, ``note`` for people."""
+    r.objective, r.error_before, r.error_after, r.exchanges_kept, r.note = objective, before, after, kept, note
+
+
+def _entry(r, perm: torch.Tensor) -> dict:
+    """A learned group's checkpoint entry: its permutation and what :func:`_record_search` recorded."""
+    return {"perm": perm.tolist(), "kept": r.kept_chosen, "note": r.note,
+            **{key: getattr(r, key) for key in _SEARCH_FIELDS}}
 
 
 RESIDUAL_KEY = "<residual>"  # checkpoint entry of the residual-stream refinement
@@ -277,9 +292,10 @@ def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) ->
         matrix = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
         r.kept_chosen = kept_importance(matrix, n, m, perm) / float(matrix.sum())
         r.strategy = "learned"
-        r.note = (f"diagonal error over {len(energies)} readers {before:.5f} ({config.learn.warm_start})"
-                  f" -> {after:.5f} ({kept} exchanges kept)")
-        done[g.name] = {"perm": perm.tolist(), "kept": r.kept_chosen, "note": r.note}
+        _record_search(r, "diagonal", float(before), float(after), int(kept),
+                       f"diagonal error over {len(energies)} readers {before:.5f} ({config.learn.warm_start})"
+                       f" -> {after:.5f} ({kept} exchanges kept)")
+        done[g.name] = _entry(r, perm)
     return done
 
 
@@ -367,7 +383,8 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
     # an explicit folder or --resume: every block is saved; the default cache only once the search runs long
     write_after = 0.0 if (checkpoint_dir or resume) else CHECKPOINT_AFTER_S
     started = time.perf_counter()
-    writer = {"on": True}
+    # "saved": how many blocks the checkpoint file holds (what a Ctrl-C can tell the user to --resume from)
+    writer = {"on": True, "saved": sum(k in state["done"] for k in blocks) if resume else None}
     if not checkpoint_dir:  # the pipeline deletes the default checkpoint once the output is written
         loaded.extras["learn_checkpoint"] = ckpt_dir
 
@@ -383,6 +400,8 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
             perms[name] = torch.tensor(entry["perm"], dtype=torch.long)
             r = by_name[name]
             r.kept_chosen, r.strategy, r.note = entry["kept"], "learned", entry.get("note", "")
+            for key in _SEARCH_FIELDS:  # absent from a checkpoint of an older version: left None
+                setattr(r, key, entry.get(key))
 
     def save(key, entries, t1):
         for name in entries:
@@ -395,6 +414,7 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(state), encoding="utf-8")
             os.replace(tmp, ckpt)
+            writer["saved"] = sum(k in state["done"] for k in keys)
         except OSError as exc:  # a read-only or full home: the run goes on, only --resume is lost
             writer["on"] = False
             try:
@@ -415,6 +435,11 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
             restore(key)
             if bar:
                 bar.update(1)
+    if resume and not quiet:
+        reused = sum(k in state["done"] for k in keys)
+        extra = " and the residual-stream refinement" if RESIDUAL_KEY in state["done"] else ""
+        print(f"[permcompile] --resume: reused {reused} of {len(keys)} learned blocks{extra} from {ckpt}; "
+              f"{len(keys) - reused} left to learn", file=sys.stderr, flush=True)
     sensitivity = None
     todo = [k for k in keys if k not in state["done"]]
     if config.learn.task_loss and todo:
@@ -472,6 +497,11 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
                     bar.set_postfix_str(f"residual stream: {config.learn.residual_trials} exchange trials")
                 save(RESIDUAL_KEY, _refine_residual(groups, net, stats, config, pruned, perms, by_name,
                                                     generator(RESIDUAL_KEY)), t1)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the CLI's error line says how to go on
+        if writer.get("saved") is not None and ckpt.is_file():
+            exc.resume_hint = (f"{writer['saved']} of {len(keys)} learned blocks are checkpointed in {ckpt_dir}: "
+                               "rerun the same command with --resume to continue from them")
+        raise
     finally:  # also on Ctrl-C: clear the bar so the error message starts its own line
         if sequential is not None:
             sequential.restore()

@@ -44,7 +44,14 @@ class GroupResult:
     seconds: float
     consumers: int
     fixed: int
-    note: str = ""
+    note: str = ""  # for people; the numbers a program reads are the typed fields below
+    # the learned pass's exchange search (None for the heuristic strategies): its objective's error on this
+    # group's pruned consumers with the warm start's permutation and with the one kept, and how many checked
+    # exchanges it kept
+    objective: str | None = None
+    error_before: float | None = None
+    error_after: float | None = None
+    exchanges_kept: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -155,7 +162,11 @@ def group_progress(total: int, desc: str, quiet: bool):
 
     bar = tqdm(total=total, desc=desc, unit="group", file=sys.stderr, leave=False)
     try:
-        yield lambda _name: bar.update(1)
+        def advance(name: str) -> None:  # the whole group name: a cut one is ambiguous across blocks
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
+
+        yield advance
     finally:
         bar.close()
 
