@@ -182,9 +182,15 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
                                        config.seed)
         # with several processes (calib/distributed.py) each runs its share and the sums are all-reduced
         local = shard(batches)
-        if stats is None:
+        if stats is None and str(config.device) != "cpu":  # only one block at a time on the accelerator
+            from .calib.blocks import stream_channel_stats
+
+            heads = set(_trailing_heads(captured, linears))
+            stats = stream_channel_stats(net, local, [i.module for i in linears if i.module not in heads],
+                                         forward_kwargs=loaded.forward_kwargs(), device=config.device, quiet=quiet)
+        elif stats is None:
             stats = collect_input_stats(net, local, progress=not quiet, forward_kwargs=loaded.forward_kwargs(),
-                                        stop_at=_trailing_heads(captured, linears), device=config.device)
+                                        stop_at=_trailing_heads(captured, linears))
         else:
             stats = copy.deepcopy(stats)
 
@@ -206,6 +212,11 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
             perms, group_results = learn_permutations(
                 loaded, groups, search_stats, batches, search_config, pruned=pruned, quiet=quiet,
                 resume=resume, checkpoint_dir=checkpoint_dir)
+        elif config.permutation == "e2e":  # learned against the model's own output (passes/e2e.py)
+            from .passes.e2e import e2e_permutations
+
+            perms, group_results = e2e_permutations(loaded, groups, search_stats, batches, search_config,
+                                                    linears=linears, quiet=quiet)
         else:
             with group_progress(len(groups), config.permutation, quiet) as progress:
                 perms, group_results = choose_permutations(

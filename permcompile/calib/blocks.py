@@ -114,7 +114,7 @@ class _HessianHooks:
 
     Registered after any glue gather, so each Hessian is in the linear's stored column order."""
 
-    def __init__(self, model: nn.Module, modules: list[str], device):
+    def __init__(self, model: nn.Module, modules: list[str], device, diagonal: bool = False):
         self.acc: dict[str, HessianAccumulator] = {}
         self.mask: torch.Tensor | None = None
         self._last = None  # (input tensor, its XᵀX, its token count): siblings share one product
@@ -122,7 +122,7 @@ class _HessianHooks:
         for name in modules:
             mod = model.get_submodule(name)
             k = mod.in_features if isinstance(mod, nn.Linear) else int(mod.weight.shape[0])
-            self.acc[name] = HessianAccumulator(k, device)
+            self.acc[name] = HessianAccumulator(k, device, diagonal)
             self.handles.append(mod.register_forward_pre_hook(self._hook(name, k)))
 
     def _hook(self, name: str, k: int):
@@ -169,7 +169,8 @@ def _progress(total: int, desc: str, quiet: bool):
 def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *, forward_kwargs: dict | None = None,
                     device: str | torch.device = "cpu", rerun: bool = True, desc: str = "blocks",
                     quiet: bool = True, start: int = 0, hidden: list | None = None,
-                    on_block_done=None) -> Iterator[tuple[str, dict[str, HessianAccumulator]]]:
+                    on_block_done=None, diagonal: bool = False
+                    ) -> Iterator[tuple[str, dict[str, HessianAccumulator]]]:
     """For each block holding some of ``modules``: yield ``(block FQN, {module: HessianAccumulator})``.
 
     Each block is moved to ``device`` while it is processed and back afterwards. With ``rerun`` (the
@@ -177,6 +178,8 @@ def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *
     the outputs of this block *as the caller left it*; without, the outputs of the first pass are reused
     (statistics of the unchanged model, one pass per block). Modules outside every block are not visited:
     see :func:`model_hessians`.
+
+    ``diagonal``: keep only ``diag(XᵀX)`` per linear (cheap; what Wanda/RIA scores need).
 
     Resuming: ``start`` skips the first blocks and ``hidden`` gives the inputs of block ``start`` (one tensor
     per batch, as passed to ``on_block_done(index, block FQN, next inputs)`` after each block).
@@ -202,7 +205,7 @@ def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *
             home = next(block.parameters()).device
             block.to(device)
             inside = [x for x in modules if x.startswith(name + ".")]
-            hooks = _HessianHooks(model, inside, device)
+            hooks = _HessianHooks(model, inside, device, diagonal)
             outputs = []
             try:
                 for i in range(len(inputs.hidden)):
@@ -232,10 +235,10 @@ def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *
 
 @torch.no_grad()
 def model_hessians(model: nn.Module, batches: list[dict], modules: list[str], *,
-                   forward_kwargs: dict | None = None) -> dict[str, HessianAccumulator]:
+                   forward_kwargs: dict | None = None, diagonal: bool = False) -> dict[str, HessianAccumulator]:
     """Layer-input Hessians of ``modules`` from whole-model forwards (for linears outside the blocks)."""
     home = next(model.parameters()).device
-    hooks = _HessianHooks(model, modules, home)
+    hooks = _HessianHooks(model, modules, home, diagonal)
     try:
         for batch in batches:
             hooks.mask = _token_mask(batch)
@@ -271,4 +274,25 @@ def obs_stats(model: nn.Module, batches: list[dict], modules: list[str], *, damp
         for name, acc in model_hessians(model, batches, rest, forward_kwargs=forward_kwargs).items():
             if acc.count:
                 keep(name, acc)
+    return out
+
+
+def stream_channel_stats(model: nn.Module, batches: list[dict], modules: list[str], *,
+                         forward_kwargs: dict | None = None, device: str | torch.device = "cpu",
+                         quiet: bool = True) -> dict[str, ChannelStats]:
+    """``collect_input_stats`` one block at a time: ``Σx²`` per input channel of each of ``modules`` with only
+    the current block on ``device`` (the model stays where it is). Modules outside the blocks, if any, get one
+    whole-model pass where the model lives."""
+    out: dict[str, ChannelStats] = {}
+    for _block, accs in stream_hessians(model, batches, modules, forward_kwargs=forward_kwargs, device=device,
+                                        rerun=False, desc="calibration", quiet=quiet, diagonal=True):
+        for name, acc in accs.items():
+            if acc.count:
+                out[name] = ChannelStats(sum_sq=acc.xtx.cpu().double(), count=acc.count)
+    rest = [x for x in modules if x not in out and not any(x.startswith(b + ".") for b in
+                                                             find_blocks(model, set(modules)))]
+    if rest:
+        for name, acc in model_hessians(model, batches, rest, forward_kwargs=forward_kwargs, diagonal=True).items():
+            if acc.count:
+                out[name] = ChannelStats(sum_sq=acc.xtx.cpu().double(), count=acc.count)
     return out

@@ -25,13 +25,17 @@ from torch import Tensor
 
 @dataclass
 class HessianAccumulator:
-    """Running ``XᵀX`` of one layer's input (float64 on the accumulator's device), and the token count."""
+    """Running ``XᵀX`` of one layer's input (float64 on the accumulator's device), and the token count.
+
+    ``diagonal=True`` keeps only ``diag(XᵀX)`` (``Σ x²`` per channel, a ``[K]`` vector): the Wanda/RIA statistics."""
 
     k: int
     device: torch.device | str = "cpu"
+    diagonal: bool = False
 
     def __post_init__(self) -> None:
-        self.xtx = torch.zeros(self.k, self.k, dtype=torch.float64, device=self.device)
+        shape = (self.k,) if self.diagonal else (self.k, self.k)
+        self.xtx = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.count = 0
 
     def add(self, rows: Tensor) -> tuple[Tensor, int]:
@@ -39,12 +43,12 @@ class HessianAccumulator:
 
         Returns the block's ``(XᵀX, tokens)`` so a layer reading the same inputs can reuse it."""
         rows = rows.reshape(-1, self.k).to(self.xtx.device, torch.float32)
-        product = (rows.T @ rows).double()
+        product = (rows.square().sum(0) if self.diagonal else rows.T @ rows).double()
         self.add_product(product, int(rows.shape[0]))
         return product, int(rows.shape[0])
 
     def add_product(self, product: Tensor, count: int) -> None:
-        """Add an already computed ``XᵀX`` of ``count`` tokens."""
+        """Add an already computed ``XᵀX`` (or its diagonal) of ``count`` tokens."""
         self.xtx += product
         self.count += count
 
