@@ -962,13 +962,15 @@ def _evaluate(target, data_path: Path, *, reference, family, context, max_tokens
         sentences = split_sentences(text)
         if len(sentences) < 3:
             sentences = split_sentences(text, min_words=1)
+        found = len(sentences)
         if max_sentences is not None and len(sentences) > max_sentences:
             keep = sorted(random.Random(0).sample(range(len(sentences)), max_sentences))
             sentences = [sentences[i] for i in keep]
         if len(sentences) < 3:
             raise UsageError(f"data {data_path} holds {len(sentences)} sentence(s); embedding similarity needs "
                              "at least 3")
-        _say(progress, f"{len(sentences):,} sentences")
+        _say(progress, f"{len(sentences):,} sentences" + (f" (a seeded sample of the {found:,} found)"
+                                                           if found > len(sentences) else ""))
         ref = ref_loaded(spec)
         sim = embedding_similarity(model, ref.model, tokenizer or ref.tokenizer, sentences,
                                    batch_size=batch_size or 32,
