@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 
-STRATEGIES = ("none", "random", "greedy", "hungarian", "learned")
+STRATEGIES = ("none", "random", "greedy", "hungarian", "learned", "e2e")
 CRITERIA = ("magnitude", "wanda", "ria")
 PRECISIONS = ("auto", "fp32", "fp16")  # ONNX precision; "auto" is resolved by OptimizeConfig.resolve_precision
 RESIDUAL_MODES = ("global", "per-layer")
@@ -163,6 +163,58 @@ def parse_learn(pairs, base: LearnConfig | None = None) -> LearnConfig:
     return dataclasses.replace(base if base is not None else LearnConfig(), **changes)
 
 
+E2E_LOSSES = ("auto", "kl", "ce", "cosine", "mse")  # E2EConfig.loss
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """Research knobs of the ``e2e`` strategy (``passes/e2e.py``): permutations learned against the model's own
+    output, PermLLM-style (the CLI exposes only ``--permutation e2e``).
+
+    One block-diagonal soft permutation per coupling group (``block_size`` positions per block, head and pinned
+    elements respected), log-domain Sinkhorn (``sinkhorn_iters``) at a temperature annealed ``tau_start`` →
+    ``tau_end``, Hungarian hardening with a straight-through gradient, started at the ``hungarian`` permutation
+    (``init_scale``: the identity's logit margin). Masks: hard N:M of the criterion in permuted order, softmax-over-M
+    surrogate gradient at temperature ``mask_tau`` (relative to each stripe's mean score). AdamW (``lr``) for
+    ``steps`` steps, one calibration batch per step; ``gumbel`` scales Gumbel noise added to the logits (faded with
+    the temperature). ``loss``: "kl" to the dense model's logits, "ce" next-token cross-entropy (causal LMs),
+    "cosine" 1 − cosine of the main output (last hidden state, PermLLM's), "mse" relative squared error; "auto" =
+    "kl" for causal LMs, "cosine" otherwise. ``distill`` > 0 adds that weight times a layer-wise smooth-L1
+    distillation of every hidden state (AMD's auxiliary term). The result is the better, over all calibration
+    batches, of the final logits' permutations and the step that beat the warm start by the widest margin on its
+    batch; with ``keep_best`` it replaces the warm start only if its loss is lower.
+    """
+
+    block_size: int = 64
+    steps: int = 100
+    lr: float = 0.1
+    sinkhorn_iters: int = 5
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    init_scale: float = 2.0
+    mask_tau: float = 0.5
+    # Gumbel noise on the logits (times tau / tau_start): exploration. Without it the planted 32-channel problem of
+    # tests/test_e2e.py is not solved; MiniLM 2:4 held-out cosine was within noise with or without it
+    gumbel: float = 1.0
+    loss: str = "auto"
+    distill: float = 0.0
+    keep_best: bool = True
+
+    def resolve_loss(self, family: str) -> str:
+        if self.loss != "auto":
+            return self.loss
+        return "kl" if family == "causal-lm" else "cosine"
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2 or self.steps < 0 or self.sinkhorn_iters < 1:
+            raise UsageError("e2e needs block_size >= 2, steps >= 0 and sinkhorn_iters >= 1")
+        if not (self.lr > 0 and 0 < self.tau_end <= self.tau_start and self.mask_tau > 0 and self.distill >= 0
+                and self.gumbel >= 0):
+            raise UsageError("e2e needs lr > 0, 0 < tau_end <= tau_start, mask_tau > 0, distill >= 0, gumbel >= 0")
+        if self.loss not in E2E_LOSSES:
+            raise UsageError(f"e2e loss must be one of {', '.join(E2E_LOSSES)}, got {self.loss!r}")
+
+
 UPDATES = ("none", "obs")
 MASK_SCORES = ("obs", "criterion")
 SEARCH_OBJECTIVES = ("criterion", "obs")
@@ -224,6 +276,7 @@ class OptimizeConfig:
     # (SparseGPT-style optimal brain surgeon on the layer-input Hessian, in stored order); "none": mask only
     update: str = "obs"
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    e2e: E2EConfig = field(default_factory=E2EConfig)  # the "e2e" strategy's knobs
 
     def resolve_precision(self, checkpoint_dtype) -> str:
         """The ONNX precision for a model stored in ``checkpoint_dtype`` (a torch dtype or its name):
@@ -258,6 +311,8 @@ class OptimizeConfig:
             raise UsageError(f"--update must be one of {', '.join(UPDATES)}, got {self.update!r}")
         if not isinstance(self.reconstruct, ReconstructConfig):
             raise UsageError("reconstruct must be a ReconstructConfig")
+        if not isinstance(self.e2e, E2EConfig):
+            raise UsageError("e2e must be an E2EConfig")
         if self.residual not in RESIDUAL_MODES:
             raise UsageError(f"--residual must be one of {', '.join(RESIDUAL_MODES)}, got {self.residual!r}")
         if self.calib_samples < 1 or self.calib_seq_len < 2:

@@ -1,0 +1,339 @@
+"""The ``e2e`` permutation strategy: permutations learned against the model's own output (orchestration).
+
+Why: the heuristics (``hungarian``) and the ``learned`` search score each layer alone on a proxy; the published
+methods that beat them (PermLLM, AMD arXiv 2601.22980) learn the permutations against the model's output. This
+pass does that with our coupling groups, so the result still folds into the weights with zero glue.
+
+How (the math is in ``permcompile.math.e2e``): every movable coupling group gets learnable ``B×B`` logits per block
+(``math.e2e.block_layout``: blocks never mix head/GQA labels nor touch pinned elements). Each step, Sinkhorn gives
+the soft permutations and Hungarian the hard ones (straight-through); for every pruned consumer the criterion's
+N:M mask is chosen in the permuted order and mapped back to the stored order, and the model runs with its frozen
+weights times those masks (``torch.func.functional_call``: nothing is written to the model). The loss compares the
+output with the dense model's on the calibration batches; AdamW updates the logits only. The permutations start
+at ``hungarian`` (the warm start, folded first in thought: the learned block permutation acts on the warm start's
+positions) and, with ``keep_best``, are returned only if they beat it over all calibration batches.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import E2EConfig
+from ..math import e2e as E
+from ..math.nm import nm_mask
+from .groups import Group, gather_index
+from .sparsify import choose_permutations, consumer_scores, group_progress
+
+
+@dataclass
+class _Site:
+    """One pruned consumer: its stored weight's ``[out, K]`` view, criterion scores, and how its columns move."""
+
+    param: str
+    k_axis: int
+    scores: torch.Tensor  # [out, K] stored order, fixed
+    group: str | None
+    cols: torch.Tensor | None  # group element carried by each column (None: no group)
+    src_warm: torch.Tensor | None  # stored column feeding each column once the warm start is folded
+    moves: list = field(default_factory=list)  # (layout key, blocks present, colidx [nb', B]) per replica
+
+
+@dataclass
+class E2EResult:
+    perms: dict
+    loss_warm: float  # over all calibration batches, hard masks
+    loss_learned: float
+    kept: bool  # whether the learned permutations replaced the warm start
+    history: list  # loss per step (the hard permutation's, on that step's batch)
+    seconds: float
+
+
+def _replica_moves(cols: torch.Tensor, size: int, layout: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each replica (GQA: a kv element read by several query heads), the blocks of ``layout`` whose every
+    element this consumer carries that many times, and the columns carrying them: ``[(blocks, colidx)]``."""
+    counts = torch.bincount(cols, minlength=size)
+    order = torch.argsort(cols, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    out = []
+    for rep in range(int(counts.max()) if counts.numel() else 0):
+        present = (counts[layout] > rep).all(dim=1)
+        if bool(present.any()):
+            sel = torch.nonzero(present).flatten()
+            out.append((sel, order[starts[layout[sel]] + rep]))
+    return out
+
+
+def _sites(groups: list[Group], warm: dict, layouts: dict, scores: dict, k_axes: dict) -> list[_Site]:
+    owner = {}
+    for g in groups:
+        for mem in g.consumers:
+            if mem.param in scores:
+                owner.setdefault(mem.param, (g, mem))
+    sites = []
+    for param in sorted(scores):
+        s = scores[param]
+        k_axis = k_axes.get(param, 1)
+        g, mem = owner.get(param, (None, None))
+        if g is None or g.name not in warm:
+            sites.append(_Site(param, k_axis, s, None, None, None))
+            continue
+        cols = mem.index_tensor(s.shape[1])
+        site = _Site(param, k_axis, s, g.name, cols, gather_index(cols, warm[g.name]))
+        for key, layout in layouts.get(g.name, []):
+            for sel, colidx in _replica_moves(cols, g.size, layout):
+                site.moves.append((key, sel, colidx))
+        sites.append(site)
+    return sites
+
+
+def _hard_mask(site: _Site, perm: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
+    """The N:M mask the compiler will apply once ``perm`` is folded, in the stored column order."""
+    if perm is None:
+        return nm_mask(site.scores, n, m).float()
+    src = gather_index(site.cols, perm)
+    mask = torch.empty_like(site.scores)
+    mask[:, src] = nm_mask(site.scores[:, src], n, m).float()
+    return mask
+
+
+def _effective_masks(sites, perms, qs, n, m, mask_tau) -> dict[str, torch.Tensor]:
+    """Per site the hard mask of ``perms`` in value, with the straight-through gradient of the soft block
+    permutations ``qs`` (layout key → ``[nb, B, B]``) through the softmax-over-M surrogate."""
+    out = {}
+    for site in sites:
+        hard = _hard_mask(site, perms.get(site.group) if site.group else None, n, m)
+        if not site.moves or qs is None:
+            out[site.param] = hard
+            continue
+        x = site.scores[:, site.src_warm]  # columns in the warm start's folded order
+        for key, sel, colidx in site.moves:
+            x = E.permute_columns(x, colidx, qs[key][sel])
+        soft = E.soft_topn_mask(x, n, m, mask_tau)
+        for key, sel, colidx in reversed(site.moves):
+            soft = E.unpermute_columns(soft, colidx, qs[key][sel])
+        back = torch.empty_like(site.src_warm)
+        back[site.src_warm] = torch.arange(site.src_warm.numel())
+        soft = soft[:, back]  # stored order
+        out[site.param] = hard + soft - soft.detach()
+    return out
+
+
+def _overrides(model: nn.Module, sites, masks) -> dict[str, torch.Tensor]:
+    params = {}
+    for site in sites:
+        w = model.get_parameter(site.param).detach()
+        mk = masks[site.param].to(w.dtype)
+        params[site.param] = w * (mk if site.k_axis == 1 else mk.t())
+    return params
+
+
+def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, torch.Tensor],
+                       scores: dict[str, torch.Tensor], batches: list, run: Callable, objective: Callable, n: int,
+                       m: int, config: E2EConfig, seed: int = 0, k_axes: dict | None = None,
+                       progress: Callable | None = None) -> E2EResult:
+    """Learn one block-diagonal permutation per movable group on top of ``warm``, end to end.
+
+    ``scores[param]``: the criterion's ``[out, K]`` scores of every pruned weight (they move with their columns;
+    ``k_axes[param]`` = 0 for a weight stored ``[K, out]``, default 1);
+    ``run(overrides, batch)``: the model's output with the parameters in ``overrides`` replaced;
+    ``objective(out, ref, batch)``: the scalar loss of ``out`` against the dense model's ``ref`` for ``batch``.
+    The model's parameters are never written. Returns the permutations (valid for their groups) and the losses.
+    """
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    cfg = config
+    layouts: dict[str, list] = {}
+    logits: dict[str, torch.Tensor] = {}
+    for g in groups:
+        if g.name not in warm or g.size % m or g.movable < 2 or not any(c.param in scores for c in g.consumers):
+            continue
+        for layout in E.block_layout(g.block_labels(), g.fixed_mask(), cfg.block_size):
+            key = f"{g.name}/{layout.shape[1]}"
+            layouts.setdefault(g.name, []).append((key, layout))
+            logits[key] = E.init_logits(layout.shape[0], layout.shape[1], cfg.init_scale, 0.01, gen).requires_grad_()
+    sites = _sites(groups, warm, layouts, scores, k_axes or {})
+
+    def hard_perms(qh: dict | None) -> dict:
+        perms = {name: torch.as_tensor(p, dtype=torch.long) for name, p in warm.items()}
+        if qh is None:
+            return perms
+        for name, entries in layouts.items():
+            for key, layout in entries:
+                perms[name] = E.compose_blocks(perms[name], layout, qh[key])
+        return perms
+
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            refs = [run({}, b) for b in batches]
+
+        def batch_losses(perms) -> list[float]:
+            with torch.no_grad():
+                masks = _effective_masks(sites, perms, None, n, m, cfg.mask_tau)
+                over = _overrides(model, sites, masks)
+                return [float(objective(run(over, b), r, b)) for b, r in zip(batches, refs)]
+
+        warm_losses = batch_losses(hard_perms(None))
+        loss_warm = sum(warm_losses) / len(batches)
+        history: list[float] = []
+        qh_last = None
+        # the hard permutation with the lowest step loss relative to the warm start's on the same batch: a
+        # candidate for the final choice beside the last one (the search may pass through a better point)
+        best_ratio, qh_best = 1.0, None
+        if logits and cfg.steps > 0:
+            opt = torch.optim.AdamW(list(logits.values()), lr=cfg.lr, weight_decay=0.0)
+            order = torch.randperm(len(batches), generator=gen).tolist()
+            for step in range(cfg.steps):
+                tau = E.anneal(step, cfg.steps, cfg.tau_start, cfg.tau_end)
+                qs, qh = {}, {}
+                for key, lg in logits.items():
+                    if cfg.gumbel > 0:  # Gumbel-Sinkhorn exploration, fading with the temperature
+                        u = torch.rand(lg.shape, generator=gen).clamp(1e-9, 1 - 1e-9)
+                        lg = lg - cfg.gumbel * (tau / cfg.tau_start) * torch.log(-torch.log(u))
+                    qh[key], qs[key] = E.harden_st(E.soft_permutation(lg, tau, cfg.sinkhorn_iters))
+                perms = hard_perms(qh)
+                masks = _effective_masks(sites, perms, qs, n, m, cfg.mask_tau)
+                i = order[step % len(order)]
+                loss = objective(run(_overrides(model, sites, masks), batches[i]), refs[i], batches[i])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                history.append(float(loss.detach()))
+                ratio = history[-1] / max(warm_losses[i], 1e-30)
+                if ratio < best_ratio:
+                    best_ratio, qh_best = ratio, {k: v.clone() for k, v in qh.items()}
+                if progress:
+                    progress(step, cfg.steps, history[-1], tau)
+            # the permutation the final logits give (the last step's, after its update)
+            tau = cfg.tau_end
+            with torch.no_grad():
+                qh_last = {key: E.harden(E.soft_permutation(lg, tau, cfg.sinkhorn_iters)) for key, lg in logits.items()}
+        learned, loss_learned = hard_perms(None), loss_warm
+        for cand in (qh_last, qh_best):
+            if cand is not None:
+                perms = hard_perms(cand)
+                value = sum(batch_losses(perms)) / len(batches)
+                if qh_last is cand or value < loss_learned:
+                    learned, loss_learned = perms, value
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    keep = qh_last is not None and (not cfg.keep_best or loss_learned < loss_warm)
+    perms = learned if keep else hard_perms(None)
+    for g in groups:
+        if g.name in perms and not g.is_valid(perms[g.name]):  # post-condition: the fold accepts it
+            raise RuntimeError(f"e2e permutation for {g.name} breaks its constraints")
+    return E2EResult(perms, loss_warm, loss_learned, keep, history, time.perf_counter() - start)
+
+
+def _main(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if getattr(out, "last_hidden_state", None) is not None:
+        return out.last_hidden_state
+    return out[0]
+
+
+def model_objective(loss: str, distill: float = 0.0) -> Callable:
+    """``objective(out, ref, batch)`` for an HF model's outputs (``loss`` as in :class:`E2EConfig`, resolved)."""
+
+    def objective(out, ref, batch):
+        y, y_ref = _main(out), _main(ref)
+        mask = batch.get("attention_mask")
+        mask = mask if mask is not None and y.dim() == 3 and mask.shape == y.shape[:2] else None
+        if loss == "kl":
+            value = E.kl_to_dense(y, y_ref, mask)
+        elif loss == "ce":
+            value = E.next_token_ce(y, batch["input_ids"], mask)
+        elif loss == "cosine":
+            value = E.cosine_distance(y, y_ref, mask)
+        elif loss == "mse":
+            value = (y.float() - y_ref.float()).pow(2).sum() / y_ref.float().pow(2).sum().clamp_min(1e-12)
+        else:
+            raise ValueError(f"unknown e2e loss {loss!r}")
+        if distill > 0:
+            hs, hs_ref = getattr(out, "hidden_states", None), getattr(ref, "hidden_states", None)
+            if hs is not None and hs_ref is not None:
+                value = value + distill * E.layerwise_distill(hs[1:], hs_ref[1:], mask)
+        return value
+
+    return objective
+
+
+def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dict], config, *, linears: list,
+                     quiet: bool = True):
+    """The ``e2e`` strategy for ``compress_``: returns ``(perms, results)`` like ``choose_permutations``."""
+    from torch.func import functional_call
+
+    from ..math.nm import kept_importance
+    from .sparsify import group_score_matrix
+
+    n, m = config.sparsity.n, config.sparsity.m
+    cfg = config.e2e
+    net = loaded.model
+    net.eval()
+    pruned = {i.param for i in linears if i.prune}
+    with group_progress(len(groups), "warm start (hungarian)", quiet) as progress:
+        warm, results = choose_permutations(groups, net, stats, config.criterion, "hungarian", n, m, pruned,
+                                            seed=config.seed, progress=progress)
+    by_name = {r.name: r for r in results}
+    movable = {r.name for r in results if r.strategy != "none"}
+    scores = {i.param: consumer_scores(net, i, stats, config.criterion) for i in linears if i.prune}
+    k_axes = {i.param: i.k_axis for i in linears if i.prune}
+
+    loss = cfg.resolve_loss(loaded.family)
+    kwargs = loaded.forward_kwargs()
+    if cfg.distill > 0:
+        kwargs = {**kwargs, "output_hidden_states": True}
+    device = torch.device(config.device)
+    if device.type != "cpu":
+        net.to(device)
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+    def run(overrides, batch):
+        return functional_call(net, overrides, (), {**batch, **kwargs}, strict=False)
+
+    bar = None
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, desc=f"e2e ({loss})", unit="step", file=sys.stderr, leave=False)
+
+    def report(step, steps, value, tau):
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"loss {value:.5f} tau {tau:.3f}")
+
+    try:
+        res = train_permutations(net, [g for g in groups if g.name in movable], warm, scores, batches, run,
+                                 model_objective(loss, cfg.distill), n, m, cfg, seed=config.seed, k_axes=k_axes,
+                                 progress=report)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not quiet:
+        print(f"[permcompile] e2e: {loss} loss {res.loss_warm:.5f} (hungarian) -> {res.loss_learned:.5f} (learned, "
+              f"{cfg.steps} steps, {res.seconds:.0f} s); {'kept' if res.kept else 'kept the warm start'}",
+              file=sys.stderr)
+    perms = dict(warm)
+    for g in groups:
+        if g.name not in movable:
+            continue
+        perms[g.name] = res.perms[g.name]
+        r = by_name[g.name]
+        matrix = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
+        r.kept_chosen = kept_importance(matrix, n, m, perms[g.name]) / float(matrix.sum())
+        r.strategy = "e2e"
+        r.seconds += res.seconds / max(1, len(movable))
+        r.note = (f"{loss} loss over the calibration batches {res.loss_warm:.5f} (hungarian) -> "
+                  f"{res.loss_learned:.5f} (learned){'' if res.kept else '; warm start kept'}")
+    return perms, results
