@@ -68,7 +68,9 @@ def _replica_moves(cols: torch.Tensor, size: int, layout: torch.Tensor) -> list[
     return out
 
 
-def _sites(groups: list[Group], warm: dict, layouts: dict, scores: dict, k_axes: dict) -> list[_Site]:
+def _sites(groups: list[Group], warm: dict, layouts: dict, scores: dict, k_axes: dict,
+           device: torch.device | str = "cpu") -> list[_Site]:
+    """Every pruned weight of ``scores`` as a :class:`_Site`, its tensors on ``device`` (the model's)."""
     owner = {}
     for g in groups:
         for mem in g.consumers:
@@ -76,17 +78,17 @@ def _sites(groups: list[Group], warm: dict, layouts: dict, scores: dict, k_axes:
                 owner.setdefault(mem.param, (g, mem))
     sites = []
     for param in sorted(scores):
-        s = scores[param]
+        s = scores[param].to(device)
         k_axis = k_axes.get(param, 1)
         g, mem = owner.get(param, (None, None))
         if g is None or g.name not in warm:
             sites.append(_Site(param, k_axis, s, None, None, None))
             continue
         cols = mem.index_tensor(s.shape[1])
-        site = _Site(param, k_axis, s, g.name, cols, gather_index(cols, warm[g.name]))
+        site = _Site(param, k_axis, s, g.name, cols.to(device), gather_index(cols, warm[g.name]).to(device))
         for key, layout in layouts.get(g.name, []):
             for sel, colidx in _replica_moves(cols, g.size, layout):
-                site.moves.append((key, sel, colidx))
+                site.moves.append((key, sel.to(device), colidx.to(device)))
         sites.append(site)
     return sites
 
@@ -95,7 +97,7 @@ def _hard_mask(site: _Site, perm: torch.Tensor | None, n: int, m: int) -> torch.
     """The N:M mask the compiler will apply once ``perm`` is folded, in the stored column order."""
     if perm is None:
         return nm_mask(site.scores, n, m).float()
-    src = gather_index(site.cols, perm)
+    src = gather_index(site.cols, perm.to(site.cols.device))
     mask = torch.empty_like(site.scores)
     mask[:, src] = nm_mask(site.scores[:, src], n, m).float()
     return mask
@@ -146,6 +148,7 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
     """
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device  # everything learned lives beside the weights
     cfg = config
     layouts: dict[str, list] = {}
     logits: dict[str, torch.Tensor] = {}
@@ -155,8 +158,9 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
         for layout in E.block_layout(g.block_labels(), g.fixed_mask(), cfg.block_size):
             key = f"{g.name}/{layout.shape[1]}"
             layouts.setdefault(g.name, []).append((key, layout))
-            logits[key] = E.init_logits(layout.shape[0], layout.shape[1], cfg.init_scale, 0.01, gen).requires_grad_()
-    sites = _sites(groups, warm, layouts, scores, k_axes or {})
+            logits[key] = E.init_logits(layout.shape[0], layout.shape[1], cfg.init_scale, 0.01,
+                                        gen).to(device).requires_grad_()
+    sites = _sites(groups, warm, layouts, scores, k_axes or {}, device)
 
     def hard_perms(qh: dict | None) -> dict:
         perms = {name: torch.as_tensor(p, dtype=torch.long) for name, p in warm.items()}
@@ -195,7 +199,7 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
                 qs, qh = {}, {}
                 for key, lg in logits.items():
                     if cfg.gumbel > 0:  # Gumbel-Sinkhorn exploration, fading with the temperature
-                        u = torch.rand(lg.shape, generator=gen).clamp(1e-9, 1 - 1e-9)
+                        u = torch.rand(lg.shape, generator=gen).clamp(1e-9, 1 - 1e-9).to(device)
                         lg = lg - cfg.gumbel * (tau / cfg.tau_start) * torch.log(-torch.log(u))
                     qh[key], qs[key] = E.harden_st(E.soft_permutation(lg, tau, cfg.sinkhorn_iters))
                 perms = hard_perms(qh)
@@ -295,7 +299,8 @@ def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dic
     if cfg.distill > 0:
         kwargs = {**kwargs, "output_hidden_states": True}
     device = torch.device(config.device)
-    if device.type != "cpu":
+    home = next(net.parameters()).device
+    if device != home:  # learned on the device, the model goes back where the pipeline keeps it
         net.to(device)
         batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
 
@@ -320,6 +325,8 @@ def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dic
     finally:
         if bar is not None:
             bar.close()
+        if device != home:
+            net.to(home)
     if not quiet:
         print(f"[permcompile] e2e: {loss} loss {res.loss_warm:.5f} (hungarian) -> {res.loss_learned:.5f} (learned, "
               f"{cfg.steps} steps, {res.seconds:.0f} s); {'kept' if res.kept else 'kept the warm start'}",
