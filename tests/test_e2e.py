@@ -157,3 +157,12 @@ def test_optimize_with_e2e_passes_every_check(tiny_dir, tmp_path, residual):
     res = optimize(str(tiny_dir("llama")), tmp_path / "out", cfg, quiet=True, prefetch_export=False)
     assert all(c["passed"] for c in res.report["checks"]), res.report["checks"]
     assert json.loads((tmp_path / "out" / "permutations.json").read_text())["strategy"] == "e2e"
+
+
+def test_dense_outputs_recomputed_past_the_memory_budget_give_the_same_result(monkeypatch):
+    import permcompile.passes.e2e as e2e_mod
+
+    kept = _learn_planted(1, steps=40)[3]
+    monkeypatch.setattr(e2e_mod, "REF_BUDGET_BYTES", 0)
+    recomputed = _learn_planted(1, steps=40)[3]
+    assert torch.equal(kept.perms["g"], recomputed.perms["g"]) and kept.history == recomputed.history

@@ -134,6 +134,20 @@ def _overrides(model: nn.Module, sites, masks) -> dict[str, torch.Tensor]:
     return params
 
 
+REF_BUDGET_BYTES = 1 << 30
+
+
+def _nbytes(out) -> int:
+    """Bytes of the tensors in a model output (a tensor, a ModelOutput/dict, or a tuple of them)."""
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, dict):
+        return sum(_nbytes(v) for v in out.values())
+    if isinstance(out, (list, tuple)):
+        return sum(_nbytes(v) for v in out)
+    return 0
+
+
 def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, torch.Tensor],
                        scores: dict[str, torch.Tensor], batches: list, run: Callable, objective: Callable, n: int,
                        m: int, config: E2EConfig, seed: int = 0, k_axes: dict | None = None,
@@ -176,13 +190,24 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
         p.requires_grad_(False)
     try:
         with torch.no_grad():
-            refs = [run({}, b) for b in batches]
+            first = run({}, batches[0])
+        # the dense outputs are kept when they fit REF_BUDGET_BYTES (an LM's logits over a large vocabulary may
+        # not), else recomputed for each batch: one more forward pass, without gradient
+        keep_refs = _nbytes(first) * len(batches) <= REF_BUDGET_BYTES
+        with torch.no_grad():
+            refs = [first] + [run({}, b) for b in batches[1:]] if keep_refs else None
+
+        def ref(i):
+            if refs is not None:
+                return refs[i]
+            with torch.no_grad():
+                return run({}, batches[i])
 
         def batch_losses(perms) -> list[float]:
             with torch.no_grad():
                 masks = _effective_masks(sites, perms, None, n, m, cfg.mask_tau)
                 over = _overrides(model, sites, masks)
-                return [float(objective(run(over, b), r, b)) for b, r in zip(batches, refs)]
+                return [float(objective(run(over, b), ref(i), b)) for i, b in enumerate(batches)]
 
         warm_losses = batch_losses(hard_perms(None))
         loss_warm = sum(warm_losses) / len(batches)
@@ -205,7 +230,7 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
                 perms = hard_perms(qh)
                 masks = _effective_masks(sites, perms, qs, n, m, cfg.mask_tau)
                 i = order[step % len(order)]
-                loss = objective(run(_overrides(model, sites, masks), batches[i]), refs[i], batches[i])
+                loss = objective(run(_overrides(model, sites, masks), batches[i]), ref(i), batches[i])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
