@@ -208,6 +208,34 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: Path) -> bool:
+    """Peak RSS and fp32 weight bytes against depth (PNG); False when matplotlib is missing or no row ran."""
+    rows = [r for r in result["rows"] if r.get("peak_rss_gb_polled")]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not rows:
+        return False
+    xs = [r["layers"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(xs, [r["peak_rss_gb_polled"] for r in rows], "o-", label="peak RSS (process tree)")
+    ax.plot(xs, [r["fp32_weights_gb"] for r in rows], "s--", label="fp32 weights")
+    ax.plot(xs, [1.5 * r["fp32_weights_gb"] for r in rows], ":", label="1.5 x fp32 weights (issue 18 target)")
+    ax.set_xlabel("decoder layers (Llama-3.2-1B block shape)")
+    ax.set_ylabel("GiB")
+    ax.set_xticks(xs)
+    ax.legend(fontsize=7)
+    ax.set_title(f"permcompile optimize, {result['git']['commit'][:10]}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", nargs="+", type=int, default=[2, 4, 8, 16])
@@ -237,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             result["rows"].append(one(layers, args, work))
             (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))  # partial results survive
             (out_dir / f"{stem}.md").write_text(markdown(result))
+            plot(result, out_dir / f"{stem}.png")
     finally:
         if not args.keep and not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
