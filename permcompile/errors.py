@@ -43,6 +43,12 @@ class OutputWriteError(PermcompileError):
     exit_code = 1
 
 
+class OnnxExportError(PermcompileError):
+    """The model could not be exported to ONNX (or the exported graph is unusable)."""
+
+    exit_code = 1
+
+
 _WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "File too large")
 
 

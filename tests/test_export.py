@@ -325,3 +325,19 @@ def test_tensorrt_missing_is_explained(gpt2, tmp_path):
     message = str(err.value)
     assert ("TensorRT is not installed" in message and "pip install tensorrt" in message) or "GPU" in message
     assert "\n" not in message and err.value.exit_code == 2
+
+
+def test_export_onnx_public_names_stay_importable_after_the_split():
+    """export/onnx.py runs the export; its concerns live in sibling modules, its public names stay here."""
+    import permcompile.export.onnx as onnx_export
+    from permcompile import errors
+    from permcompile.export import onnx_fp16, onnx_graph, onnx_prefetch, onnx_trace, onnx_write
+
+    for name in onnx_export.__all__:
+        assert hasattr(onnx_export, name), name
+    assert onnx_export.OnnxExportError is errors.OnnxExportError
+    assert onnx_export.convert_to_fp16 is onnx_fp16.convert_to_fp16
+    assert onnx_export.iter_weight_uses is onnx_graph.iter_weight_uses
+    assert onnx_export.GraphPrefetch is onnx_prefetch.GraphPrefetch
+    assert onnx_export.ExportWrapper is onnx_trace.ExportWrapper
+    assert onnx_export.write_model_streaming is onnx_write.write_model_streaming

@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from permcompile.export import onnx as onnx_export
+from permcompile.export import onnx_write
 from permcompile.export.onnx import GraphPrefetch, export_onnx
 from permcompile.export.verify import compare_ort_torch
 from permcompile.testing.zoo import tiny_gpt2, tiny_llama
@@ -93,7 +93,7 @@ def test_prefetch_cancel_kills_the_child_and_restores_threads(tmp_path):
 
 def test_streaming_writer_gives_the_same_model(tmp_path, monkeypatch):
     """Large initializers written outside protobuf read back identical, and ONNX Runtime agrees."""
-    monkeypatch.setattr(onnx_export, "_BIG_PAYLOAD", 1024)  # stream every weight of the tiny model
+    monkeypatch.setattr(onnx_write, "_BIG_PAYLOAD", 1024)  # stream every weight of the tiny model
     model = tiny_llama()
     info = export_onnx(model, _batch(), tmp_path / "m.onnx", "fp32", {"use_cache": False})
     proto = onnx.load(str(tmp_path / "m.onnx"))

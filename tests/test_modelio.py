@@ -29,8 +29,9 @@ def test_a_logits_field_left_unset_falls_through():
 
 def test_the_onnx_exporter_says_it_as_an_export_error():
     from permcompile.export import onnx as onnx_export
+    from permcompile.export import onnx_trace
     from permcompile.export.onnx import OnnxExportError
 
     with pytest.raises(OnnxExportError, match="cannot find an output tensor"):
         onnx_export.main_output({"n": 1})
-    assert onnx_export._output_name({"n": 1}) == "output"
+    assert onnx_trace._output_name({"n": 1}) == "output"

@@ -206,7 +206,7 @@ def onnx_initializer_for_param(onnx_model, fqn: str) -> str | None:
     hits = [u.init for u in uses if u.param and (u.param == fqn or u.param.endswith("." + fqn))]
     if len(set(hits)) == 1:
         return hits[0]
-    from .onnx import _fx_placeholders  # noqa: PLC0415
+    from .onnx_graph import _fx_placeholders  # noqa: PLC0415
 
     token = fqn.replace(".", "_")
     nodes = {node.name: node for node in model.graph.node}
