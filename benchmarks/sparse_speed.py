@@ -348,17 +348,13 @@ def bench_model(args, device, dry_run: bool) -> dict | None:
     model = model.to(device=device, dtype=dtype).eval()
     vocab = int(getattr(model.config, "vocab_size", 2))
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in (args.model_shapes if not dry_run else ["2x16"])]
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    batches = []
-    for b, s in shapes:
-        inputs = {"input_ids": torch.randint(0, vocab, (b, s), generator=gen).to(device)}
-        if "attention_mask" in input_names:
-            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        if "token_type_ids" in input_names:
-            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
-        batches.append(inputs)
-
     from permcompile.modelio import main_output as out_of
+    from permcompile.modelio import random_inputs
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    names = ["input_ids"] + [n for n in ("attention_mask", "token_type_ids") if n in input_names]
+    batches = [{k: v.to(device) for k, v in random_inputs(names, model.config, b, s, gen, vocab_size=vocab).items()}
+               for b, s in shapes]
 
     result = {"model": what, "dtype": str(dtype).replace("torch.", ""), "points": []}
     with torch.inference_mode():
