@@ -166,3 +166,13 @@ def test_dense_outputs_recomputed_past_the_memory_budget_give_the_same_result(mo
     monkeypatch.setattr(e2e_mod, "REF_BUDGET_BYTES", 0)
     recomputed = _learn_planted(1, steps=40)[3]
     assert torch.equal(kept.perms["g"], recomputed.perms["g"]) and kept.history == recomputed.history
+
+
+@pytest.mark.parametrize("loss,distill", [("ce", 0.0), ("kl", 0.1), ("cosine", 0.0)])
+def test_every_loss_runs_on_a_causal_lm(loss, distill):
+    loaded = load_model(build_tiny("llama"))
+    c = compress_(loaded, _cfg(e2e=E2EConfig(steps=4, block_size=16, loss=loss, distill=distill)))
+    notes = [r.note for r in c.group_results if r.strategy == "e2e"]
+    assert notes and all(n.startswith(f"{loss} loss") for n in notes)
+    for g in c.groups:
+        assert g.is_valid(c.perms[g.name])
