@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .calib.data import IMAGE_SUFFIXES, open_image
 from .calib.text import read_text_file, split_sentences
+from .modelio import named_output
 from .errors import MissingDependencyError, UsageError
 
 MAX_PAIRS = 20_000
@@ -139,20 +140,6 @@ def _forward(model, inputs: Mapping[str, torch.Tensor], causal: bool = False):
             kwargs.pop("return_dict")
             return model(**kwargs)
         raise
-
-
-def _get(out, name: str) -> torch.Tensor:
-    """``out.<name>`` (falling back to the first tensor of a tuple / a bare tensor)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    value = getattr(out, name, None)
-    if value is None and isinstance(out, Mapping):
-        value = out.get(name)
-    if value is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        value = out[0]
-    if not isinstance(value, torch.Tensor):
-        raise UsageError(f"the model's output has no {name}: is this the right kind of model for this metric?")
-    return value
 
 
 def _encode_ids(tokenizer, text: str, vocab_size: int) -> list[int]:
@@ -284,7 +271,7 @@ def perplexity_ids(model, ids: torch.Tensor, context: int = 512, stride: int | N
                 counter.update(len(batch))
                 continue
             x = torch.stack([ids[b:e] for b, e, _ in batch])
-            logits = _get(_forward(model, {"input_ids": x}, causal=True), "logits")
+            logits = named_output(_forward(model, {"input_ids": x}, causal=True), "logits")
             targets = x[:, 1:].clone()
             positions = torch.arange(1, length)
             for row, (_, _, n_target) in enumerate(batch):
@@ -295,7 +282,7 @@ def perplexity_ids(model, ids: torch.Tensor, context: int = 512, stride: int | N
             total_nll += float(nll.double())
             total_tokens += int((targets != -100).sum())
             if reference is not None:
-                ref_logits = _get(_forward(reference, {"input_ids": x}, causal=True), "logits")
+                ref_logits = named_output(_forward(reference, {"input_ids": x}, causal=True), "logits")
                 if ref_logits.shape != logits.shape:
                     raise UsageError(f"the reference's logits {tuple(ref_logits.shape)} and the model's "
                                      f"{tuple(logits.shape)} differ in shape: is the reference the right model?")
@@ -393,7 +380,7 @@ def sentence_embeddings(model, tokenizer, sentences: Sequence[str], batch_size: 
             for start in range(0, len(order), batch_size):
                 group = [sentences[i] for i in order[start:start + batch_size]]
                 batch = _tokenize_batch(tokenizer, group, max_length, vocab, pad)
-                hidden = _get(_forward(model, batch), "last_hidden_state")
+                hidden = named_output(_forward(model, batch), "last_hidden_state")
                 out.append(_mean_pool(hidden.double(), batch["attention_mask"]))
                 counter.update(len(group))
     finally:
@@ -474,8 +461,8 @@ def feature_similarity(model, ref_model, pixel_values_batches: Iterable, progres
     try:
         for batch in pixel_values_batches:
             pixels = batch["pixel_values"] if isinstance(batch, Mapping) else batch
-            a = _get(_forward(model, {"pixel_values": pixels}), "last_hidden_state").double()
-            b = _get(_forward(ref_model, {"pixel_values": pixels}), "last_hidden_state").double()
+            a = named_output(_forward(model, {"pixel_values": pixels}), "last_hidden_state").double()
+            b = named_output(_forward(ref_model, {"pixel_values": pixels}), "last_hidden_state").double()
             if a.shape != b.shape:
                 raise UsageError(f"the model's features {tuple(a.shape)} and the reference's {tuple(b.shape)} "
                                  "differ in shape: is the reference the right model?")
@@ -533,7 +520,7 @@ def top1(model, batches_with_labels: Iterable, progress: bool = False, desc: str
     try:
         for batch in batches_with_labels:
             inputs, labels = _split_labelled(batch)
-            logits = _get(_forward(model, inputs), "logits")
+            logits = named_output(_forward(model, inputs), "logits")
             correct += int((logits.argmax(-1).cpu() == labels.view(-1).cpu()).sum())
             total += int(labels.numel())
             counter.update(int(labels.numel()))
@@ -555,8 +542,8 @@ def logits_agreement(model, ref_model, batches: Iterable, progress: bool = False
         for batch in batches:
             inputs = dict(batch) if isinstance(batch, Mapping) else {"pixel_values": batch}
             inputs.pop("labels", None)
-            a = _get(_forward(model, inputs), "logits").double()
-            b = _get(_forward(ref_model, inputs), "logits").double()
+            a = named_output(_forward(model, inputs), "logits").double()
+            b = named_output(_forward(ref_model, inputs), "logits").double()
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
             cos += float(F.cosine_similarity(a, b, dim=-1).sum())
             total += a.shape[0]

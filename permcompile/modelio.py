@@ -1,6 +1,7 @@
 """A model's inputs and main output, one rule each for calibration, verification, export and ``eval``.
 
-Inputs: :func:`random_inputs` builds them by name from a transformers config. The main output, the one
+Inputs: :func:`random_inputs` builds them by name from a transformers config. A metric that needs one output
+by name (``eval``'s logits or hidden states) reads it with :func:`named_output`. The main output, the one
 tensor compared: ``logits``, else ``last_hidden_state``, else the first tensor of the output (a
 tensor itself, a tuple or list, a mapping's values). transformers' ``ModelOutput`` is a mapping whose keys
 are the fields that are set, so a ``logits=None`` field falls through to ``last_hidden_state``.
@@ -43,6 +44,21 @@ def main_output(out: Any) -> Tensor:
 def main_output_name(out: Any) -> str:
     """The name of :func:`main_output`'s tensor: its key, or ``"output"`` for a tensor or a sequence."""
     return _find(out)[0]
+
+
+def named_output(out: Any, name: str) -> Tensor:
+    """``out.<name>`` (an attribute or a mapping's key) for a metric that needs that very output; a bare tensor or a
+    tuple's first tensor stands in for it. :class:`UsageError` when there is none."""
+    if isinstance(out, Tensor):
+        return out
+    value = getattr(out, name, None)
+    if value is None and isinstance(out, Mapping):
+        value = out.get(name)
+    if value is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        value = out[0]
+    if not isinstance(value, Tensor):
+        raise UsageError(f"the model's output has no {name}: is this the right kind of model for this metric?")
+    return value
 
 
 def text_config(config):

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
-from permcompile.modelio import main_output, main_output_name
+from permcompile.errors import UsageError
+from permcompile.modelio import main_output, main_output_name, named_output
 
 
 def test_logits_then_last_hidden_state_then_the_first_tensor():
@@ -35,3 +36,12 @@ def test_the_onnx_exporter_says_it_as_an_export_error():
     with pytest.raises(OnnxExportError, match="cannot find an output tensor"):
         onnx_export.main_output({"n": 1})
     assert onnx_trace._output_name({"n": 1}) == "output"
+
+
+def test_named_output_for_a_metric():
+    a, b = torch.ones(2), torch.zeros(3)
+    assert named_output(CausalLMOutput(logits=a), "logits") is a
+    assert named_output({"last_hidden_state": b}, "last_hidden_state") is b
+    assert named_output(b, "logits") is b and named_output((a, b), "logits") is a  # stand-ins
+    with pytest.raises(UsageError, match="no last_hidden_state"):
+        named_output(CausalLMOutput(logits=None), "last_hidden_state")
