@@ -95,6 +95,8 @@ def test_e2e_through_compress_is_valid_folded_nm_and_deterministic(name):
             assert g.is_valid(c.perms[g.name])
         moved = [r for r in c.group_results if r.strategy == "e2e"]
         assert moved and all("(hungarian) ->" in r.note for r in moved)
+        assert all(r.objective == "e2e-" + ("kl" if name == "llama" else "cosine") for r in moved)
+        assert all(r.error_after <= r.error_before for r in moved)  # never worse than the warm start
         for info in c.linears:
             if info.prune:
                 assert is_nm(weight_kout(loaded.model, info), 2, 4), info.param

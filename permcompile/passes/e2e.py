@@ -366,6 +366,9 @@ def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dic
         r.kept_chosen = kept_importance(matrix, n, m, perms[g.name]) / float(matrix.sum())
         r.strategy = "e2e"
         r.seconds += res.seconds / max(1, len(movable))
+        # the model's loss is one number for all groups: each group reports it
+        r.objective, r.error_before, r.error_after = f"e2e-{loss}", res.loss_warm, (
+            res.loss_learned if res.kept else res.loss_warm)
         r.note = (f"{loss} loss over the calibration batches {res.loss_warm:.5f} (hungarian) -> "
                   f"{res.loss_learned:.5f} (learned){'' if res.kept else '; warm start kept'}")
     return perms, results
