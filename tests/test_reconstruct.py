@@ -211,8 +211,9 @@ def test_interrupted_reconstruction_resumes_to_the_same_weights(tmp_path, monkey
         return real(model, info, *a, **k)
 
     monkeypatch.setattr(rec, "_reconstruct_linear", dies_in_block_1)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
         rec.reconstruct_(first, linears, batches, "wanda", 2, 4, checkpoint_dir=tmp_path)
+    assert "1 reconstructed blocks are checkpointed" in info.value.resume_hint
     monkeypatch.setattr(rec, "_reconstruct_linear", real)
     assert calls["n"] > 0 and (tmp_path / "progress.json").is_file()
 

@@ -89,6 +89,7 @@ class _Checkpoint:
         self.folder, self.digest, self.write_after = Path(folder), digest, write_after
         self.started = time.perf_counter()
         self.progress = self.folder / "progress.json"
+        self.saved = 0  # blocks the checkpoint holds (for the Ctrl-C message)
 
     def load(self, model: nn.Module) -> tuple[int, dict, list]:
         """Restore the finished blocks' weights; returns (blocks done, records, next inputs): (0, {}, None)
@@ -134,6 +135,7 @@ class _Checkpoint:
                 {f"batch_{i}": h.detach().cpu().contiguous() for i, h in enumerate(hidden)}, str(p)))
             write_atomic(self.progress, lambda p: p.write_text(json.dumps(
                 {"digest": self.digest, "done": index + 1, "records": records})))
+            self.saved = index + 1
         except OSError as exc:  # a full or read-only cache must not stop the run
             import warnings
 
@@ -196,13 +198,19 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
             ckpt.save(index, model, params, records, next_inputs)
 
     # sequential: each block's inputs come from the blocks before it already pruned and reconstructed
-    for _block, hessians in stream_hessians(model, batches, list(by_module), forward_kwargs=forward_kwargs,
-                                            device=device, rerun=True, desc="reconstruct", quiet=quiet,
-                                            start=start, hidden=hidden, on_block_done=block_done):
-        factors: list = []
-        for name in list(hessians):
-            records[name] = _reconstruct_linear(model, by_module[name], hessians.pop(name), criterion, n, m,
-                                                config, device, factors)
+    try:
+        for _block, hessians in stream_hessians(model, batches, list(by_module), forward_kwargs=forward_kwargs,
+                                                device=device, rerun=True, desc="reconstruct", quiet=quiet,
+                                                start=start, hidden=hidden, on_block_done=block_done):
+            factors: list = []
+            for name in list(hessians):
+                records[name] = _reconstruct_linear(model, by_module[name], hessians.pop(name), criterion, n, m,
+                                                    config, device, factors)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the CLI's error line says how to go on
+        if ckpt is not None and (ckpt.saved or start):
+            exc.resume_hint = (f"{max(ckpt.saved, start)} reconstructed blocks are checkpointed in {ckpt.folder}: "
+                               "rerun the same command with --resume to continue from them")
+        raise
     rest = [x for x in by_module if x not in records]
     if rest:  # outside the repeated blocks (a pooler, say): one pass over the whole, already pruned, model
         hessians = model_hessians(model, batches, rest, forward_kwargs=forward_kwargs)
