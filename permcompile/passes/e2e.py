@@ -245,6 +245,8 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
             with torch.no_grad():
                 qh_last = {key: E.harden(E.soft_permutation(lg, tau, cfg.sinkhorn_iters)) for key, lg in logits.items()}
         learned, loss_learned = hard_perms(None), loss_warm
+        if qh_best is not None and qh_last is not None and all(torch.equal(qh_best[k], qh_last[k]) for k in qh_last):
+            qh_best = None  # the same permutations: one evaluation pass is enough
         for cand in (qh_last, qh_best):
             if cand is not None:
                 perms = hard_perms(cand)
