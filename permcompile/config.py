@@ -187,15 +187,16 @@ class E2EConfig:
 
     block_size: int = 64
     steps: int = 100
-    lr: float = 0.1
+    lr: float = 0.05
     sinkhorn_iters: int = 5
     tau_start: float = 1.0
     tau_end: float = 0.1
     init_scale: float = 2.0
     mask_tau: float = 0.5
-    # Gumbel noise on the logits (times tau / tau_start): exploration. Without it the planted 32-channel problem of
-    # tests/test_e2e.py is not solved; MiniLM 2:4 held-out cosine was within noise with or without it
-    gumbel: float = 1.0
+    # Gumbel noise on the logits (times tau / tau_start): exploration. The planted 32-channel problem of
+    # tests/test_e2e.py needs it (gumbel=1, lr=0.1), but on MiniLM 2:4 Wanda (calibration seeds 0/1, 100 steps)
+    # held-out cosine was 0.8081 / 0.8061 without it (lr 0.05) vs 0.8011 / 0.8007 with it (lr 0.1)
+    gumbel: float = 0.0
     loss: str = "auto"
     distill: float = 0.0
     keep_best: bool = True
