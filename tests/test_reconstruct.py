@@ -103,8 +103,11 @@ def test_padded_tokens_do_not_count():
     mask = torch.cat([torch.ones_like(ids), torch.zeros(2, 5, dtype=torch.long)], 1)
     padded = [{"input_ids": padded_ids, "attention_mask": mask}]
     a, b = copy.deepcopy(loaded.model), copy.deepcopy(loaded.model)
-    reconstruct_(a, linears, plain, "wanda", 2, 4)
-    reconstruct_(b, linears, padded, "wanda", 2, 4)
+    # 24 tokens for K=64: a rank-deficient Hessian, where the refit's steps amplify the rounding differences of
+    # the two forwards; the OBS pass alone shows whether padding leaked in
+    cfg = ReconstructConfig(refit_iters=0)
+    reconstruct_(a, linears, plain, "wanda", 2, 4, config=cfg)
+    reconstruct_(b, linears, padded, "wanda", 2, 4, config=cfg)
     for info in linears:
         if info.prune:
             torch.testing.assert_close(a.get_parameter(info.param), b.get_parameter(info.param), rtol=1e-3,
@@ -176,7 +179,7 @@ def test_siblings_share_one_hessian_product_correctly():
         h.remove()
     for n in names:
         x = torch.cat(seen[n]).double()
-        torch.testing.assert_close(acc[n].xtx, x.T @ x, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(acc[n].xtx.double(), x.T @ x, rtol=1e-4, atol=1e-4)
         assert acc[n].count == x.shape[0]
 
 

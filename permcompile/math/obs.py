@@ -25,7 +25,8 @@ from torch import Tensor
 
 @dataclass
 class HessianAccumulator:
-    """Running ``XᵀX`` of one layer's input (float64 on the accumulator's device), and the token count.
+    """Running ``XᵀX`` of one layer's input (float32 on the accumulator's device, as SparseGPT: a float64
+    copy of an 8k×8k Hessian and its per-batch product would double the block's working set), and the token count.
 
     ``diagonal=True`` keeps only ``diag(XᵀX)`` (``Σ x²`` per channel, a ``[K]`` vector): the Wanda/RIA statistics."""
 
@@ -35,7 +36,8 @@ class HessianAccumulator:
 
     def __post_init__(self) -> None:
         shape = (self.k,) if self.diagonal else (self.k, self.k)
-        self.xtx = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        # the per-channel vector is tiny: float64 there, as the whole-model statistics (calib/stats.py)
+        self.xtx = torch.zeros(shape, dtype=torch.float64 if self.diagonal else torch.float32, device=self.device)
         self.count = 0
 
     def add(self, rows: Tensor) -> tuple[Tensor, int]:
@@ -43,7 +45,7 @@ class HessianAccumulator:
 
         Returns the block's ``(XᵀX, tokens)`` so a layer reading the same inputs can reuse it."""
         rows = rows.reshape(-1, self.k).to(self.xtx.device, torch.float32)
-        product = (rows.square().sum(0) if self.diagonal else rows.T @ rows).double()
+        product = rows.square().sum(0).double() if self.diagonal else rows.T @ rows
         self.add_product(product, int(rows.shape[0]))
         return product, int(rows.shape[0])
 
