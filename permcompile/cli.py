@@ -112,8 +112,9 @@ def _trt_ranges(pairs, retired: dict) -> tuple[tuple[int, int, int], tuple[int, 
               help="Output folder, or X.plan for a TensorRT engine (artifacts go to X/).")
 @click.option("--sparsity", default="2:4", show_default=True, help="N:M pattern along each layer's input axis.")
 @click.option("--permutation", default="hungarian", show_default=True,
-              help="Permutation strategy: none, random, greedy, hungarian or learned (hungarian, the default, is as "
-                   "good as learned once weights are reconstructed and searches ~6x faster: SmolLM2 11 s vs 63 s).")
+              help="Permutation strategy: none, random, greedy, hungarian, learned or e2e (learned against the "
+                   "model's output). hungarian, the default, is as good as the others once weights are reconstructed "
+                   "and searches 6-30x faster.")
 @click.option("--criterion", default="wanda", show_default=True, help="Mask criterion: magnitude, wanda or ria.")
 @click.option("--calib", default=None,
               help="Calibration data: text file/folder, saved dataset, data file or image folder (default: the "
