@@ -150,7 +150,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     from .capture import capture
     from .passes.coupling import analyze
     from .passes.fold import fold_
-    from .passes.sparsify import apply_masks_, choose_permutations, group_progress, permute_stats_, select_linears
+    from .passes.sparsify import apply_masks_, permute_stats_, select_linears
 
     torch.manual_seed(config.seed)
     t = timer or _Timer(quiet=quiet)
@@ -206,22 +206,10 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
                                      device=config.device, quiet=quiet)
             search_config = replace(config, criterion="wanda")
     with t.step("permute"):
-        if config.permutation == "learned":
-            from .passes.learn import learn_permutations
+        from .passes.permute import PermuteRequest, permute
 
-            perms, group_results = learn_permutations(
-                loaded, groups, search_stats, batches, search_config, pruned=pruned, quiet=quiet,
-                resume=resume, checkpoint_dir=checkpoint_dir)
-        elif config.permutation == "e2e":  # learned against the model's own output (passes/e2e.py)
-            from .passes.e2e import e2e_permutations
-
-            perms, group_results = e2e_permutations(loaded, groups, search_stats, batches, search_config,
-                                                    linears=linears, quiet=quiet)
-        else:
-            with group_progress(len(groups), config.permutation, quiet) as progress:
-                perms, group_results = choose_permutations(
-                    groups, net, search_stats, search_config.criterion, config.permutation, n, m, pruned,
-                    seed=config.seed, progress=progress)
+        perms, group_results = permute(PermuteRequest(loaded, groups, search_stats, batches, search_config, linears,
+                                                      pruned, quiet, resume, checkpoint_dir))
 
     verify_inputs = _verification_inputs(loaded, batches)
     with torch.no_grad(), fp32_compute(net):  # a bf16/fp16 model is checked in fp32: rounding is not a bug

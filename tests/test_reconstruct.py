@@ -242,3 +242,22 @@ def test_resume_refuses_a_bad_or_foreign_checkpoint(tmp_path):
     (tmp_path / "progress.json").write_text('{"digest": "x", "do')
     with pytest.raises(UsageError, match="progress.json|truncated or corrupt"):
         rec.reconstruct_(copy.deepcopy(net), linears, batches, "wanda", 2, 4, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_every_strategy_has_one_handler_and_the_step_checks_validity():
+    from permcompile.config import STRATEGIES
+    from permcompile.passes.permute import HANDLERS, PermuteRequest, permute
+
+    assert set(HANDLERS) == set(STRATEGIES)
+    net = build_tiny("llama").eval()
+    loaded, c = _compress(net, permutation="hungarian", update="none")
+    bad = {g.name: torch.arange(g.size).flip(0) for g in c.groups}  # moves pinned elements and splits heads
+    import permcompile.passes.permute as mod
+
+    mod.HANDLERS["hungarian"], saved = (lambda req: (dict(bad), [])), mod.HANDLERS["hungarian"]
+    try:
+        with pytest.raises(RuntimeError, match="invalid permutation"):
+            permute(PermuteRequest(loaded, c.groups, c.stats, c.batches, OptimizeConfig(permutation="hungarian"),
+                                   c.linears, {i.param for i in c.linears if i.prune}))
+    finally:
+        mod.HANDLERS["hungarian"] = saved
