@@ -131,11 +131,12 @@ def sparsegpt_nm_(w: Tensor, h: Tensor, n: int, m: int, *, damp: float = 0.01, b
     if h.shape != (k, k):
         raise ValueError(f"Hessian shape {tuple(h.shape)} does not match K={k}")
     block = max(m, block - block % m)
-    hd = dampen(h.to(w.device), damp)
-    dead = torch.diagonal(h.to(w.device)) <= 0
+    dead = torch.diagonal(h).to(w.device) <= 0
     if bool(dead.any()):
         w[:, dead] = 0  # a channel that never carries a signal: its weights change nothing on the data
-    u = inverse_cholesky_upper(hd) if hinv_chol is None else hinv_chol.to(w.device, w.dtype)
+    # (a K×K copy less when the caller shares the factor: an 8k-wide layer's Hessian is 256 MB)
+    u = inverse_cholesky_upper(dampen(h.to(w.device), damp)) if hinv_chol is None else hinv_chol.to(w.device,
+                                                                                                    w.dtype)
     keep = torch.zeros(out, k, dtype=torch.bool, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)

@@ -23,9 +23,14 @@ def content_digest(model: nn.Module, batches: list[dict], settings: dict) -> str
             h.update(k.encode())
             h.update(b[k].detach().cpu().contiguous().numpy().tobytes())
     for name, p in sorted(model.named_parameters()):
-        x = p.detach().double().flatten()
-        h.update(f"{name}{tuple(p.shape)}{float(x.sum())}{float(x.square().sum())}".encode())
-        h.update(x[:: max(1, x.numel() // 4096)].float().numpy().tobytes())  # a sample of the values themselves
+        flat = p.detach().reshape(-1)
+        total = square = 0.0
+        for chunk in flat.split(1 << 20):  # float64 sums a million values at a time: no full-size copy
+            c = chunk.double()
+            total += float(c.sum())
+            square += float(c.square().sum())
+        h.update(f"{name}{tuple(p.shape)}{total}{square}".encode())
+        h.update(flat[:: max(1, flat.numel() // 4096)].float().numpy().tobytes())  # a sample of the values
     return h.hexdigest()
 
 
