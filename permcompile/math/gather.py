@@ -28,3 +28,20 @@ def gather_index(index: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     if bool((counts[target] <= rank).any()):
         raise ValueError("permutation moves an element to one this member carries fewer times")
     return order[starts[target] + rank]
+
+
+def replica_columns(cols: torch.Tensor, n: int, layout: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For a block layout ``layout`` ([blocks, B] group positions) of a group of ``n`` elements and a consumer whose
+    columns carry elements ``cols``: per replica (GQA: a kv element read by several query heads), the blocks whose
+    every element this consumer carries that many times, and the columns carrying them: ``[(blocks, columns)]``."""
+    counts = torch.bincount(cols, minlength=n)
+    order = torch.argsort(cols, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    out = []
+    for rep in range(int(counts.max()) if counts.numel() else 0):
+        present = (counts[layout] > rep).all(dim=1)
+        if not bool(present.any()):
+            continue
+        sel = torch.nonzero(present).flatten()
+        out.append((sel, order[starts[layout[sel]] + rep]))
+    return out

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .gather import gather_index
+from .gather import gather_index, replica_columns
 from .nm import nm_mask
 from .sinkhorn import harden, log_sinkhorn, soft_nm_mask
 
@@ -55,21 +55,6 @@ class LearnResult:
 def _positions(consumer: Consumer, perm: torch.Tensor) -> torch.Tensor:
     """Source column for each of the consumer's columns under group permutation ``perm``."""
     return gather_index(consumer.cols, perm)
-
-
-def _replica_columns(cols: torch.Tensor, n: int, idx: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """For block layout ``idx`` ([nb, B] group positions): per replica, (blocks present, their columns)."""
-    counts = torch.bincount(cols, minlength=n)
-    order = torch.argsort(cols, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    out = []
-    for rep in range(int(counts.max()) if counts.numel() else 0):
-        present = (counts[idx] > rep).all(dim=1)
-        if not bool(present.any()):
-            continue
-        sel = torch.nonzero(present).flatten()
-        out.append((sel, order[starts[idx[sel]] + rep]))
-    return out
 
 
 def _diagonal_of(gram: torch.Tensor) -> torch.Tensor | None:
@@ -255,7 +240,7 @@ def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, 
         s = c.scores[:, src].to(dev).float()
         g = f[src].to(dev).float()  # low-rank factor: loss = ||r g||²
         # after reordering, column j sits at group position cols[j]
-        reps = [(sel.to(dev), ci.to(dev)) for sel, ci in _replica_columns(c.cols, n, idx_cpu)]
+        reps = [(sel.to(dev), ci.to(dev)) for sel, ci in replica_columns(c.cols, n, idx_cpu)]
         prepared.append((w, s, g, reps))
     total_energy = sum(float((w @ g).square().sum()) for w, _, g, _ in prepared)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)

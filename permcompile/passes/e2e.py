@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import E2EConfig
 from ..math import e2e as E
+from ..math.gather import replica_columns
 from ..math.nm import nm_mask
 from .groups import Group, gather_index
 from .sparsify import choose_permutations, consumer_scores, group_progress
@@ -53,21 +54,6 @@ class E2EResult:
     seconds: float
 
 
-def _replica_moves(cols: torch.Tensor, size: int, layout: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """For each replica (GQA: a kv element read by several query heads), the blocks of ``layout`` whose every
-    element this consumer carries that many times, and the columns carrying them: ``[(blocks, colidx)]``."""
-    counts = torch.bincount(cols, minlength=size)
-    order = torch.argsort(cols, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    out = []
-    for rep in range(int(counts.max()) if counts.numel() else 0):
-        present = (counts[layout] > rep).all(dim=1)
-        if bool(present.any()):
-            sel = torch.nonzero(present).flatten()
-            out.append((sel, order[starts[layout[sel]] + rep]))
-    return out
-
-
 def _sites(groups: list[Group], warm: dict, layouts: dict, scores: dict, k_axes: dict,
            device: torch.device | str = "cpu") -> list[_Site]:
     """Every pruned weight of ``scores`` as a :class:`_Site`, its tensors on ``device`` (the model's)."""
@@ -87,7 +73,7 @@ def _sites(groups: list[Group], warm: dict, layouts: dict, scores: dict, k_axes:
         cols = mem.index_tensor(s.shape[1])
         site = _Site(param, k_axis, s, g.name, cols.to(device), gather_index(cols, warm[g.name]).to(device))
         for key, layout in layouts.get(g.name, []):
-            for sel, colidx in _replica_moves(cols, g.size, layout):
+            for sel, colidx in replica_columns(cols, g.size, layout):
                 site.moves.append((key, sel.to(device), colidx.to(device)))
         sites.append(site)
     return sites
