@@ -114,7 +114,7 @@ def _trt_ranges(pairs, retired: dict) -> tuple[tuple[int, int, int], tuple[int, 
 @click.option("--permutation", default="hungarian", show_default=True,
               help="Permutation strategy: none, random, greedy, hungarian, learned or e2e (learned against the "
                    "model's output). hungarian, the default, is as good as the others once weights are reconstructed "
-                   "and searches 6-30x faster.")
+                   "and searches several times faster (MiniLM: 5 s vs 39 s learned, 87+ s e2e).")
 @click.option("--criterion", default="wanda", show_default=True, help="Mask criterion: magnitude, wanda or ria.")
 @click.option("--calib", default=None,
               help="Calibration data: text file/folder, saved dataset, data file or image folder (default: the "

@@ -135,14 +135,19 @@ def test_per_layer_glue_keeps_its_post_conditions():
             assert is_nm(weight_kout(loaded.model, info), 2, 4)
 
 
+def _llama_and_batches():
+    from permcompile.calib.data import load_calibration
+
+    loaded = wrap_module(build_tiny("llama").eval())
+    return loaded, load_calibration(None, loaded, 4, 16, 0)
+
+
 def test_obs_stats_are_the_inverse_hessian_diagonal():
     """The search statistics of --update obs: norm_j = 1/sqrt([H⁻¹]_jj) of the dense model's own inputs."""
     from permcompile.calib.blocks import model_hessians, obs_stats
-    from permcompile.calib.data import load_calibration
     from permcompile.math.obs import dampen
 
-    loaded = wrap_module(build_tiny("llama").eval())
-    batches = load_calibration(None, loaded, 4, 16, 0)
+    loaded, batches = _llama_and_batches()
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
     stats = obs_stats(loaded.model, batches, names, damp=0.01, forward_kwargs=loaded.forward_kwargs())
     direct = model_hessians(loaded.model, batches, names, forward_kwargs=loaded.forward_kwargs())
@@ -166,10 +171,8 @@ def test_obs_search_objective_gives_valid_permutations():
 def test_siblings_share_one_hessian_product_correctly():
     """q/k/v read one tensor: their Hessians come from one product and equal each one's own XᵀX."""
     from permcompile.calib.blocks import model_hessians
-    from permcompile.calib.data import load_calibration
 
-    loaded = wrap_module(build_tiny("llama").eval())
-    batches = load_calibration(None, loaded, 4, 16, 0)
+    loaded, batches = _llama_and_batches()
     names = [f"model.layers.0.self_attn.{x}_proj" for x in "qkv"] + ["model.layers.0.self_attn.o_proj"]
     seen: dict = {n: [] for n in names}
     handles = [loaded.model.get_submodule(n).register_forward_pre_hook(
