@@ -171,6 +171,7 @@ def one(layers: int, args, work: Path) -> dict:
         row["checks"] = f"{sum(c['passed'] for c in checks)}/{len(checks)}"
         row["failed_checks"] = [f"{c['name']}: {c['detail']}" for c in checks if not c["passed"]]
         row["timings"] = rep.get("timings")
+        row["step_peak_gib"] = rep.get("peak_memory_gib")
         row["precision"] = rep.get("precision")
         row["external_data"] = (rep.get("onnx") or {}).get("external_data")
     tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.is_file() else []
@@ -202,6 +203,11 @@ def markdown(result: dict) -> str:
               f"Command: `{result['command']}`",
               f"Environment: {json.dumps(result['machine']['env'])}; torch {result['machine'].get('torch')}",
               "Each row's optimize command: `" + (result["rows"][0]["command"] if result["rows"] else "") + "`"]
+    for r in result["rows"]:
+        if r.get("step_peak_gib"):
+            top = max(r["step_peak_gib"], key=r["step_peak_gib"].get)
+            lines.append(f"- {r['layers']} layers, peak RSS of the main process per step (GiB, sampled every 50 ms; "
+                         f"highest in {top}): " + ", ".join(f"{k} {v:.2f}" for k, v in r["step_peak_gib"].items()))
     for r in result["rows"]:
         if r.get("failed_checks") or r.get("log_tail"):
             lines.append(f"- {r['layers']} layers: " + "; ".join(r.get("failed_checks") or r.get("log_tail") or []))

@@ -219,6 +219,10 @@ def _print_summary(report: dict) -> None:
            f"{', '.join(in_memory)} on the model in memory)") if in_memory else ""
     click.echo(f"checks: {sum(c['passed'] for c in checks)}/{len(checks)} passed{why}")
     click.echo("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("timings", {}).items()))
+    memory = report.get("peak_memory_gib", {})
+    if memory:
+        top = max(memory, key=memory.get)
+        click.echo(f"peak memory: {memory[top]:.2f} GiB (during {top}; every step in report.json peak_memory_gib)")
 
 
 @main.command()

@@ -37,10 +37,43 @@ class OptimizeResult:
     engine_path: Path | None = None
 
 
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc``; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class _PeakRSS:
+    """Highest resident memory of this process while a step runs, sampled every ``interval`` s by a daemon
+    thread (a step's peak is what tells a user which step to blame when a large model runs out of memory)."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _rss_bytes())
+
+
 @dataclass
 class _Timer:
+    """Wall time (``timings``, s) and peak resident memory (``memory_gib``) of each step of the pipeline."""
     timings: dict = field(default_factory=dict)
     quiet: bool = False
+    memory_gib: dict = field(default_factory=dict)
 
     def step(self, name: str):
         timer = self
@@ -48,12 +81,16 @@ class _Timer:
         class _Ctx:
             def __enter__(self):
                 self.start = time.perf_counter()
+                self.watch = _PeakRSS()
                 if not timer.quiet:
                     print(f"[permcompile] {name} ...", file=sys.stderr, flush=True)
                 return self
 
             def __exit__(self, *exc):
                 timer.timings[name] = round(time.perf_counter() - self.start, 3)
+                peak = self.watch.stop()
+                if peak:
+                    timer.memory_gib[name] = round(peak / 2**30, 3)
                 return False
 
         return _Ctx()
@@ -363,6 +400,7 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
                              [{"module": i.module, "param": i.param, "reason": "--prune none"} for i in linears]),
             "input_names": list(loaded.example_inputs().keys()),
             "timings": t.timings,
+            "peak_memory_gib": t.memory_gib,
         }
         kept = [r for r in group_results if r.strategy != "none" or r.kept_identity]
         if kept:
@@ -388,6 +426,7 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
             checks.append(calib_cmp.as_check("onnxruntime_vs_torch_calibration"))
         report["checks"] = [asdict(c) for c in checks]
         report["timings"] = t.timings
+        report["peak_memory_gib"] = t.memory_gib
         # verification only reads: the digests written before it still hold (and it just re-checked them)
         _write_report(tmp, report, json.loads((tmp / "report.json").read_text())["files"])
         failed = [c for c in checks if not c.passed]
