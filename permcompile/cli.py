@@ -172,17 +172,20 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
         learn = parse_learn([*(v for k, v in retired.items() if k in RETIRED_LEARN_FLAGS), *learn_pairs])
         config = OptimizeConfig(sparsity=Sparsity.parse(sparsity), permutation=permutation, criterion=criterion,
                                 precision=precision, prune=mode != "none", calib=calib, calib_samples=calib_samples,
-                                calib_seq_len=calib_seq_len, seed=seed, device=device,
+                                calib_seq_len=calib_seq_len, seed=seed, device=local_device(device),
                                 prune_embeddings=mode == "all", residual=residual, learn=learn,
                                 update=update)
         _warn_retired(retired)
         from .pipeline import optimize as run
 
-        result = run(model, out, config, force=force, batch_range=batch_range, seq_range=seq_range, quiet=quiet,
-                     resume=resume, trust_pickle=trust_pickle)
-        _print_summary(result.report)
+        result = run(model, out, config, force=force, batch_range=batch_range, seq_range=seq_range,
+                     quiet=quiet or not is_writer(), resume=resume, trust_pickle=trust_pickle)
+        if is_writer():  # under torchrun only rank 0 wrote OUT and reports
+            _print_summary(result.report)
 
-    run_command(go, debug, precheck=lambda: _precheck_optimize(model, calib, seed))
+    from .launch import is_writer, local_device, run_ranked
+
+    run_command(lambda: run_ranked(go, device), debug, precheck=lambda: _precheck_optimize(model, calib, seed))
 
 
 def _in_memory_checks(checks: list[dict]) -> list[str]:

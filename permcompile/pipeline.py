@@ -182,7 +182,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     weight is N:M along its input axis.
     """
     from .calib.data import load_calibration
-    from .calib.distributed import shard
+    from .calib.distributed import check_same_weights, from_rank0, shard
     from .calib.stats import collect_input_stats
     from .capture import capture
     from .passes.coupling import analyze
@@ -245,8 +245,9 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     with t.step("permute"):
         from .passes.permute import PermuteRequest, permute
 
-        perms, group_results = permute(PermuteRequest(loaded, groups, search_stats, batches, search_config, linears,
-                                                      pruned, quiet, resume, checkpoint_dir))
+        # several processes: rank 0 searches, the others take its permutations (calib/distributed.py)
+        perms, group_results = from_rank0(lambda: permute(PermuteRequest(
+            loaded, groups, search_stats, batches, search_config, linears, pruned, quiet, resume, checkpoint_dir)))
 
     verify_inputs = _verification_inputs(loaded, batches)
     with torch.no_grad(), fp32_compute(net):  # a bf16/fp16 model is checked in fp32: rounding is not a bug
@@ -271,6 +272,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     elif config.prune:
         with t.step("mask"):
             mask_result = apply_masks_(net, linears, stats, config.criterion, n, m)
+    check_same_weights(net)  # several processes: every rank must end with rank 0's weights (a warning if not)
     return Compressed(groups, linears, perms, group_results, fold_report, fold_err, mask_result, stats, batches,
                       verify_inputs, t.timings)
 
@@ -322,6 +324,10 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
     check_seed(config.seed)  # before any file is read or the model loaded (minutes on a large model)
     check_model_spec(model)
     check_calibration_source(config.calib)
+    from .launch import follow, is_writer
+
+    if not is_writer():  # torchrun's ranks > 0: the same compression, OUT untouched (launch.py)
+        return follow(model, out, config, resume=resume, checkpoint_dir=checkpoint_dir, trust_pickle=trust_pickle)
     out_dir, plan_path = resolve_outputs(out, force, model)
     lock = _OutputLock(out_dir)
     lock.acquire()  # now if OUT's folder exists, else once it is created (before anything is written there)

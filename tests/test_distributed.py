@@ -62,3 +62,53 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
             torch.testing.assert_close(r["state"][name], w, rtol=1e-4, atol=1e-5, msg=name)
     for name, w in ranks[0]["state"].items():  # and the ranks agree exactly with each other
         assert torch.equal(w, ranks[1]["state"][name]), name
+
+
+def _helpers(seed_dir: str, rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from permcompile.calib.distributed import check_same_weights, from_rank0, same_on_every_rank
+    from permcompile.errors import UsageError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = {"from_rank0": from_rank0(lambda: {"rank": rank})}
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        torch.nn.init.ones_(net[0].weight), torch.nn.init.zeros_(net[1].weight)
+        out["same"] = check_same_weights(net)
+        with torch.no_grad():
+            net[1].weight[0, 0] = rank  # rank 1 differs in one tensor
+        with pytest.warns(UserWarning, match="differ between the 2 ranks"):
+            out["differ"] = check_same_weights(net)
+        same_on_every_rank(3, "never")
+        try:
+            same_on_every_rank(rank, "ranks disagree")
+            out["disagree"] = None
+        except UsageError as exc:
+            out["disagree"] = str(exc)
+        torch.save(out, os.path.join(seed_dir, f"helpers{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank0_results_and_the_weight_check(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_helpers, args=(str(tmp_path), r, 2, port)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0, "a rank failed"
+    for r in range(2):
+        out = torch.load(tmp_path / f"helpers{r}.pt", weights_only=False)
+        assert out["from_rank0"] == {"rank": 0}  # every rank takes rank 0's result
+        assert out["same"] == 0 and out["differ"] == 1
+        assert out["disagree"] == "ranks disagree"

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..calib.blocks import model_hessians, stream_hessians
+from ..calib.distributed import same_on_every_rank
 from ..config import ReconstructConfig
 from ..math.nm import criterion_scores, is_nm
 from ..math.obs import HessianAccumulator, dampen, inverse_cholesky_upper, output_error, refit_masked_, sparsegpt_nm_
@@ -188,6 +189,9 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
         ckpt = _Checkpoint(Path(checkpoint_dir), digest, write_after)
         if resume:
             start, records, hidden = ckpt.load(model)
+            # several processes: each restored its own checkpoint (its share of the batches); all must agree
+            same_on_every_rank(start, f"--resume: the processes' reconstruction checkpoints hold different "
+                                      f"numbers of finished blocks (this one {start}); rerun without --resume")
             if not quiet and start:
                 print(f"[permcompile] reconstruct: resuming after {start} finished blocks from {ckpt.folder}",
                       file=sys.stderr)
