@@ -83,10 +83,24 @@ def worker_ours(args) -> dict:
         stats = collect_input_stats(loaded, _batches(ids), progress=False)
         unstructured_masks_(net, linears, stats, args.criterion, 1 - n / m)
     else:
-        compress_(loaded, config, quiet=True, batches=_batches(ids))
+        extra, kwargs = {}, {}
+        if config.permutation == "e2e":
+            import dataclasses
+
+            knobs = dict(kv.split("=", 1) for kv in args.e2e.split(",") if kv)
+            fields = {f.name: f.type for f in dataclasses.fields(config.e2e)}
+            cast = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}
+            typed = {k: cast.get(fields[k], str)(v) for k, v in knobs.items()}
+            config = dataclasses.replace(config, e2e=dataclasses.replace(config.e2e, **typed))
+            if args.e2e_share:  # the rows of one seed share the loop: a finished checkpoint is its result
+                kwargs = {"checkpoint_dir": args.e2e_share,
+                          "resume": Path(args.e2e_share, "e2e", "e2e_state.safetensors").is_file()}
+        c = compress_(loaded, config, quiet=True, batches=_batches(ids), **kwargs)
+        extra = {"permute_s": c.timings.get("permute"), "resumed_e2e": kwargs.get("resume", False),
+                 "notes": sorted({r.note for r in c.group_results if r.strategy == "e2e"})}
     seconds = time.perf_counter() - start
     loaded.model.save_pretrained(args.out, safe_serialization=True)
-    return {"seconds": seconds, "peak_mb": _peak_mb()}
+    return {"seconds": seconds, "peak_mb": _peak_mb(), **(extra if args.method != "unstructured" else {})}
 
 
 def worker_llmc(args) -> dict:
@@ -163,6 +177,9 @@ def main() -> None:
     ap.add_argument("--peer-methods", nargs="*", default=["sparsegpt", "wanda"], help="none: our rows only")
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON"))
     ap.add_argument("--no-unstructured", action="store_true")
+    ap.add_argument("--e2e", default="", help="E2EConfig knobs for e2e rows, e.g. steps=40,micro_batch=1,lr=0.1; "
+                    "an e2e row's finished loop is reused by the next e2e row of the same seed (its seconds then "
+                    "exclude the loop; permute_s in the JSON)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     # worker mode (internal)
@@ -173,6 +190,7 @@ def main() -> None:
     ap.add_argument("--calib", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--e2e-share", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
@@ -234,8 +252,9 @@ def main() -> None:
                                                             "--model", args.model, "--criterion", args.criterion],
                          sys.executable))
         for method in args.methods:
+            e2e = ["--e2e", args.e2e, "--e2e-share", str(work / f"e2e_{seed}")] if method.startswith("e2e") else []
             jobs.append(("ours", method, common + ["--worker", "ours", "--method", method, "--model", args.model,
-                                                   "--criterion", args.criterion], sys.executable))
+                                                   "--criterion", args.criterion] + e2e, sys.executable))
         if not skip:
             for method in args.peer_methods:
                 jobs.append(("llm-compressor", method, common + ["--worker", "llmc", "--method", method,

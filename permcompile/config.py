@@ -200,6 +200,20 @@ class E2EConfig:
     loss: str = "auto"
     distill: float = 0.0
     keep_best: bool = True
+    # sequences per training step: each calibration batch is split into chunks of this many (0: as given). More,
+    # cheaper steps for the same tokens (SmolLM2 on 2 CPU cores: a step of 4 × 512 tokens takes about a minute)
+    micro_batch: int = 0
+    # "auto": the training steps' forward and backward under bf16 autocast on CUDA, fp32 elsewhere (a no-op on
+    # CPU); "off": fp32 everywhere. The losses that pick the result are always computed in fp32
+    autocast: str = "auto"
+    # the loop's state (logits, AdamW, step, RNG, best so far) is saved after every ``checkpoint_steps`` steps or
+    # ``checkpoint_seconds`` since the last save, whichever comes first (only where the pipeline asks for one)
+    checkpoint_steps: int = 10
+    checkpoint_seconds: float = 120.0
+
+    def resolve_autocast(self, device) -> bool:
+        """Whether the training steps run under bf16 autocast on ``device``."""
+        return self.autocast == "auto" and str(device).split(":")[0] == "cuda"
 
     def resolve_loss(self, family: str) -> str:
         if self.loss != "auto":
@@ -214,6 +228,10 @@ class E2EConfig:
             raise UsageError("e2e needs lr > 0, 0 < tau_end <= tau_start, mask_tau > 0, distill >= 0, gumbel >= 0")
         if self.loss not in E2E_LOSSES:
             raise UsageError(f"e2e loss must be one of {', '.join(E2E_LOSSES)}, got {self.loss!r}")
+        if self.micro_batch < 0 or self.checkpoint_steps < 1 or not self.checkpoint_seconds > 0:
+            raise UsageError("e2e needs micro_batch >= 0, checkpoint_steps >= 1 and checkpoint_seconds > 0")
+        if self.autocast not in ("auto", "off"):
+            raise UsageError(f"e2e autocast must be auto or off, got {self.autocast!r}")
 
 
 UPDATES = ("none", "obs")

@@ -178,3 +178,102 @@ def test_every_loss_runs_on_a_causal_lm(loss, distill):
     assert notes and all(n.startswith(f"{loss} loss") for n in notes)
     for g in c.groups:
         assert g.is_valid(c.perms[g.name])
+
+
+# --- resume: an interrupted loop continues to exactly the uninterrupted result ------------------------------
+
+def _planted_run(tmp_path, *, resume=False, stop_after=None, seed=0, ckpt=True, **kw):
+    """The planted 32-channel problem with Gumbel noise (so the RNG state matters) and a checkpoint every step;
+    ``stop_after``: a Ctrl-C once that many steps ran."""
+    from permcompile.passes.e2e import E2ECheckpoint, checkpoint_digest
+
+    model, w, batches = _planted(0, 32)
+    group = Group("g", 32, [Member("0.weight", 1, "consumer", module="0")])
+    cfg = E2EConfig(**{**dict(block_size=32, steps=16, lr=0.1, gumbel=1.0, loss="mse", checkpoint_steps=1), **kw})
+    warm, scores = {"g": torch.arange(32)}, {"0.weight": w.abs()}
+    checkpoint = None
+    if ckpt:
+        digest = checkpoint_digest(model, batches, [group], warm, scores, 2, 4, cfg, seed)
+        checkpoint = E2ECheckpoint(tmp_path / "e2e", digest, resume=resume)
+
+    def progress(step, steps, value, tau):
+        if stop_after is not None and step + 1 == stop_after:
+            raise KeyboardInterrupt
+
+    return train_permutations(model, [group], warm, scores, batches,
+                              lambda o, b: functional_call(model, o, (b["x"],)),
+                              lambda y, r, b: (y - r).pow(2).sum() / r.pow(2).sum(), 2, 4, cfg, seed=seed,
+                              progress=progress, checkpoint=checkpoint)
+
+
+def test_interrupted_loop_resumes_to_the_uninterrupted_result(tmp_path):
+    whole = _planted_run(tmp_path / "a", ckpt=False)
+    with pytest.raises(KeyboardInterrupt):
+        _planted_run(tmp_path / "b", stop_after=7)
+    resumed = _planted_run(tmp_path / "b", resume=True)
+    assert torch.equal(resumed.perms["g"], whole.perms["g"])
+    assert resumed.history == whole.history and resumed.loss_learned == whole.loss_learned
+    assert not torch.equal(whole.perms["g"], torch.arange(32))  # the loop moved something: a real comparison
+    again = _planted_run(tmp_path / "b", resume=True)  # finished: the saved result, no step rerun
+    assert torch.equal(again.perms["g"], whole.perms["g"]) and again.history == whole.history
+
+
+def test_a_checkpoint_of_other_inputs_is_refused(tmp_path):
+    from permcompile.errors import UsageError
+
+    with pytest.raises(KeyboardInterrupt):
+        _planted_run(tmp_path, stop_after=5)
+    with pytest.raises(UsageError, match="different model, calibration data or configuration"):
+        _planted_run(tmp_path, resume=True, lr=0.2)  # other settings
+    with pytest.raises(UsageError, match="different"):
+        _planted_run(tmp_path, resume=True, seed=1)  # other seed
+    (tmp_path / "e2e" / "e2e_state.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(UsageError, match="cannot be read"):
+        _planted_run(tmp_path, resume=True)
+    # no checkpoint at all: a resume starts over (the run may have been interrupted before the first save)
+    assert _planted_run(tmp_path / "none", resume=True, steps=3).history
+
+
+@pytest.mark.slow  # three tiny-model compressions (~15 s); the planted test above covers the loop by default
+def test_resume_through_compress_gives_the_same_permutations(tmp_path, monkeypatch):
+    from permcompile.passes import e2e as e2e_mod
+
+    cfg = _cfg(e2e=E2EConfig(steps=6, block_size=16, lr=0.2, init_scale=0.5, checkpoint_steps=1))
+    whole = compress_(load_model(build_tiny("llama")), cfg)
+    real_save, saves = e2e_mod.E2ECheckpoint.save, []
+
+    def save_then_stop(self, state, tensors):  # Ctrl-C right after the third checkpoint is on disk
+        real_save(self, state, tensors)
+        saves.append(state["step"])
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(e2e_mod.E2ECheckpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt) as info:
+        compress_(load_model(build_tiny("llama")), cfg, checkpoint_dir=str(tmp_path))
+    assert "--resume" in info.value.resume_hint and saves == [1, 2, 3]
+    monkeypatch.setattr(e2e_mod.E2ECheckpoint, "save", real_save)
+    resumed = compress_(load_model(build_tiny("llama")), cfg, checkpoint_dir=str(tmp_path), resume=True)
+    for g in whole.groups:
+        assert torch.equal(torch.as_tensor(resumed.perms[g.name]), torch.as_tensor(whole.perms[g.name])), g.name
+    assert [r.note for r in resumed.group_results] == [r.note for r in whole.group_results]
+
+
+def test_autocast_and_micro_batch_knobs(tmp_path):
+    """``autocast`` is bf16 on CUDA only (a no-op here); ``micro_batch`` splits the batches and still learns."""
+    from permcompile.errors import UsageError
+    from permcompile.passes.e2e import _split
+
+    assert E2EConfig().resolve_autocast("cuda") and E2EConfig().resolve_autocast("cuda:1")
+    assert not E2EConfig().resolve_autocast("cpu") and not E2EConfig(autocast="off").resolve_autocast("cuda")
+    with pytest.raises(UsageError):
+        E2EConfig(autocast="fp8")
+    with pytest.raises(UsageError):
+        E2EConfig(micro_batch=-1)
+    off = _planted_run(tmp_path, ckpt=False, steps=10, autocast="off")
+    auto = _planted_run(tmp_path, ckpt=False, steps=10, autocast="auto")  # on the CPU: the fp32 run
+    assert torch.equal(off.perms["g"], auto.perms["g"]) and off.history == auto.history
+    parts = _split([{"x": torch.arange(10).view(5, 2), "n": 3}], 2)
+    assert [p["x"].shape[0] for p in parts] == [2, 2, 1] and all(p["n"] == 3 for p in parts)
+    micro = _planted_run(tmp_path, ckpt=False, steps=10, micro_batch=4)
+    assert len(micro.history) == 10 and micro.perms["g"].sort().values.equal(torch.arange(32))

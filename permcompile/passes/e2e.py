@@ -15,15 +15,21 @@ positions) and, with ``keep_best``, are returned only if they beat it over all c
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..config import E2EConfig
+from ..errors import UsageError
 from ..math import e2e as E
 from ..math.gather import replica_columns
 from ..math.nm import nm_mask
@@ -134,10 +140,105 @@ def _nbytes(out) -> int:
     return 0
 
 
+# fields that change when or where the loop's state is saved, not what it computes: left out of the digest
+_NOT_DIGESTED = ("checkpoint_steps", "checkpoint_seconds")
+
+
+def checkpoint_digest(model: nn.Module, batches: list, groups: list[Group], warm: dict, scores: dict, n: int, m: int,
+                      config: E2EConfig, seed: int, extra: dict | None = None) -> str:
+    """What the loop's result depends on: the weights, the calibration batches, the groups, the warm start, the
+    criterion scores and every setting (``passes.checkpoint.content_digest``). ``extra``: the caller's settings
+    that ``run``/``objective`` depend on (the resolved loss, the criterion)."""
+    from .checkpoint import content_digest
+
+    h = hashlib.sha256()
+    for name in sorted(warm):
+        h.update(name.encode() + torch.as_tensor(warm[name], dtype=torch.long).numpy().tobytes())
+    for name in sorted(scores):
+        h.update(name.encode() + scores[name].detach().float().cpu().contiguous().numpy().tobytes())
+    settings = {"pass": "e2e", "n": n, "m": m, "seed": seed, "groups": sorted(g.name for g in groups),
+                "e2e": {k: getattr(config, k) for k in config.__dataclass_fields__ if k not in _NOT_DIGESTED},
+                "warm+scores": h.hexdigest(), "extra": extra or {}}
+    return content_digest(model, batches, settings)
+
+
+@dataclass
+class E2ECheckpoint:
+    """Where the loop saves its state (``folder/e2e_state.safetensors``: tensors, and the JSON state in the file's
+    metadata, so one atomic rename commits both), keyed by ``digest`` (:func:`checkpoint_digest`). ``resume``:
+    continue from the saved state (a file made from other inputs is refused; a missing one: start over, said
+    once). ``write_after``: no file before the loop has run this many seconds (the default cache's rule)."""
+
+    folder: Path
+    digest: str
+    resume: bool = False
+    write_after: float = 0.0
+    quiet: bool = True
+    saved_step: int | None = None  # the step the file holds (for the Ctrl-C hint)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder) / "e2e_state.safetensors"
+
+    def load(self) -> tuple[dict, dict] | None:
+        """``(state, tensors)`` to resume from, or None (no resume asked, or no file yet)."""
+        if not self.resume:
+            return None
+        if not self.path.is_file():
+            if not self.quiet:
+                print(f"[permcompile] --resume: no e2e checkpoint at {self.path}; learning from the first step",
+                      file=sys.stderr, flush=True)
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as fh:
+                state = json.loads((fh.metadata() or {})["state"])
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:  # truncated, corrupt, or not ours: safetensors raises several types
+            raise UsageError(f"--resume: e2e checkpoint {self.path} cannot be read ({type(exc).__name__}); rerun "
+                             "without --resume") from None
+        if state.get("digest") != self.digest:
+            raise UsageError(f"--resume: the e2e checkpoint {self.path} was made from a different model, calibration "
+                             "data or configuration; rerun without --resume (or delete it)")
+        return state, tensors
+
+    def save(self, state: dict, tensors: dict) -> bool:
+        """Write atomically; on an unwritable folder warn once and return False (the run goes on)."""
+        from safetensors.torch import save_file
+
+        from .checkpoint import write_atomic
+
+        meta = {"state": json.dumps({**state, "digest": self.digest})}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        try:
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, lambda p: save_file(tensors, str(p), metadata=meta))
+        except OSError as exc:
+            warnings.warn(f"cannot write the e2e checkpoint to {self.folder} ({exc.strerror or exc}); the run goes "
+                          "on without one", stacklevel=2)
+            return False
+        self.saved_step = state.get("step")
+        return True
+
+
+def _split(batches: list, size: int) -> list:
+    """Each batch's tensors cut into chunks of ``size`` rows (0: unchanged)."""
+    if size <= 0:
+        return batches
+    out = []
+    for b in batches:
+        rows = next(iter(b.values())).shape[0]
+        for i in range(0, rows, size):
+            out.append({k: v[i:i + size] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v
+                        for k, v in b.items()})
+    return out
+
+
 def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, torch.Tensor],
                        scores: dict[str, torch.Tensor], batches: list, run: Callable, objective: Callable, n: int,
                        m: int, config: E2EConfig, seed: int = 0, k_axes: dict | None = None,
-                       progress: Callable | None = None) -> E2EResult:
+                       progress: Callable | None = None, checkpoint: E2ECheckpoint | None = None) -> E2EResult:
     """Learn one block-diagonal permutation per movable group on top of ``warm``, end to end.
 
     ``scores[param]``: the criterion's ``[out, K]`` scores of every pruned weight (they move with their columns;
@@ -145,11 +246,22 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
     ``run(overrides, batch)``: the model's output with the parameters in ``overrides`` replaced;
     ``objective(out, ref, batch)``: the scalar loss of ``out`` against the dense model's ``ref`` for ``batch``.
     The model's parameters are never written. Returns the permutations (valid for their groups) and the losses.
+    ``checkpoint``: save the loop's state there as it runs, and (``checkpoint.resume``) continue from it: the
+    result is the same as an uninterrupted run's.
     """
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device  # everything learned lives beside the weights
     cfg = config
+    batches = _split(batches, cfg.micro_batch)
+    amp = cfg.resolve_autocast(device)
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None and "final" in saved[0]:  # the loop had finished: its result, without a forward pass
+        state, tensors = saved
+        fin = state["final"]
+        perms = {name[len("final/"):]: t.long() for name, t in tensors.items() if name.startswith("final/")}
+        return E2EResult(perms, fin["loss_warm"], fin["loss_learned"], fin["kept"], state["history"],
+                         time.perf_counter() - start)
     layouts: dict[str, list] = {}
     logits: dict[str, torch.Tensor] = {}
     for g in groups:
@@ -205,25 +317,73 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
         if logits and cfg.steps > 0:
             opt = torch.optim.AdamW(list(logits.values()), lr=cfg.lr, weight_decay=0.0)
             order = torch.randperm(len(batches), generator=gen).tolist()
-            for step in range(cfg.steps):
+            first = 0
+            keys = list(logits)
+            if saved is not None:  # everything the next step reads: logits, AdamW moments, RNG, best so far
+                state, tensors = saved
+                first, history, best_ratio = state["step"], list(state["history"]), state["best_ratio"]
+                with torch.no_grad():
+                    for key in keys:
+                        logits[key].copy_(tensors[f"logits/{key}"].to(device))
+                opt_state = opt.state_dict()
+                if state["adam"]:
+                    opt_state["state"] = {i: {"step": tensors[f"adam_step/{key}"],
+                                              "exp_avg": tensors[f"exp_avg/{key}"].to(device),
+                                              "exp_avg_sq": tensors[f"exp_avg_sq/{key}"].to(device)}
+                                          for i, key in enumerate(keys)}
+                    opt.load_state_dict(opt_state)
+                gen.set_state(tensors["rng"])
+                if state["has_best"]:
+                    qh_best = {key: tensors[f"best/{key}"].long().to(device) for key in keys}
+                if checkpoint is not None and not checkpoint.quiet:
+                    print(f"[permcompile] --resume: e2e continues at step {first} of {cfg.steps} from "
+                          f"{checkpoint.path}", file=sys.stderr, flush=True)
+            last_save = time.perf_counter()
+
+            def save_state(step_done: int, final: dict | None = None, perms_out: dict | None = None) -> None:
+                tensors = {"rng": gen.get_state()}
+                for i, key in enumerate(keys):
+                    tensors[f"logits/{key}"] = logits[key]
+                    st = opt.state.get(logits[key])
+                    if st:
+                        tensors[f"adam_step/{key}"] = torch.as_tensor(st["step"], dtype=torch.float32)
+                        tensors[f"exp_avg/{key}"] = st["exp_avg"]
+                        tensors[f"exp_avg_sq/{key}"] = st["exp_avg_sq"]
+                    if qh_best is not None:
+                        tensors[f"best/{key}"] = qh_best[key]
+                state = {"step": step_done, "history": history, "best_ratio": best_ratio,
+                         "has_best": qh_best is not None, "adam": bool(opt.state)}
+                if final is not None:
+                    state["final"] = final
+                    tensors.update({f"final/{name}": p for name, p in perms_out.items()})
+                checkpoint.save(state, tensors)
+
+            for step in range(first, cfg.steps):
                 tau = E.anneal(step, cfg.steps, cfg.tau_start, cfg.tau_end)
-                qs, qh = {}, {}
-                for key, lg in logits.items():
-                    if cfg.gumbel > 0:  # Gumbel-Sinkhorn exploration, fading with the temperature
-                        u = torch.rand(lg.shape, generator=gen).clamp(1e-9, 1 - 1e-9).to(device)
-                        lg = lg - cfg.gumbel * (tau / cfg.tau_start) * torch.log(-torch.log(u))
-                    qh[key], qs[key] = E.harden_st(E.soft_permutation(lg, tau, cfg.sinkhorn_iters))
-                perms = hard_perms(qh)
-                masks = _effective_masks(sites, perms, qs, n, m, cfg.mask_tau)
                 i = order[step % len(order)]
-                loss = objective(run(_overrides(model, sites, masks), batches[i]), ref(i), batches[i])
+                dense = ref(i)  # fp32 whatever the autocast
+                with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+                    qs, qh = {}, {}
+                    for key, lg in logits.items():
+                        if cfg.gumbel > 0:  # Gumbel-Sinkhorn exploration, fading with the temperature
+                            u = torch.rand(lg.shape, generator=gen).clamp(1e-9, 1 - 1e-9).to(device)
+                            lg = lg - cfg.gumbel * (tau / cfg.tau_start) * torch.log(-torch.log(u))
+                        qh[key], qs[key] = E.harden_st(E.soft_permutation(lg.float(), tau, cfg.sinkhorn_iters))
+                    perms = hard_perms(qh)
+                    masks = _effective_masks(sites, perms, qs, n, m, cfg.mask_tau)
+                    loss = objective(run(_overrides(model, sites, masks), batches[i]), dense, batches[i])
                 opt.zero_grad()
-                loss.backward()
+                loss.float().backward()
                 opt.step()
                 history.append(float(loss.detach()))
                 ratio = history[-1] / max(warm_losses[i], 1e-30)
                 if ratio < best_ratio:
                     best_ratio, qh_best = ratio, {k: v.clone() for k, v in qh.items()}
+                now = time.perf_counter()
+                if checkpoint is not None and now - start >= checkpoint.write_after and (
+                        (step + 1) % cfg.checkpoint_steps == 0 or now - last_save >= cfg.checkpoint_seconds):
+                    save_state(step + 1)
+                    last_save = now
                 if progress:
                     progress(step, cfg.steps, history[-1], tau)
             # the permutation the final logits give (the last step's, after its update)
@@ -244,6 +404,9 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
             p.requires_grad_(flag)
     keep = qh_last is not None and (not cfg.keep_best or loss_learned < loss_warm)
     perms = learned if keep else hard_perms(None)
+    if checkpoint is not None and qh_last is not None and time.perf_counter() - start >= checkpoint.write_after:
+        # the result itself: a resume after a later step's interruption (reconstruction) skips the whole loop
+        save_state(cfg.steps, {"loss_warm": loss_warm, "loss_learned": loss_learned, "kept": keep}, perms)
     for g in groups:
         if g.name in perms and not g.is_valid(perms[g.name]):  # post-condition: the fold accepts it
             raise RuntimeError(f"e2e permutation for {g.name} breaks its constraints")
@@ -286,9 +449,27 @@ def model_objective(loss: str, distill: float = 0.0) -> Callable:
     return objective
 
 
+# like the learned search's and the reconstruction's: under the default cache a checkpoint is written only once
+# the loop has run this long (an explicit folder or --resume: from the first save on)
+CHECKPOINT_AFTER_S = 30.0
+
+
+def default_checkpoint_dir(loaded, digest: str) -> Path:
+    """``<cache>/e2e/<model name>-<content digest>``: keyed by what the result depends on, not by names."""
+    import re
+
+    from ..models import cache_root
+
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{loaded.name}"[:40])
+    return cache_root() / "e2e" / f"{tag}-{digest[:20]}"
+
+
 def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dict], config, *, linears: list,
-                     quiet: bool = True):
-    """The ``e2e`` strategy for ``compress_``: returns ``(perms, results)`` like ``choose_permutations``."""
+                     quiet: bool = True, resume: bool = False, checkpoint_dir: str | None = None):
+    """The ``e2e`` strategy for ``compress_``: returns ``(perms, results)`` like ``choose_permutations``.
+
+    The loop's state is checkpointed in ``checkpoint_dir/e2e`` (default: the cache, removed once the output is
+    written); ``resume`` continues from it and refuses one made from other weights, data or settings."""
     from torch.func import functional_call
 
     from ..math.nm import kept_importance
@@ -331,10 +512,25 @@ def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dic
             bar.update(1)
             bar.set_postfix_str(f"loss {value:.5f} tau {tau:.3f}")
 
+    learn_groups = [g for g in groups if g.name in movable]
+    digest = checkpoint_digest(net, batches, learn_groups, warm, scores, n, m, cfg, config.seed,
+                               {"loss": loss, "criterion": config.criterion, "k_axes": k_axes})
+    if checkpoint_dir:
+        ckpt = E2ECheckpoint(Path(checkpoint_dir) / "e2e", digest, resume, 0.0, quiet)
+    else:
+        ckpt = E2ECheckpoint(default_checkpoint_dir(loaded, digest), digest, resume,
+                             0.0 if resume else CHECKPOINT_AFTER_S, quiet)
+        # the pipeline removes the permute step's default checkpoint under this key once the output is written
+        # (the learned search uses the same key; one run uses one strategy)
+        loaded.extras["learn_checkpoint"] = ckpt.folder
     try:
-        res = train_permutations(net, [g for g in groups if g.name in movable], warm, scores, batches, run,
-                                 model_objective(loss, cfg.distill), n, m, cfg, seed=config.seed, k_axes=k_axes,
-                                 progress=report)
+        res = train_permutations(net, learn_groups, warm, scores, batches, run, model_objective(loss, cfg.distill),
+                                 n, m, cfg, seed=config.seed, k_axes=k_axes, progress=report, checkpoint=ckpt)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the CLI's error line says how to go on
+        if ckpt.saved_step is not None:
+            exc.resume_hint = (f"the e2e loop is checkpointed at step {ckpt.saved_step} of {cfg.steps} in "
+                               f"{ckpt.folder}: rerun the same command with --resume to continue from it")
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -48,7 +48,7 @@ def _e2e(req: PermuteRequest):  # learned against the model's own output (passes
     from .e2e import e2e_permutations
 
     return e2e_permutations(req.loaded, req.groups, req.stats, req.batches, req.config, linears=req.linears,
-                            quiet=req.quiet)
+                            quiet=req.quiet, resume=req.resume, checkpoint_dir=req.checkpoint_dir)
 
 
 HANDLERS = {"none": _heuristic, "random": _heuristic, "greedy": _heuristic, "hungarian": _heuristic,
