@@ -46,6 +46,27 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _trim_heap() -> None:
+    """Hand the C heap's free memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere). Between steps
+    the freed temporaries of the one before (score matrices, Hessians, traced graphs) would otherwise stay
+    resident, and the next step's peak would stack on them."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 class _PeakRSS:
     """Highest resident memory of this process while a step runs, sampled every ``interval`` s by a daemon
     thread (a step's peak is what tells a user which step to blame when a large model runs out of memory)."""
@@ -89,6 +110,7 @@ class _Timer:
             def __exit__(self, *exc):
                 timer.timings[name] = round(time.perf_counter() - self.start, 3)
                 peak = self.watch.stop()
+                _trim_heap()
                 if peak:
                     timer.memory_gib[name] = round(peak / 2**30, 3)
                 return False
@@ -358,8 +380,11 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
             trace_dir = Path(tempfile.mkdtemp(prefix="permcompile-trace-"))
             prefetch = GraphPrefetch(loaded.model, loaded.example_inputs(), config.precision, loaded.forward_kwargs(),
                                      workdir=trace_dir)
+        # a model this call loaded is its own: once exported, its weights are cast in place and released
+        # (verification reloads the written files); a module or LoadedModel passed in stays usable
+        owned = not isinstance(model, (torch.nn.Module, type(loaded)))
         return _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_range, seq_range, quiet,
-                                resume, checkpoint_dir, lock=lock)
+                                resume, checkpoint_dir, lock=lock, release_model=owned)
     finally:
         lock.release()
         if prefetch is not None:
@@ -372,7 +397,10 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
 
 
 def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_range, seq_range, quiet, resume,
-                     checkpoint_dir, lock: "_OutputLock | None" = None) -> OptimizeResult:
+                     checkpoint_dir, lock: "_OutputLock | None" = None, release_model: bool = False) -> OptimizeResult:
+    """compress → export → verify. ``release_model``: nothing after the export needs ``loaded.model``'s
+    weights (verification reloads the written files and compares with outputs recorded before), so the
+    export casts them in place and they are freed before verification: one copy of the weights at a time."""
     from .passes.glue import glue_cost, glue_records
 
     c = compress_(loaded, config, timer=t, quiet=quiet, resume=resume, checkpoint_dir=checkpoint_dir)
@@ -414,21 +442,27 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
                 "identity": sum(r.kept_identity for r in kept) / len(kept),
                 "chosen": sum(r.kept_chosen for r in kept) / len(kept),
             }
+        from .export.verify import compare_ort_refs, format_checks, torch_outputs, verify_artifacts
+
+        # the model in memory on a calibration batch, recorded now: ONNX Runtime is compared with it after export
+        calib_inputs = verify_inputs[:1]
+        calib_refs = torch_outputs(net, calib_inputs, loaded.forward_kwargs())
         with t.step("export"):
             try:
-                _write_artifacts(tmp, loaded, groups, perms, config, report, mask_result, prefetch)
+                _write_artifacts(tmp, loaded, groups, perms, config, report, mask_result, prefetch,
+                                 consume=release_model)
             except Exception as exc:  # noqa: BLE001 - a full disk must read as such, whoever raised it
                 reason = write_failure(exc)
                 if reason is None:
                     raise
                 raise OutputWriteError(f"cannot write the output to {out_dir.resolve().parent}: {reason}") from exc
+        if release_model:
+            _release_weights_(net)
+            net = None
         with t.step("verify"):
-            from .export.verify import compare_ort_torch, format_checks, verify_artifacts
-
             checks = verify_artifacts(tmp)
             # the in-memory model on calibration inputs, besides verify's random inputs on the reloaded hf/
-            calib_cmp = compare_ort_torch(net, tmp / "model.onnx", verify_inputs[:1], loaded.forward_kwargs(),
-                                          precision=config.precision)
+            calib_cmp = compare_ort_refs(tmp / "model.onnx", calib_inputs, calib_refs, precision=config.precision)
             checks.append(calib_cmp.as_check("onnxruntime_vs_torch_calibration"))
         report["checks"] = [asdict(c) for c in checks]
         report["timings"] = t.timings
@@ -520,7 +554,16 @@ def permutations_payload(groups, perms, config: OptimizeConfig, model_name: str)
             "strategy": config.permutation, "criterion": config.criterion, "seed": config.seed, "groups": entries}
 
 
-def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_result, prefetch=None) -> None:
+def _release_weights_(net: torch.nn.Module) -> None:
+    """Free ``net``'s parameters and buffers (moved to the meta device: shapes kept, storage released)."""
+    import gc
+
+    net.to_empty(device="meta")
+    gc.collect()
+
+
+def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_result, prefetch=None,
+                     consume: bool = False) -> None:
     from .export.onnx import export_onnx
     from .export.triton import write_triton_repo
     from .export.verify import onnx_initializer_for_param
@@ -547,7 +590,7 @@ def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_resu
             report["hf_extra_files"] = copy_extra_files(Path(loaded.folder), tmp / "hf")
     stages["save_hf"] = round(time.perf_counter() - clock, 3)
     info = export_onnx(net, loaded.example_inputs(), tmp / "model.onnx", config.precision,
-                       forward_kwargs=loaded.forward_kwargs(), prefetched=prefetch)
+                       forward_kwargs=loaded.forward_kwargs(), prefetched=prefetch, consume=consume)
     report["onnx"] = _jsonable(info)
     clock = time.perf_counter()
     proto = None

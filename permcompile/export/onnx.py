@@ -113,8 +113,11 @@ def _model_bytes(model: nn.Module, itemsize: int | None) -> int:
 def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: str | Path, precision: str = "fp32",
                 forward_kwargs: Mapping[str, Any] | None = None, *, fp16_method: str = "auto",
                 external_data: bool | None = None, opset: int | None = None,
-                optimize: str = "fast", prefetched: "GraphPrefetch | None" = None) -> OnnxExportInfo:
-    """Export ``model`` to ``path`` (see the module docstring). ``model`` itself is not modified.
+                optimize: str = "fast", prefetched: "GraphPrefetch | None" = None,
+                consume: bool = False) -> OnnxExportInfo:
+    """Export ``model`` to ``path`` (see the module docstring). ``model`` itself is not modified, unless
+    ``consume``: then a bf16/fp16 model's parameters may be cast to the graph's dtype in place instead of in
+    a copy (one copy of the weights in memory, not two), for a caller done with the model.
 
     ``fp16_method``: "auto" (half export, converter as fallback), "half" or "convert".
     ``external_data``: None decides by size (> 2 GB of weights), True/False forces it.
@@ -146,14 +149,15 @@ def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: st
     traced = None
     prefetch_note = None
     if prefetched is not None:
-        traced, prefetch_note = prefetched.take(model, list(example_kwargs), precision, fp16_method, optimize, opset)
+        traced, prefetch_note = prefetched.take(model, list(example_kwargs), precision, fp16_method, optimize, opset,
+                                                  in_place=consume)
         lap("prefetch_bind")
         stages.update(prefetched.stages)
         stages["prefetch_bind"] = round(stages["prefetch_bind"] - stages.get("prefetch_wait", 0.0), 3)
     used_prefetch = traced is not None
     if traced is None:
         traced = _trace(model, example_kwargs, precision, forward_kwargs, fp16_method, opset,
-                        torch_optimize=(optimize == "full"))
+                        torch_optimize=(optimize == "full"), in_place=consume)
         lap("trace")
     notes = list(traced.notes) + ([prefetch_note] if prefetch_note else [])
     program, method, axes = traced.program, traced.method, traced.axes

@@ -72,16 +72,17 @@ class GraphPrefetch:
             self._threads = None
 
     def take(self, model: nn.Module, names: list[str], precision: str, fp16_method: str, optimize: str,
-             opset: int | None) -> tuple[_Traced | None, str | None]:
-        """Wait for the child and bind ``model``'s weights; (None, reason) if the graph cannot be used."""
+             opset: int | None, in_place: bool = False) -> tuple[_Traced | None, str | None]:
+        """Wait for the child and bind ``model``'s weights; (None, reason) if the graph cannot be used.
+        ``in_place``: the weights may be cast to the graph's dtype in ``model`` itself (no copy)."""
         try:
-            return self._take(model, names, precision, fp16_method, optimize, opset)
+            return self._take(model, names, precision, fp16_method, optimize, opset, in_place)
         except Exception as exc:  # noqa: BLE001 - any surprise: trace in the parent instead
             return None, f"traced again: prefetched graph unusable ({_one_line(exc)})"
         finally:
             self.cancel()
 
-    def _take(self, model, names, precision, fp16_method, optimize, opset):
+    def _take(self, model, names, precision, fp16_method, optimize, opset, in_place=False):
         import json
 
         if (names, precision, fp16_method, opset) != (self.names, self.precision, self.fp16_method, self.opset) \
@@ -102,7 +103,7 @@ class GraphPrefetch:
         import onnx_ir as ir
 
         ir_model = ir.load(str(self.workdir / "graph.onnx"))
-        module = _export_module(model, meta["method"])
+        module = _export_module(model, meta["method"], in_place)
         wrapper = ExportWrapper(module, names, None)
         state = dict(wrapper.named_parameters(remove_duplicate=False))
         state.update(dict(wrapper.named_buffers(remove_duplicate=False)))
@@ -127,6 +128,17 @@ class GraphPrefetch:
         return _Traced(program, module, names, axes, meta["out_name"], meta["method"], meta["notes"]), None
 
 
+def _hollow_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give every floating parameter of the child's copy of ``model`` fresh, never written storage in the
+    graph's dtype. The trace needs shapes and dtypes, not values (the parent binds its own weights by name),
+    so the child neither casts a copy of the weights nor keeps the parent's pages: large ``torch.empty``
+    blocks are mapped lazily and cost no resident memory."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = torch.empty(param.shape, dtype=dtype)
+
+
 def _prefetch_child(model, example_kwargs, precision, forward_kwargs, fp16_method, opset, workdir) -> None:
     """Body of the prefetch process: trace, save the graph (parameters as data-less references) and meta.json."""
     import json
@@ -140,6 +152,7 @@ def _prefetch_child(model, example_kwargs, precision, forward_kwargs, fp16_metho
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
+        _hollow_(model, torch.float16 if precision == "fp16" and fp16_method != "convert" else torch.float32)
         traced = _trace(model, example_kwargs, precision, forward_kwargs, fp16_method, opset, torch_optimize=False)
         wrapper = ExportWrapper(traced.module, traced.names, None)
         state = {n for n, _ in wrapper.named_parameters(remove_duplicate=False)}

@@ -154,8 +154,11 @@ def _check_args(model: nn.Module, example_kwargs, precision: str, fp16_method: s
 
 def _trace(model: nn.Module, example_kwargs: Mapping[str, Tensor], precision: str,
            forward_kwargs: Mapping[str, Any] | None, fp16_method: str, opset: int | None,
-           torch_optimize: bool) -> _Traced:
-    """Run ``torch.onnx.export`` (the slow part: torch.export, decompositions, translation)."""
+           torch_optimize: bool, in_place: bool = False) -> _Traced:
+    """Run ``torch.onnx.export`` (the slow part: torch.export, decompositions, translation).
+
+    ``in_place``: cast ``model``'s own parameters to the graph's dtype instead of a cast copy (see
+    :func:`_cast_copy`), for callers that no longer need its weights in their dtype."""
     names = list(example_kwargs)
     axes = {n: _dynamic_spec(n, t) for n, t in example_kwargs.items()}
     example = _grow_examples({n: t.detach().cpu() for n, t in example_kwargs.items()}, axes)
@@ -198,7 +201,7 @@ def _trace(model: nn.Module, example_kwargs: Mapping[str, Tensor], precision: st
     try:
         if method == "half":
             try:
-                half = _export_module(model, method)
+                half = _export_module(model, method, in_place)
                 program = run_export(half, torch.float16)
                 exported_module = half
             except Exception as exc:  # noqa: BLE001
@@ -207,7 +210,7 @@ def _trace(model: nn.Module, example_kwargs: Mapping[str, Tensor], precision: st
                 notes.append(f"fp16 export of the .half() model failed ({_one_line(exc)}); converted the fp32 graph")
                 method = "convert"
         if program is None:
-            exported_module = _export_module(model, method)
+            exported_module = _export_module(model, method, in_place)
             program = run_export(exported_module, None)
     except OnnxExportError:
         raise
@@ -218,22 +221,18 @@ def _trace(model: nn.Module, example_kwargs: Mapping[str, Tensor], precision: st
     return _Traced(program, exported_module, names, axes, out_name, method, notes)
 
 
-def _export_module(model: nn.Module, method: str | None) -> nn.Module:
+def _export_module(model: nn.Module, method: str | None, in_place: bool = False) -> nn.Module:
     """The module a graph is traced from: an fp16 copy for the "half" method; otherwise the model itself, or
-    an fp32 copy of a bf16/fp16 model (an fp32 graph, or the fp32 graph the "convert" method starts from)."""
+    an fp32 copy of a bf16/fp16 model (an fp32 graph, or the fp32 graph the "convert" method starts from).
+    ``in_place``: the model itself, its parameters cast (see :func:`_cast_copy`)."""
     from ..dtypes import is_half
 
     if method == "half":
-        return _half_copy(model)
-    return _cast_copy(model, torch.float32) if is_half(model) else model
+        return _cast_copy(model, torch.float16, in_place)
+    return _cast_copy(model, torch.float32, in_place) if is_half(model) else model
 
 
-def _half_copy(model: nn.Module) -> nn.Module:
-    """:func:`_cast_copy` to fp16."""
-    return _cast_copy(model, torch.float16)
-
-
-def _cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def _cast_copy(model: nn.Module, dtype: torch.dtype, in_place: bool = False) -> nn.Module:
     """A deep copy with every floating *parameter* in ``dtype``; buffers keep their dtype.
 
     Buffers such as rotary ``inv_freq`` stay fp32 (the model computes RoPE in fp32 from them; rounding
@@ -241,8 +240,18 @@ def _cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     ``PreTrainedModel.half`` refuses models loaded from quantized checkpoints (GGUF). The cast parameters are
     handed to ``deepcopy`` up front, so the original weights are never copied first (peak: the model plus
     the cast copy). A model already in ``dtype`` is returned itself: nothing to copy.
+
+    ``in_place``: cast ``model``'s own parameters one at a time instead (peak: the model plus one tensor) and
+    return ``model``, for a caller that will not use its weights in their old dtype again.
     """
     if not any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        return model.eval()
+    if in_place:
+        with torch.no_grad():
+            for param in model.parameters():  # tied parameters appear once and stay tied
+                if param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+        _set_config_dtype(model, dtype)
         return model.eval()
     memo: dict[int, Any] = {}
     with torch.no_grad():
@@ -250,12 +259,16 @@ def _cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             if param.is_floating_point() and param.dtype != dtype:
                 memo[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
     cast = copy.deepcopy(model, memo)
-    if hasattr(cast, "config") and hasattr(cast.config, "dtype"):
+    _set_config_dtype(cast, dtype)
+    return cast.eval()
+
+
+def _set_config_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    if hasattr(model, "config") and hasattr(model.config, "dtype"):
         try:
-            cast.config.dtype = dtype
+            model.config.dtype = dtype
         except Exception:  # noqa: BLE001
             pass
-    return cast.eval()
 
 
 class _quiet_loggers:

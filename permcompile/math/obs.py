@@ -81,13 +81,51 @@ def inverse_cholesky_upper(h: Tensor) -> Tensor:
     given that columns < j are fixed. Float32 (as SparseGPT; a dampened H is well conditioned), float64 when
     that fails. Raises ``torch.linalg.LinAlgError`` if H is not positive definite even then."""
     for dtype in (torch.float32, torch.float64):
-        lower, info = torch.linalg.cholesky_ex(h.to(dtype))
-        if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper.to(h.dtype)
+        work = h.to(dtype, copy=True)
+        if _upper_inverse_factor_(work):
+            return work.to(h.dtype)
+        del work
     lower = torch.linalg.cholesky(h.double())  # raises with torch's own message
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).to(h.dtype)
+
+
+def _upper_inverse_factor_(a: Tensor) -> bool:
+    """Overwrite the positive definite ``a`` with the upper Cholesky factor of its inverse, in its own storage
+    (Cholesky, inverse from the factor, Cholesky again: no second K×K matrix is kept; an 8k-wide layer's is
+    256 MB). False (``a`` then holds garbage) when a factorisation fails or the result is not finite."""
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(a, out=(a, info))
+    if int(info):
+        return False
+    torch.cholesky_inverse(a, out=a)
+    torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
+    # cholesky_ex leaves the other triangle as it was: the factor is triangular by definition
+    a.triu_()
+    return int(info) == 0 and bool(torch.isfinite(a).all())
+
+
+def dampened_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
+    """:func:`inverse_cholesky_upper` of :func:`dampen` ``(h, damp)``, holding one K×K matrix besides ``h``
+    (float32 in place; float64 only when that fails)."""
+    work = dampen(h, damp)
+    if _upper_inverse_factor_(work):
+        return work
+    del work
+    return inverse_cholesky_upper(dampen(h, damp).double()).float()
+
+
+def damping_diagonal(h: Tensor, damp: float) -> Tensor | None:
+    """The vector ``d`` with ``dampen(h, damp) == h + diag(d)``, or None when that does not hold (a channel
+    with a non-positive diagonal but non-zero off-diagonal entries): lets callers use the dampened matrix
+    without a K×K copy."""
+    diag = torch.diagonal(h).float()
+    dead = diag <= 0
+    if bool(dead.any()) and bool(h[dead].any()):
+        return None
+    mean = float(torch.where(dead, torch.ones_like(diag), diag).mean())  # as dampen: dead channels count 1
+    d = torch.full_like(diag, damp * (mean if mean > 0 else 1.0))
+    d[dead] += 1.0 - diag[dead]
+    return d
 
 
 def inverse_diagonal(h: Tensor, damp: float = 0.01) -> Tensor:
@@ -135,8 +173,7 @@ def sparsegpt_nm_(w: Tensor, h: Tensor, n: int, m: int, *, damp: float = 0.01, b
     if bool(dead.any()):
         w[:, dead] = 0  # a channel that never carries a signal: its weights change nothing on the data
     # (a K×K copy less when the caller shares the factor: an 8k-wide layer's Hessian is 256 MB)
-    u = inverse_cholesky_upper(dampen(h.to(w.device), damp)) if hinv_chol is None else hinv_chol.to(w.device,
-                                                                                                    w.dtype)
+    u = dampened_inverse_cholesky(h.to(w.device), damp) if hinv_chol is None else hinv_chol.to(w.device, w.dtype)
     keep = torch.zeros(out, k, dtype=torch.bool, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -171,17 +208,22 @@ def refit_masked_(w: Tensor, w_ref: Tensor, keep: Tensor, h: Tensor, *, iters: i
     ``keep``, with ``Hd`` the dampened Hessian, by ``iters`` steps of conjugate gradients started at ``w``
     (all rows at once: one ``[out, K] @ [K, K]`` product per step). Never increases the objective.
     """
-    hd = dampen(h.to(w.device), damp).to(w.dtype)
+    h = h.to(w.device, w.dtype)
+    d = damping_diagonal(h, damp)
+    if d is None:  # rare (see damping_diagonal): the dampened copy
+        hd, d = dampen(h, damp), torch.zeros(h.shape[0], dtype=w.dtype, device=w.device)
+    else:  # H + diag(d) applied as a product and a scaling: no K×K copy
+        hd = h
     km = keep.to(w.dtype)
     x = w * km
-    r = ((w_ref - x) @ hd) * km  # minus half the gradient, restricted to the kept entries
+    r = ((w_ref - x) @ hd + (w_ref - x) * d) * km  # minus half the gradient, restricted to the kept entries
     p = r.clone()
     rs = (r * r).sum(1)
     tiny = torch.finfo(w.dtype).tiny
     for _ in range(iters):
         if float(rs.max()) <= tiny:
             break
-        ap = (p @ hd) * km
+        ap = (p @ hd + p * d) * km
         alpha = rs / (p * ap).sum(1).clamp_min(tiny)
         x += alpha.unsqueeze(1) * p
         r -= alpha.unsqueeze(1) * ap

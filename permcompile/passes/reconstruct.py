@@ -27,7 +27,7 @@ from ..calib.blocks import model_hessians, stream_hessians
 from ..calib.distributed import same_on_every_rank
 from ..config import ReconstructConfig
 from ..math.nm import criterion_scores, is_nm
-from ..math.obs import HessianAccumulator, dampen, inverse_cholesky_upper, output_error, refit_masked_, sparsegpt_nm_
+from ..math.obs import HessianAccumulator, dampened_inverse_cholesky, output_error, refit_masked_, sparsegpt_nm_
 from .sparsify import LinearInfo, MaskResult, check_nm, weight_kout
 
 
@@ -53,10 +53,11 @@ def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumula
     from ..math.nm import nm_mask
 
     u = None
-    if factors is not None:
+    if factors is not None:  # siblings (q/k/v) come one after another: only the last factor is kept
         u = next((f for hh, f in factors if hh.shape == h.shape and torch.equal(hh, h)), None)
         if u is None:
-            u = inverse_cholesky_upper(dampen(h, cfg.damp))
+            factors.clear()  # before the next K×K factor is built
+            u = dampened_inverse_cholesky(h, cfg.damp)
             factors.append((h, u))
     masked = w_ref * nm_mask(crit, n, m)
     total = output_error(w_ref, torch.zeros_like(w_ref), h)
