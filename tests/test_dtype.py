@@ -161,3 +161,54 @@ def test_triton_never_pairs_sparsity_with_fp32(tmp_path):
     assert "# trt_sparsity_enable is off" in fp32.config  # the config says why
     fp16 = write_triton_repo(tmp_path / "b", "m", onnx_path=info.path, sparse=True, precision="fp16")
     assert _trt_params(fp16.config)["trt_sparsity_enable"] == "1" and not fp16.notes
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_consuming_export_writes_the_same_graph(half_dir, tmp_path, prefetch):
+    """``export_onnx(consume=True)`` casts the bf16 model's own parameters (no copy) and writes the same
+    weights as the copying export; without it the model is left as it was."""
+    import onnx
+    from onnx import numpy_helper
+
+    from permcompile.export.onnx import GraphPrefetch, export_onnx
+
+    loaded = load_model(str(half_dir(torch.bfloat16)))
+    model, inputs = loaded.model, loaded.example_inputs()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    paths = {}
+    for consume in (False, True):
+        pre = GraphPrefetch(model, inputs, "fp16", workdir=tmp_path / f"trace{consume}") if prefetch else None
+        try:
+            export_onnx(model, inputs, tmp_path / f"{consume}.onnx", "fp16", prefetched=pre, consume=consume)
+        finally:
+            if pre is not None:
+                pre.cancel()
+        paths[consume] = tmp_path / f"{consume}.onnx"
+        if not consume:  # the copying export leaves the model in bf16, untouched
+            assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model_dtype(model) == torch.float16  # consumed: cast in place
+
+    def weights(path):
+        return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+    a, b = weights(paths[False]), weights(paths[True])
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_optimize_releases_the_model_it_loaded_but_not_one_passed_in(half_dir, tmp_path, monkeypatch):
+    from permcompile import pipeline
+
+    released = []
+    real = pipeline._release_weights_
+    monkeypatch.setattr(pipeline, "_release_weights_", lambda net: (released.append(net), real(net)))
+    result = optimize(str(half_dir(torch.bfloat16)), tmp_path / "a", _config(), quiet=True, prefetch_export=False)
+    assert all(c["passed"] for c in result.report["checks"])
+    assert len(released) == 1 and all(p.is_meta for p in released[0].parameters())
+    steps = result.report["peak_memory_gib"]
+    assert set(steps) >= {"load", "calibrate", "export", "verify"} and all(v > 0 for v in steps.values())
+
+    module = load_model(str(half_dir(torch.bfloat16))).model
+    result = optimize(module, tmp_path / "b", _config(), quiet=True, prefetch_export=False)
+    assert all(c["passed"] for c in result.report["checks"]) and len(released) == 1
+    # a module passed in stays usable (load_model runs it in fp32): the export cast a copy, nothing was freed
+    assert model_dtype(module) == torch.float32 and not any(p.is_meta for p in module.parameters())

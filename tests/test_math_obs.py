@@ -114,3 +114,22 @@ def test_dead_channels_and_bad_shapes():
         sparsegpt_nm_(torch.randn(4, 30), torch.eye(30), 2, 4)
     with pytest.raises(ValueError, match="Hessian shape"):
         sparsegpt_nm_(torch.randn(4, 32), torch.eye(16), 2, 4)
+
+
+def test_damping_without_copies_matches_dampen():
+    from permcompile.math.obs import dampen, dampened_inverse_cholesky, damping_diagonal, inverse_cholesky_upper
+
+    x = _problem(out=4, k=32, tokens=300)[0].clone()
+    x[:, 5] = 0  # a dead channel
+    h = x.T @ x
+    d = damping_diagonal(h, 0.01)
+    assert torch.allclose(dampen(h, 0.01), h + torch.diag(d), rtol=1e-6, atol=0)
+    u = dampened_inverse_cholesky(h, 0.01)
+    assert torch.allclose(u, inverse_cholesky_upper(dampen(h, 0.01)), atol=1e-6)
+    assert torch.equal(u, u.triu())
+    inv = torch.linalg.inv(dampen(h, 0.01).double())
+    assert torch.allclose((u.T @ u).double(), inv, rtol=1e-4, atol=1e-5 * float(inv.abs().max()))
+    bad = h.clone()
+    bad[5, 5] = -1.0
+    bad[5, 6] = bad[6, 5] = 0.5  # not an XᵀX: the vector form does not hold
+    assert damping_diagonal(bad, 0.01) is None
