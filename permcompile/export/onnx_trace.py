@@ -247,10 +247,16 @@ def _cast_copy(model: nn.Module, dtype: torch.dtype, in_place: bool = False) -> 
     if not any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
         return model.eval()
     if in_place:
+        from collections import Counter
+
+        # storages several distinct tensors read (views of one buffer) must keep their bytes: cast those by copy
+        shared = Counter(t.untyped_storage().data_ptr() for t in {id(t): t for t in
+                                                                  [*model.parameters(), *model.buffers()]}.values())
         with torch.no_grad():
             for param in model.parameters():  # tied parameters appear once and stay tied
                 if param.is_floating_point() and param.dtype != dtype:
-                    param.data = param.data.to(dtype)
+                    alone = shared[param.untyped_storage().data_ptr()] == 1
+                    param.data = _recast_in_storage(param.data, dtype) if alone else param.data.to(dtype)
         _set_config_dtype(model, dtype)
         return model.eval()
     memo: dict[int, Any] = {}
@@ -261,6 +267,20 @@ def _cast_copy(model: nn.Module, dtype: torch.dtype, in_place: bool = False) -> 
     cast = copy.deepcopy(model, memo)
     _set_config_dtype(cast, dtype)
     return cast.eval()
+
+
+def _recast_in_storage(t: Tensor, dtype: torch.dtype, step: int = 1 << 20) -> Tensor:
+    """``t.to(dtype)`` written over ``t``'s own bytes when both dtypes have one size (bf16 ↔ fp16), slice by
+    slice; otherwise a cast copy. Why not ``.to``: weights loaded from safetensors live in one file mapping
+    that stays resident until its last tensor is freed, so casting them one by one into new memory holds the
+    model twice; rewritten in place, they never take more room."""
+    if t.element_size() != torch.empty((), dtype=dtype).element_size() or not t.is_contiguous():
+        return t.to(dtype)
+    flat = t.view(-1)
+    out = flat.view(dtype)  # the same bytes, read as the new dtype
+    for i in range(0, flat.numel(), step):
+        out[i:i + step] = flat[i:i + step].to(dtype)  # each slice is read (into a temporary) before it is written
+    return out.view(t.shape)
 
 
 def _set_config_dtype(model: nn.Module, dtype: torch.dtype) -> None:

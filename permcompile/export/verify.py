@@ -257,6 +257,21 @@ def clear_session_cache() -> None:
     _SESSION_CACHE.clear()
 
 
+def session_options(low_memory: bool = True, threads: int | None = None):
+    """Quiet ONNX Runtime session options; ``low_memory``: see :func:`ort_session`."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if low_memory:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.enable_cpu_mem_arena = False
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    return opts
+
+
 def ort_session(onnx_path, providers: Sequence[str] | None = None, threads: int | None = None,
                 low_memory: bool = True):
     """An ONNX Runtime session (CPU unless ``providers`` says otherwise), quiet.
@@ -289,14 +304,7 @@ def ort_session(onnx_path, providers: Sequence[str] | None = None, threads: int 
     if key is not None and key in _SESSION_CACHE:
         return _SESSION_CACHE[key]
     _SESSION_CACHE.clear()  # one session at a time
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    if low_memory:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.enable_cpu_mem_arena = False
-        opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts = session_options(low_memory, threads)
     try:
         session = ort.InferenceSession(str(onnx_path), sess_options=opts,
                                        providers=list(providers or ["CPUExecutionProvider"]))
@@ -313,6 +321,18 @@ _ORT_NP = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8,
 }
+
+
+# Graphs with more weights than this run slice by slice on the CPU (export/ort_chunks.py): ONNX Runtime's CPU
+# provider casts every fp16 MatMul weight to fp32 before the first layer runs, which would hold the weights
+# 1.5x over (fp16 + fp32) for the check alone. Slices of SLICE_BYTES of weights each.
+SLICE_ABOVE_BYTES = 512 << 20
+SLICE_BYTES = 256 << 20
+
+
+def _weight_bytes(onnx_path) -> int:
+    path = Path(onnx_path)
+    return sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.is_file())
 
 
 def _feeds(session, batch: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
@@ -404,8 +424,22 @@ def compare_ort_refs(onnx_path, input_batches: Sequence[Mapping[str, Tensor]], r
     if precision not in DEFAULT_TOLERANCE:
         raise UsageError(f"unknown precision {precision!r}; choose fp32 or fp16")
     start = time.perf_counter()
-    session = ort_session(onnx_path, providers)
-    outs = [session.run(None, _feeds(session, batch))[0] for batch in input_batches]
+    outs = None
+    if not providers and _weight_bytes(onnx_path) > SLICE_ABOVE_BYTES:
+        from .ort_chunks import NotSliceable, run_sliced
+
+        clear_session_cache()  # no whole-graph session beside the slices
+        try:
+            feeds = [{k: v.detach().cpu().numpy() for k, v in batch.items()} for batch in input_batches]
+            outs = [o[0] for o in run_sliced(onnx_path, feeds, budget=SLICE_BYTES)]
+        except NotSliceable:
+            outs = None
+        except Exception as exc:  # noqa: BLE001
+            raise VerificationError(f"ONNX Runtime cannot run {onnx_path}: {' '.join(str(exc).split())[:300]}") \
+                from exc
+    if outs is None:
+        session = ort_session(onnx_path, providers)
+        outs = [session.run(None, _feeds(session, batch))[0] for batch in input_batches]
     result = compare_outputs(refs, outs, precision, tol)
     result.seconds = time.perf_counter() - start
     return result
