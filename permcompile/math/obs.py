@@ -54,9 +54,23 @@ class HessianAccumulator:
         self.xtx += product
         self.count += count
 
-    def hessian(self) -> Tensor:
-        """``XᵀX / tokens`` as float32 (the scale cancels in the update; it keeps the numbers near 1)."""
+    def hessian(self, release: bool = False) -> Tensor:
+        """``XᵀX / tokens`` as float32 (the scale cancels in the update; it keeps the numbers near 1).
+
+        ``release``: scale the accumulator's own buffer and hand it over (no K×K copy; the accumulator is
+        spent: no further ``add`` or ``hessian``)."""
+        if release and not self.diagonal:
+            h, self.xtx = self.xtx.div_(max(self.count, 1)), None
+            return h
         return (self.xtx / max(self.count, 1)).float()
+
+
+def all_finite(t: Tensor, rows: int = 256) -> bool:
+    """No NaN or Inf in ``t``, by float64 sums of a few rows at a time (NaN and Inf propagate through a sum; a
+    float64 sum of float32 values cannot overflow): ``isfinite(t).all()`` makes K×K temporaries, 450 MB for an
+    8k-wide Hessian."""
+    flat = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
+    return all(bool(torch.isfinite(flat[i:i + rows].sum(dtype=torch.float64))) for i in range(0, flat.shape[0], rows))
 
 
 def dampen(h: Tensor, damp: float) -> Tensor:
@@ -79,29 +93,31 @@ def dampen(h: Tensor, damp: float) -> Tensor:
 def inverse_cholesky_upper(h: Tensor) -> Tensor:
     """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = UᵀU``): row j of U holds the OBS update of column j
     given that columns < j are fixed. Float32 (as SparseGPT; a dampened H is well conditioned), float64 when
-    that fails. Raises ``torch.linalg.LinAlgError`` if H is not positive definite even then."""
+    that fails. Raises ``torch.linalg.LinAlgError`` if H is not positive definite even then. (``U`` may be a
+    transposed view: see :func:`_upper_inverse_factor_`.)"""
     for dtype in (torch.float32, torch.float64):
         work = h.to(dtype, copy=True)
         if _upper_inverse_factor_(work):
-            return work.to(h.dtype)
+            return work.mT.to(h.dtype)
         del work
     lower = torch.linalg.cholesky(h.double())  # raises with torch's own message
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).to(h.dtype)
 
 
 def _upper_inverse_factor_(a: Tensor) -> bool:
-    """Overwrite the positive definite ``a`` with the upper Cholesky factor of its inverse, in its own storage
-    (Cholesky, inverse from the factor, Cholesky again: no second K×K matrix is kept; an 8k-wide layer's is
+    """Overwrite the symmetric positive definite ``a`` so that ``a.mT`` is the upper Cholesky factor of its
+    inverse, in its own storage: Cholesky, inverse from the factor, Cholesky again, each on ``a.mT`` (the same
+    symmetric matrix, column-major as LAPACK wants it, so torch makes no working copy: an 8k-wide layer's is
     256 MB). False (``a`` then holds garbage) when a factorisation fails or the result is not finite."""
     info = torch.empty((), dtype=torch.int32)
-    torch.linalg.cholesky_ex(a, out=(a, info))
+    col = a.mT
+    torch.linalg.cholesky_ex(col, out=(col, info))
     if int(info):
         return False
-    torch.cholesky_inverse(a, out=a)
-    torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
-    # cholesky_ex leaves the other triangle as it was: the factor is triangular by definition
-    a.triu_()
-    return int(info) == 0 and bool(torch.isfinite(a).all())
+    torch.cholesky_inverse(col, out=col)
+    torch.linalg.cholesky_ex(col, upper=True, out=(col, info))
+    col.triu_()  # cholesky_ex leaves the other triangle as it was: the factor is triangular by definition
+    return int(info) == 0 and all_finite(a)
 
 
 def dampened_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
@@ -109,7 +125,7 @@ def dampened_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
     (float32 in place; float64 only when that fails)."""
     work = dampen(h, damp)
     if _upper_inverse_factor_(work):
-        return work
+        return work.mT
     del work
     return inverse_cholesky_upper(dampen(h, damp).double()).float()
 
@@ -138,7 +154,7 @@ def inverse_diagonal(h: Tensor, damp: float = 0.01) -> Tensor:
 def output_error(w_ref: Tensor, w: Tensor, h: Tensor) -> float:
     """``tr((W_ref - W) H (W_ref - W)ᵀ)``: the squared layer-output error on the inputs H was built from."""
     d = (w_ref - w).to(h.dtype)
-    return float(((d @ h) * d).sum())
+    return float((d @ h).mul_(d).sum())
 
 
 def obs_saliency(w: Tensor, hinv_diag: Tensor) -> Tensor:
@@ -215,22 +231,28 @@ def refit_masked_(w: Tensor, w_ref: Tensor, keep: Tensor, h: Tensor, *, iters: i
     else:  # H + diag(d) applied as a product and a scaling: no K×K copy
         hd = h
     km = keep.to(w.dtype)
-    x = w * km
-    r = ((w_ref - x) @ hd + (w_ref - x) * d) * km  # minus half the gradient, restricted to the kept entries
+    # in-place updates throughout: every [out, K] temporary of an 8k-wide layer is 64 MB
+    x = w.mul_(km)  # w itself holds the iterate
+    diff = w_ref - x
+    r = diff @ hd
+    r.addcmul_(diff, d.unsqueeze(0)).mul_(km)  # minus half the gradient, restricted to the kept entries
+    del diff
     p = r.clone()
     rs = (r * r).sum(1)
     tiny = torch.finfo(w.dtype).tiny
     for _ in range(iters):
         if float(rs.max()) <= tiny:
             break
-        ap = (p @ hd + p * d) * km
-        alpha = rs / (p * ap).sum(1).clamp_min(tiny)
-        x += alpha.unsqueeze(1) * p
-        r -= alpha.unsqueeze(1) * ap
+        ap = p @ hd
+        ap.addcmul_(p, d.unsqueeze(0)).mul_(km)
+        alpha = (rs / (p * ap).sum(1).clamp_min(tiny)).unsqueeze(1)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1.0)
+        del ap
         rs_new = (r * r).sum(1)
-        p = r + (rs_new / rs.clamp_min(tiny)).unsqueeze(1) * p
+        p.mul_((rs_new / rs.clamp_min(tiny)).unsqueeze(1)).add_(r)
         rs = rs_new
-    w.copy_(x * km)
+    w.mul_(km)
     return w
 
 

@@ -27,7 +27,8 @@ from ..calib.blocks import model_hessians, stream_hessians
 from ..calib.distributed import same_on_every_rank
 from ..config import ReconstructConfig
 from ..math.nm import criterion_scores, is_nm
-from ..math.obs import HessianAccumulator, dampened_inverse_cholesky, output_error, refit_masked_, sparsegpt_nm_
+from ..math.obs import (HessianAccumulator, all_finite, dampened_inverse_cholesky, output_error, refit_masked_,
+                        sparsegpt_nm_)
 from .sparsify import LinearInfo, MaskResult, check_nm, weight_kout
 
 
@@ -37,14 +38,17 @@ def _act_norm_from(h: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumulator, criterion: str, n: int,
-                        m: int, cfg: ReconstructConfig, device, factors: list | None = None) -> dict:
+                        m: int, cfg: ReconstructConfig, device, factors: list | None = None,
+                        share_next: bool = True) -> dict:
     """Prune one linear to N:M with OBS updates (in place); returns its record (errors before/after).
 
-    ``factors`` caches ``(H, Cholesky factor of H⁻¹)`` pairs: siblings reading one input (q/k/v) share one."""
+    ``acc`` is spent (its buffer becomes the Hessian). ``factors`` caches ``(H, Cholesky factor of H⁻¹)``
+    pairs: siblings reading one input (q/k/v) share one; ``share_next=False`` (the next layer reads another
+    input) drops it before the refit."""
     view = weight_kout(model, info)
     w_ref = view.detach().to(device, torch.float32)
-    h = acc.hessian().to(device)
-    if not bool(torch.isfinite(h).all()):
+    h = acc.hessian(release=True).to(device)
+    if not all_finite(h):
         from ..errors import UsageError
 
         raise UsageError(f"the calibration inputs of {info.module} are not finite (NaN/Inf activations)")
@@ -65,10 +69,14 @@ def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumula
     w = w_ref.clone()
     keep = sparsegpt_nm_(w, h, n, m, damp=cfg.damp, block=cfg.block,
                          scores=crit if cfg.mask == "criterion" else None, hinv_chol=u)
+    del masked
+    if not share_next and factors is not None:
+        factors.clear()
+        u = None
     if cfg.refit_iters:
         refit_masked_(w, w_ref, keep, h, iters=cfg.refit_iters, damp=cfg.damp)
     err_after = output_error(w_ref, w, h)
-    if not bool(torch.isfinite(w).all()):
+    if not all_finite(w):
         raise RuntimeError(f"reconstruction of {info.module} produced non-finite weights")
     view.copy_(w.to(view.device, view.dtype))
     crit_total = float(crit.sum())
@@ -208,9 +216,12 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
                                                 device=device, rerun=True, desc="reconstruct", quiet=quiet,
                                                 start=start, hidden=hidden, on_block_done=block_done):
             factors: list = []
-            for name in list(hessians):
+            names = list(hessians)
+            for i, name in enumerate(names):
+                # siblings (q/k/v) come one after another and read one input: the next may reuse the factor
+                share = i + 1 < len(names) and hessians[names[i + 1]].k == hessians[name].k
                 records[name] = _reconstruct_linear(model, by_module[name], hessians.pop(name), criterion, n, m,
-                                                    config, device, factors)
+                                                    config, device, factors, share_next=share)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the CLI's error line says how to go on
         if ckpt is not None and (ckpt.saved or start):
             exc.resume_hint = (f"{max(ckpt.saved, start)} reconstructed blocks are checkpointed in {ckpt.folder}: "
