@@ -8,9 +8,13 @@ running: every weight held in fp16 and in fp32 at once, 1.5× the model's fp32 b
 How: the nodes, in the file's (topological) order, are cut into slices whose weights add up to about
 ``budget`` bytes; each slice becomes its own small model (its nodes, the initializers they read, its inputs
 typed from the arrays that reach it), is run on every batch, and is released before the next is built. Values
-that later slices read are carried over; the others are dropped. The numbers are those of the whole graph:
-the same nodes run with the same kernels, on the same (unoptimised) graph. Graphs with subgraphs (If, Loop)
-are not sliced (:class:`NotSliceable`).
+that later slices read are carried over; the others are dropped. The same nodes run with the same kernels on
+the same (unoptimised) graph: an fp32 graph gives the whole graph's outputs bit for bit; in an fp16 graph a
+value crossing a cut is rounded to fp16, as the graph declares it, where the whole-graph CPU run may keep it
+in fp32 between two inserted casts (tests/test_ort_slices.py bounds the difference). Graphs with subgraphs
+(If, Loop) are not sliced (:class:`NotSliceable`). What it bought at the 1B block shape (``--update none``,
+benchmarks/results/memory_scaling_update_none_sliced.md): 6 layers 3.05 GiB and 16 layers 3.75 GiB peak,
+against 3.6 (interpolated) and 6.29 GiB with the whole-graph session (memory_scaling_update_none_depth.md).
 """
 from __future__ import annotations
 
