@@ -13,8 +13,8 @@ the same (unoptimised) graph: an fp32 graph gives the whole graph's outputs bit 
 value crossing a cut is rounded to fp16, as the graph declares it, where the whole-graph CPU run may keep it
 in fp32 between two inserted casts (tests/test_ort_slices.py bounds the difference). Graphs with subgraphs
 (If, Loop) are not sliced (:class:`NotSliceable`). What it bought at the 1B block shape (``--update none``,
-benchmarks/results/memory_scaling_update_none_sliced.md): 6 layers 3.05 GiB and 16 layers 3.75 GiB peak,
-against 3.6 (interpolated) and 6.29 GiB with the whole-graph session (memory_scaling_update_none_depth.md).
+benchmarks/results/memory_scaling_update_none_sliced.md): 16 layers peak at 3.75 GiB, against 6.29 GiB with
+the whole-graph session (memory_scaling_update_none_depth.md, where verification set every depth's peak).
 """
 from __future__ import annotations
 
