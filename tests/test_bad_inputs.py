@@ -314,7 +314,7 @@ def test_click_usage_errors_are_one_line(args, llama, out):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_device_cuda_without_cuda(llama, out):
-    assert_one_error(optimize_cli(llama, out, "--permutation", "learned", "--device", "cuda"), 2, "cuda")
+    assert_one_error(optimize_cli(llama, out, "--permutation", "search", "--device", "cuda"), 2, "cuda")
     assert_no_output(out)
 
 
@@ -971,7 +971,7 @@ def test_api_bad_learn_config(learn, llama, out, no_export):
     from permcompile.pipeline import optimize
 
     with pytest.raises(UsageError):
-        optimize(str(llama), out, OptimizeConfig(permutation="learned", learn=LearnConfig(**learn)), quiet=True)
+        optimize(str(llama), out, OptimizeConfig(permutation="search", learn=LearnConfig(**learn)), quiet=True)
     assert_no_output(out)
 
 
@@ -1086,7 +1086,7 @@ QUICK_LEARN = dict(swap_trials=20, residual_trials=0)
 def _learned(loaded, **kwargs):
     from permcompile.pipeline import compress_
 
-    cfg = OptimizeConfig(permutation="learned", calib_samples=2, calib_seq_len=16,
+    cfg = OptimizeConfig(permutation="search", calib_samples=2, calib_seq_len=16,
                          learn=dataclasses.replace(LearnConfig(), **QUICK_LEARN))
     return compress_(loaded, cfg, quiet=True, **kwargs)
 
@@ -1109,7 +1109,7 @@ def test_corrupt_resume_checkpoint(content, llama, tmp_path, out, monkeypatch):
     ckpt.mkdir()
     (ckpt / "learn_state.json").write_bytes(content.encode("latin-1"))
     monkeypatch.setattr(learn_mod, "default_checkpoint_dir", lambda *args, **kwargs: ckpt)
-    line = assert_one_error(optimize_cli(llama, out, "--permutation", "learned", "--resume"), 2,
+    line = assert_one_error(optimize_cli(llama, out, "--permutation", "search", "--resume"), 2,
                             "learn_state.json", "rerun without --resume")
     assert str(ckpt) in line
     assert_no_output(out)
@@ -1137,7 +1137,7 @@ def test_read_only_home_does_not_stop_a_learned_run(home, tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="checkpoint") as caught:
         c = _learned(load_model(build_tiny("llama")))
     assert len([w for w in caught if "checkpoint" in str(w.message)]) == 1
-    assert any(r.strategy == "learned" for r in c.group_results)
+    assert any(r.strategy == "search" for r in c.group_results)
 
 
 def test_checkpoints_are_keyed_by_content_under_one_variable(home, tmp_path, monkeypatch):
@@ -1148,7 +1148,7 @@ def test_checkpoints_are_keyed_by_content_under_one_variable(home, tmp_path, mon
     from permcompile.testing.zoo import build_tiny
 
     monkeypatch.setenv("PERMCOMPILE_CACHE", str(tmp_path / "retired"))
-    cfg = OptimizeConfig(permutation="learned")
+    cfg = OptimizeConfig(permutation="search")
     a = default_checkpoint_dir(wrap_module(build_tiny("llama", seed=0), name="model"), cfg)
     b = default_checkpoint_dir(wrap_module(build_tiny("llama", seed=1), name="model"), cfg)
     assert a != b
@@ -1170,7 +1170,7 @@ def test_ctrl_c_during_learning_then_resume(llama, tmp_path):
     main_code = ("import permcompile.passes.learn as learn; learn.CHECKPOINT_AFTER_S = 0\n"
                  "from permcompile.cli import main; main()")
     args = [sys.executable, "-c", main_code, "optimize", str(llama), "--out", str(target),
-            "--calib-samples", "4", "--calib-seq-len", "32", "--permutation", "learned", "--learn", "steps=400"]
+            "--calib-samples", "4", "--calib-seq-len", "32", "--permutation", "search", "--learn", "steps=400"]
     log = tmp_path / "stderr.txt"  # a file, not a pipe: progress bars would fill a pipe and block the child
     with open(log, "w") as err_file:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err_file, text=True, env=env)

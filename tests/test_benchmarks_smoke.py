@@ -148,25 +148,25 @@ def test_quality_lm_on_a_tiny_model_writes_its_table(tmp_path, tiny_dir):
     out = tmp_path / "out"
     _run_script([str(BENCH / "quality_lm.py"), "--model", str(tiny_dir("llama")), "--data-dir", str(data),
                  "--calib-seeds", "0", "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "300",
-                 "--context", "64", "--methods", "none", "hungarian", "learned", "free", "--learn", "swap_trials=50",
+                 "--context", "64", "--methods", "none", "hungarian", "search", "free", "--learn", "swap_trials=50",
                  "--residual-trials", "50", "--out-dir", str(out), "--tag", "_smoke"])
     stem = f"quality_{tiny_dir('llama').name}_2of4_wanda_smoke"
     result = json.loads((out / f"{stem}.json").read_text())
-    assert {r["method"] for r in result["rows"]} == {"dense", "unstructured", "none", "hungarian", "learned", "free"}
+    assert {r["method"] for r in result["rows"]} == {"dense", "unstructured", "none", "hungarian", "search", "free"}
     free = next(r for r in result["rows"] if r["method"] == "free")
     assert free["glue_ops"] == 7 * 2  # the oracle: one gather per pruned linear (7 per block, 2 blocks)
     for kind, d in free["dropped_energy"].items():  # Wanda: unstructured per row drops the least energy of any 50% mask
         assert d["unstructured"] <= d["free"] + 1e-9 and 0 < d["identity"] < 1, kind
     for r in result["rows"]:
-        if r["method"] in ("none", "hungarian", "learned", "free"):
+        if r["method"] in ("none", "hungarian", "search", "free"):
             assert r["peak_rss_mb"] > 50 and r["ppl"] > 1 and "R" in r or r["method"] == "none"
     assert result["learn"]["residual_trials"] == 50 and result["learn"]["swap_trials"] == 50
-    assert "learned (calibration seeds 0): block_size=" in (out / f"{stem}.md").read_text()
+    assert "search (calibration seeds 0): block_size=" in (out / f"{stem}.md").read_text()
     assert "free (an oracle" in (out / f"{stem}.md").read_text()
     assert "| down_proj |" in (out / f"{stem}.md").read_text()
     table = (out / f"{stem}.md").read_text()
     assert "| peak memory (MiB) |" in table and "Command: `python benchmarks/quality_lm.py" in table
-    row = next(line for line in table.splitlines() if line.startswith("| learned |"))
+    row = next(line for line in table.splitlines() if line.startswith("| search |"))
     assert row.count("|") == table.splitlines()[2].count("|")  # as many cells as the header
 
 
@@ -175,18 +175,18 @@ def test_quality_vision_digits_small_run(tmp_path):
     pytest.importorskip("sklearn", reason="the digits benchmark needs scikit-learn (not a dev dependency)")
     out = tmp_path / "out"
     _run_script([str(BENCH / "quality_vision.py"), "--part", "digits", "--calib-seeds", "0", "--digits-epochs", "1",
-                 "--methods", "none", "hungarian", "learned", "--learn", "swap_trials=50", "--out-dir", str(out),
+                 "--methods", "none", "hungarian", "search", "--learn", "swap_trials=50", "--out-dir", str(out),
                  "--tag", "_smoke"])
     result = json.loads((out / "quality_vit-digits_2of4_wanda_smoke.json").read_text())
     methods = {r["method"] for r in result["rows"]}
-    assert {"dense", "unstructured", "none", "hungarian", "learned"} <= methods
-    assert all(r["peak_rss_mb"] > 50 for r in result["rows"] if r["method"] in ("hungarian", "learned"))
+    assert {"dense", "unstructured", "none", "hungarian", "search"} <= methods
+    assert all(r["peak_rss_mb"] > 50 for r in result["rows"] if r["method"] in ("hungarian", "search"))
     table = (out / "quality_vit-digits_2of4_wanda_smoke.md").read_text()
     assert result["learn"]["swap_trials"] == 50 and "swap_trials=50" in table
     table = (out / "quality_vit-digits_2of4_wanda_smoke.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| method |"))
     assert "peak memory (MiB)" in header
-    row = next(line for line in table.splitlines() if line.startswith("| learned |"))
+    row = next(line for line in table.splitlines() if line.startswith("| search |"))
     assert row.count("|") == header.count("|")
 
 
@@ -197,14 +197,14 @@ def test_quality_encoder_on_a_tiny_model_folder(tmp_path, tiny_dir):
     out = tmp_path / "out"
     _run_script([str(BENCH / "quality_encoder.py"), "--model", str(tiny_dir("bert")), "--data-dir", str(data),
                  "--calib-seeds", "0", "--calib-samples", "8", "--eval-sentences", "40",
-                 "--methods", "none", "hungarian", "learned", "--learn", "swap_trials=50", "--out-dir", str(out),
+                 "--methods", "none", "hungarian", "search", "--learn", "swap_trials=50", "--out-dir", str(out),
                  "--tag", "_smoke"])
     stem = f"quality_{tiny_dir('bert').name}_2of4_wanda_smoke"
     result = json.loads((out / f"{stem}.json").read_text())
-    assert {r["method"] for r in result["rows"]} == {"dense", "unstructured", "none", "hungarian", "learned"}
+    assert {r["method"] for r in result["rows"]} == {"dense", "unstructured", "none", "hungarian", "search"}
     table = (out / f"{stem}.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| method |"))
-    row = next(line for line in table.splitlines() if line.startswith("| learned |"))
+    row = next(line for line in table.splitlines() if line.startswith("| search |"))
     assert "peak memory (MiB)" in header and row.count("|") == header.count("|")
     assert "swap_trials=50" in table
 

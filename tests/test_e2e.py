@@ -1,5 +1,5 @@
-"""The ``e2e`` strategy: a planted problem it must solve, and the pipeline on tiny models (valid, folded, N:M,
-deterministic, and the loss it learns on is the loss of the model the compiler writes)."""
+"""The ``learned`` strategy (alias ``e2e``): a planted problem it must solve, and the pipeline on tiny models
+(valid, folded, N:M, deterministic, and the loss it learns on is the loss of the model the compiler writes)."""
 from __future__ import annotations
 
 import copy
@@ -78,7 +78,7 @@ def test_no_steps_returns_the_warm_start():
 
 
 def _cfg(**kw):
-    base = dict(permutation="e2e", calib_samples=8, calib_seq_len=16, update="none", e2e=FAST)
+    base = dict(permutation="learned", calib_samples=8, calib_seq_len=16, update="none", e2e=FAST)
     base.update(kw)
     return OptimizeConfig(**base)
 
@@ -93,7 +93,7 @@ def test_e2e_through_compress_is_valid_folded_nm_and_deterministic(name):
         assert c.fold_err <= 1e-4
         for g in c.groups:
             assert g.is_valid(c.perms[g.name])
-        moved = [r for r in c.group_results if r.strategy == "e2e"]
+        moved = [r for r in c.group_results if r.strategy == "learned"]
         assert moved and all("(hungarian) ->" in r.note for r in moved)
         assert all(r.objective == "e2e-" + ("kl" if name == "llama" else "cosine") for r in moved)
         assert all(r.error_after <= r.error_before for r in moved)  # never worse than the warm start
@@ -107,7 +107,7 @@ def test_e2e_through_compress_is_valid_folded_nm_and_deterministic(name):
 def test_e2e_composes_with_reconstruction():
     loaded = load_model(build_tiny("llama"))
     c = compress_(loaded, _cfg(update="obs"))
-    assert c.mask_result is not None and any(r.strategy == "e2e" for r in c.group_results)
+    assert c.mask_result is not None and any(r.strategy == "learned" for r in c.group_results)
     for info in c.linears:
         if info.prune:
             assert is_nm(weight_kout(loaded.model, info), 2, 4), info.param
@@ -155,6 +155,7 @@ def test_optimize_with_e2e_passes_every_check(tiny_dir, tmp_path, residual):
 
     from permcompile.pipeline import optimize
 
+    # "e2e" is an alias of "learned": same handler, the name the user passed is what the report records
     cfg = OptimizeConfig(permutation="e2e", calib_samples=4, calib_seq_len=16, residual=residual, e2e=FAST)
     res = optimize(str(tiny_dir("llama")), tmp_path / "out", cfg, quiet=True, prefetch_export=False)
     assert all(c["passed"] for c in res.report["checks"]), res.report["checks"]
@@ -174,7 +175,7 @@ def test_dense_outputs_recomputed_past_the_memory_budget_give_the_same_result(mo
 def test_every_loss_runs_on_a_causal_lm(loss, distill):
     loaded = load_model(build_tiny("llama"))
     c = compress_(loaded, _cfg(e2e=E2EConfig(steps=4, block_size=16, loss=loss, distill=distill)))
-    notes = [r.note for r in c.group_results if r.strategy == "e2e"]
+    notes = [r.note for r in c.group_results if r.strategy == "learned"]
     assert notes and all(n.startswith(f"{loss} loss") for n in notes)
     for g in c.groups:
         assert g.is_valid(c.perms[g.name])
@@ -277,3 +278,49 @@ def test_autocast_and_micro_batch_knobs(tmp_path):
     assert [p["x"].shape[0] for p in parts] == [2, 2, 1] and all(p["n"] == 3 for p in parts)
     micro = _planted_run(tmp_path, ckpt=False, steps=10, micro_batch=4)
     assert len(micro.history) == 10 and micro.perms["g"].sort().values.equal(torch.arange(32))
+
+
+def test_learned_is_the_end_to_end_method_and_search_the_exchange_search(monkeypatch):
+    """Issue 21: ``learned`` (and its alias ``e2e``) runs passes/e2e.py, ``search`` runs passes/learn.py; the first
+    use of ``learned`` says once that its meaning changed, ``e2e`` and ``search`` say nothing."""
+    import warnings
+
+    import permcompile.config as config_mod
+    from permcompile.passes.permute import HANDLERS
+
+    assert HANDLERS["learned"] is HANDLERS["e2e"] and HANDLERS["search"] is not HANDLERS["learned"]
+    assert HANDLERS["learned"].__name__ == "_learned" and HANDLERS["search"].__name__ == "_search"
+    assert config_mod.OptimizeConfig().permutation == "hungarian"
+    monkeypatch.setattr(config_mod, "_RENAME_NOTED", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        OptimizeConfig(permutation="search")
+        OptimizeConfig(permutation="e2e")
+        assert caught == []
+        OptimizeConfig(permutation="learned")
+        OptimizeConfig(permutation="learned")
+    assert [str(w.message) for w in caught] == [config_mod.LEARNED_RENAME_NOTE]
+    assert "end-to-end" in config_mod.LEARNED_RENAME_NOTE and "--permutation search" in config_mod.LEARNED_RENAME_NOTE
+
+
+def test_cli_prints_the_rename_note_once_on_stderr(monkeypatch, tmp_path, tiny_dir):
+    """``permcompile optimize --permutation learned`` prints one note line to stderr before it runs."""
+    from click.testing import CliRunner
+
+    import permcompile.config as config_mod
+    import permcompile.pipeline as pipeline_mod
+    from permcompile.cli import main
+
+    monkeypatch.setattr(config_mod, "_RENAME_NOTED", False)
+    seen = []
+
+    def fake_run(model, out, config, **kwargs):
+        seen.append(config.permutation)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline_mod, "optimize", fake_run)
+    args = ["optimize", str(tiny_dir("llama")), "--out", str(tmp_path / "o"), "--permutation", "learned"]
+    result = CliRunner().invoke(main, args)
+    assert seen == ["learned"], (result.output, result.exception)
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert notes == ["note: " + config_mod.LEARNED_RENAME_NOTE], result.stderr

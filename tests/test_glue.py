@@ -191,11 +191,11 @@ def test_learned_per_layer_runs_and_keeps_its_checks(tiny_dir, tmp_path):
     from permcompile.pipeline import optimize
 
     res = optimize(str(tiny_dir("llama")), tmp_path / "out",
-                   OptimizeConfig(permutation="learned", residual="per-layer", calib_samples=4, calib_seq_len=32),
+                   OptimizeConfig(permutation="search", residual="per-layer", calib_samples=4, calib_seq_len=32),
                    quiet=True, checkpoint_dir=str(tmp_path / "ckpt"))
     assert all(c["passed"] for c in res.report["checks"])
     sites = [g for g in res.report["groups"] if g["kind"] == "residual-site"]
-    assert sites and all(g["strategy"] == "learned" for g in sites)
+    assert sites and all(g["strategy"] == "search" for g in sites)
 
 
 def test_bad_residual_mode_is_a_usage_error():

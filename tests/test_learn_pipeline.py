@@ -18,7 +18,7 @@ LEARN = LearnConfig(steps=6, rounds=1, block_size=16, swap_trials=200, residual_
 
 
 def _cfg(**kw):
-    base = dict(permutation="learned", calib_samples=4, calib_seq_len=16, learn=LEARN)
+    base = dict(permutation="search", calib_samples=4, calib_seq_len=16, learn=LEARN)
     base.update(kw)
     return OptimizeConfig(**base)
 
@@ -46,7 +46,7 @@ def test_learned_is_valid_and_not_worse_than_hungarian(tmp_path, objective, monk
     loaded, c = _run(tmp_path, cfg={"learn": dataclasses.replace(LEARN, objective=objective)})
     assert off_diagonal and ((max(off_diagonal) == 0.0) == (objective == "diagonal"))
     assert all(abs(t - 1) < 1e-4 for t in traces) == (objective == "relative"), traces
-    learned = [r for r in c.group_results if r.strategy == "learned"]
+    learned = [r for r in c.group_results if r.strategy == "search"]
     assert learned, "no group was learned"
     for g in c.groups:
         assert g.is_valid(c.perms[g.name])
@@ -73,14 +73,14 @@ def test_diagonal_objective_uses_the_calibration_statistics_not_a_gram_pass(tmp_
 
     monkeypatch.setattr(learn_mod, "_GramHooks", CountingHooks)
     _, fast = _run(tmp_path / "stats", cfg=cfg)
-    assert passes == [] and any(r.strategy == "learned" for r in fast.group_results)
+    assert passes == [] and any(r.strategy == "search" for r in fast.group_results)
     monkeypatch.setattr(learn_mod, "_stat_grams_suffice", lambda *a: False)  # the Gram pass, as before
     _, slow = _run(tmp_path / "hooks", cfg=cfg)
     assert passes  # the forced run did take the Gram pass
     for g in fast.groups:
         assert torch.equal(fast.perms[g.name], slow.perms[g.name]), g.name
     notes = {r.name: r.note for r in slow.group_results}
-    assert all(r.note == notes[r.name] for r in fast.group_results if r.strategy == "learned")
+    assert all(r.note == notes[r.name] for r in fast.group_results if r.strategy == "search")
 
 
 def test_resume_after_interruption_gives_same_result(tmp_path, monkeypatch, capsys):
@@ -197,7 +197,7 @@ def test_sequential_learning_sees_pruned_inputs_and_leaves_the_model_dense(tmp_p
 def test_warm_start_greedy(tmp_path):
     """--warm-start greedy: the residual group keeps greedy's permutation, the learned groups start from it."""
     loaded, c = _run(tmp_path, cfg={"learn": dataclasses.replace(LEARN, warm_start="greedy")})
-    learned = [r for r in c.group_results if r.strategy == "learned"]
+    learned = [r for r in c.group_results if r.strategy == "search"]
     assert learned and all("(greedy) ->" in r.note for r in learned), [r.note for r in learned]
     _, heuristic = _run(tmp_path / "greedy", cfg={"permutation": "greedy"})
     res = [g for g in c.groups if g.kind == "residual"][0]
@@ -218,7 +218,7 @@ def test_auto_objective_is_resolved_per_family(tmp_path, name, expected):
     loaded = load_model(build_tiny(name))
     cfg = _cfg(learn=LearnConfig(block_size=16, swap_trials=50))
     c = compress_(loaded, cfg, checkpoint_dir=str(tmp_path / "ckpt"))
-    learned = [r for r in c.group_results if r.strategy == "learned"]
+    learned = [r for r in c.group_results if r.strategy == "search"]
     assert learned and all(r.objective == expected for r in learned), [r.objective for r in learned]
     assert all(r.note.startswith(expected + " error ") for r in learned), [r.note for r in learned]
 
@@ -229,7 +229,7 @@ def test_residual_exchanges_refine_the_global_residual_group(tmp_path):
     learn = dataclasses.replace(LEARN, residual_trials=300)
     loaded, c = _run(tmp_path, cfg={"learn": learn})
     res = [r for r in c.group_results if r.name in {g.name for g in c.groups if g.kind == "residual"}]
-    assert res and all(r.strategy == "learned" for r in res), [(r.name, r.strategy) for r in res]
+    assert res and all(r.strategy == "search" for r in res), [(r.name, r.strategy) for r in res]
     for r in res:
         assert r.objective == "diagonal" and r.error_after <= r.error_before + 1e-9, r
         assert r.error_after < r.error_before and r.exchanges_kept > 0, r  # it does move on a random model

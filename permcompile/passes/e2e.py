@@ -1,6 +1,7 @@
-"""The ``e2e`` permutation strategy: permutations learned against the model's own output (orchestration).
+"""The ``learned`` permutation strategy (alias ``e2e``): permutations learned end to end against the model's own
+output (orchestration).
 
-Why: the heuristics (``hungarian``) and the ``learned`` search score each layer alone on a proxy; the published
+Why: the heuristics (``hungarian``) and the exchange ``search`` score each layer alone on a proxy; the published
 methods that beat them (PermLLM, AMD arXiv 2601.22980) learn the permutations against the model's output. This
 pass does that with our coupling groups, so the result still folds into the weights with zero glue.
 
@@ -521,7 +522,7 @@ def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dic
         ckpt = E2ECheckpoint(default_checkpoint_dir(loaded, digest), digest, resume,
                              0.0 if resume else CHECKPOINT_AFTER_S, quiet)
         # the pipeline removes the permute step's default checkpoint under this key once the output is written
-        # (the learned search uses the same key; one run uses one strategy)
+        # (the exchange search uses the same key; one run uses one strategy)
         loaded.extras["learn_checkpoint"] = ckpt.folder
     try:
         res = train_permutations(net, learn_groups, warm, scores, batches, run, model_objective(loss, cfg.distill),
@@ -548,7 +549,7 @@ def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dic
         r = by_name[g.name]
         matrix = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
         r.kept_chosen = kept_importance(matrix, n, m, perms[g.name]) / float(matrix.sum())
-        r.strategy = "e2e"
+        r.strategy = "learned"
         r.seconds += res.seconds / max(1, len(movable))
         # the model's loss is one number for all groups: each group reports it
         r.objective, r.error_before, r.error_after = f"e2e-{loss}", res.loss_warm, (

@@ -1,4 +1,5 @@
-"""Orchestration of the learned permutation strategy (the math lives in ``permcompile.math.learn``).
+"""Orchestration of the ``search`` permutation strategy, the exchange search on a per-layer proxy (named
+``learned`` before issue 21; the math lives in ``permcompile.math.learn``).
 
 Streaming: groups are processed one Transformer block at a time. For each block we run the calibration
 batches through the model with hooks that accumulate the input Gram matrices ``XᵀX`` of that block's
@@ -217,7 +218,7 @@ def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name
         r = by_name[g.name]
         scores = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
         r.kept_chosen = kept_importance(scores, n, m, res.perm) / float(scores.sum())
-        r.strategy = "learned"
+        r.strategy = "search"
         _record_search(r, lc.objective, float(res.loss_warm), float(res.loss_best), int(res.swaps),
                        f"{lc.objective} error {res.loss_warm:.5f} ({lc.warm_start}) -> {res.loss_best:.5f}"
                        f" ({res.swaps} exchanges kept)")
@@ -291,7 +292,7 @@ def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) ->
         perms[g.name] = perm
         matrix = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
         r.kept_chosen = kept_importance(matrix, n, m, perm) / float(matrix.sum())
-        r.strategy = "learned"
+        r.strategy = "search"
         _record_search(r, "diagonal", float(before), float(after), int(kept),
                        f"diagonal error over {len(energies)} readers {before:.5f} ({config.learn.warm_start})"
                        f" -> {after:.5f} ({kept} exchanges kept)")
@@ -399,7 +400,7 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
         for name, entry in state["done"][key].items():
             perms[name] = torch.tensor(entry["perm"], dtype=torch.long)
             r = by_name[name]
-            r.kept_chosen, r.strategy, r.note = entry["kept"], "learned", entry.get("note", "")
+            r.kept_chosen, r.strategy, r.note = entry["kept"], "search", entry.get("note", "")
             for key in _SEARCH_FIELDS:  # absent from a checkpoint of an older version: left None
                 setattr(r, key, entry.get(key))
 

@@ -37,14 +37,14 @@ def _heuristic(req: PermuteRequest):
                                    cfg.sparsity.n, cfg.sparsity.m, req.pruned, seed=cfg.seed, progress=progress)
 
 
-def _learned(req: PermuteRequest):
+def _search(req: PermuteRequest):  # exchange search on a per-layer proxy (passes/learn.py; "learned" before #21)
     from .learn import learn_permutations
 
     return learn_permutations(req.loaded, req.groups, req.stats, req.batches, req.config, pruned=req.pruned,
                               quiet=req.quiet, resume=req.resume, checkpoint_dir=req.checkpoint_dir)
 
 
-def _e2e(req: PermuteRequest):  # learned against the model's own output (passes/e2e.py)
+def _learned(req: PermuteRequest):  # learned end to end against the model's own output (passes/e2e.py)
     from .e2e import e2e_permutations
 
     return e2e_permutations(req.loaded, req.groups, req.stats, req.batches, req.config, linears=req.linears,
@@ -52,7 +52,7 @@ def _e2e(req: PermuteRequest):  # learned against the model's own output (passes
 
 
 HANDLERS = {"none": _heuristic, "random": _heuristic, "greedy": _heuristic, "hungarian": _heuristic,
-            "learned": _learned, "e2e": _e2e}
+            "search": _search, "learned": _learned, "e2e": _learned}  # "e2e": alias of "learned"
 
 
 def permute(req: PermuteRequest) -> tuple[dict, list]:
