@@ -39,6 +39,8 @@ Also on 2026-12-03, later that day: exchange searches on groups with fewer candi
 (tiny models; of the benchmark models only the ViT-digits classifier's heads) try every pair per pass and
 stop at a local optimum instead of drawing pairs at random; the ViT-digits `_learned_default` tables were
 re-measured after that change. SmolLM2, MiniLM and DINOv2-S groups are larger and search as before.
+Strategy names changed at commit d127696 (issue 21): in tables written before it, `learned` is the exchange search
+(today `search`); from it on, `learned` is the end-to-end method (`e2e` before, still accepted).
 """
 
 
