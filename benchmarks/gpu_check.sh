@@ -4,13 +4,14 @@
 #   1. dense vs 2:4 matmul speed (torch.sparse.to_sparse_semi_structured: cuSPARSELt or CUTLASS) on the real
 #      linear shapes of SmolLM2-135M and Llama-3.2-1B at 1, 16 and 2048 tokens in fp16 (benchmarks/sparse_speed.py)
 #   2. `permcompile optimize smollm2 --device cuda --permutation hungarian`: wall time, peak RSS, checks
-#   3. a random model with Llama-3.2-1B's block shape (GPU_CHECK_LAYERS layers, default 4, bf16 on disk) through
+#   3. `optimize smollm2 --device cuda --permutation learned --update none`: the end-to-end search's GPU time
+#   4. a random model with Llama-3.2-1B's block shape (GPU_CHECK_LAYERS layers, default 4, bf16 on disk) through
 #      `optimize --device cuda --permutation hungarian` (benchmarks/memory_scaling.py): wall time, peak RSS, checks
 #
 # Results (device name, git commit, commands) go to $OUT/gpu_check/ when $OUT is set (the device runner brings
 # that folder back), else benchmarks/results/gpu_check/: summary.md, env.json, steps.jsonl, each step's log
 # and JSON. Without a CUDA device it prints one line and exits 0. Each step has its own time limit
-# (GPU_CHECK_LIMIT_SPEED / _SMOLLM2 / _1B seconds); a step that fails or runs out of time is recorded and the
+# (GPU_CHECK_LIMIT_SPEED / _SMOLLM2 / _LEARNED / _1B seconds); a step that fails or runs out of time is recorded and the
 # next one still runs. The script's exit status is 0 when every step passed, 1 otherwise.
 #
 #   bash benchmarks/gpu_check.sh
@@ -98,18 +99,25 @@ EOF
 }
 
 # 1. dense vs 2:4 on the real shapes
-step sparse_speed "${GPU_CHECK_LIMIT_SPEED:-150}" "$PY" benchmarks/sparse_speed.py --dtypes fp16 --tokens 1 16 2048 \
+step sparse_speed "${GPU_CHECK_LIMIT_SPEED:-120}" "$PY" benchmarks/sparse_speed.py --dtypes fp16 --tokens 1 16 2048 \
   --models smollm2-135m llama-3.2-1b --out-dir "$DEST" --tag _gpu_check "${SPEED_DRY[@]}"
 
 # 2. SmolLM2-135M end to end on --device cuda (artifacts in a temporary folder; report.json kept)
-step optimize_smollm2 "${GPU_CHECK_LIMIT_SMOLLM2:-180}" "$PY" -m permcompile optimize "$SMOL" --out "$WORK/smollm2" \
+step optimize_smollm2 "${GPU_CHECK_LIMIT_SMOLLM2:-150}" "$PY" -m permcompile optimize "$SMOL" --out "$WORK/smollm2" \
   --device "$DEVICE" --permutation hungarian --force
 for d in "$WORK/smollm2" "$WORK/smollm2.failed"; do
   [ -f "$d/report.json" ] && cp "$d/report.json" "$DEST/optimize_smollm2_report.json"
 done
 
-# 3. Llama-3.2-1B block shape, random weights, bf16 on disk, on --device cuda
-step "optimize_llama1b_${LAYERS}l" "${GPU_CHECK_LIMIT_1B:-240}" "$PY" benchmarks/memory_scaling.py --layers "$LAYERS" \
+# 3. the end-to-end permutation search (`learned`, issue 21) on SmolLM2, masks only (where it pays): its time on a GPU
+step learned_smollm2 "${GPU_CHECK_LIMIT_LEARNED:-120}" "$PY" -m permcompile optimize "$SMOL" --out "$WORK/smollm2_learned" \
+  --device "$DEVICE" --permutation learned --update none --force
+for d in "$WORK/smollm2_learned" "$WORK/smollm2_learned.failed"; do
+  [ -f "$d/report.json" ] && cp "$d/report.json" "$DEST/learned_smollm2_report.json"
+done
+
+# 4. Llama-3.2-1B block shape, random weights, bf16 on disk, on --device cuda
+step "optimize_llama1b_${LAYERS}l" "${GPU_CHECK_LIMIT_1B:-180}" "$PY" benchmarks/memory_scaling.py --layers "$LAYERS" \
   --device "$DEVICE" --work-dir "$WORK/memscale" --out-dir "$DEST" --tag _gpu_check "${TINY[@]}"
 
 "$PY" - "$DEST" "$(( $(date +%s) - START_ALL ))" <<'EOF'
@@ -126,12 +134,13 @@ for s in steps:
     rss = f"{s['peak_rss_gb']:.2f} GiB" if s["peak_rss_gb"] is not None else "-"
     lines.append(f"| {s['step']} | {s['rc']}{' (time limit)' if s['timed_out'] else ''} | {s['wall_s']:.0f} s | {rss} "
                  f"| `{s['command']}` |")
-rep = dest / "optimize_smollm2_report.json"
-if rep.is_file():
-    r = json.loads(rep.read_text())
-    checks = r.get("checks", [])
-    lines += ["", f"SmolLM2: {sum(c['passed'] for c in checks)}/{len(checks)} checks; stage seconds "
-              + json.dumps(r.get("timings", {}))]
+for label, name in (("SmolLM2", "optimize_smollm2_report.json"), ("SmolLM2 learned", "learned_smollm2_report.json")):
+    rep = dest / name
+    if rep.is_file():
+        r = json.loads(rep.read_text())
+        checks = r.get("checks", [])
+        lines += ["", f"{label}: {sum(c['passed'] for c in checks)}/{len(checks)} checks; stage seconds "
+                  + json.dumps(r.get("timings", {}))]
 for name in ("memory_scaling_gpu_check.md", "sparse_speed_gpu_check.md", "sparse_speed_dryrun_gpu_check.md"):
     f = dest / name
     if f.is_file():
