@@ -45,7 +45,12 @@ Strategy names changed at commit d127696 (issue 21): in tables written before it
 
 
 # Columns of the overview, in order. "none" is R = 0 by definition and "unstructured" is the ceiling.
-OVERVIEW_METHODS = ("random", "greedy", "hungarian", "learned", "hungarian/per-layer", "learned/per-layer", "free")
+OVERVIEW_METHODS = ("random", "greedy", "hungarian", "search", "learned", "hungarian/per-layer", "search/per-layer",
+                    "learned/per-layer", "free")
+# Strategy names changed at this commit (issue 21); rows of tables written before it are relabelled to today's names.
+RENAME_COMMIT = "d127696"
+OLD_NAMES = {"learned": "search", "learned/per-layer": "search/per-layer", "e2e": "learned",
+             "e2e/per-layer": "learned/per-layer"}
 # The primary R of each kind of table (the first one present in its rows is used): R key, metric key, label.
 PRIMARY_R = (("R", "ppl", "perplexity"), ("R_mean_cosine", "mean_cosine", "mean cosine"),
              ("R_cls_cosine", "cls_cosine", "CLS cosine"), ("R_top1", "top1", "top-1"))
@@ -63,7 +68,27 @@ def _current_learn_defaults() -> dict | None:
 
 
 def _learn_dependent(method: str) -> bool:
-    return method.startswith(("learned", "search")) or method == "free"
+    """Cells that depend on LearnConfig (the exchange search's settings): only tables run with today's defaults."""
+    return method.startswith("search") or method == "free"
+
+
+def _newest_first(method: str) -> bool:
+    """The searches changed most between sessions: their cells come from the newest table."""
+    return _learn_dependent(method) or method.startswith("learned")
+
+
+def _has_rename(data: dict, cwd: Path) -> bool:
+    """Whether a table was written by code that already had today's strategy names (its recorded commit
+    descends from ``RENAME_COMMIT``); tables without a commit predate the rename."""
+    commit = (data.get("git") or {}).get("commit") or data.get("commit")
+    if not commit:
+        return False
+    try:
+        out = subprocess.run(["git", "merge-base", "--is-ancestor", RENAME_COMMIT, commit], cwd=cwd,
+                             capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0
 
 
 def _runs_today_defaults(learn: dict, defaults: dict | None, method: str, causal_lm: bool) -> bool:
@@ -111,6 +136,8 @@ def _read_table(path: Path, defaults: dict | None) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     rows = data.get("rows") or []
+    if not _has_rename(data, path.parent):
+        rows = [dict(r, method=OLD_NAMES.get(r.get("method"), r.get("method"))) for r in rows]
     found = next((p for p in PRIMARY_R if any(p[0] in r for r in rows)), None)
     if found is None:
         return None
@@ -160,7 +187,7 @@ def overview(results: Path = RESULTS) -> str:
             if not cands:
                 row.append("—")
                 continue
-            if _learn_dependent(method):  # the learned pass changed most between sessions: newest first
+            if _newest_first(method):  # the searches changed most between sessions: newest first
                 t = max(cands, key=lambda t: (t["when"], len(t["R"][method]), len(t["R"]), t["stem"]))
             else:
                 t = max(cands, key=lambda t: (len(t["R"][method]), len(t["R"]), t["when"], t["stem"]))
@@ -179,9 +206,12 @@ def overview(results: Path = RESULTS) -> str:
     lines += ["", "Computed by `make_results.py` from the per-seed rows of the tables in `benchmarks/results/` (each "
               "row names its tables in the last column; `none → unstructured` is the metric's mean in the first of "
               "them, the span R measures); nothing here is typed in. R: 0 = N:M without permutation, 1 = "
-              "unstructured at the same density. `learned` and `free` cells come only from tables run with today's "
-              "LearnConfig defaults (— where none was), the newest such table (the learned pass changed between "
-              "sessions); other cells come from the table with the most seeds. `/per-layer` rows need glue ops at "
+              "unstructured at the same density. Today's names: `search` is the exchange search and `learned` the "
+              f"end-to-end method; rows of tables written before commit {RENAME_COMMIT} (which called them `learned` "
+              "and `e2e`) are relabelled. `search` and `free` cells come only from tables run with today's "
+              "LearnConfig defaults (— where none was), the newest such table; `learned` cells from the newest "
+              "table (both searches changed between sessions); other cells come from the table with the most seeds. "
+              "`/per-layer` rows need glue ops at "
               "run time (a gather per per-layer residual reading site) and `free` is an oracle with one gather per "
               "linear: neither is zero-overhead. Cells of one row can come from different tables (different seeds),"
               " and seed-to-seed spread is often as large as the gap between methods: read the sd and n, and the "
