@@ -302,22 +302,32 @@ def test_results_overview_from_synthetic_tables(tmp_path, monkeypatch):
     # a newer one-seed learned table with today's defaults: learned cells take the newest table (the learned pass
     # changes between sessions); heuristics keep the table with the most seeds ("_two" is newer but has 2)
     _quality_json(tmp_path, "quality_toy_2of4_wanda_zlatest", rows("learned", [0.05]), today)
+    # names: these tables record no commit, so they predate the rename (learned = the exchange search, today
+    # `search`; e2e = the end-to-end method, today `learned`); a table from code with today's names keeps them
+    _quality_json(tmp_path, "quality_toy_2of4_wanda_e2e", rows("e2e", [0.3, 0.5]), None)
+    (tmp_path / "quality_enc_2of4_wanda_new.json").write_text(json.dumps(
+        {"rows": [{"method": "learned", "calib_seed": 0, "R_mean_cosine": 0.7}], "commit": "NEW", "command": "x"}))
+    monkeypatch.setattr(mod, "_has_rename", lambda data, cwd: data.get("commit") == "NEW")
     order = ["quality_toy_2of4_wanda", "quality_toy_2of4_wanda_old", "quality_toy_2of4_wanda_today",
-             "quality_toy_2of4_wanda_pl", "quality_toy_2of4_wanda_two", "quality_toy_2of4_wanda_zlatest"]
+             "quality_toy_2of4_wanda_pl", "quality_toy_2of4_wanda_two", "quality_toy_2of4_wanda_zlatest",
+             "quality_toy_2of4_wanda_e2e"]
     monkeypatch.setattr(mod, "_recorded_at", lambda path: float(order.index(path.stem)) if path.stem in order
                         else 0.0)
     text = mod.overview(tmp_path)
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| toy") or
              line.startswith("| enc")}
     assert set(lines) == {"| toy (perplexity)", "| enc (mean cosine)"}  # smoke and broken files are not rows
+    enc_rows = [line for line in text.splitlines() if line.startswith("| enc (mean cosine)")]
+    assert any("0.700 ± 0.000 (1)" in line and "| 2:4 |" in line for line in enc_rows)  # today's `learned`
     toy = lines["| toy (perplexity)"]
     cells = [c.strip() for c in toy.split("|")[1:-1]]
     header = [c.strip() for c in text.splitlines()[2].split("|")[1:-1]]
     got = dict(zip(header, cells))
     assert got["hungarian"] == "0.400 ± 0.200 (3)"
-    assert got["learned"] == "0.050 ± 0.000 (1)"
+    assert got["search"] == "0.050 ± 0.000 (1)"
+    assert got["learned"] == "0.400 ± 0.141 (2)"  # the old table's e2e rows
     assert got["greedy"] == "—" and got["N:M"] == "2:4" and got["criterion"] == "wanda"
-    assert got["learned/per-layer"] == "0.600 ± 0.141 (2)"
+    assert got["search/per-layer"] == "0.600 ± 0.141 (2)"
     assert "toy_2of4_wanda_zlatest" in got["from"] and "_old" not in got["from"] and "_two" not in got["from"]
     assert "0.500 ± 0.000 (1)" in lines["| enc (mean cosine)"]
     assert mod.overview(tmp_path / "nothing") == ""
