@@ -96,24 +96,45 @@ def _hard_mask(site: _Site, perm: torch.Tensor | None, n: int, m: int) -> torch.
     return mask
 
 
+def _soft_mask(site: _Site, fwd: list, bwd: list, n: int, m: int, mask_tau: float) -> torch.Tensor:
+    """The softmax-over-M surrogate of ``site``'s mask in the stored column order, its columns moved by the block
+    permutations ``fwd`` (one ``[nb', B, B]`` per move, in move order) and moved back by ``bwd`` (reversed order)."""
+    x = site.scores[:, site.src_warm]  # columns in the warm start's folded order
+    for (_, _, colidx), q in zip(site.moves, fwd):
+        x = E.permute_columns(x, colidx, q)
+    soft = E.soft_topn_mask(x, n, m, mask_tau)
+    for (_, _, colidx), q in zip(reversed(site.moves), bwd):
+        soft = E.unpermute_columns(soft, colidx, q)
+    back = torch.empty_like(site.src_warm)
+    back[site.src_warm] = torch.arange(site.src_warm.numel(), device=back.device)
+    return soft[:, back]  # stored order
+
+
+def _block_slices(sites, qs) -> dict[str, tuple[list, list]]:
+    """Per site with moves, the slices of the soft block permutations ``qs`` its surrogate reads: ``(fwd, bwd)``
+    as :func:`_soft_mask` takes them. Taken for every site in order before the forward pass (as the whole-model
+    masks once were), so the gradients reach ``qs`` in the same order and sum to the same values."""
+    out = {}
+    for site in sites:
+        if site.moves and qs is not None:
+            fwd = [qs[key][sel] for key, sel, _ in site.moves]
+            bwd = [qs[key][sel] for key, sel, _ in reversed(site.moves)]
+            out[site.param] = (fwd, bwd)
+    return out
+
+
 def _effective_masks(sites, perms, qs, n, m, mask_tau) -> dict[str, torch.Tensor]:
     """Per site the hard mask of ``perms`` in value, with the straight-through gradient of the soft block
-    permutations ``qs`` (layout key → ``[nb, B, B]``) through the softmax-over-M surrogate."""
+    permutations ``qs`` (layout key → ``[nb, B, B]``) through the softmax-over-M surrogate (every site at once:
+    the training loop builds each one inside its layer's forward instead, :func:`_weight_builders`)."""
     out = {}
     for site in sites:
         hard = _hard_mask(site, perms.get(site.group) if site.group else None, n, m)
         if not site.moves or qs is None:
             out[site.param] = hard
             continue
-        x = site.scores[:, site.src_warm]  # columns in the warm start's folded order
-        for key, sel, colidx in site.moves:
-            x = E.permute_columns(x, colidx, qs[key][sel])
-        soft = E.soft_topn_mask(x, n, m, mask_tau)
-        for key, sel, colidx in reversed(site.moves):
-            soft = E.unpermute_columns(soft, colidx, qs[key][sel])
-        back = torch.empty_like(site.src_warm)
-        back[site.src_warm] = torch.arange(site.src_warm.numel())
-        soft = soft[:, back]  # stored order
+        fwd, bwd = _block_slices([site], qs)[site.param]
+        soft = _soft_mask(site, fwd, bwd, n, m, mask_tau)
         out[site.param] = hard + soft - soft.detach()
     return out
 
@@ -125,6 +146,145 @@ def _overrides(model: nn.Module, sites, masks) -> dict[str, torch.Tensor]:
         mk = masks[site.param].to(w.dtype)
         params[site.param] = w * (mk if site.k_axis == 1 else mk.t())
     return params
+
+
+def _weight_builders(model: nn.Module, sites, perms, qs, n, m, mask_tau) -> dict[str, Callable]:
+    """Per site a function giving the weight :func:`_overrides` would give for ``_effective_masks(sites, perms,
+    qs, ...)``, the same values and gradient, computed when called: :func:`_lazy_weights` calls it inside the
+    layer's forward, so only one layer's masks exist at a time. The hard masks are kept as booleans (1 byte per
+    weight); the soft block permutations are sliced here, in site order (:func:`_block_slices`)."""
+    slices = _block_slices(sites, qs)
+    out = {}
+    for site in sites:
+        hard = _hard_mask(site, perms.get(site.group) if site.group else None, n, m).bool()
+
+        def build(site=site, hard=hard, qsl=slices.get(site.param)):
+            w = model.get_parameter(site.param).detach()
+            mk = hard.float()
+            if qsl is not None:
+                soft = _soft_mask(site, qsl[0], qsl[1], n, m, mask_tau)
+                mk = mk + soft - soft.detach()
+            mk = mk.to(w.dtype)
+            return w * (mk if site.k_axis == 1 else mk.t())
+
+        out[site.param] = build
+    return out
+
+
+def _shared_params(model: nn.Module) -> set[str]:
+    """Names of parameters reachable under more than one name (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {name for group in names.values() if len(group) > 1 for name in group}
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, tensors: dict):
+    saved = {k: module._parameters[k] for k in tensors}
+    try:
+        for k, t in tensors.items():
+            module._parameters[k] = t  # what torch.func.functional_call does
+        yield
+    finally:
+        for k, p in saved.items():
+            module._parameters[k] = p
+
+
+def _blocks(model: nn.Module, params) -> list[str]:
+    """The repeated blocks (children of an ``nn.ModuleList``: a transformer's layers) holding some of ``params``."""
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList):
+            for i, _ in enumerate(mod):
+                prefix = f"{name}.{i}." if name else f"{i}."
+                if any(p.startswith(prefix) for p in params):
+                    out.append(prefix[:-1])
+    return out
+
+
+def _stateful(args, kwargs) -> bool:
+    """Whether a forward's inputs hold a KV cache (a forward run twice would write it twice)."""
+    return any(type(v).__name__.endswith("Cache") for v in (*args, *kwargs.values()))
+
+
+@contextlib.contextmanager
+def _lazy_weights(model: nn.Module, builders: dict[str, Callable]):
+    """While active, the module owning each parameter of ``builders`` runs its own forward with that parameter
+    replaced by ``builders[param]()``, built inside the forward. With gradient enabled the forwards are
+    checkpointed (``torch.utils.checkpoint``, non-reentrant; the same values, the same graph): every repeated
+    block holding such a weight (a transformer layer, :func:`_blocks`) as a whole, and every such module outside
+    those blocks, so backward recomputes one block's masks, weights and activations at a time instead of keeping
+    every layer's. The modules get back their own ``forward`` on exit; the parameters are never written."""
+    from torch.utils.checkpoint import checkpoint
+
+    by_module: dict[str, list] = {}
+    for param, build in builders.items():
+        mod_name, _, local = param.rpartition(".")
+        by_module.setdefault(mod_name, []).append((local, build))
+    inside = [0]  # > 0 while a checkpointed block runs: its modules are not checkpointed again
+
+    def wrap(mod, body):
+        own = mod.__dict__.get("forward")
+        orig = mod.forward
+
+        def forward(*args, **kwargs):
+            def inner(*args):
+                return body(orig, args, kwargs)
+
+            if torch.is_grad_enabled() and not inside[0] and not _stateful(args, kwargs):
+                return checkpoint(inner, *args, use_reentrant=False)
+            return inner(*args)
+
+        mod.forward = forward
+        patched.append((mod, own))
+
+    def block_body(orig, args, kwargs):
+        inside[0] += 1
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    patched = []
+    try:
+        for mod_name, items in by_module.items():
+            mod = model.get_submodule(mod_name)
+            wrap(mod, _module_body(mod, items))
+        for name in _blocks(model, builders):
+            wrap(model.get_submodule(name), block_body)
+        yield
+    finally:
+        for mod, own in reversed(patched):
+            if own is not None:
+                mod.forward = own
+            else:
+                del mod.forward
+
+
+def _module_body(mod: nn.Module, items: list) -> Callable:
+    def body(orig, args, kwargs):
+        with _swapped(mod, {local: build() for local, build in items}):
+            return orig(*args, **kwargs)
+
+    return body
+
+
+@contextlib.contextmanager
+def _masking(model: nn.Module, sites, shared: set, perms, qs, n, m, mask_tau):
+    """While active, the model runs with every site's weight masked (:func:`_weight_builders`): built inside its
+    layer's forward (:func:`_lazy_weights`; keep it active through backward, which recomputes the blocks), except
+    tied weights, yielded as overrides for ``run``."""
+    builders = _weight_builders(model, sites, perms, qs, n, m, mask_tau)
+    eager = {p: builders.pop(p)() for p in list(builders) if p in shared}
+    with _lazy_weights(model, builders):
+        yield eager
+
+
+def _run_masked(run: Callable, model: nn.Module, sites, shared: set, perms, qs, n, m, mask_tau, batch):
+    """``run`` with every site's weight masked (:func:`_masking`), for a forward without backward."""
+    with _masking(model, sites, shared, perms, qs, n, m, mask_tau) as eager:
+        return run(eager, batch)
 
 
 REF_BUDGET_BYTES = 1 << 30
@@ -274,6 +434,7 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
             logits[key] = E.init_logits(layout.shape[0], layout.shape[1], cfg.init_scale, 0.01,
                                         gen).to(device).requires_grad_()
     sites = _sites(groups, warm, layouts, scores, k_axes or {}, device)
+    shared = _shared_params(model)
 
     def hard_perms(qh: dict | None) -> dict:
         perms = {name: torch.as_tensor(p, dtype=torch.long) for name, p in warm.items()}
@@ -304,9 +465,8 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
 
         def batch_losses(perms) -> list[float]:
             with torch.no_grad():
-                masks = _effective_masks(sites, perms, None, n, m, cfg.mask_tau)
-                over = _overrides(model, sites, masks)
-                return [float(objective(run(over, b), ref(i), b)) for i, b in enumerate(batches)]
+                return [float(objective(_run_masked(run, model, sites, shared, perms, None, n, m, cfg.mask_tau, b),
+                                        ref(i), b)) for i, b in enumerate(batches)]
 
         warm_losses = batch_losses(hard_perms(None))
         loss_warm = sum(warm_losses) / len(batches)
@@ -363,18 +523,20 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
                 tau = E.anneal(step, cfg.steps, cfg.tau_start, cfg.tau_end)
                 i = order[step % len(order)]
                 dense = ref(i)  # fp32 whatever the autocast
-                with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-                    qs, qh = {}, {}
-                    for key, lg in logits.items():
-                        if cfg.gumbel > 0:  # Gumbel-Sinkhorn exploration, fading with the temperature
-                            u = torch.rand(lg.shape, generator=gen).clamp(1e-9, 1 - 1e-9).to(device)
-                            lg = lg - cfg.gumbel * (tau / cfg.tau_start) * torch.log(-torch.log(u))
-                        qh[key], qs[key] = E.harden_st(E.soft_permutation(lg.float(), tau, cfg.sinkhorn_iters))
-                    perms = hard_perms(qh)
-                    masks = _effective_masks(sites, perms, qs, n, m, cfg.mask_tau)
-                    loss = objective(run(_overrides(model, sites, masks), batches[i]), dense, batches[i])
-                opt.zero_grad()
-                loss.float().backward()
+                # the layers build their masked weights until backward (which recomputes them) is done
+                with contextlib.ExitStack() as masked:
+                    with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+                        qs, qh = {}, {}
+                        for key, lg in logits.items():
+                            if cfg.gumbel > 0:  # Gumbel-Sinkhorn exploration, fading with the temperature
+                                u = torch.rand(lg.shape, generator=gen).clamp(1e-9, 1 - 1e-9).to(device)
+                                lg = lg - cfg.gumbel * (tau / cfg.tau_start) * torch.log(-torch.log(u))
+                            qh[key], qs[key] = E.harden_st(E.soft_permutation(lg.float(), tau, cfg.sinkhorn_iters))
+                        perms = hard_perms(qh)
+                        eager = masked.enter_context(_masking(model, sites, shared, perms, qs, n, m, cfg.mask_tau))
+                        loss = objective(run(eager, batches[i]), dense, batches[i])
+                    opt.zero_grad()
+                    loss.float().backward()
                 opt.step()
                 history.append(float(loss.detach()))
                 ratio = history[-1] / max(warm_losses[i], 1e-30)
