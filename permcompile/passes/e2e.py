@@ -9,8 +9,10 @@ How (the math is in ``permcompile.math.e2e``): every movable coupling group gets
 (``math.e2e.block_layout``: blocks never mix head/GQA labels nor touch pinned elements). Each step, Sinkhorn gives
 the soft permutations and Hungarian the hard ones (straight-through); for every pruned consumer the criterion's
 N:M mask is chosen in the permuted order and mapped back to the stored order, and the model runs with its frozen
-weights times those masks (``torch.func.functional_call``: nothing is written to the model). The loss compares the
-output with the dense model's on the calibration batches; AdamW updates the logits only. The permutations start
+weights times those masks, each masked weight built inside its own layer's forward and every block checkpointed
+(``_lazy_weights``: backward recomputes one block at a time; no parameter is written, the modules get their own
+``forward`` back after each step). The loss compares the output with the dense model's on the calibration
+batches; AdamW updates the logits only. The permutations start
 at ``hungarian`` (the warm start, folded first in thought: the learned block permutation acts on the warm start's
 positions) and, with ``keep_best``, are returned only if they beat it over all calibration batches.
 """
