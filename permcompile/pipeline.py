@@ -46,27 +46,6 @@ def _rss_bytes() -> int:
         return 0
 
 
-def _trim_heap() -> None:
-    """Hand the C heap's free memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere). Between steps
-    the freed temporaries of the one before (score matrices, Hessians, traced graphs) would otherwise stay
-    resident, and the next step's peak would stack on them."""
-    import ctypes
-    import ctypes.util
-
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
-
-
 class _PeakRSS:
     """Highest resident memory of this process while a step runs, sampled every ``interval`` s by a daemon
     thread (a step's peak is what tells a user which step to blame when a large model runs out of memory)."""
@@ -110,7 +89,6 @@ class _Timer:
             def __exit__(self, *exc):
                 timer.timings[name] = round(time.perf_counter() - self.start, 3)
                 peak = self.watch.stop()
-                _trim_heap()
                 if peak:
                     timer.memory_gib[name] = round(peak / 2**30, 3)
                 return False
