@@ -167,7 +167,7 @@ def free_permutation_masks_(loaded, stats, sparsity, criterion: str, trials: int
     between N:M and unstructured is, and how much of it any permutation closes.
     """
     from permcompile.capture import capture
-    from permcompile.math.learn import diagonal_exchanges
+    from permcompile.math.search import diagonal_exchanges
     from permcompile.math.nm import nm_mask, unstructured_mask
     from permcompile.math.strategies import hungarian
     from permcompile.passes.coupling import analyze

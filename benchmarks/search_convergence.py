@@ -43,7 +43,7 @@ SEARCHES = ("hungarian", "+1k exchanges", "+30k exchanges", "hungarian 64 sweeps
 def search_table(w: torch.Tensor, scores: torch.Tensor, energy: torch.Tensor, n: int, m: int, seed: int = 0,
                  trials: tuple[int, int] = (1000, 30000)) -> dict:
     """Dropped energy share of one ``[out, K]`` matrix for the original order, unstructured, and each search."""
-    from permcompile.math.learn import diagonal_exchanges
+    from permcompile.math.search import diagonal_exchanges
     from permcompile.math.nm import nm_mask, unstructured_mask
     from permcompile.math.strategies import hungarian
 
@@ -128,7 +128,7 @@ def main() -> None:
                  f"{r['searches'][s]['seconds']:.1f} s)" for s in SEARCHES]
         lines.append(f"| {name} | {r['original']:.4f} | {r['unstructured']:.4f} | " + " | ".join(cells) + " |")
     lines += ["", "Cell: dropped share (gap closed = (original − x) / (original − unstructured), search seconds, "
-              "cumulative for the exchange rows). The exchanges are `math.learn.diagonal_exchanges`, the learned "
+              "cumulative for the exchange rows). The exchanges are `math.search.diagonal_exchanges`, the learned "
               f"default's search; budgets {args.trials[0]} and {args.trials[1]} trials."]
     out = {"model": args.model, "sparsity": str(sparsity), "criterion": args.criterion, "calib_seed": args.calib_seed,
            "results": results, "threads": torch.get_num_threads(), "torch": torch.__version__,

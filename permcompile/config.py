@@ -82,7 +82,7 @@ class LearnConfig:
     sinkhorn_iters: int = 8
     tau_start: float = 1.0
     tau_end: float = 0.05
-    # exchange trials per group after the Sinkhorn phase (math.learn.swap_refine). With the full-Gram
+    # exchange trials per group after the Sinkhorn phase (math.search.swap_refine). With the full-Gram
     # objective they helped every encoder (quality_minilm_2of4_wanda_perlayer.md, quality_dinov2-s_*) but made
     # SmolLM2's held-out perplexity worse on every seed (133.3 -> 140.9, quality_smollm2_2of4_wanda_residual_modes.md);
     # with objective="diagonal" SmolLM2 lands within seed noise of hungarian (quality_smollm2_2of4_wanda_diagonal*.md)

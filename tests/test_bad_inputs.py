@@ -1103,7 +1103,7 @@ def home(tmp_path, monkeypatch) -> Path:
 @pytest.mark.parametrize("content", ['{"fingerprint": "abc", "done": {"model.layers.0": {"q": ', "", "\xff\xfe"],
                                      ids=["truncated", "empty", "not-utf8"])
 def test_corrupt_resume_checkpoint(content, llama, tmp_path, out, monkeypatch):
-    import permcompile.passes.learn as learn_mod
+    import permcompile.passes.search as learn_mod
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -1127,7 +1127,7 @@ def test_learned_run_writes_nothing_to_home_by_default(home):
 def test_read_only_home_does_not_stop_a_learned_run(home, tmp_path, monkeypatch):
     """HOME under a regular file (what a read-only home is to root): the checkpoint cannot be written, the run
     says so in one warning and goes on."""
-    import permcompile.passes.learn as learn_mod
+    import permcompile.passes.search as learn_mod
     from permcompile.models import load_model
     from permcompile.testing.zoo import build_tiny
 
@@ -1144,7 +1144,7 @@ def test_checkpoints_are_keyed_by_content_under_one_variable(home, tmp_path, mon
     """Two models with the same name get different checkpoints; the folder is $PERMCOMPILE_CACHE_DIR/learn,
     and the retired PERMCOMPILE_CACHE is not read."""
     from permcompile.models import wrap_module
-    from permcompile.passes.learn import default_checkpoint_dir
+    from permcompile.passes.search import default_checkpoint_dir
     from permcompile.testing.zoo import build_tiny
 
     monkeypatch.setenv("PERMCOMPILE_CACHE", str(tmp_path / "retired"))
@@ -1167,7 +1167,7 @@ def test_ctrl_c_during_learning_then_resume(llama, tmp_path):
     env = {**os.environ, "PERMCOMPILE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     target = tmp_path / "out"
     # checkpoints from the first block on (by default only once the search has run CHECKPOINT_AFTER_S)
-    main_code = ("import permcompile.passes.learn as learn; learn.CHECKPOINT_AFTER_S = 0\n"
+    main_code = ("import permcompile.passes.search as learn; learn.CHECKPOINT_AFTER_S = 0\n"
                  "from permcompile.cli import main; main()")
     args = [sys.executable, "-c", main_code, "optimize", str(llama), "--out", str(target),
             "--calib-samples", "4", "--calib-seq-len", "32", "--permutation", "search", "--learn", "steps=400"]

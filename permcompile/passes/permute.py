@@ -38,14 +38,14 @@ def _heuristic(req: PermuteRequest):
 
 
 def _search(req: PermuteRequest):  # exchange search on a per-layer proxy (passes/learn.py; "learned" before #21)
-    from .learn import learn_permutations
+    from .search import learn_permutations
 
     return learn_permutations(req.loaded, req.groups, req.stats, req.batches, req.config, pruned=req.pruned,
                               quiet=req.quiet, resume=req.resume, checkpoint_dir=req.checkpoint_dir)
 
 
 def _learned(req: PermuteRequest):  # learned end to end against the model's own output (passes/e2e.py)
-    from .e2e import e2e_permutations
+    from .learned import e2e_permutations
 
     return e2e_permutations(req.loaded, req.groups, req.stats, req.batches, req.config, linears=req.linears,
                             quiet=req.quiet, resume=req.resume, checkpoint_dir=req.checkpoint_dir)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from permcompile.math import e2e as E
+from permcompile.math import learned as E
 from permcompile.math.nm import nm_mask
 from permcompile.math.sinkhorn import perm_to_matrix
 

@@ -1,5 +1,5 @@
 """Orchestration of the ``search`` permutation strategy, the exchange search on a per-layer proxy (named
-``learned`` before issue 21; the math lives in ``permcompile.math.learn``).
+``learned`` before issue 21; the math lives in ``permcompile.math.search``).
 
 Streaming: groups are processed one Transformer block at a time. For each block we run the calibration
 batches through the model with hooks that accumulate the input Gram matrices ``XᵀX`` of that block's
@@ -33,7 +33,7 @@ from torch import nn
 
 from ..calib.stats import StopForward
 from ..errors import UsageError
-from ..math.learn import Consumer, gram_rows, learn_permutation, objective_gram
+from ..math.search import Consumer, gram_rows, learn_permutation, objective_gram
 from .groups import Group
 from .sparsify import choose_permutations, consumer_scores, group_progress, weight_kout
 
@@ -256,7 +256,7 @@ def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) ->
     its mask drops (deep layers with large activations do not own it). At most ``MAX_RESIDUAL_ROWS`` rows
     (a seeded sample beyond that). Returns checkpoint entries like :func:`_learn_block`.
     """
-    from ..math.learn import diagonal_exchanges
+    from ..math.search import diagonal_exchanges
     from ..math.nm import kept_importance
     from .sparsify import group_score_matrix
 

@@ -7,7 +7,7 @@ import pytest
 
 from permcompile.config import LearnConfig
 from permcompile.errors import UsageError
-from permcompile.math.learn import Consumer, gram_rows, learn_permutation, objective_gram, output_error
+from permcompile.math.search import Consumer, gram_rows, learn_permutation, objective_gram, output_error
 from permcompile.math.nm import nm_mask
 
 
@@ -101,7 +101,7 @@ def _correlated_problem(n=48, out=12, seed=3, cols=None):
 
 
 def test_swap_refine_tracks_the_loss_exactly_and_respects_constraints():
-    from permcompile.math.learn import output_error, swap_refine
+    from permcompile.math.search import output_error, swap_refine
 
     n = 48
     c = _correlated_problem(n)
@@ -122,7 +122,7 @@ def test_swap_refine_tracks_the_loss_exactly_and_respects_constraints():
 
 
 def test_swap_refine_with_replicated_columns():
-    from permcompile.math.learn import output_error, swap_refine
+    from permcompile.math.search import output_error, swap_refine
 
     n = 16
     c = _correlated_problem(n, cols=torch.arange(48) % 16)  # three query heads read one kv head
@@ -135,7 +135,7 @@ def test_swap_refine_with_replicated_columns():
 
 @pytest.mark.parametrize("n_keep,m", [(2, 4), (4, 8), (1, 4)])
 def test_dropped_entries_is_the_nm_mask_complement_with_its_tie_rule(n_keep, m):
-    from permcompile.math.learn import _dropped_entries
+    from permcompile.math.search import _dropped_entries
 
     gen = torch.Generator().manual_seed(m + n_keep)
     scores = torch.randint(0, 3, (10, 4 * m), generator=gen).float()  # many ties: the lower position must win
@@ -145,7 +145,7 @@ def test_dropped_entries_is_the_nm_mask_complement_with_its_tie_rule(n_keep, m):
 
 
 def test_swap_refine_diagonal_gram_and_several_consumers():
-    from permcompile.math.learn import output_error, swap_refine
+    from permcompile.math.search import output_error, swap_refine
 
     n = 32
     a = _correlated_problem(n, seed=3)
@@ -220,7 +220,7 @@ def test_unknown_objective_is_refused():
 
 
 def test_diagonal_exchanges_track_the_dropped_energy_exactly():
-    from permcompile.math.learn import diagonal_exchanges
+    from permcompile.math.search import diagonal_exchanges
 
     gen = torch.Generator().manual_seed(3)
     n, rows = 32, 50
@@ -292,7 +292,7 @@ def test_small_groups_search_every_pair_and_stop_at_a_local_optimum():
     """A group with fewer candidate pairs than trials gets every pair tried per pass and stops after a pass that
     keeps nothing: the result is a pairwise-exchange local optimum, reached in far fewer than ``trials`` tries;
     large groups keep the random draws (real models: their results are unchanged)."""
-    from permcompile.math.learn import _exchange_pairs, diagonal_exchanges, swap_refine
+    from permcompile.math.search import _exchange_pairs, diagonal_exchanges, swap_refine
 
     gen = torch.Generator().manual_seed(5)
     n, rows = 24, 40
@@ -308,7 +308,7 @@ def test_small_groups_search_every_pair_and_stop_at_a_local_optimum():
             tried.append(pair)
             yield pair
 
-    import permcompile.math.learn as learn_mod
+    import permcompile.math.search as learn_mod
     learn_mod._exchange_pairs, saved = counting, learn_mod._exchange_pairs
     try:
         perm, start, end, kept = diagonal_exchanges(energy, scores, torch.arange(n), 2, 4, labels, fixed,

@@ -31,7 +31,7 @@ def _run(tmp_path, **kw):
 
 @pytest.mark.parametrize("objective", ["output", "diagonal", "relative"])
 def test_learned_is_valid_and_not_worse_than_hungarian(tmp_path, objective, monkeypatch):
-    import permcompile.passes.learn as learn_mod
+    import permcompile.passes.search as learn_mod
 
     off_diagonal, traces = [], []
     real = learn_mod.learn_permutation
@@ -61,7 +61,7 @@ def test_learned_is_valid_and_not_worse_than_hungarian(tmp_path, objective, monk
 
 def test_diagonal_objective_uses_the_calibration_statistics_not_a_gram_pass(tmp_path, monkeypatch):
     """diag(XᵀX) is what the Wanda statistics hold: no Gram pass, and the same permutations as with one."""
-    import permcompile.passes.learn as learn_mod
+    import permcompile.passes.search as learn_mod
 
     cfg = {"learn": dataclasses.replace(LEARN, objective="diagonal")}
     passes = []
@@ -86,7 +86,7 @@ def test_diagonal_objective_uses_the_calibration_statistics_not_a_gram_pass(tmp_
 def test_resume_after_interruption_gives_same_result(tmp_path, monkeypatch, capsys):
     _, full = _run(tmp_path / "full")
 
-    import permcompile.passes.learn as learn_mod
+    import permcompile.passes.search as learn_mod
 
     calls = {"n": 0}
     real = learn_mod._learn_block
@@ -125,7 +125,7 @@ def test_sequential_masks_are_the_pipeline_masks(residual):
     """Masking in stored order with each group's permutation gives exactly the deployed (folded, masked) model
     (masks only: with ``update="obs"`` the deployed weights are also reconstructed)."""
     from permcompile.calib.stats import collect_input_stats
-    from permcompile.passes.learn import _SequentialMasks
+    from permcompile.passes.search import _SequentialMasks
 
     deployed = load_model(build_tiny("llama"))
     cfg = _cfg(permutation="hungarian", residual=residual, update="none")
@@ -152,7 +152,7 @@ def test_sequential_masks_are_the_pipeline_masks(residual):
 
 
 def test_sequential_learning_sees_pruned_inputs_and_leaves_the_model_dense(tmp_path, monkeypatch):
-    import permcompile.passes.learn as learn_mod
+    import permcompile.passes.search as learn_mod
 
     seen = {}
     real = learn_mod._learn_block

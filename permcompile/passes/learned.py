@@ -5,8 +5,8 @@ Why: the heuristics (``hungarian``) and the exchange ``search`` score each layer
 methods that beat them (PermLLM, AMD arXiv 2601.22980) learn the permutations against the model's output. This
 pass does that with our coupling groups, so the result still folds into the weights with zero glue.
 
-How (the math is in ``permcompile.math.e2e``): every movable coupling group gets learnable ``B×B`` logits per block
-(``math.e2e.block_layout``: blocks never mix head/GQA labels nor touch pinned elements). Each step, Sinkhorn gives
+How (the math is in ``permcompile.math.learned``): every movable coupling group gets learnable ``B×B`` logits per block
+(``math.learned.block_layout``: blocks never mix head/GQA labels nor touch pinned elements). Each step, Sinkhorn gives
 the soft permutations and Hungarian the hard ones (straight-through); for every pruned consumer the criterion's
 N:M mask is chosen in the permuted order and mapped back to the stored order, and the model runs with its frozen
 weights times those masks, each masked weight built inside its own layer's forward and every block checkpointed
@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import E2EConfig
 from ..errors import UsageError
-from ..math import e2e as E
+from ..math import learned as E
 from ..math.gather import replica_columns
 from ..math.nm import nm_mask
 from .groups import Group, gather_index

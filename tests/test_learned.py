@@ -13,7 +13,7 @@ from torch.func import functional_call
 from permcompile.config import E2EConfig, OptimizeConfig
 from permcompile.math.nm import is_nm
 from permcompile.models import load_model
-from permcompile.passes.e2e import _effective_masks, _overrides, _sites, train_permutations
+from permcompile.passes.learned import _effective_masks, _overrides, _sites, train_permutations
 from permcompile.passes.groups import Group, Member
 from permcompile.passes.sparsify import consumer_scores, weight_kout
 from permcompile.pipeline import compress_
@@ -164,7 +164,7 @@ def test_optimize_with_e2e_passes_every_check(tiny_dir, tmp_path, residual):
 
 
 def test_dense_outputs_recomputed_past_the_memory_budget_give_the_same_result(monkeypatch):
-    import permcompile.passes.e2e as e2e_mod
+    import permcompile.passes.learned as e2e_mod
 
     kept = _learn_planted(1, steps=40)[3]
     monkeypatch.setattr(e2e_mod, "REF_BUDGET_BYTES", 0)
@@ -187,7 +187,7 @@ def test_every_loss_runs_on_a_causal_lm(loss, distill):
 def _planted_run(tmp_path, *, resume=False, stop_after=None, seed=0, ckpt=True, **kw):
     """The planted 32-channel problem with Gumbel noise (so the RNG state matters) and a checkpoint every step;
     ``stop_after``: a Ctrl-C once that many steps ran."""
-    from permcompile.passes.e2e import E2ECheckpoint, checkpoint_digest
+    from permcompile.passes.learned import E2ECheckpoint, checkpoint_digest
 
     model, w, batches = _planted(0, 32)
     group = Group("g", 32, [Member("0.weight", 1, "consumer", module="0")])
@@ -238,7 +238,7 @@ def test_a_checkpoint_of_other_inputs_is_refused(tmp_path):
 
 @pytest.mark.slow  # three tiny-model compressions (~15 s); the planted test above covers the loop by default
 def test_resume_through_compress_gives_the_same_permutations(tmp_path, monkeypatch):
-    from permcompile.passes import e2e as e2e_mod
+    from permcompile.passes import learned as e2e_mod
 
     cfg = _cfg(e2e=E2EConfig(steps=6, block_size=16, lr=0.2, init_scale=0.5, checkpoint_steps=1))
     whole = compress_(load_model(build_tiny("llama")), cfg)
@@ -264,7 +264,7 @@ def test_resume_through_compress_gives_the_same_permutations(tmp_path, monkeypat
 def test_autocast_and_micro_batch_knobs(tmp_path):
     """``autocast`` is bf16 on CUDA only (a no-op here); ``micro_batch`` splits the batches and still learns."""
     from permcompile.errors import UsageError
-    from permcompile.passes.e2e import _split
+    from permcompile.passes.learned import _split
 
     assert E2EConfig().resolve_autocast("cuda") and E2EConfig().resolve_autocast("cuda:1")
     assert not E2EConfig().resolve_autocast("cpu") and not E2EConfig(autocast="off").resolve_autocast("cuda")
@@ -340,7 +340,7 @@ def _eager_masking(model, sites, shared, perms, qs, n, m, mask_tau):
 def test_lazy_checkpointed_weights_give_the_eager_result_exactly(monkeypatch, name, gumbel):
     """Building each weight inside its layer's forward under torch.utils.checkpoint (the memory fix) changes no
     number: the same losses at every step and the same permutations as the whole-model overrides."""
-    import permcompile.passes.e2e as e2e_mod
+    import permcompile.passes.learned as e2e_mod
 
     cfg = _cfg(e2e=E2EConfig(steps=6, block_size=16, lr=0.1, gumbel=gumbel))
     lazy = compress_(load_model(build_tiny(name)), cfg)
@@ -352,7 +352,7 @@ def test_lazy_checkpointed_weights_give_the_eager_result_exactly(monkeypatch, na
 
 
 def test_lazy_weights_restore_the_modules_and_keep_tied_weights_eager():
-    from permcompile.passes.e2e import _lazy_weights, _shared_params
+    from permcompile.passes.learned import _lazy_weights, _shared_params
 
     model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
     model[1].weight = model[0].weight
