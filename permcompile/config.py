@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+from .quantization import QuantizeConfig, check_deployable
 
 # "search": the exchange search on a per-layer proxy (passes/learn.py, LearnConfig, ``--learn KEY=VALUE``);
 # "learned": permutations learned end to end against the model's output (passes/e2e.py, E2EConfig); "e2e" is an
@@ -323,6 +324,9 @@ class OptimizeConfig:
     update: str = "obs"
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)  # the "learned" (alias "e2e") strategy's knobs
+    # "fp8" / "int8": the pruned linears' weights and inputs on an 8-bit grid (quantization.py); a mode name is
+    # accepted for QuantizeConfig(mode=...)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
     def resolve_precision(self, checkpoint_dtype) -> str:
         """The ONNX precision for a model stored in ``checkpoint_dtype`` (a torch dtype or its name):
@@ -364,3 +368,8 @@ class OptimizeConfig:
             raise UsageError(f"--residual must be one of {', '.join(RESIDUAL_MODES)}, got {self.residual!r}")
         if self.calib_samples < 1 or self.calib_seq_len < 2:
             raise UsageError("calibration needs at least 1 sample of at least 2 tokens")
+        if isinstance(self.quantize, str):
+            object.__setattr__(self, "quantize", QuantizeConfig(mode=self.quantize))
+        if not isinstance(self.quantize, QuantizeConfig):
+            raise UsageError("quantize must be a QuantizeConfig or a mode name")
+        check_deployable(self)

@@ -170,6 +170,7 @@ class Compressed:
     batches: list
     verify_inputs: list
     timings: dict
+    quant_plan: object = None  # passes.quantize.QuantPlan with --quantize, else None
 
 
 def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, quiet: bool = True,
@@ -272,9 +273,19 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     elif config.prune:
         with t.step("mask"):
             mask_result = apply_masks_(net, linears, stats, config.criterion, n, m)
+    quant_plan = None
+    if config.quantize.enabled:
+        from .passes.quantize import QuantRequest
+        from .quantization import QUANT_MODES
+
+        with t.step("quantize"):
+            quant_plan = QUANT_MODES.get(config.quantize.mode).handler(QuantRequest(
+                net, linears, local, config.quantize, precision=config.resolve_precision(model_dtype(net)),
+                stats=stats, forward_kwargs=loaded.forward_kwargs(),
+                weight_scales=getattr(mask_result, "weight_scales", None)))
     check_same_weights(net)  # several processes: every rank must end with rank 0's weights (a warning if not)
     return Compressed(groups, linears, perms, group_results, fold_report, fold_err, mask_result, stats, batches,
-                      verify_inputs, t.timings)
+                      verify_inputs, t.timings, quant_plan)
 
 
 def _reconstruct_checkpoint(loaded, linears, batches, config, resume, checkpoint_dir):
@@ -414,6 +425,8 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
             "timings": t.timings,
             "peak_memory_gib": t.memory_gib,
         }
+        if c.quant_plan is not None:
+            report["quantization"] = c.quant_plan.summary()
         kept = [r for r in group_results if r.strategy != "none" or r.kept_identity]
         if kept:
             report["kept_importance"] = {
@@ -424,11 +437,14 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
 
         # the model in memory on a calibration batch, recorded now: ONNX Runtime is compared with it after export
         calib_inputs = verify_inputs[:1]
-        calib_refs = torch_outputs(net, calib_inputs, loaded.forward_kwargs())
+        from .passes.quantize import fake_quant_model
+
+        with fake_quant_model(net, c.quant_plan):  # with --quantize: what the Q/DQ graph computes
+            calib_refs = torch_outputs(net, calib_inputs, loaded.forward_kwargs())
         with t.step("export"):
             try:
                 _write_artifacts(tmp, loaded, groups, perms, config, report, mask_result, prefetch,
-                                 consume=release_model)
+                                 consume=release_model, quant_plan=c.quant_plan)
             except Exception as exc:  # noqa: BLE001 - a full disk must read as such, whoever raised it
                 reason = write_failure(exc)
                 if reason is None:
@@ -440,7 +456,8 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
         with t.step("verify"):
             checks = verify_artifacts(tmp)
             # the in-memory model on calibration inputs, besides verify's random inputs on the reloaded hf/
-            calib_cmp = compare_ort_refs(tmp / "model.onnx", calib_inputs, calib_refs, precision=config.precision)
+            calib_cmp = compare_ort_refs(tmp / "model.onnx", calib_inputs, calib_refs, precision=config.precision,
+                                         tol=_quant_tol(c.quant_plan, config.precision))
             checks.append(calib_cmp.as_check("onnxruntime_vs_torch_calibration"))
         report["checks"] = [asdict(c) for c in checks]
         report["timings"] = t.timings
@@ -540,8 +557,17 @@ def _release_weights_(net: torch.nn.Module) -> None:
     gc.collect()
 
 
+def _quant_tol(plan, precision: str) -> float | None:
+    if plan is None:
+        return None
+    from .export.verify import DEFAULT_TOLERANCE
+    from .passes.quantize import quant_tolerance
+
+    return quant_tolerance(plan, precision, DEFAULT_TOLERANCE[precision])
+
+
 def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_result, prefetch=None,
-                     consume: bool = False) -> None:
+                     consume: bool = False, quant_plan=None) -> None:
     from .export.onnx import export_onnx
     from .export.triton import write_triton_repo
     from .export.verify import onnx_initializer_for_param
@@ -584,8 +610,15 @@ def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_resu
             except Exception as exc:  # mapping is best effort; verify falls back to structure checks
                 report["onnx_mapping_error"] = str(exc)
         layer["onnx_initializer"] = name
+    if quant_plan is not None:  # Q/DQ around every quantized MatMul, weights as 8-bit codes (export/onnx_qdq.py)
+        from .export.onnx_qdq import rewrite_qdq_file
+
+        names = {e["param"]: e["onnx_initializer"] for e in report["pruned_layers"] if e.get("onnx_initializer")}
+        report["quantization"]["onnx"] = rewrite_qdq_file(tmp / "model.onnx", quant_plan, names)
+        quant_plan.write(tmp)
     triton = write_triton_repo(tmp / "triton", "model", onnx_path=tmp / "model.onnx", sparse=config.prune,
-                               precision=config.precision, inputs=info.inputs, outputs=info.outputs)
+                               precision=config.precision, inputs=info.inputs, outputs=info.outputs,
+                               quantize=quant_plan.mode if quant_plan is not None else None)
     report["triton"] = {"precision": config.precision, "sparsity": 'key: "trt_sparsity_enable"' in triton.config,
                         "notes": triton.notes}
     stages["triton"] = round(time.perf_counter() - clock, 3)

@@ -85,7 +85,8 @@ def _fx_placeholders(node) -> list[str]:
 
 
 def iter_weight_uses(model_proto) -> Iterator[WeightUse]:
-    """Every constant weight used as input B of a MatMul or Gemm (through Transpose / Cast / Identity).
+    """Every constant weight used as input B of a MatMul or Gemm (through Transpose / Cast / Identity /
+    DequantizeLinear).
 
     K axis: MatMul B of rank r -> axis r-2 (rank-1 B is skipped); Gemm -> axis 1 if transB else 0; a
     Transpose with ``perm`` on the path maps output axis a to input axis ``perm[a]``.
@@ -118,7 +119,7 @@ def iter_weight_uses(model_proto) -> Iterator[WeightUse]:
                 break
             if prod.op_type == "Transpose":
                 perms.append(list(_attr(prod, "perm", []) or []))
-            elif prod.op_type not in ("Cast", "Identity"):
+            elif prod.op_type not in ("Cast", "Identity", "DequantizeLinear"):  # DQ: N:M is read on the codes
                 ok = False
                 break
             via.append(prod.op_type)

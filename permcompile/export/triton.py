@@ -58,6 +58,8 @@ class TritonModelInfo:
 
 SPARSITY_OFF_FP32 = ("trt_sparsity_enable is off: TensorRT runs 2:4 sparse tactics only in FP16/INT8/FP8, "
                      "never FP32; export with precision fp16 for sparse kernels")
+FP8_NOTE = ("FP8 Q/DQ graph: the ONNX Runtime TensorRT accelerator has no FP8 switch; TensorRT takes FP8 from the "
+            "Q/DQ types where the GPU has FP8 (Ada/Hopper); the TensorRT plan (model_trt) is built for it")
 
 
 def triton_dtype(dtype: Any) -> str:
@@ -125,7 +127,7 @@ def write_triton_repo(repo_dir, model_name: str, onnx_path=None, plan_path=None,
                       max_batch_size: int = 0, sparse: bool = True, precision: str = "fp16",
                       profiles: Mapping[str, Sequence[Sequence[int]]] | None = None, io_from_onnx=None,
                       workspace_bytes: int | None = None, engine_cache_dir: str | None = None,
-                      instance_count: int = 1, version: int = 1) -> TritonModelInfo:
+                      instance_count: int = 1, version: int = 1, quantize: str | None = None) -> TritonModelInfo:
     """Create ``repo_dir/model_name`` with ``config.pbtxt`` and the model file in version folder ``version``.
 
     Give exactly one of ``onnx_path`` / ``plan_path``. ``inputs`` / ``outputs`` are ``(name, dtype, dims)``
@@ -133,7 +135,9 @@ def write_triton_repo(repo_dir, model_name: str, onnx_path=None, plan_path=None,
     omitted, they are read from ``onnx_path`` (or ``io_from_onnx`` for a plan). ``profiles`` (input ->
     (min, opt, max) shapes) become ``trt_profile_*_shapes`` for the ONNX Runtime TensorRT accelerator.
     ``sparse`` asks for TensorRT's 2:4 sparse tactics; with ``precision="fp32"`` they are left off (and the
-    config says why in a comment): TensorRT has sparse kernels only for FP16/INT8/FP8.
+    config says why in a comment): TensorRT has sparse kernels only for FP16/INT8/FP8. ``quantize`` ("int8",
+    "fp8"): the graph carries explicit Q/DQ; INT8 turns on the accelerator's INT8 mode (which Q/DQ INT8 layers
+    need), FP8 has no switch there (TensorRT takes FP8 from the Q/DQ types; the config says so in a comment).
     """
     if (onnx_path is None) == (plan_path is None):
         raise UsageError("write_triton_repo needs exactly one of onnx_path or plan_path")
@@ -178,13 +182,16 @@ def write_triton_repo(repo_dir, model_name: str, onnx_path=None, plan_path=None,
              f"instance_group [\n  {{\n    kind: KIND_GPU\n    count: {int(instance_count)}\n  }}\n]"]
     notes: list[str] = []
     if platform == "onnxruntime_onnx":
-        params = [("precision_mode", "FP16" if precision == "fp16" else "FP32")]
+        params = [("precision_mode", "INT8" if quantize == "int8" else "FP16" if precision == "fp16" else "FP32")]
+        if quantize == "fp8":
+            notes.append(FP8_NOTE)
+            lines.append(f"# {FP8_NOTE}")
         if workspace_bytes:
             params.append(("max_workspace_size_bytes", str(int(workspace_bytes))))
-        if sparse and precision == "fp32":
+        if sparse and precision == "fp32" and not quantize:
             notes.append(SPARSITY_OFF_FP32)
             lines.append(f"# {SPARSITY_OFF_FP32}")
-        elif sparse:
+        elif sparse or quantize:
             params.append(("trt_sparsity_enable", "1"))
         if engine_cache_dir:
             params += [("trt_engine_cache_enable", "1"), ("trt_engine_cache_path", str(engine_cache_dir))]

@@ -624,6 +624,10 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
     layers = [e for e in report["pruned_layers"] if isinstance(e, Mapping) and e.get("param")]
     checks.append(Check("report", True, f"{report.get('family', '?')} / {report['auto_class']}, "
                                          f"{len(layers)} pruned layers, {n}:{m}, {precision}"))
+    from .verify_quant import load_plan, qdq_check, reference_tolerance
+
+    plan, plan_checks = load_plan(out_dir, report)  # --quantize: quantization.json (None otherwise)
+    checks += plan_checks
 
     # --- N:M in model.onnx, first: the graph (which holds the weights of a single-file model) is released
     # before the hf/ model is loaded; its checks are listed after hf_load
@@ -659,6 +663,8 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
                 bad.append(f"{entry['param']} ({name}): {why}")
         onnx_checks.append(_aggregate("onnx_nm", len(layers), bad,
                                       f"{len(layers)} pruned weights are {n}:{m} along K"))
+        if plan is not None:
+            onnx_checks.append(qdq_check(onnx_model, onnx_path.parent, plan, report))
 
     onnx_ok = onnx_model is not None
     image_hw = _static_image_hw(onnx_model) if onnx_ok else None
@@ -734,10 +740,13 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
             batches = [random_inputs(report["input_names"], model.config, b, min(s, int(max_pos)), gen, image_hw)
                        for b, s in shapes]
             start = time.perf_counter()
-            refs = torch_outputs(model, batches, report.get("forward_kwargs") or None)
+            from ..passes.quantize import fake_quant_model
+
+            with fake_quant_model(model, plan):  # quantized: the function the Q/DQ graph computes
+                refs = torch_outputs(model, batches, report.get("forward_kwargs") or None)
             state = model = None
             gc.collect()
-            result = compare_ort_refs(onnx_path, batches, refs, precision, tol)
+            result = compare_ort_refs(onnx_path, batches, refs, precision, reference_tolerance(plan, precision, tol))
             result.seconds = time.perf_counter() - start
             checks.append(result.as_check())
         except Exception as exc:  # noqa: BLE001

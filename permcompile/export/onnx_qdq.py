@@ -1,0 +1,191 @@
+"""Rewrite an exported graph into explicit quantization: Q/DQ around every quantized MatMul/Gemm.
+
+Why a rewrite after the export instead of tracing fake-quant ops: TensorRT (and ONNX Runtime) recognise
+quantized layers by the ``QuantizeLinear``/``DequantizeLinear`` pattern with constant scales, and the weights
+must be stored as 8-bit codes for the engine to take them as such. For each layer of a :class:`QuantPlan`:
+
+* its float weight initializer (found by parameter FQN, ``export/onnx_names.py``) becomes an INT8 /
+  FLOAT8E4M3FN initializer of the same name and orientation holding the codes (2:4 zeros are code 0), plus
+  ``<name>_scale`` ([out], the graph's float type) and ``<name>_zero_point`` ([out] zeros);
+  ``DequantizeLinear(axis = output-channel axis)`` feeds what the weight fed before;
+* the op's activation input goes through ``QuantizeLinear → DequantizeLinear`` with the layer's static
+  per-tensor scale (one pair per activation and scale, shared by siblings such as q/k/v).
+
+The codes are recovered from the exported float values (the quantize pass left every weight at exactly
+``code × scale``) and checked: a value off the grid is a bug, not something to round away. The default opset
+becomes at least 19 (FP8 types in Q/DQ).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import OnnxExportError
+from ..math.quant import from_codes, to_codes
+from .onnx_graph import iter_weight_uses
+
+QDQ_OPSET = 19
+_META_KEY = "permcompile.quantization"
+
+
+def _float_type(init) -> int:
+    import onnx
+
+    if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+        raise OnnxExportError(f"{init.name}: cannot quantize a {onnx.TensorProto.DataType.Name(init.data_type)} "
+                              "weight (fp32 or fp16 expected)")
+    return init.data_type
+
+
+def _np_float(data_type: int):
+    import onnx
+
+    return np.float16 if data_type == onnx.TensorProto.FLOAT16 else np.float32
+
+
+def _codes_tensor(name: str, codes: torch.Tensor, fmt):
+    import onnx
+
+    if fmt.is_float:
+        raw = codes.contiguous().view(torch.uint8).numpy().tobytes()
+        return onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT8E4M3FN, list(codes.shape), raw, raw=True)
+    return onnx.numpy_helper.from_array(codes.contiguous().numpy(), name)
+
+
+def _zero_point(name: str, size: int | None, fmt):
+    import onnx
+
+    dims = [] if size is None else [size]
+    n = 1 if size is None else size
+    if fmt.is_float:
+        return onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT8E4M3FN, dims, bytes(n), raw=True)
+    return onnx.numpy_helper.from_array(np.zeros(dims, dtype=np.int8), name)
+
+
+def weight_codes(arr: np.ndarray, k_axis: int, scale: torch.Tensor, fmt, name: str = "") -> torch.Tensor:
+    """The codes of a stored 2-D weight ``arr`` (K along ``k_axis``) on per-output-channel ``scale``, in the
+    stored orientation. Raises when a value is off the grid by more than half-precision rounding of the export
+    (a wrong code is at least one grid step away: ≥ 1/127 of the value for INT8, ≥ 1/16 for FP8)."""
+    w = torch.from_numpy(np.array(arr, dtype=np.float32))
+    wk = w if k_axis == 1 else w.t()
+    if wk.shape[0] != scale.numel():
+        raise OnnxExportError(f"{name}: {wk.shape[0]} output channels but {scale.numel()} scales")
+    s = scale.float().reshape(-1, 1)
+    q = to_codes(wk, s, fmt)
+    dq = from_codes(q, s)
+    off = (dq - wk).abs() > torch.maximum(dq.abs(), s.expand_as(dq)) * 2.0 ** -8
+    if bool(off.any()):
+        raise OnnxExportError(f"{name}: {int(off.sum())} weights are not on their quantization grid (max error "
+                              f"{float((dq - wk).abs().max()):.3g}); the quantize pass did not run on this weight")
+    return q if k_axis == 1 else q.t()
+
+
+def rewrite_qdq(proto, plan, initializer_map: dict | None = None) -> dict:
+    """Rewrite ``proto`` (an ``onnx.ModelProto`` holding its weights) in place per ``plan``; returns
+    ``{param: {"initializer", "node", "channel_axis"}}`` for every quantized weight."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from .verify import onnx_initializer_for_param
+
+    fmt = plan.fmt
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, list] = {}
+    for use in iter_weight_uses(proto):
+        uses.setdefault(use.init, []).append(use)
+    out: dict[str, dict] = {}
+    new_inits = []
+    dq_nodes = []
+    renamed: dict[str, str] = {}
+    act_for_node: dict[str, tuple[str, float, int]] = {}  # consumer node -> (activation, scale, float type)
+    for name, lp in plan.layers.items():
+        init_name = (initializer_map or {}).get(lp.param) or onnx_initializer_for_param(proto, lp.param)
+        if init_name is None or init_name not in inits or init_name not in uses:
+            raise OnnxExportError(f"{lp.param}: no MatMul/Gemm weight initializer found in the graph to quantize")
+        init = inits[init_name]
+        if len(init.dims) != 2:
+            raise OnnxExportError(f"{init_name}: a {len(init.dims)}-D weight cannot be quantized per channel")
+        k_axes = {u.k_axis for u in uses[init_name]}
+        if len(k_axes) != 1:
+            raise OnnxExportError(f"{init_name}: used with different reduction axes")
+        k_axis = k_axes.pop()
+        ftype = _float_type(init)
+        arr = numpy_helper.to_array(init)
+        codes = weight_codes(arr, k_axis, lp.weight_scale, fmt, init_name)
+        init.CopyFrom(_codes_tensor(init_name, codes, fmt))
+        channel_axis = 1 - k_axis
+        scale_name, zp_name, dq_out = f"{init_name}_scale", f"{init_name}_zero_point", f"{init_name}_dequantized"
+        new_inits.append(numpy_helper.from_array(lp.weight_scale.numpy().astype(_np_float(ftype)), scale_name))
+        new_inits.append(_zero_point(zp_name, lp.weight_scale.numpy().size, fmt))
+        dq_nodes.append(helper.make_node("DequantizeLinear", [init_name, scale_name, zp_name], [dq_out],
+                                         name=f"{init_name}_DequantizeLinear", axis=channel_axis))
+        renamed[init_name] = dq_out
+        for u in uses[init_name]:
+            act_for_node[u.node] = (lp.input_scale, ftype)
+        out[lp.param] = {"initializer": init_name, "nodes": sorted(u.node for u in uses[init_name]),
+                         "channel_axis": channel_axis}
+    graph.initializer.extend(new_inits)
+
+    nodes = list(graph.node)
+    pairs: dict[tuple[str, float], str] = {}
+    rebuilt = list(dq_nodes)
+    for node in nodes:
+        for i, x in enumerate(node.input):
+            if x in renamed:
+                node.input[i] = renamed[x]
+        if node.name in act_for_node:
+            scale, ftype = act_for_node[node.name]
+            x = node.input[0]
+            key = (x, scale)
+            if key not in pairs:
+                tag = f"{x}_q{len(pairs)}"
+                s_name, z_name = f"{tag}_scale", f"{tag}_zero_point"
+                graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=_np_float(ftype)), s_name))
+                graph.initializer.append(_zero_point(z_name, None, fmt))
+                rebuilt.append(helper.make_node("QuantizeLinear", [x, s_name, z_name], [f"{tag}_quantized"],
+                                                name=f"{tag}_QuantizeLinear"))
+                rebuilt.append(helper.make_node("DequantizeLinear", [f"{tag}_quantized", s_name, z_name],
+                                                [f"{tag}_dequantized"], name=f"{tag}_DequantizeLinear"))
+                pairs[key] = f"{tag}_dequantized"
+            node.input[0] = pairs[key]
+        rebuilt.append(node)
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < QDQ_OPSET:
+            opset.version = QDQ_OPSET
+    proto.ir_version = max(proto.ir_version, 9)  # float8 types
+    meta = {p.key: p for p in proto.metadata_props}
+    if _META_KEY in meta:
+        meta[_META_KEY].value = plan.mode
+    else:
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, _META_KEY: plan.mode})
+    return out
+
+
+def rewrite_qdq_file(path: str | Path, plan, initializer_map: dict | None = None) -> dict:
+    """:func:`rewrite_qdq` on an ONNX file, saved in place (weights in ``<name>.data`` when they were there,
+    or when they exceed protobuf's 2 GB)."""
+    import onnx
+
+    from .onnx import EXTERNAL_DATA_THRESHOLD
+
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    external = data.exists()
+    proto = onnx.load(str(path), load_external_data=True)
+    info = rewrite_qdq(proto, plan, initializer_map)
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if external or size > EXTERNAL_DATA_THRESHOLD:
+        data.unlink(missing_ok=True)  # onnx appends to an existing data file
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+    return info
+
+
+__all__ = ["rewrite_qdq", "rewrite_qdq_file", "weight_codes", "QDQ_OPSET"]

@@ -1,0 +1,138 @@
+"""Checks of a quantized output (``--quantize``): the plan, and the Q/DQ graph against it.
+
+``verify`` (``export/verify.py``) calls these besides its own checks: N:M is checked there on the 8-bit codes
+(its weight walk looks through ``DequantizeLinear``), and ONNX Runtime is compared there with the reloaded
+``hf/`` model run through :func:`permcompile.passes.quantize.fake_quant_model` under
+:func:`permcompile.passes.quantize.quant_tolerance`. Here: ``quantization.json`` parses, every scale in it is
+finite and positive, and every quantized layer of ``model.onnx`` stores its weight as codes of the plan's type
+with the plan's weight and input scales in its ``DequantizeLinear``/``QuantizeLinear`` nodes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+PLAN_FILE = "quantization.json"
+
+
+def load_plan(out_dir: Path, report: Mapping[str, Any]):
+    """``(plan or None, checks)``: None without quantization; a failed check when the plan is missing or bad."""
+    from ..passes.quantize import QuantPlan
+
+    from .verify import Check
+
+    path = Path(out_dir) / PLAN_FILE
+    if "quantization" not in report and not path.exists():
+        return None, []
+    try:
+        plan = QuantPlan.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None, [Check("quantization", False, f"report.json records quantization but {PLAN_FILE} is missing")]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, [Check("quantization", False, f"{PLAN_FILE}: {str(exc).splitlines()[0][:200]}")]
+    pruned = {e.get("param") for e in report.get("pruned_layers", []) if isinstance(e, Mapping)}
+    missing = sorted(lp.param for lp in plan.layers.values() if lp.param not in pruned)
+    if missing or not plan.layers:
+        return None, [Check("quantization", False, f"{PLAN_FILE} quantizes no pruned layer" if not plan.layers else
+                            f"{PLAN_FILE} names layers that were not pruned: {', '.join(missing[:3])}")]
+    recorded = (report.get("quantization") or {}).get("mode")
+    if recorded is not None and recorded != plan.mode:
+        return None, [Check("quantization", False, f"report.json says {recorded}, {PLAN_FILE} says {plan.mode}")]
+    return plan, [Check("quantization", True, f"{plan.mode}: {len(plan.layers)} layers, every scale finite and "
+                                              f"positive")]
+
+
+def qdq_check(onnx_model, base_dir, plan, report: Mapping[str, Any]):
+    """``onnx_qdq``: each quantized layer's weight is stored as codes of the plan's type behind a
+    ``DequantizeLinear`` with the plan's per-channel scales, and each op reading it takes its input through
+    ``QuantizeLinear → DequantizeLinear`` with the plan's input scale (finite, positive, bit-equal in the graph's
+    float type)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from .verify import _aggregate, onnx_initializer_for_param
+
+    want_type = getattr(onnx.TensorProto, plan.fmt.onnx_type)
+    inits = {t.name: t for t in onnx_model.graph.initializer}
+    consumers: dict[str, list] = {}
+    producer = {}
+    for node in onnx_model.graph.node:
+        for x in node.input:
+            consumers.setdefault(x, []).append(node)
+        for y in node.output:
+            producer[y] = node
+    names = {e["param"]: e.get("onnx_initializer") for e in report.get("pruned_layers", []) if isinstance(e, Mapping)}
+
+    def array(name):
+        t = inits.get(name)
+        if t is None:
+            return None
+        if onnx.external_data_helper.uses_external_data(t):
+            onnx.external_data_helper.load_external_data_for_tensor(t, str(base_dir))
+        return numpy_helper.to_array(t)
+
+    def scale_ok(name, expected) -> str | None:
+        got = array(name)
+        if got is None:
+            return f"scale {name} is not a constant"
+        got = np.asarray(got, dtype=np.float64).reshape(-1)
+        if not (np.isfinite(got).all() and (got > 0).all()):
+            return f"scale {name} is not finite and positive"
+        exp = np.asarray(expected, dtype=np.float64).reshape(-1)
+        if got.shape != exp.shape or not np.array_equal(got, exp):
+            return f"scale {name} differs from {PLAN_FILE}"
+        return None
+
+    bad = []
+    for lp in plan.layers.values():
+        name = names.get(lp.param) or onnx_initializer_for_param(onnx_model, lp.param)
+        init = inits.get(name) if name else None
+        if init is None:
+            bad.append(f"{lp.param}: no weight initializer")
+            continue
+        if init.data_type != want_type:
+            stored = onnx.TensorProto.DataType.Name(init.data_type)
+            bad.append(f"{lp.param}: stored as {stored}, not {plan.fmt.onnx_type}")
+            continue
+        dqs = [n for n in consumers.get(name, []) if n.op_type == "DequantizeLinear" and n.input[0] == name]
+        if len(dqs) != 1 or len(consumers.get(name, [])) != 1:
+            bad.append(f"{lp.param}: its codes must feed exactly one DequantizeLinear")
+            continue
+        why = scale_ok(dqs[0].input[1], lp.weight_scale.numpy())
+        if why:
+            bad.append(f"{lp.param}: {why}")
+            continue
+        ops = [n for n in consumers.get(dqs[0].output[0], []) if n.op_type in ("MatMul", "Gemm")]
+        if not ops:  # through a Transpose/Cast
+            ops = [n for mid in consumers.get(dqs[0].output[0], []) for n in consumers.get(mid.output[0], [])
+                   if n.op_type in ("MatMul", "Gemm")]
+        if not ops:
+            bad.append(f"{lp.param}: its dequantized weight feeds no MatMul/Gemm")
+            continue
+        for op in ops:
+            dq = producer.get(op.input[0])
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is None or q.op_type != "QuantizeLinear":
+                bad.append(f"{lp.param}: the input of {op.name} is not quantized")
+                break
+            why = scale_ok(q.input[1], [lp.input_scale]) or scale_ok(dq.input[1], [lp.input_scale])
+            if why:
+                bad.append(f"{lp.param}: input {why}")
+                break
+    return _aggregate("onnx_qdq", len(plan.layers), bad,
+                      f"{len(plan.layers)} weights stored as {plan.fmt.onnx_type} codes, Q/DQ scales as planned")
+
+
+def reference_tolerance(plan, precision: str, tol: float | None) -> float | None:
+    if plan is None or tol is not None:
+        return tol
+    from ..passes.quantize import quant_tolerance
+    from .verify import DEFAULT_TOLERANCE
+
+    return quant_tolerance(plan, precision, DEFAULT_TOLERANCE[precision])
+
+
+__all__ = ["load_plan", "qdq_check", "reference_tolerance", "PLAN_FILE"]

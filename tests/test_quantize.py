@@ -1,0 +1,229 @@
+"""--quantize fp8|int8: the math against ONNX's Q/DQ semantics, the pass, the Q/DQ graph, verify and bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from permcompile.config import OptimizeConfig
+from permcompile.errors import UsageError
+from permcompile.math.quant import FP8_E4M3, INT8, fake_quant, tensor_scale, to_codes, weight_scales
+from permcompile.quantization import QUANT_MODES, QuantizeConfig
+
+
+# --- math -----------------------------------------------------------------------------------------
+def _ort_qdq(x: np.ndarray, scale: float, fmt) -> np.ndarray:
+    """ONNX Runtime's DequantizeLinear(QuantizeLinear(x)) with a per-tensor scale: the semantics we copy."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    if fmt.is_float:
+        zp = helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], bytes(1), raw=True)
+    else:
+        zp = numpy_helper.from_array(np.zeros((), np.int8), "zp")
+    s = numpy_helper.from_array(np.array(scale, np.float32), "s")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))], [s, zp])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("fmt", [INT8, FP8_E4M3], ids=["int8", "fp8"])
+def test_fake_quant_matches_onnxruntime_qdq(fmt):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=gen) * 3
+    scale = 0.01 if not fmt.is_float else 0.004
+    # ties (half steps), saturation far beyond the range both ways, zeros and tiny values
+    x[:8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 1e6, -1e6, 0.0]) * scale
+    got = fake_quant(x, scale, fmt).numpy()
+    want = _ort_qdq(x.numpy(), scale, fmt)
+    np.testing.assert_array_equal(got, want)
+    assert np.isfinite(got).all()
+
+
+def test_weight_scales_cover_rows_and_keep_zeros():
+    w = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -254.0, 0.0, 3.0]])
+    s = weight_scales(w, INT8)
+    assert s[0] == 1.0 and s[1] == pytest.approx(2.0)  # a zero row gets a usable scale; max|w| maps to 127
+    q = to_codes(w, s.reshape(-1, 1), INT8)
+    assert q.dtype == torch.int8 and int(q[1, 1]) == -127 and (q[w == 0] == 0).all()
+    s16 = weight_scales(torch.randn(64, 32), INT8, torch.float16)
+    assert torch.equal(s16, s16.half().float())  # exact in an fp16 graph
+    w2 = torch.randn(64, 32)
+    assert (to_codes(w2, weight_scales(w2, INT8, torch.float16).reshape(-1, 1), INT8).abs() <= 127).all()
+
+
+def test_tensor_scale_refuses_zero_and_non_finite():
+    assert tensor_scale(448.0, FP8_E4M3) == 1.0
+    for bad in (0.0, float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError):
+            tensor_scale(bad, INT8)
+
+
+# --- configuration --------------------------------------------------------------------------------
+def test_modes_are_registered_and_bad_configs_refused():
+    assert QUANT_MODES.choices() == ("none", "fp8", "int8")
+    assert OptimizeConfig(quantize="fp8").quantize == QuantizeConfig(mode="fp8")
+    with pytest.raises(UsageError, match="--quantize int4"):
+        OptimizeConfig(quantize="int4")
+    with pytest.raises(UsageError, match="2:4"):
+        OptimizeConfig(quantize="int8", sparsity="4:8")
+    with pytest.raises(UsageError, match="pruning"):
+        OptimizeConfig(quantize="fp8", prune=False)
+    with pytest.raises(UsageError, match="smooth_alpha"):
+        QuantizeConfig(mode="int8", smooth_alpha=2.0)
+
+
+# --- the whole pipeline on a tiny model -----------------------------------------------------------
+def _optimize(tmp_path_factory, name: str, mode: str, **kw):
+    from permcompile.pipeline import optimize
+    from permcompile.testing.zoo import build_tiny
+
+    out = tmp_path_factory.mktemp(f"q_{name}_{mode}") / "out"
+    cfg = OptimizeConfig(quantize=mode, calib_samples=2, calib_seq_len=16, update="none", **kw)
+    return optimize(build_tiny(name), out, cfg, quiet=True, prefetch_export=False)
+
+
+@pytest.fixture(scope="module")
+def int8_llama(tmp_path_factory):
+    return _optimize(tmp_path_factory, "llama", "int8")
+
+
+@pytest.fixture(scope="module")
+def fp8_gpt2(tmp_path_factory):  # slow: its own pipeline run
+    pytest.importorskip("transformers")  # GPT-2's Conv1D weights are stored [K, out]
+    return _optimize(tmp_path_factory, "gpt2", "fp8")
+
+
+@pytest.mark.parametrize("which", ["int8_llama", pytest.param("fp8_gpt2", marks=pytest.mark.slow)])
+def test_quantized_output_passes_verify(which, request):
+    import onnx
+
+    from permcompile.export.verify import onnx_nm_report, verify_artifacts
+
+    result = request.getfixturevalue(which)
+    checks = {c.name: c for c in verify_artifacts(result.out_dir)}
+    assert all(c.passed for c in checks.values()), [(c.name, c.detail) for c in checks.values() if not c.passed]
+    assert {"quantization", "onnx_qdq", "onnx_nm", "onnxruntime_vs_torch"} <= set(checks)
+    plan = json.loads((result.out_dir / "quantization.json").read_text())
+    # the graph: 8-bit codes, N:M in the codes themselves, Q/DQ opset
+    proto = onnx.load(str(result.out_dir / "model.onnx"))
+    want = onnx.TensorProto.INT8 if plan["mode"] == "int8" else onnx.TensorProto.FLOAT8E4M3FN
+    inits = {t.name: t for t in proto.graph.initializer}
+    layers = result.report["pruned_layers"]
+    assert len(plan["layers"]) == len(layers) > 0
+    rows = {r.name: r for r in onnx_nm_report(proto, 2, 4)}
+    for entry in layers:
+        assert inits[entry["onnx_initializer"]].data_type == want
+        assert rows[entry["onnx_initializer"]].is_nm and rows[entry["onnx_initializer"]].density <= 0.5
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") >= 1 and ops.count("DequantizeLinear") >= len(layers)
+    # report: per-layer rounding error next to the pruning error; the Triton config asks for what the graph needs
+    q = result.report["quantization"]
+    assert all(0 <= row["rel_error_rounding"] < 0.05 and row["input_scale"] > 0 for row in q["layers"])
+    config = (result.out_dir / "triton" / "model" / "config.pbtxt").read_text()
+    assert 'trt_sparsity_enable' in config
+    assert ('"INT8"' in config) == (plan["mode"] == "int8")
+
+
+def _redigest(folder):
+    """Refresh report.json's digests: verify must catch a bad scale by its content, not only by the hash."""
+    from permcompile.export.verify import file_digests
+
+    report = json.loads((folder / "report.json").read_text())
+    report.pop("files")
+    report["files"] = file_digests(folder)
+    (folder / "report.json").write_text(json.dumps(report))
+
+
+def _edit_onnx(folder, edit):
+    import onnx
+
+    proto = onnx.load(str(folder / "model.onnx"))
+    edit({t.name: t for t in proto.graph.initializer})
+    onnx.save(proto, str(folder / "model.onnx"))
+    for copy in folder.glob("triton/*/*/model.onnx"):
+        copy.unlink()
+        shutil.copy(folder / "model.onnx", copy)
+    _redigest(folder)
+
+
+def _failed(folder):
+    from permcompile.export.verify import verify_artifacts
+
+    return {c.name for c in verify_artifacts(folder) if not c.passed}
+
+
+def test_tampered_scale_fails_verify(int8_llama, tmp_path):
+    from onnx import numpy_helper
+
+    folder = tmp_path / "out"
+    shutil.copytree(int8_llama.out_dir, folder)
+    name = int8_llama.report["pruned_layers"][0]["onnx_initializer"] + "_scale"
+
+    def double(inits):
+        arr = numpy_helper.to_array(inits[name]).copy()
+        arr[0] *= 2
+        inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+
+    _edit_onnx(folder, double)
+    assert {"onnx_qdq", "onnxruntime_vs_torch"} <= _failed(folder)
+
+
+def test_densified_quantized_weight_fails_verify(int8_llama, tmp_path):
+    from onnx import numpy_helper
+
+    folder = tmp_path / "out"
+    shutil.copytree(int8_llama.out_dir, folder)
+    name = int8_llama.report["pruned_layers"][1]["onnx_initializer"]
+
+    def densify(inits):
+        arr = numpy_helper.to_array(inits[name]).copy()
+        arr[arr == 0] = 1
+        inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+
+    _edit_onnx(folder, densify)
+    assert "onnx_nm" in _failed(folder)
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan")])
+def test_bad_scale_in_plan_fails_verify(int8_llama, tmp_path, value):
+    folder = tmp_path / "out"
+    shutil.copytree(int8_llama.out_dir, folder)
+    plan = json.loads((folder / "quantization.json").read_text())
+    plan["layers"][0]["input_scale"] = value
+    (folder / "quantization.json").write_text(json.dumps(plan))
+    _redigest(folder)
+    assert "quantization" in _failed(folder)
+
+
+def test_all_zero_activations_refused():
+    """A layer whose calibration inputs are all zero has no activation scale: one clear error naming it. (The
+    quantize step runs inside compress_, before the output folder is created, so nothing is written.)"""
+    from torch import nn
+
+    from permcompile.passes.quantize import QuantRequest, quantize_
+    from permcompile.passes.sparsify import LinearInfo
+    from permcompile.testing.zoo import build_tiny
+
+    model = build_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight.zero_()  # gate/up of block 1 read only zeros
+    infos = [LinearInfo(n, n + ".weight", 1, tuple(m.weight.shape)) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and ".layers." in n]
+    batch = {"input_ids": torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))}
+    request = QuantRequest(model, infos, [batch], QuantizeConfig(mode="int8"))
+    with pytest.raises(UsageError, match=r"layers\.1\.mlp\.(gate|up)_proj are all zero"):
+        quantize_(request, "int8")
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight.fill_(float("nan"))
+    with pytest.raises(UsageError, match="not finite"):
+        quantize_(QuantRequest(model, infos, [batch], QuantizeConfig(mode="fp8")), "fp8")
