@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from permcompile.calib.data import DEFAULT_IMAGES, count_samples, load_calibration
-from permcompile.calib.text import DEFAULT_TEXT, default_text, split_sentences
+from permcompile.calib.data import DEFAULT_IMAGES, count_samples, load_calibration, narrow_calibration
+from permcompile.calib.text import DEFAULT_DOMAINS, DEFAULT_TEXT_DIR, default_domains, default_text, split_sentences
 from permcompile.calib.stats import ChannelStats, collect_input_stats, linear_layers
 from permcompile.errors import UsageError
 from permcompile.models import load_model
@@ -46,11 +46,12 @@ def _one_line(exc, *fragments):
 
 # ------------------------------------------------------------------------------------------------ default data
 def test_default_data_shipped():
-    text = default_text()
-    assert 60_000 <= len(text.encode("utf-8")) <= 100_000
-    assert "Catherine Morland" in text
-    readme = (DEFAULT_TEXT.parent / "README.md").read_text()
-    assert "Northanger Abbey" in readme and "public domain" in readme.lower()
+    domains = default_domains()
+    assert tuple(domains) == DEFAULT_DOMAINS == ("prose", "docs", "code")
+    assert all(60_000 <= len(t.encode("utf-8")) <= 110_000 for t in domains.values())
+    assert "Catherine Morland" in default_text() and "def " in domains["code"] and ".. function::" in domains["docs"]
+    readme = (DEFAULT_TEXT_DIR.parent / "README.md").read_text()
+    assert "Northanger Abbey" in readme and "public domain" in readme.lower() and "PSF" in readme
     images = sorted(p.name for p in DEFAULT_IMAGES.iterdir())
     assert images == ["astronaut.png", "chelsea.png", "coffee.png", "rocket.png"]
     assert all((DEFAULT_IMAGES / n).stat().st_size < 60_000 for n in images)
@@ -70,6 +71,29 @@ def test_default_causal_windows(llama):
     assert len({tuple(r.tolist()) for r in ids}) == 10
 
 
+def test_default_set_samples_every_kind_of_text(llama):
+    """Equal shares of prose, documentation and code, each batch from one kind, labelled with it."""
+    batches = load_calibration(None, llama, n_samples=32, seq_len=16, seed=0, batch_size=8)
+    assert len(batches.sources) == len(batches)
+    rows = {d: sum(int(b["input_ids"].shape[0]) for b, s in zip(batches, batches.sources) if s == d)
+            for d in DEFAULT_DOMAINS}
+    assert rows == {"prose": 11, "docs": 11, "code": 10}
+
+
+def test_single_text_calibration_is_called_narrow(llama, tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text(default_text())
+    batches = load_calibration(str(path), llama, n_samples=4, seq_len=16, seed=0)
+    assert batches.sources == ["one.txt"] * len(batches)
+    assert "single text" in narrow_calibration(batches)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for name, text in default_domains().items():
+        (folder / f"{name}.txt").write_text(text)
+    assert narrow_calibration(load_calibration(str(folder), llama, n_samples=4, seq_len=16, seed=0)) is None
+    assert narrow_calibration(load_calibration(None, llama, n_samples=4, seq_len=16, seed=0)) is None
+
+
 def test_seq_len_clamped_to_model_positions(llama):
     with pytest.warns(UserWarning, match="positions"):
         batches = load_calibration(None, llama, n_samples=2, seq_len=1000, seed=0)
@@ -78,7 +102,7 @@ def test_seq_len_clamped_to_model_positions(llama):
 
 def test_default_encoder_sentences(bert):
     batches = load_calibration(None, bert, n_samples=12, seq_len=24, seed=0, batch_size=5)
-    assert [b["input_ids"].shape[0] for b in batches] == [5, 5, 2]
+    assert [b["input_ids"].shape[0] for b in batches] == [4, 4, 4]  # a third of the samples from each kind of text
     for b in batches:
         assert set(b) == {"input_ids", "attention_mask"}
         assert b["input_ids"].shape == b["attention_mask"].shape and b["input_ids"].shape[1] <= 24

@@ -50,6 +50,6 @@ def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():
 def test_readme_paths_exist():
     """The walkthrough runs on shipped data: every repository path the README names exists."""
     paths = set(re.findall(r"(?<![\w/.])((?:permcompile|docs|benchmarks|tests)/[\w./-]*\w)", README))
-    assert "permcompile/calib/default/northanger_abbey.txt" in paths
+    assert "permcompile/heldout/persuasion.txt" in paths
     missing = sorted(p for p in paths if not (ROOT / p).exists())
     assert not missing, missing

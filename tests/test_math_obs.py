@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from permcompile.math.nm import is_nm, nm_mask
-from permcompile.math.obs import (HessianAccumulator, masked_least_squares, output_error, refit_masked_,
-                                  sparsegpt_nm_)
+from permcompile.math.obs import (HessianAccumulator, choose_update, masked_least_squares, output_error,
+                                  refit_masked_, shrink_, sparsegpt_nm_, unshrink_)
 
 
 def _problem(out=24, k=32, tokens=300, seed=0):
@@ -133,3 +133,48 @@ def test_damping_without_copies_matches_dampen():
     bad[5, 5] = -1.0
     bad[5, 6] = bad[6, 5] = 0.5  # not an XᵀX: the vector form does not hold
     assert damping_diagonal(bad, 0.01) is None
+
+
+def test_shrink_keeps_the_diagonal_and_unshrink_undoes_it():
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(0))
+    h = x.T @ x / 64
+    s = shrink_(h.clone(), 0.4)
+    torch.testing.assert_close(torch.diagonal(s), torch.diagonal(h))
+    off = ~torch.eye(12, dtype=torch.bool)
+    torch.testing.assert_close(s[off], 0.6 * h[off])
+    torch.testing.assert_close(unshrink_(s, 0.4), h)
+    assert shrink_(h.clone(), 0.0).equal(h)
+
+
+def _correlated_inputs(tokens: int, tie: float, seed: int) -> torch.Tensor:
+    """Channels in pairs (2j, 2j+1) that move together with strength ``tie`` (1: identical)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(tokens, 8, generator=g)
+    noise = torch.randn(tokens, 8, generator=g)
+    x = torch.empty(tokens, 16)
+    x[:, 0::2] = base
+    x[:, 1::2] = tie * base + (1 - tie ** 2) ** 0.5 * noise
+    return x
+
+
+def test_choose_update_keeps_the_plain_update_where_it_carries_over():
+    w = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    x_fit, x_val = _correlated_inputs(512, 0.95, 2), _correlated_inputs(512, 0.95, 3)
+    h_fit, h_val = x_fit.T @ x_fit / 512, x_val.T @ x_val / 512
+    crit = w.abs() * torch.diagonal(h_fit).sqrt()
+    choice, errors = choose_update(w, h_fit, h_val, crit, 2, 4, (0.0, 0.5), refit_iters=10)
+    assert choice == 0.0 and errors["shrink=0"] < errors["mask"]
+    assert "shrink=0.5" not in errors  # the fast path stops at the first update that beats the mask
+
+
+def test_choose_update_falls_back_where_the_fit_does_not_carry_over():
+    """Fitted where paired channels are copies of each other, scored where they are opposite: leaning on the
+    fitted correlation makes things worse than the mask alone, so the mask (or a shrunk update) wins."""
+    w = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    x_fit = _correlated_inputs(512, 0.99, 2)
+    x_val = _correlated_inputs(512, -0.99, 3)
+    h_fit, h_val = x_fit.T @ x_fit / 512, x_val.T @ x_val / 512
+    crit = w.abs() * torch.diagonal(h_fit).sqrt()
+    choice, errors = choose_update(w, h_fit, h_val, crit, 2, 4, (0.0, 0.5), refit_iters=10)
+    assert errors["shrink=0"] > errors["mask"]
+    assert choice is None or errors[f"shrink={choice:g}"] < errors["mask"]

@@ -114,15 +114,18 @@ class _HessianHooks:
 
     Registered after any glue gather, so each Hessian is in the linear's stored column order."""
 
-    def __init__(self, model: nn.Module, modules: list[str], device, diagonal: bool = False):
+    def __init__(self, model: nn.Module, modules: list[str], device, diagonal: bool = False,
+                 heldout: bool = False):
         self.acc: dict[str, HessianAccumulator] = {}
         self.mask: torch.Tensor | None = None
+        self.holding_out = False  # the current batch belongs to the held-out part too
         self._last = None  # (input tensor, its XᵀX, its token count): siblings share one product
         self.handles = []
         for name in modules:
             mod = model.get_submodule(name)
             k = mod.in_features if isinstance(mod, nn.Linear) else int(mod.weight.shape[0])
-            self.acc[name] = HessianAccumulator(k, device, diagonal)
+            self.acc[name] = HessianAccumulator(k, device, diagonal,
+                                                heldout=HessianAccumulator(k, device, diagonal) if heldout else None)
             self.handles.append(mod.register_forward_pre_hook(self._hook(name, k)))
 
     def _hook(self, name: str, k: int):
@@ -130,14 +133,18 @@ class _HessianHooks:
             x = args[0]
             if not torch.is_tensor(x) or x.shape[-1] != k:
                 return
+            acc = self.acc[name]
             last = self._last
             if last is not None and last[0] is x:  # a sibling (q/k/v, gate/up) read this very tensor
-                self.acc[name].add_product(last[1], last[2])
-                return
-            mask = self.mask
-            rows = x[mask.to(x.device)] if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape) else x
-            product, count = self.acc[name].add(rows.detach())
-            self._last = (x, product, count)
+                product, count = last[1], last[2]
+                acc.add_product(product, count)
+            else:
+                mask = self.mask
+                rows = x[mask.to(x.device)] if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape) else x
+                product, count = acc.add(rows.detach())
+                self._last = (x, product, count)
+            if self.holding_out and acc.heldout is not None:
+                acc.heldout.add_product(product, count)
 
         return fn
 
@@ -155,6 +162,9 @@ def _reduce_(accs: dict[str, HessianAccumulator]) -> None:
     all_reduce_sum_([accs[n].xtx for n in names])
     for n, c in zip(names, all_reduce_counts([accs[n].count for n in names])):
         accs[n].count = c
+    held = {n: accs[n].heldout for n in names if accs[n].heldout is not None}
+    if held:
+        _reduce_(held)
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -169,7 +179,7 @@ def _progress(total: int, desc: str, quiet: bool):
 def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *, forward_kwargs: dict | None = None,
                     device: str | torch.device = "cpu", rerun: bool = True, desc: str = "blocks",
                     quiet: bool = True, start: int = 0, hidden: list | None = None,
-                    on_block_done=None, diagonal: bool = False
+                    on_block_done=None, diagonal: bool = False, heldout=None
                     ) -> Iterator[tuple[str, dict[str, HessianAccumulator]]]:
     """For each block holding some of ``modules``: yield ``(block FQN, {module: HessianAccumulator})``.
 
@@ -183,6 +193,9 @@ def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *
 
     Resuming: ``start`` skips the first blocks and ``hidden`` gives the inputs of block ``start`` (one tensor
     per batch, as passed to ``on_block_done(index, block FQN, next inputs)`` after each block).
+
+    ``heldout(block index) -> set of batch indices``: those batches' ``XᵀX`` also go to each accumulator's
+    ``heldout`` accumulator (the whole Hessian still counts every batch).
     """
     forward_kwargs = forward_kwargs or {}
     device = torch.device(device)
@@ -205,11 +218,14 @@ def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *
             home = next(block.parameters()).device
             block.to(device)
             inside = [x for x in modules if x.startswith(name + ".")]
-            hooks = _HessianHooks(model, inside, device, diagonal)
+            held = heldout(index) if heldout is not None else set()
+            # every process makes the held-out accumulators (summed across processes) even when it holds none out
+            hooks = _HessianHooks(model, inside, device, diagonal, heldout=heldout is not None)
             outputs = []
             try:
                 for i in range(len(inputs.hidden)):
                     hooks.mask = inputs.masks[i]
+                    hooks.holding_out = i in held
                     y = _call_block(block, inputs, i, device)
                     if not rerun:
                         outputs.append(y.to(inputs.hidden[i].device))

@@ -38,6 +38,8 @@ def shard(batches: list) -> list:
 
         raise UsageError(f"{len(batches)} calibration batches cannot be shared by {size} processes: "
                          "give more calibration samples")
+    if hasattr(batches, "share"):  # labelled calibration batches keep their labels (calib/data.py)
+        return batches.share(rank, size)
     return batches[rank::size]
 
 

@@ -18,6 +18,7 @@ device; nothing imports the model or the pipeline.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -33,6 +34,8 @@ class HessianAccumulator:
     k: int
     device: torch.device | str = "cpu"
     diagonal: bool = False
+    # the ``XᵀX`` of the held-out part of the same inputs (also counted in this one), when a pass asked for one
+    heldout: "HessianAccumulator | None" = None
 
     def __post_init__(self) -> None:
         shape = (self.k,) if self.diagonal else (self.k, self.k)
@@ -120,6 +123,31 @@ def _upper_inverse_factor_(a: Tensor) -> bool:
     return int(info) == 0 and all_finite(a)
 
 
+def shrink_(h: Tensor, rho: float) -> Tensor:
+    """``(1 − ρ)·H + ρ·diag(H)``, in place: the channel correlations pulled towards zero, each channel's energy kept.
+
+    Why: the OBS update compensates a pruned weight through the channels its input correlates with *on the
+    calibration data*; text of another kind correlates differently, and there that compensation is error.
+    ``ρ = 0`` is the plain update; as ``ρ → 1`` nothing is left to compensate with (a diagonal Hessian: no update,
+    the mask by ``w²·Hⱼⱼ``, Wanda's ranking). Returns ``h``."""
+    if rho <= 0:
+        return h
+    diag = torch.diagonal(h).clone()
+    h.mul_(1.0 - rho)
+    torch.diagonal(h).copy_(diag)
+    return h
+
+
+def unshrink_(h: Tensor, rho: float) -> Tensor:
+    """Undo :func:`shrink_` ``(h, rho)`` in place (``rho < 1``: the correlations were scaled, not erased)."""
+    if rho <= 0:
+        return h
+    diag = torch.diagonal(h).clone()
+    h.div_(1.0 - rho)
+    torch.diagonal(h).copy_(diag)
+    return h
+
+
 def dampened_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
     """:func:`inverse_cholesky_upper` of :func:`dampen` ``(h, damp)``, holding one K×K matrix besides ``h``
     (float32 in place; float64 only when that fails)."""
@@ -172,12 +200,15 @@ def _keep_mask(scores: Tensor, n: int, m: int) -> Tensor:
 
 @torch.no_grad()
 def sparsegpt_nm_(w: Tensor, h: Tensor, n: int, m: int, *, damp: float = 0.01, block: int = 32,
-                  scores: Tensor | None = None, hinv_chol: Tensor | None = None) -> Tensor:
+                  scores: Tensor | None = None, hinv_chol: Tensor | None = None,
+                  quantize: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Prune ``w`` ([out, K], float32, modified in place) to N:M along K with OBS updates; returns the keep mask.
 
     ``h`` is the (undampened) ``XᵀX``-like Hessian [K, K]. ``scores`` ([out, K]) fixes the mask by a
     criterion instead of the OBS saliency (the update still runs). ``block`` columns are updated together
-    (a multiple of ``m``); the result does not depend on it beyond rounding.
+    (a multiple of ``m``); the result does not depend on it beyond rounding. ``quantize`` maps a column ([out],
+    its pruned entries already 0) onto the weight grid before its error is spread to the columns on its right
+    (GPTQ inside the N:M mask: one update absorbs pruning and rounding error); it must keep zeros at zero.
     """
     out, k = w.shape
     if k % m:
@@ -204,6 +235,8 @@ def sparsegpt_nm_(w: Tensor, h: Tensor, n: int, m: int, *, damp: float = 0.01, b
                 keep[:, i1 + j:i1 + j + m] = _keep_mask(s, n, m)
             col = w1[:, j]
             q = torch.where(keep[:, i1 + j], col, torch.zeros_like(col))
+            if quantize is not None:
+                q = quantize(q)
             e = (col - q) / d1[j]
             w1[:, j:] -= e.unsqueeze(1) * u1[j, j:].unsqueeze(0)
             w1[:, j] = q
@@ -269,3 +302,36 @@ def masked_least_squares(w_ref: Tensor, keep: Tensor, h: Tensor) -> Tensor:
         if s.numel():
             out[i, s] = torch.linalg.solve(hh[s][:, s], b[i, s])
     return out.to(w_ref.dtype)
+
+
+@torch.no_grad()
+def choose_update(w_ref: Tensor, h_fit: Tensor, h_val: Tensor, crit: Tensor, n: int, m: int, shrinks, *,
+                  damp: float = 0.01, block: int = 32, refit_iters: int = 30, mask: str = "obs",
+                  rows: int = 256) -> tuple[float | None, dict]:
+    """Which update of ``w_ref`` ([out, K]) carries over to inputs it was not fitted on.
+
+    Each candidate is fitted on ``h_fit`` and scored by its output error on ``h_val`` (a held-out part of the
+    calibration data), on at most ``rows`` evenly spaced output rows (rows are independent given H, so a sample
+    of them ranks the candidates): ``None`` = the ``crit`` N:M mask with no update (the masks-only result), a float
+    ρ = the OBS update (+ refit) on ``shrink_(h_fit, ρ)``. ``shrinks`` are tried in order and the search stops at
+    the first that beats the mask alone (the fast path: the plain update generalises). Returns the choice and
+    ``{"mask": error, "shrink=ρ": error, ...}``, each relative to the held-out output energy of ``w_ref``."""
+    from .nm import nm_mask
+
+    idx = torch.linspace(0, w_ref.shape[0] - 1, min(rows, w_ref.shape[0])).round().long().unique()
+    ref = w_ref[idx]
+    total = output_error(ref, torch.zeros_like(ref), h_val) or 1.0
+    errors = {"mask": output_error(ref, ref * nm_mask(crit[idx], n, m), h_val) / total}
+    best, best_err = None, errors["mask"]
+    for rho in shrinks:
+        h = shrink_(h_fit.clone(), float(rho))
+        w = ref.clone()
+        keep = sparsegpt_nm_(w, h, n, m, damp=damp, block=block, scores=crit[idx] if mask == "criterion" else None)
+        if refit_iters:
+            refit_masked_(w, ref, keep, h, iters=refit_iters, damp=damp)
+        err = output_error(ref, w, h_val) / total
+        errors[f"shrink={float(rho):g}"] = err
+        if err < best_err:
+            best, best_err = float(rho), err
+            break  # the first (least shrunk) update that beats the mask alone
+    return best, errors
