@@ -40,7 +40,7 @@ Also on 2026-12-03, later that day: exchange searches on groups with fewer candi
 stop at a local optimum instead of drawing pairs at random; the ViT-digits `_learned_default` tables were
 re-measured after that change. SmolLM2, MiniLM and DINOv2-S groups are larger and search as before.
 Strategy names changed at commit d127696 (issue 21): in tables written before it, `learned` is the exchange search
-(today `search`); from it on, `learned` is the end-to-end method (`e2e` before, still accepted).
+(today `search`); from it on, `learned` is the end-to-end method (`e2e` before).
 """
 
 
@@ -59,16 +59,16 @@ STEM = re.compile(r"quality_(?P<model>.+?)_(?P<n>\d+)of(?P<m>\d+)_(?P<criterion>
 
 def _current_learn_defaults() -> dict | None:
     try:
-        from permcompile.config import LearnConfig
+        from permcompile.config import SearchConfig
     except ImportError:  # the overview still lists the heuristics
         return None
-    d = dataclasses.asdict(LearnConfig())
+    d = dataclasses.asdict(SearchConfig())
     d.pop("amp", None)  # autocast is a CPU no-op and older tables do not record it
     return d
 
 
 def _learn_dependent(method: str) -> bool:
-    """Cells that depend on LearnConfig (the exchange search's settings): only tables run with today's defaults."""
+    """Cells that depend on SearchConfig (the exchange search's settings): only tables run with today's defaults."""
     return method.startswith("search") or method == "free"
 
 
@@ -142,7 +142,7 @@ def _read_table(path: Path, defaults: dict | None) -> dict | None:
     if found is None:
         return None
     r_key, metric_key, label = found
-    learn = data.get("learn") or {}
+    learn = data.get("search") or data.get("learn") or {}  # "learn": tables written before the key's rename
     per_method = {}
     for method in OVERVIEW_METHODS:
         if _learn_dependent(method) and not _runs_today_defaults(learn, defaults, method, r_key == "R"):
@@ -160,7 +160,7 @@ def overview(results: Path = RESULTS) -> str:
     """One table of R per model × N:M × criterion, computed from the per-seed rows of results/quality_*.json.
 
     Each cell is mean ± sample sd over calibration seeds (n) of the table's primary R. Learned and free cells come
-    only from tables run with today's LearnConfig defaults (``_runs_today_defaults``) and take the newest such
+    only from tables run with today's SearchConfig defaults (``_runs_today_defaults``) and take the newest such
     table (``_recorded_at``: the learned pass changed between sessions); the other cells take the table with the
     most seeds for that method. Ties go to the table covering most of the row (so a row's cells share seeds
     where they can), then to the newer one.
@@ -209,7 +209,7 @@ def overview(results: Path = RESULTS) -> str:
               "unstructured at the same density. Today's names: `search` is the exchange search and `learned` the "
               f"end-to-end method; rows of tables written before commit {RENAME_COMMIT} (which called them `learned` "
               "and `e2e`) are relabelled. `search` and `free` cells come only from tables run with today's "
-              "LearnConfig defaults (— where none was), the newest such table; `learned` cells from the newest "
+              "SearchConfig defaults (— where none was), the newest such table; `learned` cells from the newest "
               "table (both searches changed between sessions); other cells come from the table with the most seeds. "
               "`/per-layer` rows need glue ops at "
               "run time (a gather per per-layer residual reading site) and `free` is an oracle with one gather per "

@@ -5,7 +5,7 @@ calibration file, so seed 0 is its first tokens):
 
 - ``dense``; ``unstructured`` (50 % Wanda per row, the ceiling a 2:4 mask approaches);
 - ours, one row per ``--methods`` entry ``STRATEGY[/per-layer][+obs...]``: ``none``/``random`` (the control)/
-  ``hungarian``/``search`` (exchange search)/``learned`` (end to end; alias ``e2e``) permutations, mask only,
+  ``hungarian``/``search`` (exchange search)/``learned`` (end to end) permutations, mask only,
   or with ``+obs`` mask + SparseGPT-style reconstruction
   (``+search``: the permutation search scores OBS costs; see ``quality_encoder.method_config``);
 - theirs: llm-compressor ``SparseGPTModifier`` and ``WandaPruningModifier`` with ``mask_structure="N:M"``,
@@ -85,19 +85,21 @@ def worker_ours(args) -> dict:
         unstructured_masks_(net, linears, stats, args.criterion, 1 - n / m)
     else:
         extra, kwargs = {}, {}
-        if config.permutation in ("learned", "e2e"):  # the end-to-end method ("e2e": its alias)
+        if config.permutation == "learned":  # the end-to-end method
             import dataclasses
 
-            knobs = dict(kv.split("=", 1) for kv in args.e2e.split(",") if kv)
-            fields = {f.name: f.type for f in dataclasses.fields(config.e2e)}
+            from permcompile.passes.learned import STATE_FILE
+
+            knobs = dict(kv.split("=", 1) for kv in args.learned.split(",") if kv)
+            fields = {f.name: f.type for f in dataclasses.fields(config.learned)}
             cast = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}
             typed = {k: cast.get(fields[k], str)(v) for k, v in knobs.items()}
-            config = dataclasses.replace(config, e2e=dataclasses.replace(config.e2e, **typed))
-            if args.e2e_share:  # the rows of one seed share the loop: a finished checkpoint is its result
-                kwargs = {"checkpoint_dir": args.e2e_share,
-                          "resume": Path(args.e2e_share, "e2e", "e2e_state.safetensors").is_file()}
+            config = dataclasses.replace(config, learned=dataclasses.replace(config.learned, **typed))
+            if args.learned_share:  # the rows of one seed share the loop: a finished checkpoint is its result
+                kwargs = {"checkpoint_dir": args.learned_share,
+                          "resume": Path(args.learned_share, "learned", STATE_FILE).is_file()}
         c = compress_(loaded, config, quiet=True, batches=_batches(ids), **kwargs)
-        extra = {"permute_s": c.timings.get("permute"), "resumed_e2e": kwargs.get("resume", False),
+        extra = {"permute_s": c.timings.get("permute"), "resumed_learned": kwargs.get("resume", False),
                  "notes": sorted({r.note for r in c.group_results if r.strategy == "learned"})}
     seconds = time.perf_counter() - start
     loaded.model.save_pretrained(args.out, safe_serialization=True)
@@ -178,7 +180,7 @@ def main() -> None:
     ap.add_argument("--peer-methods", nargs="*", default=["sparsegpt", "wanda"], help="none: our rows only")
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON"))
     ap.add_argument("--no-unstructured", action="store_true")
-    ap.add_argument("--e2e", default="", help="E2EConfig knobs for learned (alias e2e) rows, e.g. steps=40,"
+    ap.add_argument("--learned", default="", help="LearnedConfig knobs for learned rows, e.g. steps=40,"
                     "micro_batch=1,lr=0.1; a learned row's finished loop is reused by the next learned row of the same "
                     "seed (its seconds then exclude the loop; permute_s in the JSON)")
     ap.add_argument("--tag", default="")
@@ -191,7 +193,7 @@ def main() -> None:
     ap.add_argument("--calib", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--e2e-share", help=argparse.SUPPRESS)
+    ap.add_argument("--learned-share", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
@@ -253,10 +255,10 @@ def main() -> None:
                                                             "--model", args.model, "--criterion", args.criterion],
                          sys.executable))
         for method in args.methods:
-            end_to_end = method.startswith(("learned", "e2e"))
-            e2e = ["--e2e", args.e2e, "--e2e-share", str(work / f"e2e_{seed}")] if end_to_end else []
+            end_to_end = method.startswith("learned")
+            share = ["--learned", args.learned, "--learned-share", str(work / f"learned_{seed}")] if end_to_end else []
             jobs.append(("ours", method, common + ["--worker", "ours", "--method", method, "--model", args.model,
-                                                   "--criterion", args.criterion] + e2e, sys.executable))
+                                                   "--criterion", args.criterion] + share, sys.executable))
         if not skip:
             for method in args.peer_methods:
                 jobs.append(("llm-compressor", method, common + ["--worker", "llmc", "--method", method,

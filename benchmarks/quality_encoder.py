@@ -87,8 +87,8 @@ UPDATE_SUFFIXES = ("obs", "search", "refit", "critmask")
 
 def check_methods(methods: list[str], extra: tuple[str, ...] = ()) -> None:
     """Reject an unknown --methods entry before anything slow runs: STRATEGY[/per-layer][+obs[+search|+refit|...]]."""
-    from permcompile.config import STRATEGIES
     from permcompile.errors import UsageError
+    from permcompile.passes.permute import STRATEGIES
 
     valid = list(STRATEGIES) + [f"{s}/per-layer" for s in STRATEGIES] + list(extra)
     bad = []
@@ -156,7 +156,7 @@ def unstructured_ceiling_(loaded, stats, sparsity, criterion: str):
 def free_permutation_masks_(loaded, stats, sparsity, criterion: str, trials: int = 1000, seed: int = 0):
     """The *permutation ceiling* (an oracle, not a deployable artifact): every pruned linear gets its own input
     permutation, free of all coupling (no shared residual order, no per-head constraint on ``o_proj``), chosen
-    like the learned default (``hungarian`` warm start, then ``trials`` checked exchanges on the diagonal error
+    like the search strategy (``hungarian`` warm start, then ``trials`` checked exchanges on the diagonal error
     ``W² E[x²]``); the N:M mask of the criterion's scores in that order is mapped back and applied in place.
     Deploying it would need one gather per linear (PermLLM's and RIA's setting).
 
@@ -217,7 +217,7 @@ def timed_compress(loaded, cfg, stats, batches):
     reset_peak()
     t = time.perf_counter()
     c = compress_(loaded, cfg, quiet=True, stats=stats, batches=batches,
-                  checkpoint_dir=tempfile.mkdtemp(prefix="pc-learn-"))
+                  checkpoint_dir=tempfile.mkdtemp(prefix="pc-checkpoints-"))
     return c, time.perf_counter() - t, peak_mb()
 
 
@@ -307,9 +307,8 @@ class CachedReference(torch.nn.Module):
         return self._memo[key]
 
 
-# the slow strategies --learned-seeds restricts: the exchange search ("search"; named "learned" in tables written
-# before issue 21's rename) and the end-to-end method ("learned", alias "e2e")
-SLOW_STRATEGIES = ("search", "learned", "e2e")
+# the slow strategies --learned-seeds restricts: the exchange search and the end-to-end method
+SLOW_STRATEGIES = ("search", "learned")
 
 
 def method_seeds(args, method: str, seed: int) -> bool:
@@ -318,33 +317,14 @@ def method_seeds(args, method: str, seed: int) -> bool:
     return not method.startswith(SLOW_STRATEGIES) or args.learned_seeds is None or seed in args.learned_seeds
 
 
-class _RetiredLearnFlag(argparse.Action):
-    """A retired per-knob flag (``--swap-trials 50``): appends ``key=value`` to ``--learn``'s list."""
+def add_search_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--search KEY=VALUE`` (repeatable), parsed like ``permcompile optimize --search`` by ``config.parse_search``,
+    and ``--learned-seeds`` (the calibration seeds the slow search and learned rows run on)."""
+    from permcompile.config import SearchConfig
 
-    def __init__(self, option_strings, dest, key, **kwargs):
-        self.key = key
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        value = "true" if self.nargs == 0 else values
-        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), f"{self.key}={value}"])
-
-
-def add_learn_arguments(ap: argparse.ArgumentParser) -> None:
-    """``--learn KEY=VALUE`` (repeatable), parsed like ``permcompile optimize --learn`` by ``config.parse_learn``,
-    and ``--learned-seeds`` (the calibration seeds the slow search and learned rows run on).
-
-    The per-knob flags it replaced (``--steps``, ``--swap-trials``, ...) stay accepted, hidden, so the commands
-    recorded under older tables in results/ still run."""
-    from permcompile.config import RETIRED_LEARN_FLAGS, LearnConfig
-
-    keys = [f.name for f in dataclasses.fields(LearnConfig)]
-    ap.add_argument("--learn", action="append", default=[], metavar="KEY=VALUE",
+    keys = [f.name for f in dataclasses.fields(SearchConfig)]
+    ap.add_argument("--search", action="append", default=[], metavar="KEY=VALUE",
                     help="search strategy (exchange search) setting, repeatable; KEY one of " + ", ".join(keys))
-    bools = {f.name for f in dataclasses.fields(LearnConfig) if f.type in ("bool", bool)}
-    for flag, key in RETIRED_LEARN_FLAGS.items():
-        ap.add_argument(flag, dest="learn", action=_RetiredLearnFlag, key=key, nargs=0 if key in bools else None,
-                        help=argparse.SUPPRESS)
     ap.add_argument("--learned-seeds", nargs="+", type=int, default=None,
                     help="run the (slow) search and learned strategies only for these calibration seeds "
                          "(default: all)")
@@ -356,26 +336,26 @@ def add_output_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tag", default="")
 
 
-def learn_config(args):
-    """The search strategy's settings from the shared ``--learn KEY=VALUE`` options (``add_learn_arguments``)."""
-    from permcompile.config import parse_learn
+def search_config(args):
+    """The search strategy's settings from the shared ``--search KEY=VALUE`` options (``add_search_arguments``)."""
+    from permcompile.config import parse_search
     from permcompile.errors import UsageError
 
     try:
-        return parse_learn(getattr(args, "learn", None) or [])
+        return parse_search(getattr(args, "search", None) or [])
     except UsageError as exc:
         raise SystemExit(f"error: {exc}") from None
 
 
-def learned_note(args) -> str:
-    """The search strategy's full settings (LearnConfig) for a table's footnote ("" when no search row was asked
-    for). Tables written before issue 21's rename call that strategy ``learned``."""
+def search_note(args) -> str:
+    """The search strategy's full settings (SearchConfig) for a table's footnote ("" when no search row was asked
+    for)."""
     if not any(m.startswith("search") for m in args.methods):
         return ""
-    learn = learn_config(args)
+    knobs = search_config(args)
     seeds = args.learned_seeds if getattr(args, "learned_seeds", None) is not None else args.calib_seeds
     return ("\n\nsearch (calibration seeds " + ", ".join(map(str, seeds)) + "): "
-            + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(learn).items()))
+            + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(knobs).items()))
 
 
 def write_results(stem: str, out: dict, lines: list[str], out_dir: str | Path | None = None) -> None:
@@ -430,7 +410,7 @@ def main() -> None:
     ap.add_argument("--calib-seq-len", type=int, default=128)
     ap.add_argument("--eval-sentences", type=int, default=500)
     ap.add_argument("--eval-seed", type=int, default=0, help="which held-out sentences (fixed across rows)")
-    add_learn_arguments(ap)
+    add_search_arguments(ap)
     add_output_arguments(ap)
     args = ap.parse_args()
     check_methods(args.methods)
@@ -440,7 +420,7 @@ def main() -> None:
     calib_dir = _calib_folder(data_dir)
     sentences = _eval_sentences(data_dir, args.eval_sentences, args.eval_seed)
     sparsity = Sparsity.parse(args.sparsity)
-    learn = learn_config(args)
+    knobs = search_config(args)
     metrics = ["mean_cosine", "spearman"]
     rows: list[dict] = []
     t_start = time.perf_counter()
@@ -465,7 +445,7 @@ def main() -> None:
     for seed in args.calib_seeds:
         base = OptimizeConfig(sparsity=sparsity, criterion=args.criterion, calib=str(calib_dir),
                               calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=seed,
-                              learn=learn)
+                              search=knobs)
         loaded, batches, stats, calib_s = text_calibration(args.model, base)
         groups, linears = unstructured_ceiling_(loaded, stats, sparsity, args.criterion)
         if groups_info is None:
@@ -488,7 +468,7 @@ def main() -> None:
            "eval_text": list(EVAL_NOVELS), "eval_sentences": len(sentences), "eval_seed": args.eval_seed,
            "calib_text": list(CALIB_NOVELS), "calib_samples": args.calib_samples,
            "calib_seq_len": args.calib_seq_len, "calib_seeds": args.calib_seeds, "learned_seeds": args.learned_seeds,
-           "learn": learn.__dict__,
+           "search": knobs.__dict__,
            "groups": groups_info, "rows": rows, "summary": summary, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - t_start,
            "command": " ".join(["python", "benchmarks/quality_encoder.py"] + sys.argv[1:])}
@@ -511,7 +491,7 @@ def main() -> None:
               "over the groups the strategy moved. Peak memory: the benchmark process's resident set during the "
               "method's compress run (model, calibration data and what the script holds for evaluation). Runs = "
               "calibration seeds the row was measured on."]
-    lines[-1] += learned_note(args)
+    lines[-1] += search_note(args)
     write_results(stem, out, lines, args.out_dir)
     print(f"wall time {time.perf_counter() - t_start:.0f} s")
 

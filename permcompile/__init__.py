@@ -6,7 +6,7 @@ Python API::
     from permcompile import optimize, OptimizeConfig, Sparsity
     optimize("minilm", "out/minilm", OptimizeConfig(sparsity=Sparsity(2, 4), permutation="hungarian"))
 """
-from .config import LearnConfig, OptimizeConfig, Sparsity
+from .config import LearnedConfig, OptimizeConfig, SearchConfig, Sparsity
 from .errors import PermcompileError, UsageError, VerificationError
 
 __version__ = "0.1.0"
@@ -19,5 +19,5 @@ def optimize(*args, **kwargs):
     return _optimize(*args, **kwargs)
 
 
-__all__ = ["optimize", "OptimizeConfig", "LearnConfig", "Sparsity", "PermcompileError", "UsageError",
+__all__ = ["optimize", "OptimizeConfig", "SearchConfig", "LearnedConfig", "Sparsity", "PermcompileError", "UsageError",
            "VerificationError", "__version__"]

@@ -13,7 +13,8 @@ import click
 
 from .cli_eval import eval_cmd
 from .cli_run import run_command
-from .config import RETIRED_LEARN_FLAGS, UPDATES, LearnConfig
+from .config import UPDATES, SearchConfig
+from .passes.permute import STRATEGIES
 
 
 def _precheck_optimize(model, calib, seed) -> None:
@@ -56,48 +57,14 @@ def main():
 
 
 PRUNE_MODES = ("blocks", "all", "none")
-# Options retired from ``optimize --help`` (issue 20: at most 20 options). They still work, hidden, and warn once
-# per run; the research knobs became ``--learn KEY=VALUE`` (config.RETIRED_LEARN_FLAGS), the others:
-_RETIRED_OTHER = {"--no-prune": "--prune none", "--prune-embeddings": "--prune all",
-                  "--batch": "--trt-profile batch=MIN,OPT,MAX", "--seq": "--trt-profile seq=MIN,OPT,MAX"}
-_RETIRED_KEY = "permcompile.retired"
 
 
-def _retired_options(fn):
-    """Add the retired flags as hidden options that record what they were given in ``ctx.meta``."""
-    bools = {f.name for f in dataclasses.fields(LearnConfig) if f.type in ("bool", bool)}
-
-    def option(flag: str, key: str | None):
-        is_flag = key in bools or flag in ("--no-prune", "--prune-embeddings")
-
-        def record(ctx, param, value):
-            if value is not None and value is not False:
-                ctx.meta.setdefault(_RETIRED_KEY, {})[flag] = f"{key}={value}" if key else value
-        return click.option(flag, is_flag=is_flag, default=False if is_flag else None, hidden=True,
-                            expose_value=False, callback=record)
-
-    for flag, key in [*RETIRED_LEARN_FLAGS.items(), *((f, None) for f in _RETIRED_OTHER)]:
-        fn = option(flag, key)(fn)
-    return fn
-
-
-def _warn_retired(retired: dict) -> None:
-    """One line naming every retired flag used and what replaces it."""
-    if retired:
-        subs = [f"{flag} -> --learn {value}" if flag in RETIRED_LEARN_FLAGS else f"{flag} -> {_RETIRED_OTHER[flag]}"
-                for flag, value in retired.items()]
-        click.echo("warning: deprecated options (they will be removed): " + "; ".join(subs), err=True)
-
-
-def _trt_ranges(pairs, retired: dict) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(batch, seq) MIN,OPT,MAX ranges from ``--trt-profile KEY=MIN,OPT,MAX`` (or the retired --batch/--seq)."""
+def _trt_ranges(pairs) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(batch, seq) MIN,OPT,MAX ranges from ``--trt-profile KEY=MIN,OPT,MAX``."""
     from .errors import UsageError
     from .precheck import check_range
 
     ranges = {"batch": (1, 1, 8), "seq": (1, 128, 512)}
-    for flag in ("--batch", "--seq"):
-        if flag in retired:
-            ranges[flag[2:]] = check_range(retired[flag], flag)
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or key.strip() not in ranges:
@@ -111,12 +78,8 @@ def _trt_ranges(pairs, retired: dict) -> tuple[tuple[int, int, int], tuple[int, 
 @click.option("--out", "out", required=True,
               help="Output folder, or X.plan for a TensorRT engine (artifacts go to X/).")
 @click.option("--sparsity", default="2:4", show_default=True, help="N:M pattern along each layer's input axis.")
-@click.option("--permutation", default="hungarian", show_default=True,
-              help="Permutation strategy: none, random, greedy, hungarian, search (exchange search on a per-layer "
-                   "proxy) or learned (learned end to end against the model's output; alias e2e; before issue 21 "
-                   "learned was the exchange search). hungarian, the default, is as good as the others once weights "
-                   "are reconstructed and searches several times faster (MiniLM: 5 s vs 39 s search, 87+ s "
-                   "learned); learned pays with masks only (--update none).")
+@click.option("--permutation", default="hungarian", show_default=True, type=click.Choice(STRATEGIES.choices()),
+              help="Permutation strategy. " + STRATEGIES.help_text() + ".")
 @click.option("--criterion", default="wanda", show_default=True, help="Mask criterion: magnitude, wanda or ria.")
 @click.option("--calib", default=None,
               help="Calibration data: text file/folder, saved dataset, data file or image folder (default: the "
@@ -135,51 +98,40 @@ def _trt_ranges(pairs, retired: dict) -> tuple[tuple[int, int, int], tuple[int, 
                    "then a least-squares refit, block by block on the calibration data; none: mask only).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same result).")
 @click.option("--device", default="cpu", show_default=True,
-              help="Device for the learned strategy's loop and the search strategy's Sinkhorn phase (--learn "
-                   "steps=N): cpu or cuda. Calibration and the exchange search run on the CPU.")
-@click.option("--learn", "learn_pairs", multiple=True, metavar="KEY=VALUE",
+              help="cpu or cuda[:N]. On cuda, calibration statistics and reconstruction run there one block at a "
+                   "time, and the learned strategy's loop and the search strategy's Sinkhorn phase (--search "
+                   "steps=N) run there too; the exchange search, export and verification run on the CPU.")
+@click.option("--search", "search_pairs", multiple=True, metavar="KEY=VALUE",
               help="Research knob of --permutation search, repeatable; the defaults are the best measured (see "
-                   "docs/FINDINGS.md). KEY: " + ", ".join(f.name for f in dataclasses.fields(LearnConfig)) + ".")
+                   "docs/FINDINGS.md). KEY: " + ", ".join(f.name for f in dataclasses.fields(SearchConfig)) + ".")
 @click.option("--residual", default="global", show_default=True,
               help="Residual-stream permutation: global (one for the whole model, folded: zero glue) or per-layer "
                    "(one per reading site, e.g. q/k/v and gate/up of each block; one run-time gather each).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted search or learned run from its checkpoints.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run: the search, learned and reconstruction passes each go on from their "
+                   "checkpoint; a pass without one starts from the beginning (one note says so).")
 @click.option("--trt-profile", "trt_profile", multiple=True, metavar="KEY=MIN,OPT,MAX",
               help="TensorRT engine (--out X.plan) optimisation profile, repeatable: batch=MIN,OPT,MAX (default "
                    "1,1,8) and seq=MIN,OPT,MAX (default 1,128,512).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading pickled .bin weights (unsafe for untrusted files).")
-@click.option("--quiet", is_flag=True, help="No progress output.")
-@click.option("--debug", is_flag=True, hidden=True, help="Show tracebacks.")
-@_retired_options
+@click.option("--quiet", is_flag=True, help="No progress output or notes; warnings and errors still print.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
 def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples, calib_seq_len, precision, prune_mode,
-             update, seed, device, learn_pairs, residual, resume, trt_profile, force, trust_pickle, quiet, debug):
+             update, seed, device, search_pairs, residual, resume, trt_profile, force, trust_pickle, quiet, debug):
     """Permute, fold, prune to N:M, export and verify MODEL (short name or HF folder).
 
     Add --debug to any command to see tracebacks instead of one error line.
     """
-    ctx = click.get_current_context()
-
     def go():
-        retired = ctx.meta.get(_RETIRED_KEY, {})
-        batch_range, seq_range = _trt_ranges(trt_profile, retired)
-        from .config import OptimizeConfig, Sparsity, learned_rename_note, parse_learn
+        batch_range, seq_range = _trt_ranges(trt_profile)
+        from .config import OptimizeConfig, Sparsity, parse_search
 
-        if "--no-prune" in retired:
-            mode = "none"
-        elif "--prune-embeddings" in retired and prune_mode == "blocks":
-            mode = "all"
-        else:
-            mode = prune_mode
-        learn = parse_learn([*(v for k, v in retired.items() if k in RETIRED_LEARN_FLAGS), *learn_pairs])
-        if permutation == "learned" and is_writer():  # issue 21: "learned" changed meaning; one line, first
-            learned_rename_note(permutation, emit=lambda note: click.echo(f"note: {note}", err=True))
         config = OptimizeConfig(sparsity=Sparsity.parse(sparsity), permutation=permutation, criterion=criterion,
-                                precision=precision, prune=mode != "none", calib=calib, calib_samples=calib_samples,
-                                calib_seq_len=calib_seq_len, seed=seed, device=local_device(device),
-                                prune_embeddings=mode == "all", residual=residual, learn=learn,
-                                update=update)
-        _warn_retired(retired)
+                                precision=precision, prune=prune_mode != "none", calib=calib,
+                                calib_samples=calib_samples, calib_seq_len=calib_seq_len, seed=seed,
+                                device=local_device(device), prune_embeddings=prune_mode == "all",
+                                residual=residual, search=parse_search(search_pairs), update=update)
         from .pipeline import optimize as run
 
         result = run(model, out, config, force=force, batch_range=batch_range, seq_range=seq_range,

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 
 import click
 
@@ -23,6 +24,11 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as a CLI user sees it: ``warning: <first line of the message>``."""
+    click.echo("warning: " + ((str(message).strip().splitlines() or [""])[0]), err=True)
+
+
 def run_command(fn, debug: bool, precheck=None):
     """Run ``fn`` turning every error into one line; ``precheck`` (torch-free argument checks) runs first,
     before transformers and torch are imported. SIGTERM unwinds like Ctrl-C (temporaries removed), exit 143."""
@@ -34,7 +40,10 @@ def run_command(fn, debug: bool, precheck=None):
         if precheck is not None:
             precheck()
         _quiet_hf()
-        return fn()
+        with warnings.catch_warnings():
+            if not debug:  # one plain line each; Python's format names our source file
+                warnings.showwarning = _warning_line
+            return fn()
     except PermcompileError as exc:
         if debug:
             traceback.print_exc()
@@ -47,7 +56,7 @@ def run_command(fn, debug: bool, precheck=None):
                    + (f"; {hint})" if hint else ")"), err=True)
         sys.exit(143)
     except KeyboardInterrupt as exc:
-        # a pass that keeps a checkpoint says what is in it (passes/learn.py sets ``resume_hint``)
+        # a pass that keeps a checkpoint says what is in it (``passes/checkpoint.py`` sets ``resume_hint``)
         hint = getattr(exc, "resume_hint", None)
         click.echo("error: interrupted (nothing was written to the output" + (f"; {hint})" if hint else ")"),
                    err=True)

@@ -7,28 +7,6 @@ from dataclasses import dataclass, field
 from .errors import UsageError
 from .quantization import QuantizeConfig, check_deployable
 
-# "search": the exchange search on a per-layer proxy (passes/learn.py, LearnConfig, ``--learn KEY=VALUE``);
-# "learned": permutations learned end to end against the model's output (passes/e2e.py, E2EConfig); "e2e" is an
-# alias of "learned". Before the rename (issue 21) "learned" named the exchange search: see learned_rename_note.
-STRATEGIES = ("none", "random", "greedy", "hungarian", "search", "learned", "e2e")
-LEARNED_RENAME_NOTE = ("--permutation learned is now the end-to-end method (was the exchange search, now "
-                       "--permutation search)")
-_RENAME_NOTED = False
-
-
-def learned_rename_note(permutation: str, emit=None) -> None:
-    """Note once per process that ``learned`` changed meaning (issue 21): scripts that passed
-    ``--permutation learned`` for the exchange search now run the end-to-end method. ``emit`` (the CLI's
-    one stderr line) replaces ``warnings.warn``."""
-    global _RENAME_NOTED
-    if permutation == "learned" and not _RENAME_NOTED:
-        _RENAME_NOTED = True
-        if emit is not None:
-            emit(LEARNED_RENAME_NOTE)
-            return
-        import warnings
-
-        warnings.warn(LEARNED_RENAME_NOTE, UserWarning, stacklevel=4)
 CRITERIA = ("magnitude", "wanda", "ria")
 PRECISIONS = ("auto", "fp32", "fp16")  # ONNX precision; "auto" is resolved by OptimizeConfig.resolve_precision
 RESIDUAL_MODES = ("global", "per-layer")
@@ -59,20 +37,21 @@ class Sparsity:
         return f"{self.n}:{self.m}"
 
 
-OBJECTIVES = ("auto", "output", "diagonal", "relative")  # LearnConfig.objective
-WARM_STARTS = ("hungarian", "greedy")  # LearnConfig.warm_start
-AMP_MODES = ("auto", "off", "bf16", "fp16")  # LearnConfig.amp
+OBJECTIVES = ("auto", "output", "diagonal", "relative")  # SearchConfig.objective
+WARM_STARTS = ("hungarian", "greedy")  # SearchConfig.warm_start
+AMP_MODES = ("auto", "off", "bf16", "fp16")  # SearchConfig.amp
+_SEARCH_CHOICES = {"objective": OBJECTIVES, "warm_start": WARM_STARTS, "amp": AMP_MODES}
 
 
 @dataclass(frozen=True)
-class LearnConfig:
+class SearchConfig:
     """Hyper-parameters of the ``search`` strategy, the exchange search on a per-layer proxy (block-wise Sinkhorn
-    matching, then exchanges; ``--learn KEY=VALUE``). Named ``learned`` before issue 21.
+    matching, then exchanges; ``--search KEY=VALUE``).
 
     The defaults are the best measured setting (benchmarks/RESULTS.md): the Sinkhorn phase (``steps``) landed
     within noise of its Hungarian warm start on every model, while exchange trials on the layer-output
     error raised MiniLM's gap recovered from 0.148 to 0.274 (global residual) and DINOv2-S's; so by default
-    the search is the warm start refined by ``swap_trials`` checked exchanges (``steps=0``). ``--steps N``
+    the search is the warm start refined by ``swap_trials`` checked exchanges (``steps=0``). ``--search steps=N``
     turns the Sinkhorn phase on before the exchanges.
     """
 
@@ -104,7 +83,7 @@ class LearnConfig:
     # the heuristic every learned group starts from (the global residual group's too): "greedy" beat
     # "hungarian" on SmolLM2 2:4 Wanda (quality_smollm2_2of4_wanda_greedy.md) at 5-20x the time
     warm_start: str = "hungarian"
-    # exchange trials on the global residual-stream group after the blocks (passes/learn.py _refine_residual),
+    # exchange trials on the global residual-stream group after the blocks (passes/search.py _refine_residual),
     # scored on the diagonal objective over every reader; 0 keeps the warm start's residual permutation. On
     # SmolLM2 2:4 Wanda, 2000 took held-out ppl 132.1 / 131.5 / 133.4 -> 126.2 / 125.3 / 134.7 (calibration
     # seeds 0/1/2; quality_smollm2_2of4_wanda_learned_default.md vs _residual_exchanges.md), hungarian 133.9 /
@@ -129,47 +108,38 @@ class LearnConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 2 or self.steps < 0 or self.rounds < 1:
-            raise UsageError("--block-size must be >= 2, --steps >= 0 and rounds >= 1")
+            raise UsageError("--search needs block_size >= 2, steps >= 0 and rounds >= 1")
         if self.swap_trials < 0 or self.residual_trials < 0:
-            raise UsageError(f"--swap-trials and --residual-trials must be >= 0, got {self.swap_trials} and "
+            raise UsageError(f"--search swap_trials and residual_trials must be >= 0, got {self.swap_trials} and "
                              f"{self.residual_trials}")
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"unknown --objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.amp not in AMP_MODES:
-            raise UsageError(f"unknown --amp {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
-        if self.warm_start not in WARM_STARTS:
-            raise UsageError(f"unknown --warm-start {self.warm_start!r}; choose one of {', '.join(WARM_STARTS)}")
+        for key, choices in _SEARCH_CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise UsageError(f"unknown --search {key} {getattr(self, key)!r}; choose one of {', '.join(choices)}")
 
 
-_LEARN_CHOICES = {"objective": OBJECTIVES, "warm_start": WARM_STARTS, "amp": AMP_MODES}
-# The per-knob flags ``--learn KEY=VALUE`` replaced (hidden, deprecated; the CLI and benchmarks still accept them)
-RETIRED_LEARN_FLAGS = {"--steps": "steps", "--block-size": "block_size", "--swap-trials": "swap_trials",
-                       "--residual-trials": "residual_trials", "--objective": "objective",
-                       "--warm-start": "warm_start", "--amp": "amp", "--sequential": "sequential",
-                       "--task-loss": "task_loss"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def parse_learn(pairs, base: LearnConfig | None = None) -> LearnConfig:
-    """``base`` (default ``LearnConfig()``) with ``KEY=VALUE`` strings applied in order, later ones winning.
+def parse_search(pairs, base: SearchConfig | None = None) -> SearchConfig:
+    """``base`` (default ``SearchConfig()``) with ``KEY=VALUE`` strings applied in order, later ones winning.
 
-    The one parser of ``--learn KEY=VALUE``, shared by the CLI and the benchmark scripts. KEY is a field of
-    ``LearnConfig`` (``-`` may stand for ``_``); VALUE is parsed to the field's type (``int``, ``float``,
+    The one parser of ``--search KEY=VALUE``, shared by the CLI and the benchmark scripts. KEY is a field of
+    ``SearchConfig`` (``-`` may stand for ``_``); VALUE is parsed to the field's type (``int``, ``float``,
     ``bool`` as true/false/1/0/yes/no/on/off, ``str``). Anything else raises one ``UsageError`` line.
 
-    >>> parse_learn(["swap_trials=50", "objective=diagonal"]).swap_trials
+    >>> parse_search(["swap_trials=50", "objective=diagonal"]).swap_trials
     50
     """
     import dataclasses
 
-    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(LearnConfig)}
+    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(SearchConfig)}
     keys = ", ".join(types)
     changes: dict = {}
     for pair in pairs or ():
         key, sep, text = str(pair).partition("=")
         key, text = key.strip().replace("-", "_"), text.strip()
         if not sep or key not in types:
-            raise UsageError(f"--learn expects KEY=VALUE with KEY one of {keys}; got {pair!r}")
+            raise UsageError(f"--search expects KEY=VALUE with KEY one of {keys}; got {pair!r}")
         kind = types[key]
         try:
             if kind == "bool":
@@ -179,21 +149,21 @@ def parse_learn(pairs, base: LearnConfig | None = None) -> LearnConfig:
             else:
                 value = {"int": int, "float": float}.get(kind, str)(text)
         except ValueError:
-            raise UsageError(f"--learn {key} needs a value of type {kind}, got {text!r}") from None
-        if key in _LEARN_CHOICES and value not in _LEARN_CHOICES[key]:
-            raise UsageError(f"--learn {key} must be one of {', '.join(_LEARN_CHOICES[key])}, got {text!r}")
+            raise UsageError(f"--search {key} needs a value of type {kind}, got {text!r}") from None
+        if key in _SEARCH_CHOICES and value not in _SEARCH_CHOICES[key]:
+            raise UsageError(f"--search {key} must be one of {', '.join(_SEARCH_CHOICES[key])}, got {text!r}")
         changes[key] = value
-    return dataclasses.replace(base if base is not None else LearnConfig(), **changes)
+    return dataclasses.replace(base if base is not None else SearchConfig(), **changes)
 
 
-E2E_LOSSES = ("auto", "kl", "ce", "cosine", "mse")  # E2EConfig.loss
+LEARNED_LOSSES = ("auto", "kl", "ce", "cosine", "mse")  # LearnedConfig.loss
 
 
 @dataclass(frozen=True)
-class E2EConfig:
-    """Research knobs of the ``learned`` strategy (alias ``e2e``; ``passes/e2e.py``): permutations learned against
-    the model's own output, PermLLM-style (the CLI exposes only ``--permutation learned``; set these from Python
-    through ``OptimizeConfig.e2e``).
+class LearnedConfig:
+    """Research knobs of the ``learned`` strategy (``passes/learned.py``): permutations learned against the model's
+    own output, PermLLM-style (the CLI exposes only ``--permutation learned``; set these from Python through
+    ``OptimizeConfig.learned``).
 
     One block-diagonal soft permutation per coupling group (``block_size`` positions per block, head and pinned
     elements respected), log-domain Sinkhorn (``sinkhorn_iters``) at a temperature annealed ``tau_start`` →
@@ -218,7 +188,7 @@ class E2EConfig:
     init_scale: float = 2.0
     mask_tau: float = 0.5
     # Gumbel noise on the logits (times tau / tau_start): exploration. The planted 32-channel problem of
-    # tests/test_e2e.py needs it (gumbel=1, lr=0.1), but on MiniLM 2:4 Wanda (calibration seeds 0/1, 100 steps)
+    # tests/test_learned.py needs it (gumbel=1, lr=0.1), but on MiniLM 2:4 Wanda (calibration seeds 0/1, 100 steps)
     # held-out cosine was 0.8081 / 0.8061 without it (lr 0.05) vs 0.8011 / 0.8007 with it (lr 0.1)
     gumbel: float = 0.0
     loss: str = "auto"
@@ -246,16 +216,16 @@ class E2EConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 2 or self.steps < 0 or self.sinkhorn_iters < 1:
-            raise UsageError("e2e needs block_size >= 2, steps >= 0 and sinkhorn_iters >= 1")
+            raise UsageError("learned needs block_size >= 2, steps >= 0 and sinkhorn_iters >= 1")
         if not (self.lr > 0 and 0 < self.tau_end <= self.tau_start and self.mask_tau > 0 and self.distill >= 0
                 and self.gumbel >= 0):
-            raise UsageError("e2e needs lr > 0, 0 < tau_end <= tau_start, mask_tau > 0, distill >= 0, gumbel >= 0")
-        if self.loss not in E2E_LOSSES:
-            raise UsageError(f"e2e loss must be one of {', '.join(E2E_LOSSES)}, got {self.loss!r}")
+            raise UsageError("learned needs lr > 0, 0 < tau_end <= tau_start, mask_tau > 0, distill >= 0, gumbel >= 0")
+        if self.loss not in LEARNED_LOSSES:
+            raise UsageError(f"learned loss must be one of {', '.join(LEARNED_LOSSES)}, got {self.loss!r}")
         if self.micro_batch < 0 or self.checkpoint_steps < 1 or not self.checkpoint_seconds > 0:
-            raise UsageError("e2e needs micro_batch >= 0, checkpoint_steps >= 1 and checkpoint_seconds > 0")
+            raise UsageError("learned needs micro_batch >= 0, checkpoint_steps >= 1 and checkpoint_seconds > 0")
         if self.autocast not in ("auto", "off"):
-            raise UsageError(f"e2e autocast must be auto or off, got {self.autocast!r}")
+            raise UsageError(f"learned autocast must be auto or off, got {self.autocast!r}")
 
 
 UPDATES = ("none", "obs")
@@ -300,7 +270,7 @@ class OptimizeConfig:
     """Everything ``optimize()`` needs besides the model."""
 
     sparsity: Sparsity = Sparsity()
-    # hungarian: with reconstruction on, the exchange search ("search"; named "learned" then) was no better on
+    # hungarian: with reconstruction on, the exchange search ("search") was no better on
     # MiniLM (R 0.919 vs 0.933, 3 seeds) at ~7x the search time (docs/FINDINGS.md, "reconstruction")
     permutation: str = "hungarian"
     criterion: str = "wanda"
@@ -318,15 +288,12 @@ class OptimizeConfig:
     # "global": one model-wide residual permutation folded into the weights (zero glue). "per-layer": each
     # reading site (q/k/v, gate/up of each block) gets its own permutation and one run-time gather (glue).
     residual: str = "global"
-    learn: LearnConfig = field(default_factory=LearnConfig)  # the "search" strategy's knobs (--learn KEY=VALUE)
+    search: SearchConfig = field(default_factory=SearchConfig)  # the "search" strategy's knobs (--search KEY=VALUE)
     # "obs": after the permutations are folded, choose each N:M mask and update the kept weights block by block
     # (SparseGPT-style optimal brain surgeon on the layer-input Hessian, in stored order); "none": mask only
     update: str = "obs"
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
-    e2e: E2EConfig = field(default_factory=E2EConfig)  # the "learned" (alias "e2e") strategy's knobs
-    # "fp8" / "int8": the pruned linears' weights and inputs on an 8-bit grid (quantization.py); a mode name is
-    # accepted for QuantizeConfig(mode=...)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    learned: LearnedConfig = field(default_factory=LearnedConfig)  # the "learned" strategy's knobs
 
     def resolve_precision(self, checkpoint_dtype) -> str:
         """The ONNX precision for a model stored in ``checkpoint_dtype`` (a torch dtype or its name):
@@ -340,8 +307,8 @@ class OptimizeConfig:
             object.__setattr__(self, "sparsity", Sparsity.parse(self.sparsity))
         if not isinstance(self.sparsity, Sparsity):
             raise UsageError(f"sparsity must be a Sparsity or an 'N:M' string, got {self.sparsity!r}")
-        if not isinstance(self.learn, LearnConfig):
-            raise UsageError("learn must be a LearnConfig")
+        if not isinstance(self.search, SearchConfig):
+            raise UsageError("search must be a SearchConfig")
         dev = str(self.device)
         if not (dev == "cpu" or dev.startswith("cuda") or dev == "mps"):
             raise UsageError(f"unknown device {dev!r}; use cpu or cuda (cuda:N)")
@@ -350,20 +317,22 @@ class OptimizeConfig:
 
             if not torch.cuda.is_available():
                 raise UsageError(f"--device {dev}: no CUDA device is available on this machine")
-        if self.permutation not in STRATEGIES:
-            raise UsageError(f"unknown permutation strategy {self.permutation!r}; "
-                             f"choose one of {', '.join(STRATEGIES)}")
-        learned_rename_note(self.permutation)
+        from .passes.permute import STRATEGIES
+
+        STRATEGIES.get(self.permutation)  # an unknown name: one UsageError line listing the strategies
         if self.criterion not in CRITERIA:
             raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    # "fp8" / "int8": the pruned linears' weights and inputs on an 8-bit grid (quantization.py); a mode name is
+    # accepted for QuantizeConfig(mode=...)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
         if self.update not in UPDATES:
             raise UsageError(f"--update must be one of {', '.join(UPDATES)}, got {self.update!r}")
         if not isinstance(self.reconstruct, ReconstructConfig):
             raise UsageError("reconstruct must be a ReconstructConfig")
-        if not isinstance(self.e2e, E2EConfig):
-            raise UsageError("e2e must be an E2EConfig")
+        if not isinstance(self.learned, LearnedConfig):
+            raise UsageError("learned must be a LearnedConfig")
         if self.residual not in RESIDUAL_MODES:
             raise UsageError(f"--residual must be one of {', '.join(RESIDUAL_MODES)}, got {self.residual!r}")
         if self.calib_samples < 1 or self.calib_seq_len < 2:

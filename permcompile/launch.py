@@ -67,7 +67,7 @@ def _exit_status(exc: BaseException) -> int:
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else 1
     if isinstance(exc, KeyboardInterrupt):
-        return 143 if type(exc).__name__ == "Terminated" else 130
+        return getattr(exc, "exit_status", 130)
     return int(getattr(exc, "exit_code", 1)) if isinstance(exc, PermcompileError) else 1
 
 
@@ -224,9 +224,8 @@ def follow(model, out, config, *, resume: bool, checkpoint_dir, trust_pickle: bo
         config = dataclasses.replace(config, precision=config.resolve_precision(model_dtype(loaded.model)))
     if checkpoint_dir is not None:  # each rank's reconstruction state is its own (its share of the batches)
         checkpoint_dir = str(Path(checkpoint_dir) / f"rank{world()[0]}")
-    compress_(loaded, config, quiet=True, resume=resume, checkpoint_dir=checkpoint_dir)
-    if checkpoint_dir is None and "reconstruct_checkpoint" in loaded.extras:
-        _CLEANUP.append(loaded.extras["reconstruct_checkpoint"])
+    compressed = compress_(loaded, config, quiet=True, resume=resume, checkpoint_dir=checkpoint_dir)
+    _CLEANUP.extend(compressed.checkpoints.cached())
     return OptimizeResult(Path(out), {}, None)
 
 

@@ -170,6 +170,7 @@ class Compressed:
     batches: list
     verify_inputs: list
     timings: dict
+    checkpoints: object = None  # passes.checkpoint.Checkpoints: the resumable passes' folders
     quant_plan: object = None  # passes.quantize.QuantPlan with --quantize, else None
 
 
@@ -179,6 +180,9 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     """capture → groups → calibrate → permute → fold → mask, in memory, on ``loaded.model`` (in place).
 
     ``stats``/``batches`` may be passed in to reuse one calibration across several runs (benchmarks).
+    ``checkpoint_dir``: where the resumable passes (search, learned, reconstruction) save their state (default: the
+    cache, and only once a pass has run ``CHECKPOINT_AFTER_S``); ``resume``: they continue from it
+    (``passes/checkpoint.py``).
     Post-conditions: folding preserved the function (checked on real and random inputs) and every pruned
     weight is N:M along its input axis.
     """
@@ -186,6 +190,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     from .calib.distributed import check_same_weights, from_rank0, shard
     from .calib.stats import collect_input_stats
     from .capture import capture
+    from .passes.checkpoint import Checkpoints
     from .passes.coupling import analyze
     from .passes.fold import fold_
     from .passes.sparsify import apply_masks_, permute_stats_, select_linears
@@ -194,6 +199,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     t = timer or _Timer(quiet=quiet)
     n, m = config.sparsity.n, config.sparsity.m
     net = loaded.model
+    checkpoints = Checkpoints(loaded.name, checkpoint_dir, resume=resume, quiet=quiet)
     with t.step("capture"):
         captured = capture(net, loaded.example_inputs(), loaded.forward_kwargs())
     with t.step("analyze"):
@@ -248,7 +254,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
 
         # several processes: rank 0 searches, the others take its permutations (calib/distributed.py)
         perms, group_results = from_rank0(lambda: permute(PermuteRequest(
-            loaded, groups, search_stats, batches, search_config, linears, pruned, quiet, resume, checkpoint_dir)))
+            loaded, groups, search_stats, batches, search_config, linears, pruned, quiet, checkpoints)))
 
     verify_inputs = _verification_inputs(loaded, batches)
     with torch.no_grad(), fp32_compute(net):  # a bf16/fp16 model is checked in fp32: rounding is not a bug
@@ -264,12 +270,10 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     if config.prune and config.update == "obs":
         from .passes.reconstruct import reconstruct_
 
-        ckpt_dir, write_after = _reconstruct_checkpoint(loaded, linears, local, config, resume, checkpoint_dir)
         with t.step("mask + reconstruct"):
             mask_result = reconstruct_(net, linears, local, config.criterion, n, m,
                                        forward_kwargs=loaded.forward_kwargs(), config=config.reconstruct,
-                                       device=config.device, quiet=quiet, checkpoint_dir=ckpt_dir, resume=resume,
-                                       write_after=write_after)
+                                       device=config.device, quiet=quiet, checkpoints=checkpoints)
     elif config.prune:
         with t.step("mask"):
             mask_result = apply_masks_(net, linears, stats, config.criterion, n, m)
@@ -285,26 +289,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
                 weight_scales=getattr(mask_result, "weight_scales", None)))
     check_same_weights(net)  # several processes: every rank must end with rank 0's weights (a warning if not)
     return Compressed(groups, linears, perms, group_results, fold_report, fold_err, mask_result, stats, batches,
-                      verify_inputs, t.timings, quant_plan)
-
-
-def _reconstruct_checkpoint(loaded, linears, batches, config, resume, checkpoint_dir):
-    """Where the reconstruction saves its blocks, and after how many seconds: an explicit folder or ``--resume``
-    saves every block; the default (``<cache>/reconstruct/<name>-<content digest>``, removed once the output is
-    written) only once the pass has run ``CHECKPOINT_AFTER_S``."""
-    import re
-
-    from .models import cache_root
-    from .passes.reconstruct import CHECKPOINT_AFTER_S, checkpoint_digest
-
-    if checkpoint_dir:
-        return Path(checkpoint_dir) / "reconstruct", 0.0
-    digest = checkpoint_digest(loaded.model, linears, batches, config.criterion, config.sparsity.n,
-                               config.sparsity.m, config.reconstruct)
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{loaded.name}"[:40])
-    folder = cache_root() / "reconstruct" / f"{tag}-{digest[:20]}"
-    loaded.extras["reconstruct_checkpoint"] = folder
-    return folder, 0.0 if resume else CHECKPOINT_AFTER_S
+                      verify_inputs, t.timings, checkpoints, quant_plan)
 
 
 def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeConfig(), *, force: bool = False,
@@ -472,10 +457,7 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
         lock.check_unchanged()
         _normalise_modes(tmp)
         _replace(tmp, out_dir)
-        for key in ("learn_checkpoint", "reconstruct_checkpoint"):
-            stale = loaded.extras.pop(key, None)
-            if stale is not None:  # the output is in place: the pass's checkpoint has served its purpose
-                shutil.rmtree(stale, ignore_errors=True)
+        c.checkpoints.remove_cached()  # the output is in place: the passes' checkpoints have served their purpose
     except BaseException:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

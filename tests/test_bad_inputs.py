@@ -25,7 +25,7 @@ from click.testing import CliRunner
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from permcompile.cli import main  # noqa: E402
-from permcompile.config import LearnConfig, OptimizeConfig, Sparsity  # noqa: E402
+from permcompile.config import OptimizeConfig, SearchConfig, Sparsity  # noqa: E402
 from permcompile.errors import UsageError  # noqa: E402
 
 FAST = ["--quiet", "--calib-samples", "2", "--calib-seq-len", "16", "--permutation", "none"]
@@ -284,22 +284,21 @@ def test_bad_option_values(option, value, llama, out):
     assert_no_output(out)
 
 
-@pytest.mark.parametrize("option,value", [("--batch", "0,1,2"), ("--seq", "abc"), ("--batch", "1,8"),
-                                          ("--seq", "4,2,1")])
-def test_bad_tensorrt_ranges(option, value, llama, tmp_path):
+@pytest.mark.parametrize("value", ["batch=0,1,2", "seq=abc", "batch=1,8", "seq=4,2,1"])
+def test_bad_tensorrt_ranges(value, llama, tmp_path):
     plan = tmp_path / "engine.plan"
-    assert_one_error(optimize_cli(llama, plan, option, value), 2, option)
+    assert_one_error(optimize_cli(llama, plan, "--trt-profile", value), 2, "--trt-profile " + value.split("=")[0])
     assert_no_output(plan)
     assert_no_output(tmp_path / "engine")
 
 
-@pytest.mark.parametrize("option,value", [("--batch", "0,1,2"), ("--seq", "abc")])
-def test_bad_tensorrt_ranges_are_refused_early(option, value, llama, tmp_path):
+@pytest.mark.parametrize("value", ["batch=0,1,2", "seq=abc"])
+def test_bad_tensorrt_ranges_are_refused_early(value, llama, tmp_path):
     """Whatever the formatting, a malformed range is a usage error (2) caught before any work."""
     plan = tmp_path / "engine.plan"
-    result = optimize_cli(llama, plan, option, value)
+    result = optimize_cli(llama, plan, "--trt-profile", value)
     assert result.exit_code == 2, describe(result)
-    assert "Traceback" not in result.stderr and option in result.stderr
+    assert "Traceback" not in result.stderr and "--trt-profile" in result.stderr
     assert_no_output(plan)
     assert_no_output(tmp_path / "engine")
 
@@ -965,19 +964,20 @@ def test_api_invalid_sparsity_object(make, llama, out, no_export):
     assert_no_output(out)
 
 
-@pytest.mark.parametrize("learn", [{"steps": -1}, {"block_size": 0}, {"block_size": 1}],
+@pytest.mark.parametrize("knobs", [{"steps": -1}, {"block_size": 0}, {"block_size": 1}],
                          ids=["steps", "block_size0", "block_size1"])
-def test_api_bad_learn_config(learn, llama, out, no_export):
+def test_api_bad_search_config(knobs, llama, out, no_export):
     from permcompile.pipeline import optimize
 
     with pytest.raises(UsageError):
-        optimize(str(llama), out, OptimizeConfig(permutation="search", learn=LearnConfig(**learn)), quiet=True)
+        optimize(str(llama), out, OptimizeConfig(permutation="search", search=SearchConfig(**knobs)), quiet=True)
     assert_no_output(out)
 
 
-@pytest.mark.parametrize("args", [["--residual", "bogus"], ["--steps", "-1"], ["--block-size", "0"]])
-def test_bad_learn_options(args, llama, out):
-    assert_one_error(optimize_cli(llama, out, *args), 2, args[0].lstrip("-").split("-")[0])
+@pytest.mark.parametrize("args,word", [(["--residual", "bogus"], "residual"), (["--search", "steps=-1"], "steps"),
+                                       (["--search", "block_size=0"], "block_size")])
+def test_bad_search_options(args, word, llama, out):
+    assert_one_error(optimize_cli(llama, out, *args), 2, word)
     assert_no_output(out)
 
 
@@ -1080,14 +1080,14 @@ def test_api_module_with_non_finite_weights(out):
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints, cache
-QUICK_LEARN = dict(swap_trials=20, residual_trials=0)
+QUICK_SEARCH = dict(swap_trials=20, residual_trials=0)
 
 
-def _learned(loaded, **kwargs):
+def _searched(loaded, **kwargs):
     from permcompile.pipeline import compress_
 
     cfg = OptimizeConfig(permutation="search", calib_samples=2, calib_seq_len=16,
-                         learn=dataclasses.replace(LearnConfig(), **QUICK_LEARN))
+                         search=dataclasses.replace(SearchConfig(), **QUICK_SEARCH))
     return compress_(loaded, cfg, quiet=True, **kwargs)
 
 
@@ -1103,95 +1103,119 @@ def home(tmp_path, monkeypatch) -> Path:
 @pytest.mark.parametrize("content", ['{"fingerprint": "abc", "done": {"model.layers.0": {"q": ', "", "\xff\xfe"],
                                      ids=["truncated", "empty", "not-utf8"])
 def test_corrupt_resume_checkpoint(content, llama, tmp_path, out, monkeypatch):
-    import permcompile.passes.search as learn_mod
+    from permcompile.passes.checkpoint import Checkpoints
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "learn_state.json").write_bytes(content.encode("latin-1"))
-    monkeypatch.setattr(learn_mod, "default_checkpoint_dir", lambda *args, **kwargs: ckpt)
+    (ckpt / "search_state.json").write_bytes(content.encode("latin-1"))
+    real_open = Checkpoints.open
+
+    def open_here(self, name, digest, state_file):  # the search's checkpoint is the corrupt file
+        opened = real_open(self, name, digest, state_file)
+        if name == "search":
+            opened.folder, opened.path = ckpt, ckpt / state_file
+        return opened
+
+    monkeypatch.setattr(Checkpoints, "open", open_here)
     line = assert_one_error(optimize_cli(llama, out, "--permutation", "search", "--resume"), 2,
-                            "learn_state.json", "rerun without --resume")
+                            "search_state.json", "rerun without --resume")
     assert str(ckpt) in line
     assert_no_output(out)
 
 
-def test_learned_run_writes_nothing_to_home_by_default(home):
-    """A short learned search (under CHECKPOINT_AFTER_S) writes no checkpoint to the user's home."""
+def test_search_run_writes_nothing_to_home_by_default(home):
+    """A short search (under CHECKPOINT_AFTER_S) writes no checkpoint to the user's home."""
     from permcompile.models import load_model
     from permcompile.testing.zoo import build_tiny
 
-    _learned(load_model(build_tiny("llama")))
+    _searched(load_model(build_tiny("llama")))
     assert not home.exists(), sorted(str(p) for p in home.rglob("*"))
 
 
-def test_read_only_home_does_not_stop_a_learned_run(home, tmp_path, monkeypatch):
+def test_read_only_home_does_not_stop_a_search_run(home, tmp_path, monkeypatch):
     """HOME under a regular file (what a read-only home is to root): the checkpoint cannot be written, the run
     says so in one warning and goes on."""
-    import permcompile.passes.search as learn_mod
+    import permcompile.passes.checkpoint as checkpoint_mod
     from permcompile.models import load_model
     from permcompile.testing.zoo import build_tiny
 
     (tmp_path / "blocker").write_text("a file", encoding="utf-8")
     monkeypatch.setenv("HOME", str(tmp_path / "blocker" / "home"))
-    monkeypatch.setattr(learn_mod, "CHECKPOINT_AFTER_S", 0.0)  # as if the search ran long
+    monkeypatch.setattr(checkpoint_mod, "CHECKPOINT_AFTER_S", 0.0)  # as if the search ran long
     with pytest.warns(UserWarning, match="checkpoint") as caught:
-        c = _learned(load_model(build_tiny("llama")))
+        c = _searched(load_model(build_tiny("llama")))
     assert len([w for w in caught if "checkpoint" in str(w.message)]) == 1
     assert any(r.strategy == "search" for r in c.group_results)
 
 
 def test_checkpoints_are_keyed_by_content_under_one_variable(home, tmp_path, monkeypatch):
-    """Two models with the same name get different checkpoints; the folder is $PERMCOMPILE_CACHE_DIR/learn,
+    """Two models with the same name get different checkpoints; the folder is $PERMCOMPILE_CACHE_DIR/search,
     and the retired PERMCOMPILE_CACHE is not read."""
     from permcompile.models import wrap_module
-    from permcompile.passes.search import default_checkpoint_dir
+    from permcompile.passes.checkpoint import Checkpoints
+    from permcompile.passes.search import STATE_FILE, _fingerprint
     from permcompile.testing.zoo import build_tiny
+
+    def folder(seed, name):
+        loaded = wrap_module(build_tiny("llama", seed=seed), name=name)
+        return Checkpoints(loaded.name).open("search", _fingerprint(loaded, [], cfg, []), STATE_FILE).folder
 
     monkeypatch.setenv("PERMCOMPILE_CACHE", str(tmp_path / "retired"))
     cfg = OptimizeConfig(permutation="search")
-    a = default_checkpoint_dir(wrap_module(build_tiny("llama", seed=0), name="model"), cfg)
-    b = default_checkpoint_dir(wrap_module(build_tiny("llama", seed=1), name="model"), cfg)
+    a, b = folder(0, "model"), folder(1, "model")
     assert a != b
-    assert a.parent == b.parent == home / ".cache" / "permcompile" / "learn"
+    assert a.parent == b.parent == home / ".cache" / "permcompile" / "search"
     monkeypatch.setenv("PERMCOMPILE_CACHE_DIR", str(tmp_path / "cache"))
-    again = default_checkpoint_dir(wrap_module(build_tiny("llama", seed=0), name="renamed"), cfg)
-    assert again.parent == tmp_path / "cache" / "learn" and again.name.split("-")[-1] == a.name.split("-")[-1]
+    again = folder(0, "renamed")
+    assert again.parent == tmp_path / "cache" / "search" and again.name.split("-")[-1] == a.name.split("-")[-1]
 
 
 # ------------------------------------------------------------------------------------------------ Ctrl-C
-def test_ctrl_c_during_learning_then_resume(llama, tmp_path):
-    """SIGINT in the middle of a learned run: exit 130, one line, no OUT; ``--resume`` then completes."""
+def test_ctrl_c_during_search_then_resume(llama, tmp_path):
+    """SIGINT in the middle of a search: exit 130, one line, no OUT; ``--resume`` then completes.
+
+    The child waits for the signal right after its first checkpoint is on disk, and says so on stderr: the test
+    sends SIGINT on that line, so the signal always lands mid-run (no timing)."""
     import signal
-    import time
 
     env = {**os.environ, "PERMCOMPILE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     target = tmp_path / "out"
-    # checkpoints from the first block on (by default only once the search has run CHECKPOINT_AFTER_S)
-    main_code = ("import permcompile.passes.search as learn; learn.CHECKPOINT_AFTER_S = 0\n"
+    args = ["optimize", str(llama), "--out", str(target), "--calib-samples", "4", "--calib-seq-len", "32",
+            "--permutation", "search", "--update", "none"]
+    # checkpoints from the first block on (by default only once a pass has run CHECKPOINT_AFTER_S)
+    main_code = ("import signal, sys\n"
+                 "import permcompile.passes.checkpoint as c; c.CHECKPOINT_AFTER_S = 0\n"
+                 "real = c.PassCheckpoint.save\n"
+                 "def save(self, write, saved):\n"
+                 "    done = real(self, write, saved)\n"
+                 "    if done and not self.resume:\n"
+                 "        print('TEST: checkpoint written', file=sys.stderr, flush=True)\n"
+                 "        signal.pause()\n"
+                 "    return done\n"
+                 "c.PassCheckpoint.save = save\n"
                  "from permcompile.cli import main; main()")
-    args = [sys.executable, "-c", main_code, "optimize", str(llama), "--out", str(target),
-            "--calib-samples", "4", "--calib-seq-len", "32", "--permutation", "search", "--learn", "steps=400"]
-    log = tmp_path / "stderr.txt"  # a file, not a pipe: progress bars would fill a pipe and block the child
-    with open(log, "w") as err_file:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err_file, text=True, env=env)
-    ckpt_root = tmp_path / "cache" / "learn"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # wait for the first block's checkpoint
-        if any(ckpt_root.rglob("learn_state.json")):
+    proc = subprocess.Popen([sys.executable, "-c", main_code, *args, "--quiet"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in proc.stderr:  # blocks until the child writes a line or exits
+        seen.append(line)
+        if line.startswith("TEST: checkpoint written"):
             break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be interrupted: " + log.read_text()[-2000:]
+    assert seen and seen[-1].startswith("TEST:"), "the run ended before its first checkpoint: " + "".join(seen)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
-    err = log.read_text()
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen[:-1]) + rest
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     lines = message_lines(err)
     errors = [ln for ln in lines if ln.startswith("error: ")]
     assert errors == [lines[-1]] and "interrupted" in errors[0], err[-2000:]
-    assert "learned blocks are checkpointed in" in errors[0] and "--resume" in errors[0], errors[0]
+    assert "searched blocks are checkpointed in" in errors[0] and "--resume" in errors[0], errors[0]
     assert_no_output(target)
-    resumed = subprocess.run(args + ["--resume", "--quiet"], capture_output=True, text=True, env=env, timeout=900)
+    ckpt_root = tmp_path / "cache" / "search"
+    assert any(ckpt_root.rglob("search_state.json"))
+    resumed = subprocess.run([sys.executable, "-m", "permcompile", *args, "--resume", "--quiet"], capture_output=True,
+                             text=True, env=env, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (target / "report.json").is_file()
-    assert not any(ckpt_root.rglob("learn_state.json")), "the checkpoint outlived the output it was for"
+    assert not any(ckpt_root.rglob("search_state.json")), "the checkpoint outlived the output it was for"

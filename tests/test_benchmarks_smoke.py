@@ -124,21 +124,23 @@ def _run_script(args: list[str]) -> str:
     return res.stdout
 
 
-def test_benchmarks_parse_learn_settings_like_the_cli():
-    """The quality scripts take ``--learn KEY=VALUE`` through ``config.parse_learn`` (the CLI's parser); the retired
-    per-knob flags of older recorded commands still map onto it, in command-line order."""
+def test_benchmarks_parse_search_settings_like_the_cli():
+    """The quality scripts take ``--search KEY=VALUE`` through ``config.parse_search`` (the CLI's parser), in
+    command-line order."""
     import argparse
 
     mod = _load("quality_encoder")
     ap = argparse.ArgumentParser()
-    mod.add_learn_arguments(ap)
-    args = ap.parse_args(["--steps", "3", "--learn", "objective=diagonal", "--sequential", "--swap-trials", "5",
-                          "--learn", "swap_trials=9"])
-    learn = mod.learn_config(args)
-    assert (learn.steps, learn.objective, learn.sequential, learn.swap_trials) == (3, "diagonal", True, 9)
-    assert mod.learn_config(ap.parse_args([])) == mod.learn_config(argparse.Namespace())
+    mod.add_search_arguments(ap)
+    args = ap.parse_args(["--search", "steps=3", "--search", "objective=diagonal", "--search", "sequential=true",
+                          "--search", "swap_trials=5", "--search", "swap_trials=9"])
+    knobs = mod.search_config(args)
+    assert (knobs.steps, knobs.objective, knobs.sequential, knobs.swap_trials) == (3, "diagonal", True, 9)
+    assert mod.search_config(ap.parse_args([])) == mod.search_config(argparse.Namespace())
     with pytest.raises(SystemExit, match="swap_trials"):
-        mod.learn_config(ap.parse_args(["--learn", "bogus=1"]))
+        mod.search_config(ap.parse_args(["--search", "bogus=1"]))
+    with pytest.raises(SystemExit):  # the per-knob flags are gone
+        ap.parse_args(["--swap-trials", "5"])
 
 
 def test_quality_lm_on_a_tiny_model_writes_its_table(tmp_path, tiny_dir):
@@ -148,8 +150,8 @@ def test_quality_lm_on_a_tiny_model_writes_its_table(tmp_path, tiny_dir):
     out = tmp_path / "out"
     _run_script([str(BENCH / "quality_lm.py"), "--model", str(tiny_dir("llama")), "--data-dir", str(data),
                  "--calib-seeds", "0", "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "300",
-                 "--context", "64", "--methods", "none", "hungarian", "search", "free", "--learn", "swap_trials=50",
-                 "--residual-trials", "50", "--out-dir", str(out), "--tag", "_smoke"])
+                 "--context", "64", "--methods", "none", "hungarian", "search", "free", "--search", "swap_trials=50",
+                 "--search", "residual_trials=50", "--out-dir", str(out), "--tag", "_smoke"])
     stem = f"quality_{tiny_dir('llama').name}_2of4_wanda_smoke"
     result = json.loads((out / f"{stem}.json").read_text())
     assert {r["method"] for r in result["rows"]} == {"dense", "unstructured", "none", "hungarian", "search", "free"}
@@ -160,7 +162,7 @@ def test_quality_lm_on_a_tiny_model_writes_its_table(tmp_path, tiny_dir):
     for r in result["rows"]:
         if r["method"] in ("none", "hungarian", "search", "free"):
             assert r["peak_rss_mb"] > 50 and r["ppl"] > 1 and "R" in r or r["method"] == "none"
-    assert result["learn"]["residual_trials"] == 50 and result["learn"]["swap_trials"] == 50
+    assert result["search"]["residual_trials"] == 50 and result["search"]["swap_trials"] == 50
     assert "search (calibration seeds 0): block_size=" in (out / f"{stem}.md").read_text()
     assert "free (an oracle" in (out / f"{stem}.md").read_text()
     assert "| down_proj |" in (out / f"{stem}.md").read_text()
@@ -175,14 +177,14 @@ def test_quality_vision_digits_small_run(tmp_path):
     pytest.importorskip("sklearn", reason="the digits benchmark needs scikit-learn (not a dev dependency)")
     out = tmp_path / "out"
     _run_script([str(BENCH / "quality_vision.py"), "--part", "digits", "--calib-seeds", "0", "--digits-epochs", "1",
-                 "--methods", "none", "hungarian", "search", "--learn", "swap_trials=50", "--out-dir", str(out),
+                 "--methods", "none", "hungarian", "search", "--search", "swap_trials=50", "--out-dir", str(out),
                  "--tag", "_smoke"])
     result = json.loads((out / "quality_vit-digits_2of4_wanda_smoke.json").read_text())
     methods = {r["method"] for r in result["rows"]}
     assert {"dense", "unstructured", "none", "hungarian", "search"} <= methods
     assert all(r["peak_rss_mb"] > 50 for r in result["rows"] if r["method"] in ("hungarian", "search"))
     table = (out / "quality_vit-digits_2of4_wanda_smoke.md").read_text()
-    assert result["learn"]["swap_trials"] == 50 and "swap_trials=50" in table
+    assert result["search"]["swap_trials"] == 50 and "swap_trials=50" in table
     table = (out / "quality_vit-digits_2of4_wanda_smoke.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| method |"))
     assert "peak memory (MiB)" in header
@@ -197,7 +199,7 @@ def test_quality_encoder_on_a_tiny_model_folder(tmp_path, tiny_dir):
     out = tmp_path / "out"
     _run_script([str(BENCH / "quality_encoder.py"), "--model", str(tiny_dir("bert")), "--data-dir", str(data),
                  "--calib-seeds", "0", "--calib-samples", "8", "--eval-sentences", "40",
-                 "--methods", "none", "hungarian", "search", "--learn", "swap_trials=50", "--out-dir", str(out),
+                 "--methods", "none", "hungarian", "search", "--search", "swap_trials=50", "--out-dir", str(out),
                  "--tag", "_smoke"])
     stem = f"quality_{tiny_dir('bert').name}_2of4_wanda_smoke"
     result = json.loads((out / f"{stem}.json").read_text())
@@ -271,10 +273,10 @@ def _quality_json(folder: Path, stem: str, rows: list[dict], learn: dict | None)
 def test_results_overview_from_synthetic_tables(tmp_path, monkeypatch):
     import dataclasses
 
-    from permcompile.config import LearnConfig
+    from permcompile.config import SearchConfig
 
     mod = _load("make_results")
-    today = dataclasses.asdict(LearnConfig())
+    today = dataclasses.asdict(SearchConfig())
     old = dict(today, steps=30, swap_trials=0)
 
     def rows(method, rs):

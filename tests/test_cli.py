@@ -398,7 +398,7 @@ def _help_options(command: str) -> list[str]:
 def test_optimize_help_lists_the_options():
     shown = _help_options("optimize")
     for opt in ("--out", "--sparsity", "--permutation", "--criterion", "--calib", "--prune", "--force",
-                "--trust-pickle", "--learn", "--trt-profile", "--device", "--help"):
+                "--trust-pickle", "--search", "--trt-profile", "--device", "--help"):
         assert opt in shown, opt
     retired = ("--steps", "--block-size", "--amp", "--sequential", "--task-loss", "--objective", "--warm-start",
                "--swap-trials", "--residual-trials", "--batch", "--seq", "--no-prune", "--prune-embeddings")
@@ -406,8 +406,9 @@ def test_optimize_help_lists_the_options():
 
 
 def test_optimize_help_has_at_most_20_options():
-    """A newcomer's option list (issue 20): research knobs live behind --learn KEY=VALUE."""
-    shown = _help_options("optimize")
+    """A newcomer's option list (issue 20): research knobs live behind --search KEY=VALUE. --help and --debug,
+    which every command has, are not counted."""
+    shown = [opt for opt in _help_options("optimize") if opt not in ("--help", "--debug")]
     assert len(shown) <= 20, shown
 
 
@@ -429,41 +430,69 @@ def captured_config(monkeypatch):
     return seen
 
 
-def test_learn_pairs_and_trt_profile_reach_the_config(captured_config, tiny_dir, tmp_path):
-    result = invoke(["optimize", tiny_dir("llama"), "--out", tmp_path / "o", "--learn", "swap_trials=7", "--learn",
-                     "objective=diagonal", "--learn", "task-loss=true", "--trt-profile", "batch=1,2,4",
+def test_search_pairs_and_trt_profile_reach_the_config(captured_config, tiny_dir, tmp_path):
+    result = invoke(["optimize", tiny_dir("llama"), "--out", tmp_path / "o", "--search", "swap_trials=7", "--search",
+                     "objective=diagonal", "--search", "task-loss=true", "--trt-profile", "batch=1,2,4",
                      "--prune", "all"])
     assert result.exit_code == 0, describe(result)
-    learn = captured_config["config"].learn
-    assert (learn.swap_trials, learn.objective, learn.task_loss, learn.steps) == (7, "diagonal", True, 0)
+    knobs = captured_config["config"].search
+    assert (knobs.swap_trials, knobs.objective, knobs.task_loss, knobs.steps) == (7, "diagonal", True, 0)
     assert captured_config["batch_range"] == (1, 2, 4) and captured_config["seq_range"] == (1, 128, 512)
     assert captured_config["config"].prune and captured_config["config"].prune_embeddings
     assert "warning" not in result.stderr
 
 
-def test_retired_flags_still_work_and_warn_once(captured_config, tiny_dir, tmp_path):
-    result = invoke(["optimize", tiny_dir("llama"), "--out", tmp_path / "o", "--steps", "3", "--sequential",
-                     "--amp", "off", "--no-prune", "--seq", "1,64,128", "--swap-trials", "5",
-                     "--learn", "swap_trials=9"])
-    assert result.exit_code == 0, describe(result)
-    config = captured_config["config"]
-    assert (config.learn.steps, config.learn.sequential, config.learn.amp) == (3, True, "off")
-    assert config.learn.swap_trials == 9  # --learn wins over the retired flag
-    assert not config.prune and captured_config["seq_range"] == (1, 64, 128)
-    warnings = [ln for ln in error_lines(result.stderr) if ln.startswith("warning:")]
-    assert len(warnings) == 1, result.stderr
-    for old, new in [("--steps", "--learn steps=3"), ("--sequential", "--learn sequential="),
-                     ("--no-prune", "--prune none"), ("--seq", "--trt-profile seq=")]:
-        assert old in warnings[0] and new in warnings[0], (old, warnings[0])
+@pytest.mark.parametrize("flag", ["--steps", "--swap-trials", "--sequential", "--no-prune", "--seq", "--learn"])
+def test_retired_flags_are_refused(flag, captured_config, tiny_dir, tmp_path):
+    result = invoke(["optimize", tiny_dir("llama"), "--out", tmp_path / "o", flag, "1"])
+    assert result.exit_code == 2 and "config" not in captured_config, describe(result)
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and flag in lines[0], describe(result)
+
+
+def test_optimize_help_matches_the_config_it_sets():
+    """Each option's shown default is the default of the config field it sets, and its choices and help come from
+    the same tables the config validates against (the strategy registry, SearchConfig's fields)."""
+    import dataclasses
+
+    import click
+
+    from permcompile.cli import PRUNE_MODES, optimize
+    from permcompile.config import CRITERIA, PRECISIONS, RESIDUAL_MODES, UPDATES, OptimizeConfig, SearchConfig
+    from permcompile.passes.permute import STRATEGIES
+
+    params = {p.name: p for p in optimize.params}
+    config = OptimizeConfig()
+    for option, field in [("sparsity", "sparsity"), ("permutation", "permutation"), ("criterion", "criterion"),
+                          ("calib_samples", "calib_samples"), ("calib_seq_len", "calib_seq_len"),
+                          ("precision", "precision"), ("update", "update"), ("seed", "seed"), ("device", "device"),
+                          ("residual", "residual")]:
+        assert str(params[option].default) == str(getattr(config, field)), option
+    assert params["prune_mode"].default == "blocks" and config.prune and not config.prune_embeddings
+    assert tuple(params["prune_mode"].type.choices) == PRUNE_MODES
+    assert tuple(params["permutation"].type.choices) == STRATEGIES.choices()
+    assert tuple(params["update"].type.choices) == UPDATES
+    for name in STRATEGIES:
+        assert f"{name}: {STRATEGIES.get(name).help}" in params["permutation"].help, name
+    for f in dataclasses.fields(SearchConfig):
+        assert f.name in params["search_pairs"].help, f.name
+    for text, values in [("criterion", CRITERIA), ("precision", PRECISIONS), ("residual", RESIDUAL_MODES)]:
+        assert all(v in params[text].help for v in values if v != "auto") or text == "precision", text
+    for pass_name in ("search", "learned", "reconstruction"):
+        assert pass_name in params["resume"].help
+    assert "CPU" not in params["device"].help.split(";")[0], "calibration runs on the chosen device"
+    for command in ("optimize", "inspect", "verify", "eval"):  # every command shows --debug
+        assert "--debug" in _help_options(command), command
+    assert isinstance(params["debug"], click.Option) and not params["debug"].hidden
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--learn", "bogus=1"], "swap_trials"), (["--learn", "steps"], "KEY=VALUE"),
-    (["--learn", "steps=many"], "int"), (["--learn", "objective=cosine"], "cosine"),
-    (["--learn", "sequential=maybe"], "bool"), (["--trt-profile", "batch=8,4,1"], "--trt-profile batch"),
+    (["--search", "bogus=1"], "swap_trials"), (["--search", "steps"], "KEY=VALUE"),
+    (["--search", "steps=many"], "int"), (["--search", "objective=cosine"], "cosine"),
+    (["--search", "sequential=maybe"], "bool"), (["--trt-profile", "batch=8,4,1"], "--trt-profile batch"),
     (["--trt-profile", "width=1,2,3"], "seq=MIN,OPT,MAX"),
 ])
-def test_bad_learn_and_trt_profile_values_are_one_usage_line(args, fragment, captured_config, tiny_dir, tmp_path):
+def test_bad_search_and_trt_profile_values_are_one_usage_line(args, fragment, captured_config, tiny_dir, tmp_path):
     result = invoke(["optimize", tiny_dir("llama"), "--out", tmp_path / "o", *args])
     assert result.exit_code == 2, describe(result)
     lines = error_lines(result.stderr)

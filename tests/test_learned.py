@@ -1,4 +1,4 @@
-"""The ``learned`` strategy (alias ``e2e``): a planted problem it must solve, and the pipeline on tiny models
+"""The ``learned`` strategy: a planted problem it must solve, and the pipeline on tiny models
 (valid, folded, N:M, deterministic, and the loss it learns on is the loss of the model the compiler writes)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from permcompile.config import E2EConfig, OptimizeConfig
+from permcompile.config import LearnedConfig, OptimizeConfig
 from permcompile.math.nm import is_nm
 from permcompile.models import load_model
 from permcompile.passes.learned import _effective_masks, _overrides, _sites, train_permutations
@@ -19,7 +19,7 @@ from permcompile.passes.sparsify import consumer_scores, weight_kout
 from permcompile.pipeline import compress_
 from permcompile.testing.zoo import build_tiny
 
-FAST = E2EConfig(steps=8, block_size=16)
+FAST = LearnedConfig(steps=8, block_size=16)
 
 
 def _planted(seed: int, k: int = 16, out: int = 8):
@@ -44,7 +44,7 @@ def _learn_planted(seed: int, k: int = 32, **kw):
     def objective(y, ref, batch):
         return (y - ref).pow(2).sum() / ref.pow(2).sum()
 
-    cfg = E2EConfig(**{**dict(block_size=k, steps=300, lr=0.1, gumbel=1.0, loss="mse"), **kw})
+    cfg = LearnedConfig(**{**dict(block_size=k, steps=300, lr=0.1, gumbel=1.0, loss="mse"), **kw})
     res = train_permutations(model, [group], {"g": torch.arange(k)}, {"0.weight": w.abs()}, batches, run,
                              objective, 2, 4, cfg, seed=0)
     return model, w, group, res
@@ -74,12 +74,12 @@ def test_no_steps_returns_the_warm_start():
     warm = torch.randperm(16, generator=torch.Generator().manual_seed(5))
     res = train_permutations(model, [group], {"g": warm}, {"0.weight": w.abs()}, batches,
                              lambda o, b: functional_call(model, o, (b["x"],)),
-                             lambda y, r, b: (y - r).pow(2).mean(), 2, 4, E2EConfig(steps=0), seed=0)
+                             lambda y, r, b: (y - r).pow(2).mean(), 2, 4, LearnedConfig(steps=0), seed=0)
     assert torch.equal(res.perms["g"], warm) and not res.kept and res.history == []
 
 
 def _cfg(**kw):
-    base = dict(permutation="learned", calib_samples=8, calib_seq_len=16, update="none", e2e=FAST)
+    base = dict(permutation="learned", calib_samples=8, calib_seq_len=16, update="none", learned=FAST)
     base.update(kw)
     return OptimizeConfig(**base)
 
@@ -96,7 +96,7 @@ def test_e2e_through_compress_is_valid_folded_nm_and_deterministic(name):
             assert g.is_valid(c.perms[g.name])
         moved = [r for r in c.group_results if r.strategy == "learned"]
         assert moved and all("(hungarian) ->" in r.note for r in moved)
-        assert all(r.objective == "e2e-" + ("kl" if name == "llama" else "cosine") for r in moved)
+        assert all(r.objective == "learned-" + ("kl" if name == "llama" else "cosine") for r in moved)
         assert all(r.error_after <= r.error_before for r in moved)  # never worse than the warm start
         for info in c.linears:
             if info.prune:
@@ -121,7 +121,7 @@ def test_the_learned_loss_is_the_loss_of_the_compiled_model():
     from permcompile.calib.stats import collect_input_stats
 
     dense = load_model(build_tiny("llama"))
-    cfg = _cfg(e2e=E2EConfig(steps=20, block_size=16, init_scale=0.5, lr=0.1))
+    cfg = _cfg(learned=LearnedConfig(steps=20, block_size=16, init_scale=0.5, lr=0.1))
     batches = load_calibration(None, dense, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
     stats = collect_input_stats(dense.model, batches, forward_kwargs=dense.forward_kwargs())
     compiled = load_model(copy.deepcopy(dense.model))
@@ -142,12 +142,12 @@ def test_config_is_validated():
     from permcompile.errors import UsageError
 
     with pytest.raises(UsageError):
-        E2EConfig(loss="bogus")
+        LearnedConfig(loss="bogus")
     with pytest.raises(UsageError):
-        E2EConfig(tau_start=0.1, tau_end=1.0)
+        LearnedConfig(tau_start=0.1, tau_end=1.0)
     with pytest.raises(UsageError):
-        OptimizeConfig(e2e="fast")
-    assert E2EConfig().resolve_loss("causal-lm") == "kl" and E2EConfig().resolve_loss("encoder") == "cosine"
+        OptimizeConfig(learned="fast")
+    assert LearnedConfig().resolve_loss("causal-lm") == "kl" and LearnedConfig().resolve_loss("encoder") == "cosine"
 
 
 @pytest.mark.parametrize("residual", ["global", "per-layer"])
@@ -156,11 +156,10 @@ def test_optimize_with_e2e_passes_every_check(tiny_dir, tmp_path, residual):
 
     from permcompile.pipeline import optimize
 
-    # "e2e" is an alias of "learned": same handler, the name the user passed is what the report records
-    cfg = OptimizeConfig(permutation="e2e", calib_samples=4, calib_seq_len=16, residual=residual, e2e=FAST)
+    cfg = OptimizeConfig(permutation="learned", calib_samples=4, calib_seq_len=16, residual=residual, learned=FAST)
     res = optimize(str(tiny_dir("llama")), tmp_path / "out", cfg, quiet=True, prefetch_export=False)
     assert all(c["passed"] for c in res.report["checks"]), res.report["checks"]
-    assert json.loads((tmp_path / "out" / "permutations.json").read_text())["strategy"] == "e2e"
+    assert json.loads((tmp_path / "out" / "permutations.json").read_text())["strategy"] == "learned"
 
 
 def test_dense_outputs_recomputed_past_the_memory_budget_give_the_same_result(monkeypatch):
@@ -175,7 +174,7 @@ def test_dense_outputs_recomputed_past_the_memory_budget_give_the_same_result(mo
 @pytest.mark.parametrize("loss,distill", [("ce", 0.0), ("kl", 0.1), ("cosine", 0.0)])
 def test_every_loss_runs_on_a_causal_lm(loss, distill):
     loaded = load_model(build_tiny("llama"))
-    c = compress_(loaded, _cfg(e2e=E2EConfig(steps=4, block_size=16, loss=loss, distill=distill)))
+    c = compress_(loaded, _cfg(learned=LearnedConfig(steps=4, block_size=16, loss=loss, distill=distill)))
     notes = [r.note for r in c.group_results if r.strategy == "learned"]
     assert notes and all(n.startswith(f"{loss} loss") for n in notes)
     for g in c.groups:
@@ -187,16 +186,17 @@ def test_every_loss_runs_on_a_causal_lm(loss, distill):
 def _planted_run(tmp_path, *, resume=False, stop_after=None, seed=0, ckpt=True, **kw):
     """The planted 32-channel problem with Gumbel noise (so the RNG state matters) and a checkpoint every step;
     ``stop_after``: a Ctrl-C once that many steps ran."""
-    from permcompile.passes.learned import E2ECheckpoint, checkpoint_digest
+    from permcompile.passes.checkpoint import Checkpoints
+    from permcompile.passes.learned import STATE_FILE, checkpoint_digest
 
     model, w, batches = _planted(0, 32)
     group = Group("g", 32, [Member("0.weight", 1, "consumer", module="0")])
-    cfg = E2EConfig(**{**dict(block_size=32, steps=16, lr=0.1, gumbel=1.0, loss="mse", checkpoint_steps=1), **kw})
+    cfg = LearnedConfig(**{**dict(block_size=32, steps=16, lr=0.1, gumbel=1.0, loss="mse", checkpoint_steps=1), **kw})
     warm, scores = {"g": torch.arange(32)}, {"0.weight": w.abs()}
     checkpoint = None
     if ckpt:
         digest = checkpoint_digest(model, batches, [group], warm, scores, 2, 4, cfg, seed)
-        checkpoint = E2ECheckpoint(tmp_path / "e2e", digest, resume=resume)
+        checkpoint = Checkpoints(root=tmp_path, resume=resume).open("learned", digest, STATE_FILE)
 
     def progress(step, steps, value, tau):
         if stop_after is not None and step + 1 == stop_after:
@@ -229,7 +229,7 @@ def test_a_checkpoint_of_other_inputs_is_refused(tmp_path):
         _planted_run(tmp_path, resume=True, lr=0.2)  # other settings
     with pytest.raises(UsageError, match="different"):
         _planted_run(tmp_path, resume=True, seed=1)  # other seed
-    (tmp_path / "e2e" / "e2e_state.safetensors").write_bytes(b"not a checkpoint")
+    (tmp_path / "learned" / "learned_state.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(UsageError, match="cannot be read"):
         _planted_run(tmp_path, resume=True)
     # no checkpoint at all: a resume starts over (the run may have been interrupted before the first save)
@@ -238,23 +238,25 @@ def test_a_checkpoint_of_other_inputs_is_refused(tmp_path):
 
 @pytest.mark.slow  # three tiny-model compressions (~15 s); the planted test above covers the loop by default
 def test_resume_through_compress_gives_the_same_permutations(tmp_path, monkeypatch):
-    from permcompile.passes import learned as e2e_mod
+    from permcompile.passes.checkpoint import PassCheckpoint
 
-    cfg = _cfg(e2e=E2EConfig(steps=6, block_size=16, lr=0.2, init_scale=0.5, checkpoint_steps=1))
+    cfg = _cfg(learned=LearnedConfig(steps=6, block_size=16, lr=0.2, init_scale=0.5, checkpoint_steps=1))
     whole = compress_(load_model(build_tiny("llama")), cfg)
-    real_save, saves = e2e_mod.E2ECheckpoint.save, []
+    real_save, saves = PassCheckpoint.save, []
 
-    def save_then_stop(self, state, tensors):  # Ctrl-C right after the third checkpoint is on disk
-        real_save(self, state, tensors)
-        saves.append(state["step"])
-        if len(saves) == 3:
+    def save_then_stop(self, write, saved):  # Ctrl-C right after the third checkpoint is on disk
+        written = real_save(self, write, saved)
+        saves.append(saved)
+        if written and len(saves) == 3:
             raise KeyboardInterrupt
+        return written
 
-    monkeypatch.setattr(e2e_mod.E2ECheckpoint, "save", save_then_stop)
+    monkeypatch.setattr(PassCheckpoint, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt) as info:
         compress_(load_model(build_tiny("llama")), cfg, checkpoint_dir=str(tmp_path))
-    assert "--resume" in info.value.resume_hint and saves == [1, 2, 3]
-    monkeypatch.setattr(e2e_mod.E2ECheckpoint, "save", real_save)
+    assert saves == [f"the learned loop at step {i} of 6 is" for i in (1, 2, 3)]
+    assert info.value.resume_hint.startswith(saves[-1] + " checkpointed in ") and "--resume" in info.value.resume_hint
+    monkeypatch.setattr(PassCheckpoint, "save", real_save)
     resumed = compress_(load_model(build_tiny("llama")), cfg, checkpoint_dir=str(tmp_path), resume=True)
     for g in whole.groups:
         assert torch.equal(torch.as_tensor(resumed.perms[g.name]), torch.as_tensor(whole.perms[g.name])), g.name
@@ -266,12 +268,12 @@ def test_autocast_and_micro_batch_knobs(tmp_path):
     from permcompile.errors import UsageError
     from permcompile.passes.learned import _split
 
-    assert E2EConfig().resolve_autocast("cuda") and E2EConfig().resolve_autocast("cuda:1")
-    assert not E2EConfig().resolve_autocast("cpu") and not E2EConfig(autocast="off").resolve_autocast("cuda")
+    assert LearnedConfig().resolve_autocast("cuda") and LearnedConfig().resolve_autocast("cuda:1")
+    assert not LearnedConfig().resolve_autocast("cpu") and not LearnedConfig(autocast="off").resolve_autocast("cuda")
     with pytest.raises(UsageError):
-        E2EConfig(autocast="fp8")
+        LearnedConfig(autocast="fp8")
     with pytest.raises(UsageError):
-        E2EConfig(micro_batch=-1)
+        LearnedConfig(micro_batch=-1)
     off = _planted_run(tmp_path, ckpt=False, steps=10, autocast="off")
     auto = _planted_run(tmp_path, ckpt=False, steps=10, autocast="auto")  # on the CPU: the fp32 run
     assert torch.equal(off.perms["g"], auto.perms["g"]) and off.history == auto.history
@@ -281,50 +283,26 @@ def test_autocast_and_micro_batch_knobs(tmp_path):
     assert len(micro.history) == 10 and micro.perms["g"].sort().values.equal(torch.arange(32))
 
 
-def test_learned_is_the_end_to_end_method_and_search_the_exchange_search(monkeypatch):
-    """Issue 21: ``learned`` (and its alias ``e2e``) runs passes/e2e.py, ``search`` runs passes/learn.py; the first
-    use of ``learned`` says once that its meaning changed, ``e2e`` and ``search`` say nothing."""
+def test_learned_is_the_end_to_end_method_and_search_the_exchange_search():
+    """One registry entry per name: ``learned`` runs passes/learned.py with LearnedConfig, ``search`` runs
+    passes/search.py with SearchConfig; no other name reaches either, and choosing one warns about nothing."""
     import warnings
 
-    import permcompile.config as config_mod
-    from permcompile.passes.permute import HANDLERS
+    from permcompile.config import SearchConfig
+    from permcompile.errors import UsageError
+    from permcompile.passes.permute import STRATEGIES
 
-    assert HANDLERS["learned"] is HANDLERS["e2e"] and HANDLERS["search"] is not HANDLERS["learned"]
-    assert HANDLERS["learned"].__name__ == "_learned" and HANDLERS["search"].__name__ == "_search"
-    assert config_mod.OptimizeConfig().permutation == "hungarian"
-    monkeypatch.setattr(config_mod, "_RENAME_NOTED", False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        OptimizeConfig(permutation="search")
+    learned, search = STRATEGIES.get("learned"), STRATEGIES.get("search")
+    assert learned.handler.__name__ == "_learned" and learned.config_type is LearnedConfig
+    assert search.handler.__name__ == "_search" and search.config_type is SearchConfig
+    assert OptimizeConfig().permutation == "hungarian"
+    with pytest.raises(UsageError, match="unknown --permutation e2e; choose one of none, random, greedy, hungarian, "
+                                         "search, learned"):
         OptimizeConfig(permutation="e2e")
-        assert caught == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         OptimizeConfig(permutation="learned")
-        OptimizeConfig(permutation="learned")
-    assert [str(w.message) for w in caught] == [config_mod.LEARNED_RENAME_NOTE]
-    assert "end-to-end" in config_mod.LEARNED_RENAME_NOTE and "--permutation search" in config_mod.LEARNED_RENAME_NOTE
-
-
-def test_cli_prints_the_rename_note_once_on_stderr(monkeypatch, tmp_path, tiny_dir):
-    """``permcompile optimize --permutation learned`` prints one note line to stderr before it runs."""
-    from click.testing import CliRunner
-
-    import permcompile.config as config_mod
-    import permcompile.pipeline as pipeline_mod
-    from permcompile.cli import main
-
-    monkeypatch.setattr(config_mod, "_RENAME_NOTED", False)
-    seen = []
-
-    def fake_run(model, out, config, **kwargs):
-        seen.append(config.permutation)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(pipeline_mod, "optimize", fake_run)
-    args = ["optimize", str(tiny_dir("llama")), "--out", str(tmp_path / "o"), "--permutation", "learned"]
-    result = CliRunner().invoke(main, args)
-    assert seen == ["learned"], (result.output, result.exception)
-    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
-    assert notes == ["note: " + config_mod.LEARNED_RENAME_NOTE], result.stderr
+        OptimizeConfig(permutation="search")
 
 
 # --- memory: each layer's masked weight is built inside its own forward, checkpointed ---------------------------
@@ -342,7 +320,7 @@ def test_lazy_checkpointed_weights_give_the_eager_result_exactly(monkeypatch, na
     number: the same losses at every step and the same permutations as the whole-model overrides."""
     import permcompile.passes.learned as e2e_mod
 
-    cfg = _cfg(e2e=E2EConfig(steps=6, block_size=16, lr=0.1, gumbel=gumbel))
+    cfg = _cfg(learned=LearnedConfig(steps=6, block_size=16, lr=0.1, gumbel=gumbel))
     lazy = compress_(load_model(build_tiny(name)), cfg)
     monkeypatch.setattr(e2e_mod, "_masking", _eager_masking)
     eager = compress_(load_model(build_tiny(name)), cfg)

@@ -5,7 +5,7 @@ import torch
 
 import pytest
 
-from permcompile.config import LearnConfig
+from permcompile.config import SearchConfig
 from permcompile.errors import UsageError
 from permcompile.math.search import Consumer, gram_rows, learn_permutation, objective_gram, output_error
 from permcompile.math.nm import nm_mask
@@ -209,12 +209,12 @@ def test_relative_objective_weighs_every_token_alike():
     top = lambda g: float(torch.linalg.eigvalsh(g)[-1] / torch.trace(g))  # noqa: E731
     assert top(plain) > 0.99 and top(rel) < 0.2
     assert torch.equal(gram_rows(x, "output"), x) and torch.equal(objective_gram(plain, "relative"), plain)
-    LearnConfig(objective="relative")
+    SearchConfig(objective="relative")
 
 
 def test_unknown_objective_is_refused():
     with pytest.raises(UsageError, match="objective"):
-        LearnConfig(objective="cosine")
+        SearchConfig(objective="cosine")
     with pytest.raises(ValueError):
         objective_gram(torch.eye(3), "cosine")
 
@@ -281,11 +281,11 @@ def test_sinkhorn_phase_under_autocast(amp, monkeypatch):
 
 
 def test_amp_auto_resolves_per_device():
-    assert LearnConfig().resolve_amp("cpu") == "off"
-    assert LearnConfig().resolve_amp("cuda:0") == "bf16"
-    assert LearnConfig(amp="fp16").resolve_amp("cpu") == "fp16"
-    with pytest.raises(UsageError, match="--amp"):
-        LearnConfig(amp="int8")
+    assert SearchConfig().resolve_amp("cpu") == "off"
+    assert SearchConfig().resolve_amp("cuda:0") == "bf16"
+    assert SearchConfig(amp="fp16").resolve_amp("cpu") == "fp16"
+    with pytest.raises(UsageError, match="--search amp"):
+        SearchConfig(amp="int8")
 
 
 def test_small_groups_search_every_pair_and_stop_at_a_local_optimum():

@@ -6,7 +6,11 @@ import torch
 
 from permcompile.math import strategies as S
 from permcompile.math.nm import kept_importance
-from permcompile.math.strategies import STRATEGIES, greedy, hungarian, identity, random_perm
+from permcompile.math.strategies import greedy, hungarian, identity, random_perm
+from permcompile.passes.permute import heuristic_kernel
+
+# the per-group heuristics of the strategy registry, by name (passes/permute.STRATEGIES)
+STRATEGIES = {name: heuristic_kernel(name) for name in ("none", "random", "greedy", "hungarian")}
 
 
 def _gen(seed=0):
@@ -41,8 +45,12 @@ def _messy_constraints(n, seed):
 
 
 def test_registry():
-    assert set(STRATEGIES) == {"none", "random", "greedy", "hungarian"}
+    from permcompile.errors import UsageError
+
     assert STRATEGIES["none"] is identity and STRATEGIES["hungarian"] is hungarian
+    assert STRATEGIES["random"] is random_perm and STRATEGIES["greedy"] is greedy
+    with pytest.raises(UsageError, match="not a per-group heuristic"):
+        heuristic_kernel("search")
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))

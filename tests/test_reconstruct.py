@@ -11,6 +11,7 @@ from permcompile.config import OptimizeConfig, ReconstructConfig
 from permcompile.math.nm import is_nm
 from permcompile.models import wrap_module
 from permcompile.calib.blocks import find_blocks
+from permcompile.passes.checkpoint import Checkpoints
 from permcompile.passes.reconstruct import reconstruct_
 from permcompile.passes.sparsify import weight_kout
 from permcompile.pipeline import _main_output, compress_
@@ -218,49 +219,52 @@ def test_interrupted_reconstruction_resumes_to_the_same_weights(tmp_path, monkey
 
     monkeypatch.setattr(rec, "_reconstruct_linear", dies_in_block_1)
     with pytest.raises(KeyboardInterrupt) as info:
-        rec.reconstruct_(first, linears, batches, "wanda", 2, 4, checkpoint_dir=tmp_path)
+        rec.reconstruct_(first, linears, batches, "wanda", 2, 4, checkpoints=Checkpoints(root=tmp_path))
     assert "1 reconstructed blocks are checkpointed" in info.value.resume_hint
     monkeypatch.setattr(rec, "_reconstruct_linear", real)
-    assert calls["n"] > 0 and (tmp_path / "progress.json").is_file()
+    assert calls["n"] > 0 and (tmp_path / "reconstruct" / "progress.json").is_file()
 
     resumed = copy.deepcopy(net)  # a fresh process: dense weights, the checkpoint restores block 0
-    result = rec.reconstruct_(resumed, linears, batches, "wanda", 2, 4, checkpoint_dir=tmp_path, resume=True)
+    result = rec.reconstruct_(resumed, linears, batches, "wanda", 2, 4,
+                              checkpoints=Checkpoints(root=tmp_path, resume=True))
     for info in linears:
         assert torch.equal(resumed.get_parameter(info.param), whole.get_parameter(info.param)), info.param
     assert len(result.layers) == sum(i.prune for i in linears)
     assert all("reconstruction" in x for x in result.layers)
 
 
-def test_resume_refuses_a_bad_or_foreign_checkpoint(tmp_path):
+def test_resume_refuses_a_bad_or_foreign_checkpoint(tmp_path, capsys):
     import permcompile.passes.reconstruct as rec
     from permcompile.errors import UsageError
 
     net, linears, batches = _setup_llama()
-    fresh = copy.deepcopy(net)  # nothing saved yet (interrupted earlier): --resume starts the pass afresh
-    rec.reconstruct_(fresh, linears, batches, "wanda", 2, 4, checkpoint_dir=tmp_path / "none", resume=True)
+    fresh = copy.deepcopy(net)  # nothing saved yet (interrupted earlier): --resume starts the pass afresh, said once
+    rec.reconstruct_(fresh, linears, batches, "wanda", 2, 4,
+                     checkpoints=Checkpoints(root=tmp_path / "none", resume=True, quiet=False))
     assert is_nm(weight_kout(fresh, linears[0]), 2, 4)
-    rec.reconstruct_(copy.deepcopy(net), linears, batches, "wanda", 2, 4, checkpoint_dir=tmp_path)
-    with pytest.raises(UsageError, match="other weights, data or settings"):
-        rec.reconstruct_(copy.deepcopy(net), linears, batches, "ria", 2, 4, checkpoint_dir=tmp_path, resume=True)
-    (tmp_path / "progress.json").write_text('{"digest": "x", "do')
-    with pytest.raises(UsageError, match="progress.json|truncated or corrupt"):
-        rec.reconstruct_(copy.deepcopy(net), linears, batches, "wanda", 2, 4, checkpoint_dir=tmp_path, resume=True)
+    note = [line for line in capsys.readouterr().err.splitlines() if "--resume" in line]
+    assert note == [f"[permcompile] --resume: no reconstruct checkpoint in {tmp_path / 'none' / 'reconstruct'}; the "
+                    "reconstruct pass starts from the beginning"], note
+    rec.reconstruct_(copy.deepcopy(net), linears, batches, "wanda", 2, 4, checkpoints=Checkpoints(root=tmp_path))
+    resume = Checkpoints(root=tmp_path, resume=True)
+    with pytest.raises(UsageError, match="different model, calibration data or configuration"):
+        rec.reconstruct_(copy.deepcopy(net), linears, batches, "ria", 2, 4, checkpoints=resume)
+    (tmp_path / "reconstruct" / "progress.json").write_text('{"digest": "x", "do')
+    with pytest.raises(UsageError, match="truncated or corrupt"):
+        rec.reconstruct_(copy.deepcopy(net), linears, batches, "wanda", 2, 4, checkpoints=resume)
 
 
-def test_every_strategy_has_one_handler_and_the_step_checks_validity():
-    from permcompile.config import STRATEGIES
-    from permcompile.passes.permute import HANDLERS, PermuteRequest, permute
+def test_every_strategy_has_one_handler_and_the_step_checks_validity(monkeypatch):
+    from permcompile.passes.permute import STRATEGIES, PermuteRequest, permute
 
-    assert set(HANDLERS) == set(STRATEGIES)
+    assert STRATEGIES.choices() == ("none", "random", "greedy", "hungarian", "search", "learned")
+    assert all(callable(STRATEGIES.get(name).handler) for name in STRATEGIES)
     net = build_tiny("llama").eval()
     loaded, c = _compress(net, permutation="hungarian", update="none")
     bad = {g.name: torch.arange(g.size).flip(0) for g in c.groups}  # moves pinned elements and splits heads
-    import permcompile.passes.permute as mod
-
-    mod.HANDLERS["hungarian"], saved = (lambda req: (dict(bad), [])), mod.HANDLERS["hungarian"]
-    try:
-        with pytest.raises(RuntimeError, match="invalid permutation"):
-            permute(PermuteRequest(loaded, c.groups, c.stats, c.batches, OptimizeConfig(permutation="hungarian"),
-                                   c.linears, {i.param for i in c.linears if i.prune}))
-    finally:
-        mod.HANDLERS["hungarian"] = saved
+    entry = STRATEGIES.get("hungarian")
+    monkeypatch.setitem(STRATEGIES._entries, "hungarian",
+                        dataclasses.replace(entry, handler=lambda req: (dict(bad), [])))
+    with pytest.raises(RuntimeError, match="invalid permutation"):
+        permute(PermuteRequest(loaded, c.groups, c.stats, c.batches, OptimizeConfig(permutation="hungarian"),
+                               c.linears, {i.param for i in c.linears if i.prune}))

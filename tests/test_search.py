@@ -1,4 +1,4 @@
-"""The learned strategy end to end on a tiny model: valid, deterministic, resumable, never worse."""
+"""The search strategy end to end on a tiny model: valid, deterministic, resumable, never worse."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,17 +8,18 @@ import re
 import pytest
 import torch
 
-from permcompile.config import LearnConfig, OptimizeConfig
+from permcompile.config import OptimizeConfig, SearchConfig
 from permcompile.errors import UsageError
 from permcompile.models import load_model
+from permcompile.passes.checkpoint import Checkpoints
 from permcompile.pipeline import compress_
 from permcompile.testing.zoo import build_tiny
 
-LEARN = LearnConfig(steps=6, rounds=1, block_size=16, swap_trials=200, residual_trials=0)  # both block phases
+SEARCH = SearchConfig(steps=6, rounds=1, block_size=16, swap_trials=200, residual_trials=0)  # both block phases
 
 
 def _cfg(**kw):
-    base = dict(permutation="search", calib_samples=4, calib_seq_len=16, learn=LEARN)
+    base = dict(permutation="search", calib_samples=4, calib_seq_len=16, search=SEARCH)
     base.update(kw)
     return OptimizeConfig(**base)
 
@@ -30,11 +31,11 @@ def _run(tmp_path, **kw):
 
 
 @pytest.mark.parametrize("objective", ["output", "diagonal", "relative"])
-def test_learned_is_valid_and_not_worse_than_hungarian(tmp_path, objective, monkeypatch):
-    import permcompile.passes.search as learn_mod
+def test_search_is_valid_and_not_worse_than_hungarian(tmp_path, objective, monkeypatch):
+    import permcompile.passes.search as search_mod
 
     off_diagonal, traces = [], []
-    real = learn_mod.learn_permutation
+    real = search_mod.learn_permutation
 
     def spy(consumers, *args, **kwargs):  # the objective reaches the search: diagonal Grams have no off-diagonal,
         for c in consumers:  # relative ones are means of unit-norm tokens' outer products (trace 1)
@@ -42,12 +43,12 @@ def test_learned_is_valid_and_not_worse_than_hungarian(tmp_path, objective, monk
             traces.append(float(torch.trace(c.gram)))
         return real(consumers, *args, **kwargs)
 
-    monkeypatch.setattr(learn_mod, "learn_permutation", spy)
-    loaded, c = _run(tmp_path, cfg={"learn": dataclasses.replace(LEARN, objective=objective)})
+    monkeypatch.setattr(search_mod, "learn_permutation", spy)
+    loaded, c = _run(tmp_path, cfg={"search": dataclasses.replace(SEARCH, objective=objective)})
     assert off_diagonal and ((max(off_diagonal) == 0.0) == (objective == "diagonal"))
     assert all(abs(t - 1) < 1e-4 for t in traces) == (objective == "relative"), traces
     learned = [r for r in c.group_results if r.strategy == "search"]
-    assert learned, "no group was learned"
+    assert learned, "no group was searched"
     for g in c.groups:
         assert g.is_valid(c.perms[g.name])
     improved = 0
@@ -56,25 +57,25 @@ def test_learned_is_valid_and_not_worse_than_hungarian(tmp_path, objective, monk
         assert r.error_after <= r.error_before + 1e-9
         improved += r.error_after < r.error_before
         assert r.note.startswith(f"{objective} error ") and "(hungarian)" in r.note  # the human summary
-    assert improved > 0, "the learned refinement improved no group's output error"
+    assert improved > 0, "the search improved no group's output error"
 
 
 def test_diagonal_objective_uses_the_calibration_statistics_not_a_gram_pass(tmp_path, monkeypatch):
     """diag(XᵀX) is what the Wanda statistics hold: no Gram pass, and the same permutations as with one."""
-    import permcompile.passes.search as learn_mod
+    import permcompile.passes.search as search_mod
 
-    cfg = {"learn": dataclasses.replace(LEARN, objective="diagonal")}
+    cfg = {"search": dataclasses.replace(SEARCH, objective="diagonal")}
     passes = []
 
-    class CountingHooks(learn_mod._GramHooks):
+    class CountingHooks(search_mod._GramHooks):
         def __init__(self, *a, **k):
             passes.append(1)
             super().__init__(*a, **k)
 
-    monkeypatch.setattr(learn_mod, "_GramHooks", CountingHooks)
+    monkeypatch.setattr(search_mod, "_GramHooks", CountingHooks)
     _, fast = _run(tmp_path / "stats", cfg=cfg)
     assert passes == [] and any(r.strategy == "search" for r in fast.group_results)
-    monkeypatch.setattr(learn_mod, "_stat_grams_suffice", lambda *a: False)  # the Gram pass, as before
+    monkeypatch.setattr(search_mod, "_stat_grams_suffice", lambda *a: False)  # the Gram pass, as before
     _, slow = _run(tmp_path / "hooks", cfg=cfg)
     assert passes  # the forced run did take the Gram pass
     for g in fast.groups:
@@ -86,10 +87,10 @@ def test_diagonal_objective_uses_the_calibration_statistics_not_a_gram_pass(tmp_
 def test_resume_after_interruption_gives_same_result(tmp_path, monkeypatch, capsys):
     _, full = _run(tmp_path / "full")
 
-    import permcompile.passes.search as learn_mod
+    import permcompile.passes.search as search_mod
 
     calls = {"n": 0}
-    real = learn_mod._learn_block
+    real = search_mod._search_block
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -97,17 +98,17 @@ def test_resume_after_interruption_gives_same_result(tmp_path, monkeypatch, caps
             raise KeyboardInterrupt  # Ctrl-C in the middle of the second block
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(learn_mod, "_learn_block", flaky)
+    monkeypatch.setattr(search_mod, "_search_block", flaky)
     with pytest.raises(KeyboardInterrupt) as interrupted:
         _run(tmp_path / "resumed")
-    state = json.loads((tmp_path / "resumed" / "ckpt" / "learn_state.json").read_text())
+    state = json.loads((tmp_path / "resumed" / "ckpt" / "search" / "search_state.json").read_text())
     assert len(state["done"]) == 1
     # what the CLI's error line adds: how much is saved and how to go on
-    assert re.fullmatch(r"1 of \d+ learned blocks are checkpointed in .*ckpt: rerun the same command with "
-                        r"--resume to continue from them", interrupted.value.resume_hint)
-    monkeypatch.setattr(learn_mod, "_learn_block", real)
+    assert re.fullmatch(r"1 of \d+ searched blocks are checkpointed in .*ckpt/search: rerun the same command "
+                        r"with --resume to continue from it", interrupted.value.resume_hint)
+    monkeypatch.setattr(search_mod, "_search_block", real)
     _, resumed = _run(tmp_path / "resumed", resume=True, quiet=False)
-    assert re.search(r"--resume: reused 1 of (\d+) learned blocks from .*learn_state.json; \d+ left to learn",
+    assert re.search(r"--resume: reused 1 of (\d+) searched blocks from .*search_state.json; \d+ left to search",
                      capsys.readouterr().err)
     for name in full.perms:  # same seed, same inputs: identical permutations (determinism and resume)
         assert torch.equal(full.perms[name], resumed.perms[name]), name
@@ -152,17 +153,17 @@ def test_sequential_masks_are_the_pipeline_masks(residual):
 
 
 def test_sequential_learning_sees_pruned_inputs_and_leaves_the_model_dense(tmp_path, monkeypatch):
-    import permcompile.passes.search as learn_mod
+    import permcompile.passes.search as search_mod
 
     seen = {}
-    real = learn_mod._learn_block
+    real = search_mod._search_block
 
     def spy(block_groups, hooks, *args, **kwargs):
         for name, g in hooks.grams.items():
             seen.setdefault(name, g.clone())
         return real(block_groups, hooks, *args, **kwargs)
 
-    monkeypatch.setattr(learn_mod, "_learn_block", spy)
+    monkeypatch.setattr(search_mod, "_search_block", spy)
     dense_grams = {}
     loaded = load_model(build_tiny("llama"))
     before = {k: v.detach().clone() for k, v in loaded.model.named_parameters()}
@@ -172,7 +173,7 @@ def test_sequential_learning_sees_pruned_inputs_and_leaves_the_model_dense(tmp_p
     from permcompile.passes.coupling import analyze
     from permcompile.passes.sparsify import select_linears
 
-    cfg = _cfg(learn=dataclasses.replace(LEARN, sequential=True))
+    cfg = _cfg(search=dataclasses.replace(SEARCH, sequential=True))
     batches = load_calibration(cfg.calib, loaded, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
     stats = collect_input_stats(loaded.model, batches, progress=False, forward_kwargs=loaded.forward_kwargs())
     captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
@@ -180,9 +181,9 @@ def test_sequential_learning_sees_pruned_inputs_and_leaves_the_model_dense(tmp_p
     pruned = {i.param for i in select_linears(loaded.model, captured, groups, 4) if i.prune}
     for seq_flag in (False, True):
         seen.clear()
-        c = dataclasses.replace(cfg, learn=dataclasses.replace(LEARN, sequential=seq_flag))
-        perms, _ = learn_mod.learn_permutations(loaded, groups, stats, batches, c, pruned=pruned, quiet=True,
-                                                checkpoint_dir=str(tmp_path / f"s{seq_flag}"))
+        c = dataclasses.replace(cfg, search=dataclasses.replace(SEARCH, sequential=seq_flag))
+        perms, _ = search_mod.search_permutations(loaded, groups, stats, batches, c, pruned=pruned, quiet=True,
+                                                  checkpoints=Checkpoints(root=tmp_path / f"s{seq_flag}"))
         for k, v in loaded.model.named_parameters():  # the search leaves the model dense
             assert torch.equal(v, before[k]), k
         if not seq_flag:
@@ -196,27 +197,27 @@ def test_sequential_learning_sees_pruned_inputs_and_leaves_the_model_dense(tmp_p
 
 def test_warm_start_greedy(tmp_path):
     """--warm-start greedy: the residual group keeps greedy's permutation, the learned groups start from it."""
-    loaded, c = _run(tmp_path, cfg={"learn": dataclasses.replace(LEARN, warm_start="greedy")})
+    loaded, c = _run(tmp_path, cfg={"search": dataclasses.replace(SEARCH, warm_start="greedy")})
     learned = [r for r in c.group_results if r.strategy == "search"]
     assert learned and all("(greedy) ->" in r.note for r in learned), [r.note for r in learned]
     _, heuristic = _run(tmp_path / "greedy", cfg={"permutation": "greedy"})
     res = [g for g in c.groups if g.kind == "residual"][0]
     assert torch.equal(c.perms[res.name], heuristic.perms[res.name])
     assert not torch.equal(c.perms[res.name], torch.arange(res.size)), "greedy left the identity: proves nothing"
-    with pytest.raises(UsageError, match="warm-start"):
-        LearnConfig(warm_start="random")
+    with pytest.raises(UsageError, match="warm_start"):
+        SearchConfig(warm_start="random")
 
 
 @pytest.mark.parametrize("name, expected", [("llama", "diagonal"), ("bert", "output"), ("vit", "output")])
 def test_auto_objective_is_resolved_per_family(tmp_path, name, expected):
     """The default objective is "auto": the learned pass resolves it from the model family (the best measured:
     diagonal for causal LMs, output otherwise) and notes name the objective that was really used."""
-    assert LearnConfig().objective == "auto"
-    assert LearnConfig().resolve_objective("causal-lm") == "diagonal"
-    assert LearnConfig().resolve_objective("encoder") == "output"
-    assert LearnConfig(objective="relative").resolve_objective("causal-lm") == "relative"
+    assert SearchConfig().objective == "auto"
+    assert SearchConfig().resolve_objective("causal-lm") == "diagonal"
+    assert SearchConfig().resolve_objective("encoder") == "output"
+    assert SearchConfig(objective="relative").resolve_objective("causal-lm") == "relative"
     loaded = load_model(build_tiny(name))
-    cfg = _cfg(learn=LearnConfig(block_size=16, swap_trials=50))
+    cfg = _cfg(search=SearchConfig(block_size=16, swap_trials=50))
     c = compress_(loaded, cfg, checkpoint_dir=str(tmp_path / "ckpt"))
     learned = [r for r in c.group_results if r.strategy == "search"]
     assert learned and all(r.objective == expected for r in learned), [r.objective for r in learned]
@@ -226,8 +227,8 @@ def test_auto_objective_is_resolved_per_family(tmp_path, name, expected):
 def test_residual_exchanges_refine_the_global_residual_group(tmp_path):
     """residual_trials > 0: the global residual group is refined on every reader's diagonal error (never worse
     than its warm start), stays valid, and a resumed run reloads it from the checkpoint unchanged."""
-    learn = dataclasses.replace(LEARN, residual_trials=300)
-    loaded, c = _run(tmp_path, cfg={"learn": learn})
+    learn = dataclasses.replace(SEARCH, residual_trials=300)
+    loaded, c = _run(tmp_path, cfg={"search": learn})
     res = [r for r in c.group_results if r.name in {g.name for g in c.groups if g.kind == "residual"}]
     assert res and all(r.strategy == "search" for r in res), [(r.name, r.strategy) for r in res]
     for r in res:
@@ -239,7 +240,7 @@ def test_residual_exchanges_refine_the_global_residual_group(tmp_path):
     _, plain = _run(tmp_path / "plain")
     moved = [g.name for g in c.groups if g.kind == "residual" and not torch.equal(c.perms[g.name], plain.perms[g.name])]
     assert moved
-    _, again = _run(tmp_path, cfg={"learn": learn}, resume=True)
+    _, again = _run(tmp_path, cfg={"search": learn}, resume=True)
     for g in c.groups:
         assert torch.equal(c.perms[g.name], again.perms[g.name])
     fields = ("objective", "error_before", "error_after", "exchanges_kept")

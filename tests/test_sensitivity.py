@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from permcompile.calib.sensitivity import output_sensitivity
-from permcompile.config import LearnConfig, OptimizeConfig
+from permcompile.config import SearchConfig, OptimizeConfig
 from permcompile.testing.zoo import build_tiny
 
 
@@ -84,10 +84,10 @@ def test_learned_with_task_loss_runs_and_changes_the_objective(tiny_dir, tmp_pat
     from permcompile.pipeline import optimize
 
     base = dict(permutation="search", calib_samples=4, calib_seq_len=32, residual="per-layer")
-    plain = optimize(str(tiny_dir("llama")), tmp_path / "a", OptimizeConfig(**base, learn=LearnConfig(steps=5)),
+    plain = optimize(str(tiny_dir("llama")), tmp_path / "a", OptimizeConfig(**base, search=SearchConfig(steps=5)),
                      quiet=True, checkpoint_dir=str(tmp_path / "ca"))
     task = optimize(str(tiny_dir("llama")), tmp_path / "b",
-                    OptimizeConfig(**base, learn=LearnConfig(steps=5, task_loss=True)), quiet=True,
+                    OptimizeConfig(**base, search=SearchConfig(steps=5, task_loss=True)), quiet=True,
                     checkpoint_dir=str(tmp_path / "cb"))
     assert all(c["passed"] for c in task.report["checks"])
     errors_a = {g["name"]: g["error_after"] for g in plain.report["groups"] if g["strategy"] == "search"}
@@ -95,7 +95,7 @@ def test_learned_with_task_loss_runs_and_changes_the_objective(tiny_dir, tmp_pat
     assert errors_a.keys() == errors_b.keys() and errors_a
     # the objective values differ: the rows are weighted by their Fisher information
     assert any(errors_a[k] != errors_b[k] for k in errors_a)
-    assert task.report["config"]["learn"]["task_loss"] is True
+    assert task.report["config"]["search"]["task_loss"] is True
 
 
 @pytest.mark.parametrize("arch", ["bert", "vit"])

@@ -1,4 +1,4 @@
-"""How much each output channel of each linear layer matters to the model's end result (``--task-loss``).
+"""How much each output channel of each linear layer matters to the model's end result (``--search task_loss=true``).
 
 Why: the learned permutation minimises the output error of each pruned layer, ``||δy||²``, which counts an
 error in every output channel alike. The end metric does not: to second order the task loss grows by

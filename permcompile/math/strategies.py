@@ -34,7 +34,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-__all__ = ["Strategy", "identity", "random_perm", "greedy", "hungarian", "STRATEGIES"]
+__all__ = ["Strategy", "identity", "random_perm", "greedy", "hungarian"]
 
 Strategy = Callable[..., Tensor]
 
@@ -502,11 +502,3 @@ class _GreedyBlock:
         colmax = g.T.max(axis=1)
         better = (colmax > self.rowmax) & ~stale
         self.rowarg[better], self.rowmax[better] = col[better], colmax[better]
-
-
-STRATEGIES: dict[str, Strategy] = {
-    "none": identity,
-    "random": random_perm,
-    "greedy": greedy,
-    "hungarian": hungarian,
-}

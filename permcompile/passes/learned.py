@@ -1,5 +1,5 @@
-"""The ``learned`` permutation strategy (alias ``e2e``): permutations learned end to end against the model's own
-output (orchestration).
+"""The ``learned`` permutation strategy: permutations learned end to end against the model's own output
+(orchestration).
 
 Why: the heuristics (``hungarian``) and the exchange ``search`` score each layer alone on a proxy; the published
 methods that beat them (PermLLM, AMD arXiv 2601.22980) learn the permutations against the model's output. This
@@ -23,7 +23,6 @@ import hashlib
 import json
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,11 +30,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import E2EConfig
-from ..errors import UsageError
+from ..config import LearnedConfig
 from ..math import learned as E
 from ..math.gather import replica_columns
 from ..math.nm import nm_mask
+from .checkpoint import Checkpoints, PassCheckpoint
 from .groups import Group, gather_index
 from .sparsify import choose_permutations, consumer_scores, group_progress
 
@@ -54,7 +53,7 @@ class _Site:
 
 
 @dataclass
-class E2EResult:
+class LearnedResult:
     perms: dict
     loss_warm: float  # over all calibration batches, hard masks
     loss_learned: float
@@ -308,7 +307,7 @@ _NOT_DIGESTED = ("checkpoint_steps", "checkpoint_seconds")
 
 
 def checkpoint_digest(model: nn.Module, batches: list, groups: list[Group], warm: dict, scores: dict, n: int, m: int,
-                      config: E2EConfig, seed: int, extra: dict | None = None) -> str:
+                      config: LearnedConfig, seed: int, extra: dict | None = None) -> str:
     """What the loop's result depends on: the weights, the calibration batches, the groups, the warm start, the
     criterion scores and every setting (``passes.checkpoint.content_digest``). ``extra``: the caller's settings
     that ``run``/``objective`` depend on (the resolved loss, the criterion)."""
@@ -319,70 +318,34 @@ def checkpoint_digest(model: nn.Module, batches: list, groups: list[Group], warm
         h.update(name.encode() + torch.as_tensor(warm[name], dtype=torch.long).numpy().tobytes())
     for name in sorted(scores):
         h.update(name.encode() + scores[name].detach().float().cpu().contiguous().numpy().tobytes())
-    settings = {"pass": "e2e", "n": n, "m": m, "seed": seed, "groups": sorted(g.name for g in groups),
-                "e2e": {k: getattr(config, k) for k in config.__dataclass_fields__ if k not in _NOT_DIGESTED},
+    settings = {"pass": "learned", "n": n, "m": m, "seed": seed, "groups": sorted(g.name for g in groups),
+                "learned": {k: getattr(config, k) for k in config.__dataclass_fields__ if k not in _NOT_DIGESTED},
                 "warm+scores": h.hexdigest(), "extra": extra or {}}
     return content_digest(model, batches, settings)
 
 
-@dataclass
-class E2ECheckpoint:
-    """Where the loop saves its state (``folder/e2e_state.safetensors``: tensors, and the JSON state in the file's
-    metadata, so one atomic rename commits both), keyed by ``digest`` (:func:`checkpoint_digest`). ``resume``:
-    continue from the saved state (a file made from other inputs is refused; a missing one: start over, said
-    once). ``write_after``: no file before the loop has run this many seconds (the default cache's rule)."""
+STATE_FILE = "learned_state.safetensors"
 
-    folder: Path
-    digest: str
-    resume: bool = False
-    write_after: float = 0.0
-    quiet: bool = True
-    saved_step: int | None = None  # the step the file holds (for the Ctrl-C hint)
 
-    @property
-    def path(self) -> Path:
-        return Path(self.folder) / "e2e_state.safetensors"
+def _read_state(path: Path) -> tuple[tuple[dict, dict], str | None]:
+    """``((state, tensors), digest)`` of a saved loop: tensors, and the JSON state in the file's metadata."""
+    from safetensors import safe_open
 
-    def load(self) -> tuple[dict, dict] | None:
-        """``(state, tensors)`` to resume from, or None (no resume asked, or no file yet)."""
-        if not self.resume:
-            return None
-        if not self.path.is_file():
-            if not self.quiet:
-                print(f"[permcompile] --resume: no e2e checkpoint at {self.path}; learning from the first step",
-                      file=sys.stderr, flush=True)
-            return None
-        from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as fh:
+        state = json.loads((fh.metadata() or {})["state"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    return (state, tensors), state.get("digest")
 
-        try:
-            with safe_open(str(self.path), framework="pt") as fh:
-                state = json.loads((fh.metadata() or {})["state"])
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:  # truncated, corrupt, or not ours: safetensors raises several types
-            raise UsageError(f"--resume: e2e checkpoint {self.path} cannot be read ({type(exc).__name__}); rerun "
-                             "without --resume") from None
-        if state.get("digest") != self.digest:
-            raise UsageError(f"--resume: the e2e checkpoint {self.path} was made from a different model, calibration "
-                             "data or configuration; rerun without --resume (or delete it)")
-        return state, tensors
 
-    def save(self, state: dict, tensors: dict) -> bool:
-        """Write atomically; on an unwritable folder warn once and return False (the run goes on)."""
-        from safetensors.torch import save_file
+def _write_state(path: Path, state: dict, tensors: dict, digest: str) -> None:
+    """Tensors and state in one file, so one atomic rename commits both."""
+    from safetensors.torch import save_file
 
-        from .checkpoint import write_atomic
+    from .checkpoint import write_atomic
 
-        meta = {"state": json.dumps({**state, "digest": self.digest})}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        try:
-            Path(self.folder).mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, lambda p: save_file(tensors, str(p), metadata=meta))
-        except OSError as exc:
-            warnings.warn(f"cannot write the e2e checkpoint to {self.folder} ({exc.strerror or exc}); the run goes "
-                          "on without one", stacklevel=2)
-            return False
-        self.saved_step = state.get("step")
-        return True
+    meta = {"state": json.dumps({**state, "digest": digest})}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_atomic(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
 def _split(batches: list, size: int) -> list:
@@ -400,8 +363,8 @@ def _split(batches: list, size: int) -> list:
 
 def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, torch.Tensor],
                        scores: dict[str, torch.Tensor], batches: list, run: Callable, objective: Callable, n: int,
-                       m: int, config: E2EConfig, seed: int = 0, k_axes: dict | None = None,
-                       progress: Callable | None = None, checkpoint: E2ECheckpoint | None = None) -> E2EResult:
+                       m: int, config: LearnedConfig, seed: int = 0, k_axes: dict | None = None,
+                       progress: Callable | None = None, checkpoint: PassCheckpoint | None = None) -> LearnedResult:
     """Learn one block-diagonal permutation per movable group on top of ``warm``, end to end.
 
     ``scores[param]``: the criterion's ``[out, K]`` scores of every pruned weight (they move with their columns;
@@ -409,8 +372,8 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
     ``run(overrides, batch)``: the model's output with the parameters in ``overrides`` replaced;
     ``objective(out, ref, batch)``: the scalar loss of ``out`` against the dense model's ``ref`` for ``batch``.
     The model's parameters are never written. Returns the permutations (valid for their groups) and the losses.
-    ``checkpoint``: save the loop's state there as it runs, and (``checkpoint.resume``) continue from it: the
-    result is the same as an uninterrupted run's.
+    ``checkpoint``: save the loop's state there as it runs, and (``--resume``) continue from it: the result is the
+    same as an uninterrupted run's.
     """
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -418,12 +381,12 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
     cfg = config
     batches = _split(batches, cfg.micro_batch)
     amp = cfg.resolve_autocast(device)
-    saved = checkpoint.load() if checkpoint is not None else None
+    saved = checkpoint.load(_read_state) if checkpoint is not None else None
     if saved is not None and "final" in saved[0]:  # the loop had finished: its result, without a forward pass
         state, tensors = saved
         fin = state["final"]
         perms = {name[len("final/"):]: t.long() for name, t in tensors.items() if name.startswith("final/")}
-        return E2EResult(perms, fin["loss_warm"], fin["loss_learned"], fin["kept"], state["history"],
+        return LearnedResult(perms, fin["loss_warm"], fin["loss_learned"], fin["kept"], state["history"],
                          time.perf_counter() - start)
     layouts: dict[str, list] = {}
     logits: dict[str, torch.Tensor] = {}
@@ -498,8 +461,9 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
                 gen.set_state(tensors["rng"])
                 if state["has_best"]:
                     qh_best = {key: tensors[f"best/{key}"].long().to(device) for key in keys}
-                if checkpoint is not None and not checkpoint.quiet:
-                    print(f"[permcompile] --resume: e2e continues at step {first} of {cfg.steps} from "
+                checkpoint.saved = f"the learned loop at step {first} of {cfg.steps} is"
+                if not checkpoint.quiet:
+                    print(f"[permcompile] --resume: the learned loop continues at step {first} of {cfg.steps} from "
                           f"{checkpoint.path}", file=sys.stderr, flush=True)
             last_save = time.perf_counter()
 
@@ -519,7 +483,8 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
                 if final is not None:
                     state["final"] = final
                     tensors.update({f"final/{name}": p for name, p in perms_out.items()})
-                checkpoint.save(state, tensors)
+                checkpoint.save(lambda folder: _write_state(folder / STATE_FILE, state, tensors, checkpoint.digest),
+                                f"the learned loop at step {step_done} of {cfg.steps} is")
 
             for step in range(first, cfg.steps):
                 tau = E.anneal(step, cfg.steps, cfg.tau_start, cfg.tau_end)
@@ -545,7 +510,7 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
                 if ratio < best_ratio:
                     best_ratio, qh_best = ratio, {k: v.clone() for k, v in qh.items()}
                 now = time.perf_counter()
-                if checkpoint is not None and now - start >= checkpoint.write_after and (
+                if checkpoint is not None and checkpoint.due() and (
                         (step + 1) % cfg.checkpoint_steps == 0 or now - last_save >= cfg.checkpoint_seconds):
                     save_state(step + 1)
                     last_save = now
@@ -569,13 +534,13 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
             p.requires_grad_(flag)
     keep = qh_last is not None and (not cfg.keep_best or loss_learned < loss_warm)
     perms = learned if keep else hard_perms(None)
-    if checkpoint is not None and qh_last is not None and time.perf_counter() - start >= checkpoint.write_after:
+    if checkpoint is not None and qh_last is not None and checkpoint.due():
         # the result itself: a resume after a later step's interruption (reconstruction) skips the whole loop
         save_state(cfg.steps, {"loss_warm": loss_warm, "loss_learned": loss_learned, "kept": keep}, perms)
     for g in groups:
         if g.name in perms and not g.is_valid(perms[g.name]):  # post-condition: the fold accepts it
-            raise RuntimeError(f"e2e permutation for {g.name} breaks its constraints")
-    return E2EResult(perms, loss_warm, loss_learned, keep, history, time.perf_counter() - start)
+            raise RuntimeError(f"learned permutation for {g.name} breaks its constraints")
+    return LearnedResult(perms, loss_warm, loss_learned, keep, history, time.perf_counter() - start)
 
 
 def _main(out):
@@ -589,7 +554,7 @@ def _main(out):
 
 
 def model_objective(loss: str, distill: float = 0.0) -> Callable:
-    """``objective(out, ref, batch)`` for an HF model's outputs (``loss`` as in :class:`E2EConfig`, resolved)."""
+    """``objective(out, ref, batch)`` for an HF model's outputs (``loss`` as in :class:`LearnedConfig`, resolved)."""
 
     def objective(out, ref, batch):
         y, y_ref = _main(out), _main(ref)
@@ -604,7 +569,7 @@ def model_objective(loss: str, distill: float = 0.0) -> Callable:
         elif loss == "mse":
             value = (y.float() - y_ref.float()).pow(2).sum() / y_ref.float().pow(2).sum().clamp_min(1e-12)
         else:
-            raise ValueError(f"unknown e2e loss {loss!r}")
+            raise ValueError(f"unknown learned loss {loss!r}")
         if distill > 0:
             hs, hs_ref = getattr(out, "hidden_states", None), getattr(ref, "hidden_states", None)
             if hs is not None and hs_ref is not None:
@@ -614,34 +579,19 @@ def model_objective(loss: str, distill: float = 0.0) -> Callable:
     return objective
 
 
-# like the learned search's and the reconstruction's: under the default cache a checkpoint is written only once
-# the loop has run this long (an explicit folder or --resume: from the first save on)
-CHECKPOINT_AFTER_S = 30.0
+def learned_permutations(loaded, groups: list[Group], stats: dict, batches: list[dict], config, *, linears: list,
+                         quiet: bool = True, checkpoints: Checkpoints | None = None):
+    """The ``learned`` strategy for ``compress_``: returns ``(perms, results)`` like ``choose_permutations``.
 
-
-def default_checkpoint_dir(loaded, digest: str) -> Path:
-    """``<cache>/e2e/<model name>-<content digest>``: keyed by what the result depends on, not by names."""
-    import re
-
-    from ..models import cache_root
-
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{loaded.name}"[:40])
-    return cache_root() / "e2e" / f"{tag}-{digest[:20]}"
-
-
-def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dict], config, *, linears: list,
-                     quiet: bool = True, resume: bool = False, checkpoint_dir: str | None = None):
-    """The ``e2e`` strategy for ``compress_``: returns ``(perms, results)`` like ``choose_permutations``.
-
-    The loop's state is checkpointed in ``checkpoint_dir/e2e`` (default: the cache, removed once the output is
-    written); ``resume`` continues from it and refuses one made from other weights, data or settings."""
+    ``checkpoints``: where the loop's state is saved as it runs and (``--resume``) continued from; None: no
+    checkpoint."""
     from torch.func import functional_call
 
     from ..math.nm import kept_importance
     from .sparsify import group_score_matrix
 
     n, m = config.sparsity.n, config.sparsity.m
-    cfg = config.e2e
+    cfg = config.learned
     net = loaded.model
     net.eval()
     pruned = {i.param for i in linears if i.prune}
@@ -670,7 +620,7 @@ def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dic
     if not quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, desc=f"e2e ({loss})", unit="step", file=sys.stderr, leave=False)
+        bar = tqdm(total=cfg.steps, desc=f"learned ({loss})", unit="step", file=sys.stderr, leave=False)
 
     def report(step, steps, value, tau):
         if bar is not None:
@@ -680,21 +630,13 @@ def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dic
     learn_groups = [g for g in groups if g.name in movable]
     digest = checkpoint_digest(net, batches, learn_groups, warm, scores, n, m, cfg, config.seed,
                                {"loss": loss, "criterion": config.criterion, "k_axes": k_axes})
-    if checkpoint_dir:
-        ckpt = E2ECheckpoint(Path(checkpoint_dir) / "e2e", digest, resume, 0.0, quiet)
-    else:
-        ckpt = E2ECheckpoint(default_checkpoint_dir(loaded, digest), digest, resume,
-                             0.0 if resume else CHECKPOINT_AFTER_S, quiet)
-        # the pipeline removes the permute step's default checkpoint under this key once the output is written
-        # (the exchange search uses the same key; one run uses one strategy)
-        loaded.extras["learn_checkpoint"] = ckpt.folder
+    ckpt = checkpoints.open("learned", digest, STATE_FILE) if checkpoints is not None else None
     try:
         res = train_permutations(net, learn_groups, warm, scores, batches, run, model_objective(loss, cfg.distill),
                                  n, m, cfg, seed=config.seed, k_axes=k_axes, progress=report, checkpoint=ckpt)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the CLI's error line says how to go on
-        if ckpt.saved_step is not None:
-            exc.resume_hint = (f"the e2e loop is checkpointed at step {ckpt.saved_step} of {cfg.steps} in "
-                               f"{ckpt.folder}: rerun the same command with --resume to continue from it")
+        if ckpt is not None:
+            ckpt.hint(exc)
         raise
     finally:
         if bar is not None:
@@ -702,7 +644,7 @@ def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dic
         if device != home:
             net.to(home)
     if not quiet:
-        print(f"[permcompile] e2e: {loss} loss {res.loss_warm:.5f} (hungarian) -> {res.loss_learned:.5f} (learned, "
+        print(f"[permcompile] learned: {loss} loss {res.loss_warm:.5f} (hungarian) -> {res.loss_learned:.5f} (learned, "
               f"{cfg.steps} steps, {res.seconds:.0f} s); {'kept' if res.kept else 'kept the warm start'}",
               file=sys.stderr)
     perms = dict(warm)
@@ -716,7 +658,7 @@ def e2e_permutations(loaded, groups: list[Group], stats: dict, batches: list[dic
         r.strategy = "learned"
         r.seconds += res.seconds / max(1, len(movable))
         # the model's loss is one number for all groups: each group reports it
-        r.objective, r.error_before, r.error_after = f"e2e-{loss}", res.loss_warm, (
+        r.objective, r.error_before, r.error_after = f"learned-{loss}", res.loss_warm, (
             res.loss_learned if res.kept else res.loss_warm)
         r.note = (f"{loss} loss over the calibration batches {res.loss_warm:.5f} (hungarian) -> "
                   f"{res.loss_learned:.5f} (learned){'' if res.kept else '; warm start kept'}")

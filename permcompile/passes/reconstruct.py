@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from ..config import ReconstructConfig
 from ..math.nm import criterion_scores, is_nm
 from ..math.obs import (HessianAccumulator, all_finite, dampened_inverse_cholesky, output_error, refit_masked_,
                         sparsegpt_nm_)
+from .checkpoint import Checkpoints, PassCheckpoint
 from .sparsify import LinearInfo, MaskResult, check_nm, weight_kout
 
 
@@ -86,76 +86,45 @@ def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumula
             "rel_error_reconstructed": err_after / total if total > 0 else 0.0}
 
 
-class _Checkpoint:
-    """Per-block state of a reconstruction, so an interrupted run resumes at the next block.
+STATE_FILE = "progress.json"
 
-    ``progress.json`` (content digest, blocks done, per-layer records), ``block_NNNN.safetensors`` (the
-    reconstructed weights of each finished block) and ``inputs.safetensors`` (the next block's inputs, one
-    tensor per batch). Safetensors and JSON only: nothing in the folder is executed or unpickled. Written once
-    the pass has run ``write_after`` seconds (0: every block).
-    """
 
-    def __init__(self, folder: Path, digest: str, write_after: float):
-        self.folder, self.digest, self.write_after = Path(folder), digest, write_after
-        self.started = time.perf_counter()
-        self.progress = self.folder / "progress.json"
-        self.saved = 0  # blocks the checkpoint holds (for the Ctrl-C message)
+class _BlockState:
+    """Per-block state of a reconstruction in a :class:`PassCheckpoint` folder, so an interrupted run resumes at the
+    next block: ``progress.json`` (content digest, blocks done, per-layer records; written last),
+    ``block_NNNN.safetensors`` (the reconstructed weights of each finished block) and ``inputs.safetensors`` (the
+    next block's inputs, one tensor per batch). Safetensors and JSON only: nothing in the folder is executed or
+    unpickled."""
 
-    def load(self, model: nn.Module) -> tuple[int, dict, list]:
-        """Restore the finished blocks' weights; returns (blocks done, records, next inputs): (0, {}, None)
-        when there is no checkpoint (the run was interrupted before reconstruction saved anything)."""
+    @staticmethod
+    def read(path: Path) -> tuple[dict, str | None]:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        return {"done": int(state["done"]), "records": dict(state["records"])}, state.get("digest")
+
+    @staticmethod
+    def restore(ckpt: PassCheckpoint, model: nn.Module, done: int) -> list:
+        """Copy the finished blocks' weights into ``model``; returns the next block's inputs."""
         from safetensors.torch import load_file
 
-        from ..errors import UsageError
-
-        if not self.progress.is_file():  # interrupted before reconstruction began (or before 30 s of it)
-            return 0, {}, None
-        try:
-            state = json.loads(self.progress.read_text(encoding="utf-8"))
-            done, records = int(state["done"]), dict(state["records"])
-            if state.get("digest") != self.digest:
-                raise UsageError(f"--resume: the reconstruction checkpoint {self.progress} was made from other "
-                                 "weights, data or settings; rerun without --resume")
+        with ckpt.reading():
             params = dict(model.named_parameters())
             for i in range(done):
-                for name, t in load_file(str(self.folder / f"block_{i:04d}.safetensors")).items():
+                for name, t in load_file(str(ckpt.folder / f"block_{i:04d}.safetensors")).items():
                     params[name].data.copy_(t.to(params[name].dtype))
-            inputs = load_file(str(self.folder / "inputs.safetensors"))
-            hidden = [inputs[f"batch_{i}"] for i in range(len(inputs))]
-        except UsageError:
-            raise
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"--resume: reconstruction checkpoint in {self.folder} cannot be read "
-                             f"({type(exc).__name__}: truncated or corrupt); rerun without --resume") from None
-        return done, records, hidden
+            inputs = load_file(str(ckpt.folder / "inputs.safetensors"))
+            return [inputs[f"batch_{i}"] for i in range(len(inputs))]
 
-    def save(self, index: int, model: nn.Module, params: list[str], records: dict, hidden: list) -> None:
-        if time.perf_counter() - self.started < self.write_after:
-            return
+    @staticmethod
+    def write(folder: Path, index: int, weights: dict, records: dict, hidden: list, digest: str) -> None:
         from safetensors.torch import save_file
 
         from .checkpoint import write_atomic
 
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tensors = dict(model.named_parameters())
-            write_atomic(self.folder / f"block_{index:04d}.safetensors", lambda p: save_file(
-                {n: tensors[n].detach().cpu().contiguous() for n in params}, str(p)))
-            write_atomic(self.folder / "inputs.safetensors", lambda p: save_file(
-                {f"batch_{i}": h.detach().cpu().contiguous() for i, h in enumerate(hidden)}, str(p)))
-            write_atomic(self.progress, lambda p: p.write_text(json.dumps(
-                {"digest": self.digest, "done": index + 1, "records": records})))
-            self.saved = index + 1
-        except OSError as exc:  # a full or read-only cache must not stop the run
-            import warnings
-
-            warnings.warn(f"cannot write the reconstruction checkpoint to {self.folder} ({exc.strerror or exc}); "
-                          "continuing without it", stacklevel=2)
-            self.write_after = float("inf")
-
-
-# like the learned search's: a checkpoint under the default cache only once the pass has run this long
-CHECKPOINT_AFTER_S = 30.0
+        write_atomic(folder / f"block_{index:04d}.safetensors", lambda p: save_file(weights, str(p)))
+        write_atomic(folder / "inputs.safetensors", lambda p: save_file(
+            {f"batch_{i}": h.detach().cpu().contiguous() for i, h in enumerate(hidden)}, str(p)))
+        write_atomic(folder / STATE_FILE, lambda p: p.write_text(json.dumps(
+            {"digest": digest, "done": index + 1, "records": records})))
 
 
 def checkpoint_digest(model: nn.Module, linears: list[LinearInfo], batches: list[dict], criterion: str, n: int,
@@ -171,8 +140,7 @@ def checkpoint_digest(model: nn.Module, linears: list[LinearInfo], batches: list
 @torch.no_grad()
 def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict], criterion: str,
                  n: int, m: int, *, forward_kwargs: dict | None = None, config: ReconstructConfig | None = None,
-                 device: str = "cpu", quiet: bool = True, checkpoint_dir: str | Path | None = None,
-                 resume: bool = False, write_after: float = 0.0) -> MaskResult:
+                 device: str = "cpu", quiet: bool = True, checkpoints: Checkpoints | None = None) -> MaskResult:
     """Prune every ``info.prune`` linear of ``model`` to N:M along K with OBS reconstruction, in place.
 
     ``batches`` are the calibration batches (masks by ``criterion`` use each block's own inputs). Post-conditions:
@@ -180,8 +148,8 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
     same record as :func:`passes.sparsify.apply_masks_`, each pruned layer with its relative output error with
     the mask alone and after reconstruction.
 
-    ``checkpoint_dir``: save each finished block there (once the pass has run ``write_after`` seconds);
-    ``resume``: continue from it (identical result to an uninterrupted run).
+    ``checkpoints``: where each finished block is saved and (``--resume``) continued from, to the result of an
+    uninterrupted run; None: no checkpoint.
     """
     config = config or ReconstructConfig()
     result = MaskResult()
@@ -193,22 +161,29 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
     was_training = model.training
     model.eval()
     ckpt, start, hidden = None, 0, None
-    if checkpoint_dir is not None:
-        digest = checkpoint_digest(model, linears, batches, criterion, n, m, config)
-        ckpt = _Checkpoint(Path(checkpoint_dir), digest, write_after)
-        if resume:
-            start, records, hidden = ckpt.load(model)
+    if checkpoints is not None:
+        ckpt = checkpoints.open("reconstruct", checkpoint_digest(model, linears, batches, criterion, n, m, config),
+                                STATE_FILE)
+        saved = ckpt.load(_BlockState.read)
+        if saved is not None:
+            start, records = saved["done"], saved["records"]
+            hidden = _BlockState.restore(ckpt, model, start)
+            ckpt.saved = f"{start} reconstructed blocks are"
+        if checkpoints.resume:
             # several processes: each restored its own checkpoint (its share of the batches); all must agree
             same_on_every_rank(start, f"--resume: the processes' reconstruction checkpoints hold different "
                                       f"numbers of finished blocks (this one {start}); rerun without --resume")
-            if not quiet and start:
-                print(f"[permcompile] reconstruct: resuming after {start} finished blocks from {ckpt.folder}",
-                      file=sys.stderr)
+        if not quiet and start:
+            print(f"[permcompile] --resume: the reconstruction continues after {start} finished blocks from "
+                  f"{ckpt.folder}", file=sys.stderr)
 
     def block_done(index: int, block: str, next_inputs: list) -> None:
         if ckpt is not None:
             params = [by_module[x].param for x in by_module if x.startswith(block + ".")]
-            ckpt.save(index, model, params, records, next_inputs)
+            named = dict(model.named_parameters())
+            ckpt.save(lambda folder: _BlockState.write(
+                folder, index, {p: named[p].detach().cpu().contiguous() for p in params}, records, next_inputs,
+                ckpt.digest), f"{index + 1} reconstructed blocks are")
 
     # sequential: each block's inputs come from the blocks before it already pruned and reconstructed
     try:
@@ -223,9 +198,8 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
                 records[name] = _reconstruct_linear(model, by_module[name], hessians.pop(name), criterion, n, m,
                                                     config, device, factors, share_next=share)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the CLI's error line says how to go on
-        if ckpt is not None and (ckpt.saved or start):
-            exc.resume_hint = (f"{max(ckpt.saved, start)} reconstructed blocks are checkpointed in {ckpt.folder}: "
-                               "rerun the same command with --resume to continue from them")
+        if ckpt is not None:
+            ckpt.hint(exc)
         raise
     rest = [x for x in by_module if x not in records]
     if rest:  # outside the repeated blocks (a pooler, say): one pass over the whole, already pruned, model

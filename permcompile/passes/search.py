@@ -1,27 +1,25 @@
-"""Orchestration of the ``search`` permutation strategy, the exchange search on a per-layer proxy (named
-``learned`` before issue 21; the math lives in ``permcompile.math.search``).
+"""Orchestration of the ``search`` permutation strategy, the exchange search on a per-layer proxy (the math lives in
+``permcompile.math.search``).
 
 Streaming: groups are processed one Transformer block at a time. For each block we run the calibration
 batches through the model with hooks that accumulate the input Gram matrices ``XᵀX`` of that block's
-consumers only, learn the block's permutations, write a checkpoint, and free the Grams, so memory stays
+consumers only, search the block's permutations, write a checkpoint, and free the Grams, so memory stays
 bounded by one block whatever the model's depth. The ``diagonal`` objective (the decoder default) needs only
 ``diag(XᵀX)``, which the calibration statistics already hold: it runs no Gram pass at all (``_StatGrams``),
 unless ``sequential`` asks for Grams of the pruned prefix. ``--resume`` reloads the finished blocks from the
-checkpoint (refusing one made from different inputs).
+checkpoint (``passes/checkpoint.py``).
 
 The residual-stream group (one model-wide permutation, zero glue) is read by every block, so its exact
-objective would need every block's Gram at once. With ``LearnConfig.residual_trials > 0`` (default) it is refined
+objective would need every block's Gram at once. With ``SearchConfig.residual_trials > 0`` (default) it is refined
 after the blocks by exchanges on the diagonal objective, which needs only the per-channel ``E[x²]`` the
 calibration statistics already hold: every pruned reader counts, each normalised to the same weight
 (``_refine_residual``). Otherwise it keeps its warm start. With ``residual="per-layer"``
-each reading site is its own group (``passes/glue.py``) and is learned like any other group of its block.
+each reading site is its own group (``passes/glue.py``) and is searched like any other group of its block.
 """
 from __future__ import annotations
 
 import zlib
 import json
-import os
-import re
 import sys
 import time
 from collections import OrderedDict
@@ -32,8 +30,8 @@ import torch
 from torch import nn
 
 from ..calib.stats import StopForward
-from ..errors import UsageError
 from ..math.search import Consumer, gram_rows, learn_permutation, objective_gram
+from .checkpoint import Checkpoints, write_atomic
 from .groups import Group
 from .sparsify import choose_permutations, consumer_scores, group_progress, weight_kout
 
@@ -61,7 +59,7 @@ class _StatGrams:
 
 def _stat_grams_suffice(config, sequential, stats: dict, modules: list[str]) -> bool:
     """True when the block's objective needs only the diagonal the calibration statistics hold."""
-    return config.learn.objective == "diagonal" and sequential is None and all(x in stats for x in modules)
+    return config.search.objective == "diagonal" and sequential is None and all(x in stats for x in modules)
 
 
 class _GramHooks:
@@ -111,49 +109,26 @@ def _last_module(net: nn.Module, modules: list[str]):
 
 
 def _fingerprint(loaded, groups, config, batches) -> str:
-    """Digest of what the learned permutations depend on: the weights, the calibration data and the settings
+    """Digest of what the searched permutations depend on: the weights, the calibration data and the settings
     (:func:`passes.checkpoint.content_digest`)."""
     from .checkpoint import content_digest
 
     return content_digest(loaded.model, batches, {
         "sparsity": str(config.sparsity), "criterion": config.criterion, "seed": config.seed,
-        "learn": {k: getattr(config.learn, k) for k in config.learn.__dataclass_fields__},
+        "search": {k: getattr(config.search, k) for k in config.search.__dataclass_fields__},
         "groups": [g.name for g in groups]})
 
 
-# Checkpoints under the default cache are written only once the search has run this long: a shorter run loses
-# little when interrupted, and writes nothing to the user's home (README, "Cache and checkpoints").
-CHECKPOINT_AFTER_S = 30.0
+STATE_FILE = "search_state.json"
 
 
-def default_checkpoint_dir(loaded, config, fingerprint: str | None = None) -> Path:
-    """``<cache>/learn/<model name>-<content digest>``: keyed by what the result depends on, not by names."""
-    from ..models import cache_root
-
-    if fingerprint is None:
-        fingerprint = _fingerprint(loaded, [], config, [])
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{loaded.name}"[:40])
-    return cache_root() / "learn" / f"{tag}-{fingerprint[:20]}"
-
-
-def read_checkpoint(ckpt: Path, fingerprint: str) -> dict:
-    """The saved state at ``ckpt`` for a ``--resume``; :class:`UsageError` naming the file when it is missing,
-    unreadable, truncated or made from other inputs."""
-    if not ckpt.is_file():
-        raise UsageError(f"--resume: no checkpoint at {ckpt} (none is written for a search shorter than "
-                         f"{CHECKPOINT_AFTER_S:.0f} s); rerun without --resume")
-    try:
-        saved = json.loads(ckpt.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
-        why = getattr(exc, "strerror", None) or "truncated or corrupt"
-        raise UsageError(f"--resume: checkpoint {ckpt} cannot be read ({why}); rerun without --resume") from None
+def _read_state(path: Path) -> tuple[dict, str | None]:
+    """A checkpoint's state and the digest it was saved with (``PassCheckpoint.load`` checks it)."""
+    saved = json.loads(path.read_text(encoding="utf-8"))
     done = saved.get("done") if isinstance(saved, dict) else None
     if not isinstance(done, dict) or not all(isinstance(v, dict) for v in done.values()):
-        raise UsageError(f"--resume: checkpoint {ckpt} is not a permcompile checkpoint; rerun without --resume")
-    if saved.get("fingerprint") != fingerprint:
-        raise UsageError("--resume: the checkpoint was made from a different model, data or configuration; "
-                         "rerun without --resume")
-    return saved
+        raise ValueError("not a permcompile checkpoint")
+    return saved, saved.get("fingerprint")
 
 
 GRAM_BUDGET_BYTES = 1 << 30  # Gram matrices held at once (float64): bounds memory whatever the depth
@@ -177,13 +152,13 @@ def _chunks(keys, blocks, net, pruned, budget):
         yield chunk
 
 
-def _learn_block(block_groups, hooks, net, stats, config, pruned, perms, by_name, gen, bar,
+def _search_block(block_groups, hooks, net, stats, config, pruned, perms, by_name, gen, bar,
                  sensitivity: dict | None = None) -> dict:
     from ..math.nm import kept_importance
     from .sparsify import group_score_matrix
 
     n, m = config.sparsity.n, config.sparsity.m
-    lc = config.learn
+    lc = config.search
     done_block = {}
     for g in block_groups:
         consumers = []
@@ -254,7 +229,7 @@ def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) ->
     weight (``E[x²]`` from the calibration statistics, so nothing beyond what Wanda collected is needed), each
     reader scaled so its rows sum to 1, so the objective is the mean over readers of the share of ``Σ W² E[x²]``
     its mask drops (deep layers with large activations do not own it). At most ``MAX_RESIDUAL_ROWS`` rows
-    (a seeded sample beyond that). Returns checkpoint entries like :func:`_learn_block`.
+    (a seeded sample beyond that). Returns checkpoint entries like :func:`_search_block`.
     """
     from ..math.search import diagonal_exchanges
     from ..math.nm import kept_importance
@@ -285,7 +260,7 @@ def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) ->
             energy, score = energy[:, keep], score[:, keep]
         energy, score = energy.contiguous(), score.contiguous()
         perm, before, after, kept = diagonal_exchanges(energy, score, perms[g.name], n, m, g.block_labels(),
-                                                       g.fixed_mask(), trials=config.learn.residual_trials,
+                                                       g.fixed_mask(), trials=config.search.residual_trials,
                                                        generator=gen)
         if not g.is_valid(perm):
             raise RuntimeError(f"learned permutation for {g.name} breaks its constraints")
@@ -294,7 +269,7 @@ def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) ->
         r.kept_chosen = kept_importance(matrix, n, m, perm) / float(matrix.sum())
         r.strategy = "search"
         _record_search(r, "diagonal", float(before), float(after), int(kept),
-                       f"diagonal error over {len(energies)} readers {before:.5f} ({config.learn.warm_start})"
+                       f"diagonal error over {len(energies)} readers {before:.5f} ({config.search.warm_start})"
                        f" -> {after:.5f} ({kept} exchanges kept)")
         done[g.name] = _entry(r, perm)
     return done
@@ -355,47 +330,44 @@ class _SequentialMasks:
         self.saved.clear()
 
 
-def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[dict], config, *, pruned: set[str],
-                       quiet: bool = False, resume: bool = False, checkpoint_dir: str | None = None):
-    """Learned permutations for every group; returns ``(perms, results)`` like ``choose_permutations``."""
+def search_permutations(loaded, groups: list[Group], stats: dict, batches: list[dict], config, *, pruned: set[str],
+                        quiet: bool = False, checkpoints: Checkpoints | None = None):
+    """Searched permutations for every group; returns ``(perms, results)`` like ``choose_permutations``.
+    ``checkpoints``: where finished blocks are saved and (``--resume``) reloaded from; None: no checkpoint."""
     n, m = config.sparsity.n, config.sparsity.m
     # "auto" becomes the family's objective here, so checkpoints, notes and Grams all name the real one
-    config = replace(config, learn=replace(config.learn, objective=config.learn.resolve_objective(loaded.family)))
+    config = replace(config, search=replace(config.search, objective=config.search.resolve_objective(loaded.family)))
     net = loaded.model
     net.eval()
-    with group_progress(len(groups), f"warm start ({config.learn.warm_start})", quiet) as progress:
-        perms, results = choose_permutations(groups, net, stats, config.criterion, config.learn.warm_start, n, m,
+    with group_progress(len(groups), f"warm start ({config.search.warm_start})", quiet) as progress:
+        perms, results = choose_permutations(groups, net, stats, config.criterion, config.search.warm_start, n, m,
                                              pruned, seed=config.seed, progress=progress)
     by_name = {r.name: r for r in results}
 
-    learnable = [g for g in groups if g.kind != "residual" and g.size % m == 0 and g.movable >= 2 * m
-                 and any(c.param in pruned for c in g.consumers)
-                 and by_name[g.name].strategy != "none"]
+    searchable = [g for g in groups if g.kind != "residual" and g.size % m == 0 and g.movable >= 2 * m
+                  and any(c.param in pruned for c in g.consumers)
+                  and by_name[g.name].strategy != "none"]
     blocks: "OrderedDict[str, list[Group]]" = OrderedDict()
-    for g in learnable:
+    for g in searchable:
         blocks.setdefault(block_key(g.consumers[0].module), []).append(g)
+    keys = list(blocks)
 
     fp = _fingerprint(loaded, groups, config, batches)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(loaded, config, fp)
-    ckpt = ckpt_dir / "learn_state.json"
-    state = {"fingerprint": fp, "done": {}}
-    if resume:
-        state = read_checkpoint(ckpt, fp)
-    # an explicit folder or --resume: every block is saved; the default cache only once the search runs long
-    write_after = 0.0 if (checkpoint_dir or resume) else CHECKPOINT_AFTER_S
-    started = time.perf_counter()
-    # "saved": how many blocks the checkpoint file holds (what a Ctrl-C can tell the user to --resume from)
-    writer = {"on": True, "saved": sum(k in state["done"] for k in blocks) if resume else None}
-    if not checkpoint_dir:  # the pipeline deletes the default checkpoint once the output is written
-        loaded.extras["learn_checkpoint"] = ckpt_dir
+    ckpt = checkpoints.open("search", fp, STATE_FILE) if checkpoints is not None else None
+    state = (ckpt.load(_read_state) if ckpt is not None else None) or {"fingerprint": fp, "done": {}}
+
+    def _saved(state) -> str:  # what the checkpoint holds, for the Ctrl-C hint
+        return f"{sum(k in state['done'] for k in keys)} of {len(keys)} searched blocks are"
+
+    if state["done"]:
+        ckpt.saved = _saved(state)
 
     use_tqdm = not quiet
     bar = None
     if use_tqdm:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(blocks), desc="learn", unit="block", file=sys.stderr, leave=False)
-    keys = list(blocks)
+        bar = tqdm(total=len(blocks), desc="search", unit="block", file=sys.stderr, leave=False)
     def restore(key):  # a finished block (or the residual phase) from the checkpoint
         for name, entry in state["done"][key].items():
             perms[name] = torch.tensor(entry["perm"], dtype=torch.long)
@@ -408,25 +380,9 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
         for name in entries:
             by_name[name].seconds += time.perf_counter() - t1
         state["done"][key] = entries
-        if not writer["on"] or time.perf_counter() - started < write_after:
-            return
-        tmp = ckpt.with_suffix(f".tmp-{os.getpid()}")
-        try:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(state), encoding="utf-8")
-            os.replace(tmp, ckpt)
-            writer["saved"] = sum(k in state["done"] for k in keys)
-        except OSError as exc:  # a read-only or full home: the run goes on, only --resume is lost
-            writer["on"] = False
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            import warnings
-
-            warnings.warn(f"cannot write the learned pass's checkpoint to {ckpt_dir} ({exc.strerror or exc}); "
-                          f"the run goes on without one (set PERMCOMPILE_CACHE_DIR to a writable folder to be "
-                          f"able to --resume)", stacklevel=2)
+        if ckpt is not None:
+            ckpt.save(lambda folder: write_atomic(folder / STATE_FILE, lambda p: p.write_text(
+                json.dumps(state), encoding="utf-8")), _saved(state))
 
     def generator(key):  # one per block: a resumed run draws the same numbers as an uninterrupted one
         return torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(key.encode()))
@@ -436,21 +392,21 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
             restore(key)
             if bar:
                 bar.update(1)
-    if resume and not quiet:
+    if state["done"] and not quiet:
         reused = sum(k in state["done"] for k in keys)
         extra = " and the residual-stream refinement" if RESIDUAL_KEY in state["done"] else ""
-        print(f"[permcompile] --resume: reused {reused} of {len(keys)} learned blocks{extra} from {ckpt}; "
-              f"{len(keys) - reused} left to learn", file=sys.stderr, flush=True)
+        print(f"[permcompile] --resume: reused {reused} of {len(keys)} searched blocks{extra} from {ckpt.path}; "
+              f"{len(keys) - reused} left to search", file=sys.stderr, flush=True)
     sensitivity = None
     todo = [k for k in keys if k not in state["done"]]
-    if config.learn.task_loss and todo:
+    if config.search.task_loss and todo:
         from ..calib.sensitivity import output_sensitivity
 
         modules = sorted({c.module for k in todo for g in blocks[k] for c in g.consumers if c.param in pruned})
         sensitivity = output_sensitivity(net, batches, modules, loaded.family, forward_kwargs=loaded.forward_kwargs(),
                                          seed=config.seed, progress=not quiet)
     sequential = None
-    if config.learn.sequential:
+    if config.search.sequential:
         sequential = _SequentialMasks(net, groups, perms, pruned, stats, config.criterion, n, m)
         chunks = [[k] for k in todo]  # each block sees the blocks before it pruned
     else:
@@ -464,7 +420,7 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
             if _stat_grams_suffice(config, sequential, stats, modules):
                 hooks = _StatGrams(stats, modules)  # no forward pass, no K×K accumulators
             else:
-                hooks = _GramHooks(net, modules, "cpu", config.learn.objective)
+                hooks = _GramHooks(net, modules, "cpu", config.search.objective)
                 last = _last_module(net, modules)
                 try:
                     with torch.no_grad():
@@ -481,7 +437,7 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
             gram_seconds = (time.perf_counter() - t0) / max(1, len(chunk))
             for key in chunk:
                 t1 = time.perf_counter() - gram_seconds  # each block is charged its share of the Gram pass
-                done_block = _learn_block(blocks[key], hooks, net, stats, config, pruned, perms, by_name,
+                done_block = _search_block(blocks[key], hooks, net, stats, config, pruned, perms, by_name,
                                           generator(key), bar, sensitivity)
                 for g in blocks[key]:  # free this block's Grams before the next
                     for c in g.consumers:
@@ -489,19 +445,18 @@ def learn_permutations(loaded, groups: list[Group], stats: dict, batches: list[d
                 save(key, done_block, t1)
                 if bar:
                     bar.update(1)
-        if config.learn.residual_trials > 0:
+        if config.search.residual_trials > 0:
             if RESIDUAL_KEY in state["done"]:
                 restore(RESIDUAL_KEY)
             else:
                 t1 = time.perf_counter()
                 if bar:
-                    bar.set_postfix_str(f"residual stream: {config.learn.residual_trials} exchange trials")
+                    bar.set_postfix_str(f"residual stream: {config.search.residual_trials} exchange trials")
                 save(RESIDUAL_KEY, _refine_residual(groups, net, stats, config, pruned, perms, by_name,
                                                     generator(RESIDUAL_KEY)), t1)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the CLI's error line says how to go on
-        if writer.get("saved") is not None and ckpt.is_file():
-            exc.resume_hint = (f"{writer['saved']} of {len(keys)} learned blocks are checkpointed in {ckpt_dir}: "
-                               "rerun the same command with --resume to continue from them")
+        if ckpt is not None:
+            ckpt.hint(exc)
         raise
     finally:  # also on Ctrl-C: clear the bar so the error message starts its own line
         if sequential is not None:

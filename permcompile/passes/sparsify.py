@@ -175,9 +175,9 @@ def choose_permutations(groups: list[Group], model: nn.Module, stats: dict, crit
                         n: int, m: int, pruned: set[str], seed: int = 0,
                         progress=None) -> tuple[dict[str, torch.Tensor], list[GroupResult]]:
     """One permutation per group with the named heuristic strategy (``none``/``random``/``greedy``/``hungarian``)."""
-    from ..math.strategies import STRATEGIES
+    from .permute import heuristic_kernel
 
-    fn = STRATEGIES[strategy]
+    fn = heuristic_kernel(strategy)
     perms: dict[str, torch.Tensor] = {}
     results: list[GroupResult] = []
     gen = torch.Generator().manual_seed(seed)
