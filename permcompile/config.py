@@ -294,6 +294,9 @@ class OptimizeConfig:
     update: str = "obs"
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     learned: LearnedConfig = field(default_factory=LearnedConfig)  # the "learned" strategy's knobs
+    # "fp8" / "int8": the pruned linears' weights and inputs on an 8-bit grid (quantization.py); a mode name is
+    # accepted for QuantizeConfig(mode=...)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
     def resolve_precision(self, checkpoint_dtype) -> str:
         """The ONNX precision for a model stored in ``checkpoint_dtype`` (a torch dtype or its name):
@@ -324,9 +327,6 @@ class OptimizeConfig:
             raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    # "fp8" / "int8": the pruned linears' weights and inputs on an 8-bit grid (quantization.py); a mode name is
-    # accepted for QuantizeConfig(mode=...)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
         if self.update not in UPDATES:
             raise UsageError(f"--update must be one of {', '.join(UPDATES)}, got {self.update!r}")
         if not isinstance(self.reconstruct, ReconstructConfig):
