@@ -273,7 +273,8 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
         with t.step("mask + reconstruct"):
             mask_result = reconstruct_(net, linears, local, config.criterion, n, m,
                                        forward_kwargs=loaded.forward_kwargs(), config=config.reconstruct,
-                                       device=config.device, quiet=quiet, checkpoints=checkpoints)
+                                       device=config.device, quiet=quiet, checkpoints=checkpoints,
+                                       quantize=_joint_quant(net, config))
     elif config.prune:
         with t.step("mask"):
             mask_result = apply_masks_(net, linears, stats, config.criterion, n, m)
@@ -537,6 +538,15 @@ def _release_weights_(net: torch.nn.Module) -> None:
 
     net.to_empty(device="meta")
     gc.collect()
+
+
+def _joint_quant(net, config):
+    """``--quantize`` with ``QuantizeConfig.joint``: the OBS pass rounds as it prunes (passes.quantize.JointQuant)."""
+    if not (config.quantize.enabled and config.quantize.joint):
+        return None
+    from .passes.quantize import JointQuant
+
+    return JointQuant.from_config(config.quantize, config.resolve_precision(model_dtype(net)))
 
 
 def _quant_tol(plan, precision: str) -> float | None:

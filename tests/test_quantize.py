@@ -67,6 +67,28 @@ def test_tensor_scale_refuses_zero_and_non_finite():
             tensor_scale(bad, INT8)
 
 
+def test_obs_pass_quantizes_inside_the_mask():
+    """GPTQ inside the N:M mask: the joint pass leaves every weight on its grid and N:M, and rounding as it goes
+    (later columns absorb the rounding error) beats rounding the OBS result afterwards."""
+    from permcompile.math.nm import is_nm
+    from permcompile.math.obs import output_error, sparsegpt_nm_
+    from permcompile.math.quant import snap_rows
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=gen) @ torch.randn(64, 64, generator=gen)  # correlated inputs
+    h = x.T @ x / 512
+    w_ref = torch.randn(48, 64, generator=gen)
+    for fmt in (INT8, FP8_E4M3):
+        scale = weight_scales(w_ref, fmt)
+        w_after = w_ref.clone()
+        sparsegpt_nm_(w_after, h, 2, 4)
+        w_after = snap_rows(w_after, scale, fmt)
+        w_joint = w_ref.clone()
+        sparsegpt_nm_(w_joint, h, 2, 4, quantize=lambda col: fake_quant(col, scale, fmt))
+        assert torch.equal(snap_rows(w_joint, scale, fmt), w_joint) and is_nm(w_joint, 2, 4)
+        assert output_error(w_ref, w_joint, h) < output_error(w_ref, w_after, h)
+
+
 # --- configuration --------------------------------------------------------------------------------
 def test_modes_are_registered_and_bad_configs_refused():
     assert QUANT_MODES.choices() == ("none", "fp8", "int8")
@@ -87,19 +109,19 @@ def _optimize(tmp_path_factory, name: str, mode: str, **kw):
     from permcompile.testing.zoo import build_tiny
 
     out = tmp_path_factory.mktemp(f"q_{name}_{mode}") / "out"
-    cfg = OptimizeConfig(quantize=mode, calib_samples=2, calib_seq_len=16, update="none", **kw)
+    cfg = OptimizeConfig(quantize=mode, calib_samples=2, calib_seq_len=16, **kw)
     return optimize(build_tiny(name), out, cfg, quiet=True, prefetch_export=False)
 
 
 @pytest.fixture(scope="module")
-def int8_llama(tmp_path_factory):
+def int8_llama(tmp_path_factory):  # the default reconstruction: the OBS pass rounds as it prunes
     return _optimize(tmp_path_factory, "llama", "int8")
 
 
 @pytest.fixture(scope="module")
 def fp8_gpt2(tmp_path_factory):  # slow: its own pipeline run
     pytest.importorskip("transformers")  # GPT-2's Conv1D weights are stored [K, out]
-    return _optimize(tmp_path_factory, "gpt2", "fp8")
+    return _optimize(tmp_path_factory, "gpt2", "fp8", update="none", precision="fp16")
 
 
 @pytest.mark.parametrize("which", ["int8_llama", pytest.param("fp8_gpt2", marks=pytest.mark.slow)])
@@ -128,6 +150,7 @@ def test_quantized_output_passes_verify(which, request):
     assert ops.count("QuantizeLinear") >= 1 and ops.count("DequantizeLinear") >= len(layers)
     # report: per-layer rounding error next to the pruning error; the Triton config asks for what the graph needs
     q = result.report["quantization"]
+    assert q["joint"] == (result.report["config"]["update"] == "obs")
     assert all(0 <= row["rel_error_rounding"] < 0.05 and row["input_scale"] > 0 for row in q["layers"])
     config = (result.out_dir / "triton" / "model" / "config.pbtxt").read_text()
     assert 'trt_sparsity_enable' in config

@@ -60,6 +60,7 @@ class QuantPlan:
     precision: str  # "fp32" / "fp16": the graph's float type, which the scales are exact in
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     smoothing: dict = field(default_factory=dict)
+    joint: bool = False  # the weight grids came from the OBS pass that rounded as it pruned (JointQuant)
 
     @property
     def fmt(self) -> QFormat:
@@ -71,7 +72,7 @@ class QuantPlan:
 
     def summary(self) -> dict:
         """What report.json records: the plan without the per-channel scale vectors."""
-        return {"mode": self.mode, "precision": self.precision, "plan_file": PLAN_FILE,
+        return {"mode": self.mode, "precision": self.precision, "plan_file": PLAN_FILE, "joint": self.joint,
                 "smoothing": self.smoothing, "layers": [p.to_dict(full=False) for p in self.layers.values()]}
 
     def write(self, folder: Path) -> Path:
@@ -118,6 +119,34 @@ class QuantRequest:
     weight_scales: dict | None = None
 
 
+@dataclass
+class JointQuant:
+    """What the OBS pass needs to quantize as it prunes (GPTQ inside the N:M mask, ``math.obs.sparsegpt_nm_``):
+    each layer's per-row grid, fixed from its dense weight before the pass; the scales used are kept here for
+    :func:`quantize_` (its weights are on that grid: other scales would round them again). ``refit``:
+    "requantize" runs the least-squares refit and rounds to the same grid after it; "skip" leaves the refit out."""
+
+    fmt: QFormat
+    scale_dtype: torch.dtype
+    refit: str = "requantize"
+    scales: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config, precision: str) -> "JointQuant":
+        return cls(get_format(config.mode), scale_dtype(precision), config.refit)
+
+    def start(self, module: str, w_ref: torch.Tensor):
+        """The column quantizer for ``module`` (``[out]`` columns of its ``[out, K]`` weight)."""
+        scale = weight_scales(w_ref, self.fmt, self.scale_dtype)
+        self.scales[module] = scale.cpu()
+        fmt = self.fmt
+        return lambda col: fake_quant(col, scale.to(col.device), fmt)
+
+    def finish_(self, module: str, w: torch.Tensor) -> torch.Tensor:
+        """``w`` back on ``module``'s grid (in place; a no-op where it already is)."""
+        return w.copy_(snap_rows(w, self.scales[module].to(w.device), self.fmt))
+
+
 def scale_dtype(precision: str) -> torch.dtype:
     return torch.float16 if precision == "fp16" else torch.float32
 
@@ -138,6 +167,7 @@ def quantize_(request: QuantRequest, mode: str) -> QuantPlan:
     model = request.model
     plan = QuantPlan(mode, request.precision)
     given = request.weight_scales or {}
+    plan.joint = bool(given)
     layers = [i for i in request.linears if i.prune]
     for info in layers:
         w = _kout(model.get_parameter(info.param), info.k_axis)
@@ -269,5 +299,5 @@ def quant_tolerance(plan: QuantPlan, precision: str, base: float) -> float:
     return float(base) * (1.0 + math.sqrt(plan.fmt.rel_step / u))
 
 
-__all__ = ["PLAN_FILE", "LayerPlan", "QuantPlan", "QuantRequest", "quantize_", "input_ranges", "fake_quant_model",
-           "quant_tolerance", "scale_dtype"]
+__all__ = ["PLAN_FILE", "JointQuant", "LayerPlan", "QuantPlan", "QuantRequest", "quantize_", "input_ranges",
+           "fake_quant_model", "quant_tolerance", "scale_dtype"]

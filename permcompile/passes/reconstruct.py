@@ -39,7 +39,7 @@ def _act_norm_from(h: torch.Tensor, count: int) -> torch.Tensor:
 
 def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumulator, criterion: str, n: int,
                         m: int, cfg: ReconstructConfig, device, factors: list | None = None,
-                        share_next: bool = True) -> dict:
+                        share_next: bool = True, quant=None) -> dict:
     """Prune one linear to N:M with OBS updates (in place); returns its record (errors before/after).
 
     ``acc`` is spent (its buffer becomes the Hessian). ``factors`` caches ``(H, Cholesky factor of H⁻¹)``
@@ -67,14 +67,18 @@ def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumula
     total = output_error(w_ref, torch.zeros_like(w_ref), h)
     err_mask = output_error(w_ref, masked, h)
     w = w_ref.clone()
+    # --quantize (passes.quantize.JointQuant): each kept column rounded to its grid before its error spreads
     keep = sparsegpt_nm_(w, h, n, m, damp=cfg.damp, block=cfg.block,
-                         scores=crit if cfg.mask == "criterion" else None, hinv_chol=u)
+                         scores=crit if cfg.mask == "criterion" else None, hinv_chol=u,
+                         quantize=quant.start(info.module, w_ref) if quant is not None else None)
     del masked
     if not share_next and factors is not None:
         factors.clear()
         u = None
-    if cfg.refit_iters:
+    if cfg.refit_iters and (quant is None or quant.refit == "requantize"):
         refit_masked_(w, w_ref, keep, h, iters=cfg.refit_iters, damp=cfg.damp)
+    if quant is not None:  # the refit moved weights off the grid
+        quant.finish_(info.module, w)
     err_after = output_error(w_ref, w, h)
     if not all_finite(w):
         raise RuntimeError(f"reconstruction of {info.module} produced non-finite weights")
@@ -140,7 +144,8 @@ def checkpoint_digest(model: nn.Module, linears: list[LinearInfo], batches: list
 @torch.no_grad()
 def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict], criterion: str,
                  n: int, m: int, *, forward_kwargs: dict | None = None, config: ReconstructConfig | None = None,
-                 device: str = "cpu", quiet: bool = True, checkpoints: Checkpoints | None = None) -> MaskResult:
+                 device: str = "cpu", quiet: bool = True, checkpoints: Checkpoints | None = None,
+                 quantize=None) -> MaskResult:
     """Prune every ``info.prune`` linear of ``model`` to N:M along K with OBS reconstruction, in place.
 
     ``batches`` are the calibration batches (masks by ``criterion`` use each block's own inputs). Post-conditions:
@@ -196,7 +201,7 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
                 # siblings (q/k/v) come one after another and read one input: the next may reuse the factor
                 share = i + 1 < len(names) and hessians[names[i + 1]].k == hessians[name].k
                 records[name] = _reconstruct_linear(model, by_module[name], hessians.pop(name), criterion, n, m,
-                                                    config, device, factors, share_next=share)
+                                                    config, device, factors, share_next=share, quant=quantize)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the CLI's error line says how to go on
         if ckpt is not None:
             ckpt.hint(exc)
@@ -209,7 +214,7 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
             if name not in hessians or hessians[name].count == 0:
                 raise RuntimeError(f"{name} never ran on the calibration batches: cannot reconstruct it")
             records[name] = _reconstruct_linear(model, by_module[name], hessians.pop(name), criterion, n, m,
-                                                config, home)
+                                                config, home, quant=quantize)
     model.train(was_training)
     for info in linears:
         if not info.prune:
@@ -223,6 +228,8 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
                               "reconstruction": {k: rec[k] for k in ("tokens", "rel_error_mask_only",
                                                                      "rel_error_reconstructed")}})
     check_nm(model, linears, n, m)
+    if quantize is not None:  # the grids the weights are on (passes.quantize.JointQuant), for the quantize step
+        result.weight_scales = quantize.scales
     return result
 
 
