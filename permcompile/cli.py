@@ -15,6 +15,7 @@ from .cli_eval import eval_cmd
 from .cli_run import run_command
 from .config import UPDATES, SearchConfig
 from .passes.permute import STRATEGIES
+from .quantization import QUANT_MODES
 
 
 def _precheck_optimize(model, calib, seed) -> None:
@@ -96,6 +97,9 @@ def _trt_ranges(pairs) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
 @click.option("--update", default="obs", show_default=True, type=click.Choice(UPDATES),
               help="After masking, update the kept weights to absorb the pruning error (obs: SparseGPT-style OBS "
                    "then a least-squares refit, block by block on the calibration data; none: mask only).")
+@click.option("--quantize", default="none", show_default=True, type=click.Choice(QUANT_MODES.choices()),
+              help="8-bit weights and activations of the 2:4 layers, for TensorRT's sparse FP8/INT8 kernels. "
+                   + QUANT_MODES.help_text() + ".")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same result).")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu or cuda[:N]. On cuda, calibration statistics and reconstruction run there one block at a "
@@ -118,7 +122,8 @@ def _trt_ranges(pairs) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
 @click.option("--quiet", is_flag=True, help="No progress output or notes; warnings and errors still print.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples, calib_seq_len, precision, prune_mode,
-             update, seed, device, search_pairs, residual, resume, trt_profile, force, trust_pickle, quiet, debug):
+             update, quantize, seed, device, search_pairs, residual, resume, trt_profile, force, trust_pickle, quiet,
+             debug):
     """Permute, fold, prune to N:M, export and verify MODEL (short name or HF folder).
 
     Add --debug to any command to see tracebacks instead of one error line.
@@ -131,7 +136,8 @@ def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples,
                                 precision=precision, prune=prune_mode != "none", calib=calib,
                                 calib_samples=calib_samples, calib_seq_len=calib_seq_len, seed=seed,
                                 device=local_device(device), prune_embeddings=prune_mode == "all",
-                                residual=residual, search=parse_search(search_pairs), update=update)
+                                residual=residual, search=parse_search(search_pairs), update=update,
+                                quantize=quantize)
         from .pipeline import optimize as run
 
         result = run(model, out, config, force=force, batch_range=batch_range, seq_range=seq_range,

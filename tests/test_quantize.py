@@ -250,3 +250,40 @@ def test_all_zero_activations_refused():
         model.model.layers[1].post_attention_layernorm.weight.fill_(float("nan"))
     with pytest.raises(UsageError, match="not finite"):
         quantize_(QuantRequest(model, infos, [batch], QuantizeConfig(mode="fp8")), "fp8")
+
+
+# --- command line ---------------------------------------------------------------------------------
+def test_cli_quantize_reaches_the_config(monkeypatch, tmp_path, tiny_dir):
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    import permcompile.pipeline as pipeline
+    from permcompile.cli import main
+
+    seen = {}
+
+    def fake(model, out, config, **kwargs):
+        seen["config"] = config
+        return SimpleNamespace(report={"model": model, "sparsity": str(config.sparsity),
+                                       "permutation": config.permutation, "criterion": config.criterion})
+
+    monkeypatch.setattr(pipeline, "optimize", fake)
+    runner = CliRunner()
+    args = ["optimize", str(tiny_dir("llama")), "--out", str(tmp_path / "o"), "--quantize", "fp8"]
+    result = runner.invoke(main, args)
+    assert seen and seen["config"].quantize.mode == "fp8", result.output
+    assert "--quantize [none|fp8|int8]" in runner.invoke(main, ["optimize", "--help"]).output
+
+
+def test_cli_refuses_a_pattern_tensorrt_cannot_run_in_one_line(tmp_path, tiny_dir):
+    from click.testing import CliRunner
+
+    from permcompile.cli import main
+
+    result = CliRunner().invoke(main, ["optimize", str(tiny_dir("llama")), "--out", str(tmp_path / "o"),
+                                       "--quantize", "int8", "--sparsity", "4:8"])
+    assert result.exit_code != 0
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and "2:4" in lines[0], result.output
+    assert not list(tmp_path.iterdir())
