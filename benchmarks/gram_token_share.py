@@ -24,7 +24,7 @@ from permcompile.hfenv import unset_hf_env
 os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: provenance
-from provenance import command_line, git_state, provenance_lines  # noqa: E402
+from provenance import command_line, git_state, provenance_lines, write_result  # noqa: E402
 
 import torch
 
@@ -77,11 +77,12 @@ def main() -> None:
         ev, ev1 = torch.linalg.eigvalsh(g), torch.linalg.eigvalsh(g - g0)
         lines.append(f"| {name} | {float(torch.trace(g0) / torch.trace(g)):.3f} | {ratio:.1f} | "
                      f"{float(ev[-1] / ev.sum()):.3f} | {float(ev1[-1] / ev1.sum()):.3f} |")
-    lines += [""] + provenance_lines({"command": command_line("gram_token_share.py"), "git": git_state()})
+    provenance = {"command": command_line("gram_token_share.py"), "git": git_state()}
+    lines += [""] + provenance_lines(provenance)
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"gram_token_share_{Path(args.model).name}.md").write_text(text)
+    write_result(RESULTS / f"gram_token_share_{Path(args.model).name}.md", text, provenance)
 
 
 if __name__ == "__main__":

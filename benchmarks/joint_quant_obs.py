@@ -13,7 +13,6 @@ Usage: python benchmarks/joint_quant_obs.py [MODEL] [--layers N] [--format int8|
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -91,10 +90,10 @@ def main() -> None:
               {k: round(v, 5) for k, v in totals.items()}, flush=True)
         rows.append({"format": fmt_name, "layer": "MEAN", **totals})
     if args.out:
-        from provenance import command_line, git_state  # noqa: PLC0415
+        from provenance import command_line, git_state, write_result  # noqa: PLC0415
 
-        Path(args.out).write_text(json.dumps({"rows": rows, "command": command_line("joint_quant_obs.py"),
-                                              "git": git_state()}, indent=1))
+        write_result(Path(args.out), {"rows": rows, "command": command_line("joint_quant_obs.py"),
+                                      "git": git_state()})
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from permcompile.hfenv import unset_hf_env
 os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: provenance
-from provenance import git_state  # noqa: E402
+from provenance import git_state, write_result  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -269,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for layers in args.layers:
             result["rows"].append(one(layers, args, work))
-            (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))  # partial results survive
-            (out_dir / f"{stem}.md").write_text(markdown(result))
+            write_result(out_dir / f"{stem}.json", result)  # partial results survive
+            write_result(out_dir / f"{stem}.md", markdown(result), result)
             plot(result, out_dir / f"{stem}.png")
     finally:
         if not args.keep and not args.work_dir:

@@ -293,7 +293,10 @@ def _write(args, rows: list[dict], dense_ppl: float, quiet: bool = False) -> Non
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "calib_file": args.calib_file,
             "eval_file": args.eval_file, "samples": args.samples, "seq_len": args.seq_len,
             "eval_tokens": args.eval_tokens, "context": args.context, "criterion": args.criterion}
-    (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    sys.path.insert(0, str(HERE))
+    from provenance import write_result
+
+    write_result(out / f"{stem}.json", {**meta, "rows": rows})
     keys = []
     for r in rows:
         k = (r["tool"], r["method"])
@@ -317,7 +320,7 @@ def _write(args, rows: list[dict], dense_ppl: float, quiet: bool = False) -> Non
         lines.append(f"| {tool} | {method} | {' / '.join(f'{p:.1f}' for p in ppl)} | "
                      f"{statistics.mean(ppl):.1f} ± {sd:.1f} | {statistics.mean(r['seconds'] for r in rs):.0f} | "
                      f"{max(r['peak_mb'] for r in rs):.0f} |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_result(out / f"{stem}.md", "\n".join(lines) + "\n", meta)
     if not quiet:
         print("\n".join(lines))
 

@@ -38,7 +38,7 @@ from permcompile.hfenv import unset_hf_env
 os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: provenance
-from provenance import git_state  # noqa: E402
+from provenance import git_state, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (report key, column title)
@@ -205,11 +205,11 @@ def main() -> None:
     out = {"permutation": args.permutation, "criterion": args.criterion, "sparsity": args.sparsity,
            "precision": args.precision, "calib": args.calib or "embedded default", "calib_samples": args.calib_samples,
            "calib_seq_len": args.calib_seq_len, "prefetch": args.prefetch, "env": env, "rows": rows, "target": target,
-           "command": " ".join(["python", "benchmarks/pipeline_cost.py"] + sys.argv[1:])}
+           "command": " ".join(["python", "benchmarks/pipeline_cost.py"] + sys.argv[1:]), "git": env["git"]}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"pipeline_cost_{args.permutation}_{args.criterion}{args.tag}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    write_result(out_dir / f"{stem}.json", out)
 
     head = ["model"] + [t for _, t in STAGES] + ["total excl. load", "wall excl. load", "CPU s excl. load",
                                                   "trace child CPU s", "load", "peak RSS (MB)", "checks"]
@@ -259,7 +259,7 @@ def main() -> None:
                   f"dominant stage: {target['dominant_stage']} "
                   f"({target['dominant_seconds']:.1f} s, {100 * target['dominant_share']:.0f}% of the timed total)."]
     lines += ["", f"Command: `{out['command']}`"]
-    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_result(out_dir / f"{stem}.md", "\n".join(lines) + "\n", out)
     print("\n".join(lines))
 
 

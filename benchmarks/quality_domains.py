@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import statistics
 import subprocess
@@ -264,7 +263,10 @@ def _write(args, meta: dict, rows: list[dict], quiet: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     n, m = args.sparsity.split(":")
     stem = f"domains_{args.model}_{n}of{m}" + (f"_{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    sys.path.insert(0, str(HERE))
+    from provenance import write_result
+
+    write_result(out / f"{stem}.json", {**meta, "rows": rows})
     domains = list(meta["eval_tokens"])
     calib_list = ", ".join(f"{k} = `{v}`" for k, v in meta["calib"].items())
     eval_list = ", ".join(f"{k} `{v}` ({meta['eval_tokens'][k]} tokens)" for k, v in meta["eval"].items())
@@ -307,7 +309,7 @@ def _write(args, meta: dict, rows: list[dict], quiet: bool = False) -> None:
         if any(ratios.values()):
             lines.append(f"| {calib} | {method} | " + " | ".join(
                 f"{statistics.mean(v):.2f}" if v else "" for v in ratios.values()) + " |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_result(out / f"{stem}.md", "\n".join(lines) + "\n", meta)
     if not quiet:
         print("\n".join(lines))
 

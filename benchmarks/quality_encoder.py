@@ -37,7 +37,7 @@ from permcompile.hfenv import unset_hf_env
 os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: provenance
-from provenance import git_state, provenance_lines  # noqa: E402
+from provenance import git_state, provenance_lines, write_result  # noqa: E402
 
 import torch
 
@@ -364,9 +364,9 @@ def write_results(stem: str, out: dict, lines: list[str], out_dir: str | Path | 
     folder = Path(out_dir) if out_dir else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
     out.setdefault("git", git_state())
-    (folder / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    write_result(folder / f"{stem}.json", out)
     lines = lines + [""] + provenance_lines(out)
-    (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_result(folder / f"{stem}.md", "\n".join(lines) + "\n", out)
     print("\n".join(lines))
 
 

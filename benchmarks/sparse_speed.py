@@ -44,7 +44,7 @@ from permcompile.hfenv import unset_hf_env
 os.environ.update(unset_hf_env())  # offline and quiet, before transformers is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules: provenance
-from provenance import command_line, git_state, provenance_lines  # noqa: E402
+from provenance import command_line, git_state, provenance_lines, write_result  # noqa: E402
 
 import torch
 import torch.nn.functional as F
@@ -466,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
            "command": command, "git": git_state(), "skipped": False}
 
     def write(o):
-        (out_dir / f"{stem}.json").write_text(json.dumps(o, indent=1))
-        (out_dir / f"{stem}.md").write_text(markdown(o))
+        write_result(out_dir / f"{stem}.json", o)
+        write_result(out_dir / f"{stem}.md", markdown(o), o)
 
     if not args.dry_run and not torch.cuda.is_available():
         out.update(skipped=True, reason="no CUDA device (torch.cuda.is_available() is False); "

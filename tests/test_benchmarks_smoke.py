@@ -403,3 +403,33 @@ def test_results_record_the_commit_and_the_command(tmp_path, capsys):
     md = (tmp_path / "t.md").read_text()
     assert f"Commit `{data['git']['commit'][:12]}`" in md
     assert md.rstrip().endswith("Command: `python benchmarks/quality_encoder.py --methods none`")
+
+
+def test_result_writer_refuses_a_result_without_commit_or_command(tmp_path):
+    """benchmarks/provenance.write_result is the one writer of result files: no commit ("" or "unknown") or no
+    command, no file."""
+    mod = _load("provenance")
+    good = {"command": "python benchmarks/x.py", "git": {"commit": "abc123", "modified": []}}
+    assert json.loads(mod.write_result(tmp_path / "a.json", good).read_text()) == good
+    assert mod.write_result(tmp_path / "a.md", "table\n", {"command": "c", "commit": "abc"}).read_text() == "table\n"
+    for bad, why in [({"command": "c", "git": {"commit": ""}}, "no commit"),
+                     ({"command": "c", "git": {"commit": "unknown"}}, "no commit"),
+                     ({"command": "c"}, "no commit"), ({"command": " ", "commit": "abc"}, "no command"),
+                     ({"git": {"commit": "abc"}}, "no command")]:
+        with pytest.raises(mod.MissingProvenance, match=why):
+            mod.write_result(tmp_path / "b.json", bad)
+        with pytest.raises(mod.MissingProvenance, match=why):
+            mod.write_result(tmp_path / "b.md", "table\n", bad)
+    assert not (tmp_path / "b.json").exists() and not (tmp_path / "b.md").exists()
+
+
+def test_every_tracked_benchmark_writes_results_through_write_result():
+    """No script writes a JSON result itself (the path that let results go out without a commit)."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files", "benchmarks/*.py"], cwd=BENCH.parent, capture_output=True,
+                             text=True).stdout.split()
+    offenders = [f"{name}:{i}" for name in tracked if not name.endswith("provenance.py")
+                 for i, line in enumerate((BENCH.parent / name).read_text().splitlines(), 1)
+                 if "write_text(json.dumps" in line]
+    assert not offenders, offenders
