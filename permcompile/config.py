@@ -230,6 +230,7 @@ class LearnedConfig:
 
 UPDATES = ("none", "obs")
 MASK_SCORES = ("obs", "criterion")
+HELDOUT_MODES = ("auto", "none")
 SEARCH_OBJECTIVES = ("criterion", "obs")
 
 
@@ -254,8 +255,30 @@ class ReconstructConfig:
     # (seed 0) and MiniLM's embedding cosine 0.875 -> 0.897 (2 seeds): docs/FINDINGS.md, "reconstruction"
     refit_iters: int = 30
     search: str = "criterion"
+    # Hessian shrinkage ρ, (1 − ρ)·H + ρ·diag(H) (math.obs.shrink_): how much the update may lean on the channel
+    # correlations of the calibration text. With a held-out part (``heldout``) it is where the search starts
+    shrink: float = 0.0
+    # "auto": each block holds out part of the calibration data (one kind of text in turn when the batches come
+    # from several, else a quarter of the batches), fits the update without it and keeps the least shrinkage in
+    # ``shrink``, then ``shrink + step``, ... that beats the mask alone there, else the mask alone; "none": ``shrink``
+    heldout: str = "auto"
+    shrink_step: float = 0.25
+
+    def shrink_steps(self) -> tuple[float, ...]:
+        """The shrinkages the held-out search tries, in order (all below 1: ρ = 1 is the mask alone)."""
+        steps, rho = [], self.shrink
+        while rho < 1 - 1e-9:
+            steps.append(round(rho, 6))
+            rho += self.shrink_step
+        return tuple(steps)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.shrink < 1 or not 0 < self.shrink_step <= 1:
+            raise UsageError(f"reconstruction needs 0 <= shrink < 1 and 0 < shrink_step <= 1, got {self.shrink!r} "
+                             f"and {self.shrink_step!r}")
+        if self.heldout not in HELDOUT_MODES:
+            raise UsageError(f"reconstruction heldout must be one of {', '.join(HELDOUT_MODES)}, "
+                             f"got {self.heldout!r}")
         if self.search not in SEARCH_OBJECTIVES:
             raise UsageError(f"reconstruction search must be one of {', '.join(SEARCH_OBJECTIVES)}, "
                              f"got {self.search!r}")

@@ -20,7 +20,7 @@ from permcompile.testing.zoo import build_tiny
 
 def _compress(net, **kw):
     loaded = wrap_module(copy.deepcopy(net))
-    c = compress_(loaded, OptimizeConfig(calib_samples=8, calib_seq_len=32, **kw), quiet=True)
+    c = compress_(loaded, OptimizeConfig(**{"calib_samples": 8, "calib_seq_len": 32, **kw}), quiet=True)
     return loaded, c
 
 
@@ -44,7 +44,10 @@ def test_reconstruction_is_nm_and_closer_to_dense(arch):
         assert is_nm(weight_kout(recon.model, info), 2, 4), info.module
     for rec in c1.mask_result.layers:
         r = rec["reconstruction"]
-        assert r["rel_error_reconstructed"] < r["rel_error_mask_only"], rec["module"]
+        if r["shrink"] is None:  # the held-out check kept the mask alone: its error, not more
+            assert r["heldout"]["choice"] == "mask" and r["rel_error_reconstructed"] == r["rel_error_mask_only"]
+        else:
+            assert r["rel_error_reconstructed"] < r["rel_error_mask_only"], rec["module"]
     # the same permutations were folded: reconstruction is what differs, and the model moved less
     assert {k: v.tolist() for k, v in c0.perms.items()} == {k: v.tolist() for k, v in c1.perms.items()}
     assert _output_error(recon, net, c1.batches) < _output_error(masked, net, c0.batches)
@@ -268,3 +271,42 @@ def test_every_strategy_has_one_handler_and_the_step_checks_validity(monkeypatch
     with pytest.raises(RuntimeError, match="invalid permutation"):
         permute(PermuteRequest(loaded, c.groups, c.stats, c.batches, OptimizeConfig(permutation="hungarian"),
                                c.linears, {i.param for i in c.linears if i.prune}))
+
+
+def test_heldout_check_fits_without_one_kind_of_text_and_records_the_choice():
+    """The embedded set's batches come from three kinds of text: each block fits without one of them, scores
+    the update on it, and keeps the least shrinkage that beats the mask alone there (or the mask)."""
+    from permcompile.calib.data import load_calibration
+    from permcompile.passes.reconstruct import heldout_batches
+
+    net = build_tiny("llama").eval()
+    loaded = wrap_module(copy.deepcopy(net))
+    batches = load_calibration(None, loaded, 12, 32, 0, batch_size=4)
+    pick = heldout_batches(batches, "auto")
+    kinds = sorted(set(batches.sources))
+    assert [{batches.sources[i] for i in pick(b)} for b in range(3)] == [{k} for k in kinds]
+    assert heldout_batches(batches, "none") is None
+    _, c = _compress(net, permutation="hungarian", update="obs", calib_samples=12)
+    for rec in c.mask_result.layers:
+        held = rec["reconstruction"]["heldout"]
+        assert held["tokens"] > 0 and held["choice"] in held["tried"]
+        assert held["rel_error_reconstructed"] <= held["rel_error_mask_only"]
+    # without the check: the plain update everywhere, never the mask alone
+    cfg = ReconstructConfig(heldout="none")
+    _, plain = _compress(net, permutation="hungarian", update="obs", reconstruct=cfg)
+    assert all(r["reconstruction"]["shrink"] == 0.0 and "heldout" not in r["reconstruction"]
+               for r in plain.mask_result.layers)
+
+
+def test_one_text_holds_out_a_quarter_of_the_batches_in_turn():
+    from permcompile.calib.data import CalibrationBatches
+    from permcompile.passes.reconstruct import heldout_batches
+
+    batches = CalibrationBatches([{}] * 8)
+    batches.sources, batches.documents = ["a.txt"] * 8, 1
+    pick = heldout_batches(batches, "auto")
+    assert [sorted(pick(b)) for b in range(5)] == [[0, 4], [1, 5], [2, 6], [3, 7], [0, 4]]
+    share = batches.share(1, 2)  # a second process's share: the same global choice
+    assert [sorted(share.positions[i] for i in heldout_batches(share, "auto")(b)) for b in range(4)] == [
+        [], [1, 5], [], [3, 7]]
+    assert heldout_batches(CalibrationBatches([{}]), "auto") is None

@@ -315,7 +315,8 @@ def choose_update(w_ref: Tensor, h_fit: Tensor, h_val: Tensor, crit: Tensor, n: 
     of them ranks the candidates): ``None`` = the ``crit`` N:M mask with no update (the masks-only result), a float
     ρ = the OBS update (+ refit) on ``shrink_(h_fit, ρ)``. ``shrinks`` are tried in order and the search stops at
     the first that beats the mask alone (the fast path: the plain update generalises). Returns the choice and
-    ``{"mask": error, "shrink=ρ": error, ...}``, each relative to the held-out output energy of ``w_ref``."""
+    ``{"mask": error, "shrink=ρ": error, ...}``, each relative to the held-out output energy of ``w_ref``.
+    ``h_fit`` is used as scratch and left as it was, up to rounding (``shrinks`` below 1)."""
     from .nm import nm_mask
 
     idx = torch.linspace(0, w_ref.shape[0] - 1, min(rows, w_ref.shape[0])).round().long().unique()
@@ -324,11 +325,12 @@ def choose_update(w_ref: Tensor, h_fit: Tensor, h_val: Tensor, crit: Tensor, n: 
     errors = {"mask": output_error(ref, ref * nm_mask(crit[idx], n, m), h_val) / total}
     best, best_err = None, errors["mask"]
     for rho in shrinks:
-        h = shrink_(h_fit.clone(), float(rho))
+        h = shrink_(h_fit, float(rho))  # in place and undone below: no K×K copy
         w = ref.clone()
         keep = sparsegpt_nm_(w, h, n, m, damp=damp, block=block, scores=crit[idx] if mask == "criterion" else None)
         if refit_iters:
             refit_masked_(w, ref, keep, h, iters=refit_iters, damp=damp)
+        unshrink_(h_fit, float(rho))
         err = output_error(ref, w, h_val) / total
         errors[f"shrink={float(rho):g}"] = err
         if err < best_err:

@@ -26,8 +26,8 @@ from ..calib.blocks import model_hessians, stream_hessians
 from ..calib.distributed import same_on_every_rank
 from ..config import ReconstructConfig
 from ..math.nm import criterion_scores, is_nm
-from ..math.obs import (HessianAccumulator, all_finite, dampened_inverse_cholesky, output_error, refit_masked_,
-                        sparsegpt_nm_)
+from ..math.obs import (HessianAccumulator, all_finite, choose_update, dampened_inverse_cholesky, output_error,
+                        refit_masked_, shrink_, sparsegpt_nm_, unshrink_)
 from .checkpoint import Checkpoints, PassCheckpoint
 from .sparsify import LinearInfo, MaskResult, check_nm, weight_kout
 
@@ -42,9 +42,13 @@ def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumula
                         share_next: bool = True, quant=None) -> dict:
     """Prune one linear to N:M with OBS updates (in place); returns its record (errors before/after).
 
-    ``acc`` is spent (its buffer becomes the Hessian). ``factors`` caches ``(H, Cholesky factor of H⁻¹)``
+    ``acc`` is spent (its buffer becomes the Hessian). With a held-out part (``acc.heldout``) the update is first
+    fitted without it and scored on it (:func:`math.obs.choose_update`): the least shrinkage that beats the mask
+    alone there is used, or the mask alone when none does. ``factors`` caches ``(H, Cholesky factor of H⁻¹)``
     pairs: siblings reading one input (q/k/v) share one; ``share_next=False`` (the next layer reads another
     input) drops it before the refit."""
+    from ..math.nm import nm_mask
+
     view = weight_kout(model, info)
     w_ref = view.detach().to(device, torch.float32)
     h = acc.hessian(release=True).to(device)
@@ -54,40 +58,84 @@ def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumula
         raise UsageError(f"the calibration inputs of {info.module} are not finite (NaN/Inf activations)")
     act = _act_norm_from(h, acc.count)
     crit = criterion_scores(criterion, w_ref, act if criterion != "magnitude" else None)
-    from ..math.nm import nm_mask
-
-    u = None
-    if factors is not None:  # siblings (q/k/v) come one after another: only the last factor is kept
-        u = next((f for hh, f in factors if hh.shape == h.shape and torch.equal(hh, h)), None)
-        if u is None:
-            factors.clear()  # before the next K×K factor is built
-            u = dampened_inverse_cholesky(h, cfg.damp)
-            factors.append((h, u))
-    masked = w_ref * nm_mask(crit, n, m)
     total = output_error(w_ref, torch.zeros_like(w_ref), h)
+    masked = w_ref * nm_mask(crit, n, m)
     err_mask = output_error(w_ref, masked, h)
-    w = w_ref.clone()
-    # --quantize (passes.quantize.JointQuant): each kept column rounded to its grid before its error spreads
-    keep = sparsegpt_nm_(w, h, n, m, damp=cfg.damp, block=cfg.block,
-                         scores=crit if cfg.mask == "criterion" else None, hinv_chol=u,
-                         quantize=quant.start(info.module, w_ref) if quant is not None else None)
-    del masked
-    if not share_next and factors is not None:
-        factors.clear()
+    shrink, heldout = cfg.shrink, None
+    held = acc.heldout
+    if held is not None and 0 < held.count < acc.count:
+        h_val = held.hessian(release=True).to(device)
+        fit = acc.count - held.count
+        h.mul_(acc.count).sub_(h_val, alpha=held.count).div_(fit)  # the fitted part, in the Hessian's own buffer
+        shrink, errors = choose_update(w_ref, h, h_val, crit, n, m, cfg.shrink_steps(), damp=cfg.damp,
+                                       block=cfg.block, refit_iters=cfg.refit_iters, mask=cfg.mask)
+        h.mul_(fit).add_(h_val, alpha=held.count).div_(acc.count)  # back to the whole
+        del h_val
+        chosen = "mask" if shrink is None else f"shrink={shrink:g}"
+        heldout = {"tokens": held.count, "choice": chosen, "rel_error_mask_only": errors["mask"],
+                   "rel_error_reconstructed": errors[chosen], "tried": errors}
+    if shrink is None:  # no update carried over to the held-out inputs: the mask alone
+        w, keep = masked, nm_mask(crit, n, m)
+        if quant is not None:  # on the grid the dense row fixes, as the update would have been
+            quant.start(info.module, w_ref)
+            quant.finish_(info.module, w)
+        err_after = output_error(w_ref, w, h)
+    else:
+        del masked
+        shrink_(h, shrink)
         u = None
-    if cfg.refit_iters and (quant is None or quant.refit == "requantize"):
-        refit_masked_(w, w_ref, keep, h, iters=cfg.refit_iters, damp=cfg.damp)
-    if quant is not None:  # the refit moved weights off the grid
-        quant.finish_(info.module, w)
-    err_after = output_error(w_ref, w, h)
+        if factors is not None:  # siblings (q/k/v) come one after another: only the last factor is kept
+            u = next((f for hh, f in factors if hh.shape == h.shape and torch.equal(hh, h)), None)
+            if u is None:
+                factors.clear()  # before the next K×K factor is built
+                u = dampened_inverse_cholesky(h, cfg.damp)
+                factors.append((h, u))
+        w = w_ref.clone()
+        # --quantize (passes.quantize.JointQuant): each kept column rounded to its grid before its error spreads
+        keep = sparsegpt_nm_(w, h, n, m, damp=cfg.damp, block=cfg.block,
+                             scores=crit if cfg.mask == "criterion" else None, hinv_chol=u,
+                             quantize=quant.start(info.module, w_ref) if quant is not None else None)
+        if not share_next and factors is not None:
+            factors.clear()
+            u = None
+        if cfg.refit_iters and (quant is None or quant.refit == "requantize"):
+            refit_masked_(w, w_ref, keep, h, iters=cfg.refit_iters, damp=cfg.damp)
+        if quant is not None:  # the refit moved weights off the grid
+            quant.finish_(info.module, w)
+        unshrink_(h, shrink)  # the errors below are on the calibration inputs as they are
+        err_after = output_error(w_ref, w, h)
     if not all_finite(w):
         raise RuntimeError(f"reconstruction of {info.module} produced non-finite weights")
     view.copy_(w.to(view.device, view.dtype))
     crit_total = float(crit.sum())
-    return {"module": info.module, "tokens": acc.count,
-            "kept_importance": float((crit * keep).sum()) / crit_total if crit_total else 1.0,
-            "rel_error_mask_only": err_mask / total if total > 0 else 0.0,
-            "rel_error_reconstructed": err_after / total if total > 0 else 0.0}
+    record = {"module": info.module, "tokens": acc.count,
+              "kept_importance": float((crit * keep).sum()) / crit_total if crit_total else 1.0,
+              "rel_error_mask_only": err_mask / total if total > 0 else 0.0,
+              "rel_error_reconstructed": err_after / total if total > 0 else 0.0,
+              "shrink": shrink}
+    if heldout is not None:
+        record["heldout"] = heldout
+    return record
+
+
+def heldout_batches(batches: list, mode: str):
+    """``block index -> batch indices`` that block holds out of the update's fit, or None (no held-out check).
+
+    Batches labelled with several kinds of text (``batches.sources``, calib/data.py) hold out one kind per block,
+    in turn: the check then asks whether an update fitted on some kinds carries over to another, which is what a
+    user's traffic asks of it. Otherwise a quarter of the batches, in turn (at least two batches needed)."""
+    # several processes: each holds a share of the batches; the choice depends on the whole set only, so every
+    # process makes the same one (and the held-out sums add up to one process's)
+    total = getattr(batches, "total", None) or len(batches)
+    positions = getattr(batches, "positions", None) or list(range(len(batches)))
+    if mode == "none" or total < 2:
+        return None
+    sources = list(getattr(batches, "sources", None) or [])
+    kinds = sorted(set(sources)) if len(sources) == len(batches) else []
+    if getattr(batches, "documents", None) != 1 and len(kinds) >= 2:
+        return lambda block: {i for i, s in enumerate(sources) if s == kinds[block % len(kinds)]}
+    k = min(4, total)
+    return lambda block: {i for i, pos in enumerate(positions) if pos % k == block % k}
 
 
 STATE_FILE = "progress.json"
@@ -194,7 +242,8 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
     try:
         for _block, hessians in stream_hessians(model, batches, list(by_module), forward_kwargs=forward_kwargs,
                                                 device=device, rerun=True, desc="reconstruct", quiet=quiet,
-                                                start=start, hidden=hidden, on_block_done=block_done):
+                                                start=start, hidden=hidden, on_block_done=block_done,
+                                                heldout=heldout_batches(batches, config.heldout)):
             factors: list = []
             names = list(hessians)
             for i, name in enumerate(names):
@@ -226,7 +275,8 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
         result.layers.append({"module": info.module, "param": info.param, "shape": list(info.shape), "k": info.k,
                               "sparsity": float((w == 0).float().mean()), "kept_importance": rec["kept_importance"],
                               "reconstruction": {k: rec[k] for k in ("tokens", "rel_error_mask_only",
-                                                                     "rel_error_reconstructed")}})
+                                                                     "rel_error_reconstructed", "shrink", "heldout")
+                                                 if k in rec}})
     check_nm(model, linears, n, m)
     if quantize is not None:  # the grids the weights are on (passes.quantize.JointQuant), for the quantize step
         result.weight_scales = quantize.scales
