@@ -42,6 +42,9 @@ os.environ.update(unset_hf_env())  # offline and quiet, before transformers is i
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from provenance import command_line, git_state, provenance_lines, write_result  # noqa: E402
+
 SHARED = HERE.parent.parent / "shared" / "data"
 DEFAULT_EVAL = {
     "austen": SHARED / "austen" / "persuasion.txt",  # literary prose (the default set holds another Austen novel)
@@ -69,6 +72,15 @@ def read_domain(path: Path, max_chars: int) -> str:
     if not parts:
         sys.exit(f"no text files under {path}")
     return "\n\n".join(parts)[:max_chars]
+
+
+def calib_shape(spec: str, samples: int, seq_len: int) -> tuple[str, int, int]:
+    """``SOURCE[@SAMPLESxSEQ_LEN]`` → (source, samples, sequence length); the defaults where not given."""
+    source, _, shape = spec.partition("@")
+    if shape:
+        a, _, b = shape.partition("x")
+        samples, seq_len = int(a), int(b)
+    return source, samples, seq_len
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:
@@ -105,18 +117,12 @@ def method_config(base, head: str, overrides: dict):
                                reconstruct=recon)
 
 
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "permcompile", "benchmarks/quality_domains.py"],
-                           cwd=HERE.parent, capture_output=True, text=True, check=False).stdout.strip()
-    return out.stdout.strip() + ("+uncommitted" if dirty else "")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--calib", action="append", default=None,
-                    help="NAME=SOURCE (default: narrow=<shared>/austen/emma.txt and default=default)")
+                    help="NAME=SOURCE[@SAMPLESxSEQ_LEN] (default: narrow=<shared>/austen/emma.txt and "
+                    "default=default@32x128, the embedded set at optimize's defaults)")
     ap.add_argument("--eval", action="append", default=None, help="NAME=PATH (default: five domains, see the source)")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     ap.add_argument("--no-dense", action="store_true")
@@ -140,7 +146,7 @@ def main() -> None:
     from permcompile.pipeline import compress_
 
     calibs = dict(c.split("=", 1) for c in (args.calib or [f"narrow={SHARED / 'austen' / 'emma.txt'}",
-                                                           "default=default"]))
+                                                           "default=default@32x128"]))
     evals = ({k: Path(v) for k, v in (e.split("=", 1) for e in args.eval)} if args.eval else dict(DEFAULT_EVAL))
     methods = [parse_method(s) for s in args.methods]
     for _name, _head, overrides in methods:
@@ -163,7 +169,7 @@ def main() -> None:
                     for k, v in eval_ids.items()}
 
     rows: list[dict] = []
-    meta = {"commit": git_commit(), "command": "python benchmarks/quality_domains.py " + " ".join(sys.argv[1:]),
+    meta = {"git": git_state(), "command": command_line("quality_domains.py"),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "model": args.model, "samples": args.samples,
             "seq_len": args.seq_len, "eval_tokens": {k: len(v) for k, v in eval_ids.items()}, "context": args.context,
             "criterion": args.criterion, "calib": calibs, "eval": {k: str(v) for k, v in evals.items()}}
@@ -175,17 +181,18 @@ def main() -> None:
     skip = _peer_skip(args.peer_python)
     if skip:
         print(f"llm-compressor rows skipped: {skip}", file=sys.stderr)
-    for calib_name, source in calibs.items():
+    for calib_name, spec in calibs.items():
+        source, samples, seq_len = calib_shape(spec, args.samples, args.seq_len)
         for seed in args.seeds:
             base = OptimizeConfig(sparsity=Sparsity(n, m), criterion=args.criterion, seed=seed,
-                                  calib=None if source == "default" else source, calib_samples=args.samples,
-                                  calib_seq_len=args.seq_len)
+                                  calib=None if source == "default" else source, calib_samples=samples,
+                                  calib_seq_len=seq_len)
             loaded.model.load_state_dict(dense_state)
             import warnings
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the single-text warning: this table measures exactly that
-                batches = load_calibration(base.calib, loaded, args.samples, args.seq_len, seed, batch_size=4)
+                batches = load_calibration(base.calib, loaded, samples, seq_len, seed, batch_size=4)
             plan = [(name, head, ov) for name, head, ov in methods]
             if not args.no_unstructured:
                 plan.insert(0, ("unstructured", "unstructured", {}))
@@ -263,17 +270,14 @@ def _write(args, meta: dict, rows: list[dict], quiet: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     n, m = args.sparsity.split(":")
     stem = f"domains_{args.model}_{n}of{m}" + (f"_{args.tag}" if args.tag else "")
-    sys.path.insert(0, str(HERE))
-    from provenance import write_result
-
     write_result(out / f"{stem}.json", {**meta, "rows": rows})
     domains = list(meta["eval_tokens"])
     calib_list = ", ".join(f"{k} = `{v}`" for k, v in meta["calib"].items())
     eval_list = ", ".join(f"{k} `{v}` ({meta['eval_tokens'][k]} tokens)" for k, v in meta["eval"].items())
     lines = [f"# {args.model} {args.sparsity}: held-out perplexity by kind of text", "",
-             f"commit `{meta['commit']}`; command `{meta['command']}`; OMP_WAIT_POLICY={meta['omp_wait_policy']}", "",
-             f"Calibration sets: {calib_list}; {args.samples} × "
-             f"{args.seq_len} tokens per seed (the same tokens for every row of a seed). Held-out: the first tokens "
+             *provenance_lines(meta), f"OMP_WAIT_POLICY={meta['omp_wait_policy']}", "",
+             f"Calibration sets (SOURCE@SAMPLESxTOKENS; {args.samples} × {args.seq_len} where not given): "
+             f"{calib_list}; the same tokens for every row of a seed. Held-out: the first tokens "
              f"of {eval_list}; "
              f"context {args.context}. Cells: mean ± sd over seeds (per-seed values in the JSON); ratio rows divide "
              "by the masks-only row of the same calibration set and seed.", "",
