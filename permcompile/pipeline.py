@@ -819,7 +819,10 @@ def _build_engine(out_dir, plan_path, config, loaded, batch_range, seq_range, re
             profiles[k] = tuple((b, s) for b, s in zip(batch_range, seq_range))
     with t.step("tensorrt"):
         try:
-            info = build_engine(out_dir / "model.onnx", plan_path, config.precision, profiles, sparse=config.prune)
+            # a quantized graph: its Q/DQ types set the layers' precision (export/tensorrt.py)
+            extra = {"quantize": config.quantize.mode} if config.quantize.enabled else {}
+            info = build_engine(out_dir / "model.onnx", plan_path, config.precision, profiles, sparse=config.prune,
+                                **extra)
         except MissingDependencyError as exc:
             raise MissingDependencyError(f"{exc} (the ONNX artifacts are in {out_dir})") from exc
     report["tensorrt"] = _jsonable(info)

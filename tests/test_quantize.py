@@ -287,3 +287,98 @@ def test_cli_refuses_a_pattern_tensorrt_cannot_run_in_one_line(tmp_path, tiny_di
     lines = [x for x in result.output.splitlines() if x.strip()]
     assert len(lines) == 1 and "2:4" in lines[0], result.output
     assert not list(tmp_path.iterdir())
+
+
+# --- TensorRT builder path (TensorRT cannot be installed here: a stand-in module records what is asked) -------
+def _stub_tensorrt(version: str, strongly_typed_flag: bool, precision_flags: bool, log: dict):
+    import types
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+
+    class ILogger:
+        class Severity:
+            VERBOSE, INFO, WARNING, ERROR, INTERNAL_ERROR = range(5)
+
+        def __init__(self):
+            pass
+
+    creation = {"EXPLICIT_BATCH": 0}
+    if strongly_typed_flag:
+        creation["STRONGLY_TYPED"] = 1
+    flags = {"SPARSE_WEIGHTS": 10}
+    if precision_flags:
+        flags.update(FP16=11, INT8=12, FP8=13)
+
+    class Config:
+        def set_memory_pool_limit(self, *a):
+            pass
+
+        def set_flag(self, flag):
+            log.setdefault("flags", []).append({v: k for k, v in flags.items()}[flag])
+
+        def add_optimization_profile(self, p):
+            pass
+
+    class Profile:
+        def set_shape(self, *a):
+            pass
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, f):
+            log["network_flags"] = f
+            return object()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            self.logger.log(ILogger.Severity.INFO, "TRT inference plan picked sparse implementation for layers: mm_0")
+            return b"engine"
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            log["parsed"] = path
+            return True
+
+    trt.ILogger, trt.Builder, trt.OnnxParser = ILogger, Builder, OnnxParser
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(**creation)
+    trt.BuilderFlag = types.SimpleNamespace(**flags)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+    trt.ProfilingVerbosity = types.SimpleNamespace(DETAILED=0)
+    return trt
+
+
+@pytest.mark.parametrize("version, typed_flag, precision_flags, want_typed, want_flags", [
+    ("11.0.0", False, False, True, ["SPARSE_WEIGHTS"]),  # always strongly typed: no precision flag exists
+    ("10.8.0", True, True, True, ["SPARSE_WEIGHTS"]),  # asked to be strongly typed
+    ("9.2.0", False, True, False, ["SPARSE_WEIGHTS", "INT8"]),  # weakly typed: the flag enables Q/DQ layers
+])
+def test_tensorrt_builder_for_a_quantized_graph(int8_llama, tmp_path, monkeypatch, version, typed_flag,
+                                                precision_flags, want_typed, want_flags):
+    import sys
+
+    from permcompile.export import tensorrt as pc_trt
+
+    log: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", _stub_tensorrt(version, typed_flag, precision_flags, log))
+    monkeypatch.setattr(pc_trt, "_require_gpu", lambda: None)
+    info = pc_trt.build_engine(int8_llama.out_dir / "model.onnx", tmp_path / "m.plan", "fp32",
+                               {"input_ids": ((1, 1), (1, 8), (2, 16))}, quantize="int8")
+    assert info.strongly_typed is want_typed and log["flags"] == want_flags
+    assert bool(log["network_flags"] & 2) == (typed_flag and want_typed)
+    assert info.sparse_layers == ["mm_0"] and info.quantize == "int8" and not info.warnings
+    monkeypatch.setattr("torch.cuda.get_device_capability", lambda *a: (8, 0))
+    with pytest.raises(UsageError, match="FP8"):  # an A100 has no FP8: one clear error before any build
+        pc_trt.build_engine(int8_llama.out_dir / "model.onnx", tmp_path / "m8.plan", "fp32", {}, quantize="fp8")

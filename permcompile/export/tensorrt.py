@@ -9,6 +9,10 @@ Version notes (see ``docs`` / DATA.md "TensorRT facts"):
   itself must be FP16 (``export_onnx(..., precision="fp16")``). On 10.x we set ``BuilderFlag.FP16``.
 * ``BuilderFlag.SPARSE_WEIGHTS`` exists in both. The builder's INFO log names the layers that picked a
   sparse kernel ("... picked sparse implementation for layers: a, b"); we capture it with our own ILogger.
+* A quantized graph (``--quantize``: explicit Q/DQ, INT8 / FP8 weight codes) is built strongly typed where
+  TensorRT can (10.x: ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; >= 11 always): every layer's precision
+  then comes from the graph's types and no precision flag is set. Older, weakly typed builders get
+  ``BuilderFlag.INT8`` / ``BuilderFlag.FP8`` (and FP16 for an fp16 graph). FP8 needs compute capability >= 8.9.
 
 The engine is built and its sparse layers reported; it is not run here (running it needs a GPU, and a
 TensorRT-vs-ONNX-Runtime comparison belongs in verification once there is one to test it on).
@@ -56,6 +60,8 @@ class EngineInfo:
     profiles: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)  # INFO and above builder messages
+    quantize: str | None = None  # "int8" / "fp8": an explicitly quantized (Q/DQ) graph
+    strongly_typed: bool = False
 
 
 def _import_trt():
@@ -73,6 +79,15 @@ def _require_gpu() -> None:
 
     if not torch.cuda.is_available():
         raise MissingDependencyError("no CUDA GPU is visible: TensorRT engines need an NVIDIA GPU")
+
+
+def _require_fp8_gpu() -> None:
+    import torch  # noqa: PLC0415
+
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise UsageError(f"--quantize fp8: this GPU (compute capability {major}.{minor}) has no FP8 kernels; "
+                         "TensorRT needs 8.9 or newer (Ada, Hopper): use --quantize int8")
 
 
 def tensorrt_available() -> bool:
@@ -147,13 +162,17 @@ def default_profiles(onnx_path, max_batch: int = 8, opt_batch: int = 1, max_seq:
 
 def build_engine(onnx_path, plan_path, precision: str = "fp16",
                  profiles: Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]] | None = None,
-                 sparse: bool = True, workspace_bytes: int = 4 << 30, verbose_log: bool = False) -> EngineInfo:
+                 sparse: bool = True, workspace_bytes: int = 4 << 30, verbose_log: bool = False,
+                 quantize: str | None = None) -> EngineInfo:
     """Parse ``onnx_path`` with TensorRT's OnnxParser and write a serialized engine to ``plan_path``.
 
     ``profiles`` maps input name -> (min, opt, max) shapes; None derives them with :func:`default_profiles`.
+    ``quantize`` ("int8" / "fp8"): the graph carries Q/DQ with weight codes of that type (``--quantize``).
     """
     if precision not in ("fp32", "fp16"):
         raise UsageError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if quantize not in (None, "int8", "fp8"):
+        raise UsageError(f"unknown quantization {quantize!r}; choose int8 or fp8")
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise UsageError(f"ONNX file not found: {onnx_path}")
@@ -167,9 +186,16 @@ def build_engine(onnx_path, plan_path, precision: str = "fp16",
     builder = trt.Builder(logger)
     if builder is None:
         raise TensorRTError("TensorRT could not create a builder (is the GPU usable?)")
+    if quantize == "fp8":
+        _require_fp8_gpu()
     flags = 0
     if major < 10 and hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    # a Q/DQ graph names every layer's precision: strongly typed where this TensorRT can be asked to (10.x)
+    strongly_typed = major >= 11
+    if quantize and not strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        strongly_typed = True
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
@@ -181,11 +207,20 @@ def build_engine(onnx_path, plan_path, precision: str = "fp16",
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     if sparse:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-        if precision == "fp32":
+        if precision == "fp32" and not quantize:
             notes.append("FP32 engines never use sparse tactics: export with precision fp16 to get 2:4 kernels")
     onnx_is_fp16 = _onnx_has_fp16_weights(onnx_path)
+    if quantize and not strongly_typed:  # weakly typed builders (< 10) run Q/DQ layers only with the flag on
+        wanted = "INT8" if quantize == "int8" else "FP8"
+        if not hasattr(trt.BuilderFlag, wanted):
+            raise TensorRTError(f"TensorRT {trt.__version__} has no {wanted} support: use TensorRT >= 10")
+        config.set_flag(getattr(trt.BuilderFlag, wanted))
     if precision == "fp16":
-        if hasattr(trt.BuilderFlag, "FP16"):  # TensorRT <= 10: weakly typed networks need the flag
+        if strongly_typed and quantize:
+            if not onnx_is_fp16:
+                raise TensorRTError("a strongly typed network takes precision from the ONNX, which is FP32: "
+                                    "export it with precision fp16")
+        elif hasattr(trt.BuilderFlag, "FP16"):  # TensorRT <= 10: weakly typed networks need the flag
             config.set_flag(trt.BuilderFlag.FP16)
         elif not onnx_is_fp16:  # TensorRT >= 11: strongly typed, precision comes from the ONNX
             raise TensorRTError(f"TensorRT {trt.__version__} takes precision from the ONNX, which is FP32: "
@@ -210,14 +245,14 @@ def build_engine(onnx_path, plan_path, precision: str = "fp16",
     with open(plan_path, "wb") as fh:
         fh.write(memoryview(serialized))
     picked, eligible = parse_sparse_layers(logger.lines)
-    if sparse and precision == "fp16" and not picked:
+    if sparse and (precision == "fp16" or quantize) and not picked:
         notes.append("no layer picked a sparse kernel (small layers, or a faster dense tactic won)")
     return EngineInfo(
         plan_path=plan_path, precision=precision, trt_version=str(trt.__version__), sparse=sparse,
         build_seconds=time.perf_counter() - start, size_bytes=plan_path.stat().st_size,
         sparse_layers=picked, eligible_layers=eligible,
         profiles={k: (tuple(v[0]), tuple(v[1]), tuple(v[2])) for k, v in profiles.items()},
-        warnings=notes, log=list(logger.lines),
+        warnings=notes, log=list(logger.lines), quantize=quantize, strongly_typed=strongly_typed,
     )
 
 
