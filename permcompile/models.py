@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from torch import nn
 
 from .errors import MissingDependencyError, UsageError
 from .hfenv import set_hf_env
+from .safepath import UnsafePathError, iter_files, read_json, resolve_inside, unsafe_entries
 
 # Nothing here may reach the network: set before transformers / huggingface_hub are imported.
 set_hf_env(quiet=False)
@@ -234,10 +236,12 @@ def _check_safetensors(files: list[Path]) -> None:
 
     for path in files:
         if path.name.endswith(".index.json"):
+            index = read_json(path)
             try:
-                index = json.loads(path.read_text(encoding="utf-8"))
                 shards = sorted(set(index["weight_map"].values()))
-            except Exception as exc:
+                for shard in shards:  # names from the folder: none may lead out of it
+                    resolve_inside(path.parent, shard, "weight shard")
+            except (KeyError, TypeError, AttributeError) as exc:
                 raise UsageError(f"{path} is not a valid safetensors index ({_short(exc)})") from None
             missing = [s for s in shards if not (path.parent / s).is_file()]
             if missing:
@@ -255,14 +259,7 @@ def _check_safetensors(files: list[Path]) -> None:
 
 def _read_config_dict(folder: Path) -> dict:
     cfg_path = folder / "config.json"
-    try:
-        data = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UsageError(f"{cfg_path} is not a UTF-8 text file") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{cfg_path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read {cfg_path}: {exc.strerror or _short(exc)}") from None
+    data = read_json(cfg_path)
     if not isinstance(data, dict):
         raise UsageError(f"{cfg_path} must hold a JSON object, not {type(data).__name__}")
     return data
@@ -334,6 +331,69 @@ def _refuse_mismatched_shapes(folder: Path, auto_cls, config, safes: list[Path])
         return
 
 
+# what a config may build beyond the checkpoint's own tensors (heads transformers initialises when a checkpoint
+# lacks them: a pooler, a classifier): elements
+_UNSTORED_SLACK = 1 << 24
+
+
+def _weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in ``folder``'s safetensors files, from their headers alone."""
+    from safetensors import safe_open
+
+    found: dict[str, tuple[int, ...]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:  # maps the file; reads the header only
+            for key in handle.keys():
+                found[key] = tuple(handle.get_slice(key).get_shape())
+    return found
+
+
+def check_config_against_weights(folder: Path, auto_cls, config=None) -> None:
+    """Refuse a ``config.json`` that describes a larger model than ``folder``'s safetensors hold, before the model
+    is built: transformers allocates the whole model first and compares shapes after (a config claiming
+    hidden 16384 over tiny weights took 6 GB). The model is built on the meta device (no memory) and its shapes
+    compared with the safetensors headers; :class:`UsageError` names the first mismatch."""
+    import re
+
+    from .modelio import text_config
+
+    folder = Path(folder)
+    try:
+        headers = _weight_shapes(folder)
+        if config is None:
+            config = _transformers().AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception:  # unreadable headers or config: the loader's own checks say what is wrong
+        return
+    if not headers:
+        return
+    # layers: ModuleList entries are numbered in every transformers architecture; building a config's million
+    # layers, even on the meta device, would take minutes
+    numbered = [int(x) for key in headers for x in re.findall(r"\.(\d+)\.", key)]
+    layers = getattr(text_config(config), "num_hidden_layers", None)
+    if isinstance(layers, int) and numbered and layers > max(numbered) + 1:
+        raise UsageError(f"weights in {folder} do not match config.json: it gives num_hidden_layers {layers}, the "
+                         f"weights hold {max(numbered) + 1}")
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta = auto_cls.from_config(config)
+    except Exception:  # a config transformers refuses: its own message says why, when it loads
+        return
+    prefix = getattr(auto_cls, "base_model_prefix", "") or getattr(meta, "base_model_prefix", "") or ""
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    for key, shape in headers.items():
+        want = next((expected[k] for k in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}") if k in expected),
+                    None)
+        if want is not None and want != shape:
+            raise UsageError(f"weights in {folder} do not match config.json: {key} has shape {list(shape)} in the "
+                             f"weights, config.json gives {list(want)}")
+    stored = sum(math.prod(shape) for shape in headers.values())
+    built = sum(p.numel() for p in meta.parameters())
+    if built > 2 * stored + _UNSTORED_SLACK:
+        raise UsageError(f"weights in {folder} do not match config.json: it describes {built:,} parameters, the "
+                         f"weights hold {stored:,}")
+
+
 def _refuse_non_finite(model: nn.Module, folder: "Path | str") -> None:
     """NaN or Inf in a weight would surface later as a failed score or mask: name the tensor now."""
     for name, tensor in model.named_parameters():  # buffers may hold -inf on purpose (attention masks)
@@ -370,6 +430,10 @@ def _load_folder(folder: Path, *, trust_pickle: bool = False, name: str | None =
         raise UsageError(f"model path {folder} does not exist")
     if not folder.is_dir():
         raise UsageError(f"model path {folder} is a file; give a Hugging Face model folder (with config.json)")
+    unsafe = unsafe_entries(folder)  # before anything in it is opened (a Hub snapshot's blob links are fine)
+    if unsafe:
+        more = f" (+{len(unsafe) - 3} more)" if len(unsafe) > 3 else ""
+        raise UnsafePathError(f"model folder {folder} is not safe to read: {'; '.join(unsafe[:3])}{more}")
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder} has no config.json: not a Hugging Face model folder")
     cfg_dict = _read_config_dict(folder)
@@ -407,6 +471,8 @@ def _load_folder(folder: Path, *, trust_pickle: bool = False, name: str | None =
         raise UsageError(f"{folder} has a config.json but no weights (model.safetensors) next to it")
 
     auto_cls = getattr(transformers, auto_name)
+    if safes:
+        check_config_against_weights(folder, auto_cls, config)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -455,18 +521,19 @@ MAX_EXTRA_FILE_BYTES = 64 * 1024 * 1024  # larger: weights in a format not liste
 
 
 def copy_extra_files(src: Path, dst: Path) -> list[str]:
-    """Copy ``src``'s files that ``dst`` lacks, but for weights, code, model cards and hidden files (links are
-    followed: a Hub cache snapshot links to its blobs). Returns the relative paths copied."""
+    """Copy ``src``'s files that ``dst`` lacks, but for weights, code, model cards and hidden files. A symlink is
+    followed only to a regular file inside ``src`` (or a Hub cache snapshot's blobs, which its files link to):
+    ``LICENSE -> ~/.ssh/id_rsa`` is not copied. Returns the relative paths copied."""
     copied = []
-    for path in sorted(src.rglob("*")):
+    for path in iter_files(src):
         rel = path.relative_to(src)
         name = path.name.lower()
-        if (any(part.startswith(".") for part in rel.parts) or not path.is_file() or name.endswith(_WEIGHT_SUFFIXES)
+        if (any(part.startswith(".") for part in rel.parts) or name.endswith(_WEIGHT_SUFFIXES)
                 or name.endswith(".py") or name in _NOT_COPIED or (dst / rel).exists()
                 or path.stat().st_size > MAX_EXTRA_FILE_BYTES):
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dst / rel)
+        shutil.copyfile(path.resolve(), dst / rel)  # the target iter_files checked
         copied.append(rel.as_posix())
     return copied
 

@@ -103,6 +103,9 @@ def resolve_outputs(out: str | os.PathLike, force: bool, model=None) -> tuple[Pa
     ``force`` and only if it is a permcompile output that does not hold the input model; the nearest
     existing parent folder must accept a file (a real write probe, not just permission bits).
     """
+    from .safepath import check_output_name
+
+    check_output_name(out)
     out = Path(out)
     plan = None
     if out.suffix == ".plan":

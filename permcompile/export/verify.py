@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import math
 import os
 import time
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError, VerificationError
+from ..safepath import UnsafePathError, read_json, resolve_inside, unsafe_entries
 from ..hfenv import set_hf_env
 from ..modelio import random_inputs, text_config
 from .onnx import ExportWrapper, iter_weight_uses
@@ -52,6 +52,7 @@ DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 ONNX_FILE = "model.onnx"
 HF_DIR = "hf"
 REPORT = "report.json"
+MAX_REPORT_BYTES = 256 << 20  # report.json lists every pruned layer, and per-layer glue indices
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,12 +150,6 @@ def check_external_data(path, proto=None) -> list[str]:
             problems.append(f"{path.name}: {str(exc).splitlines()[0][:200]}")
             break  # one reason is enough: the same file usually fails every tensor
     return problems
-
-
-def _has_external_data(proto) -> bool:
-    from onnx.external_data_helper import uses_external_data
-
-    return any(uses_external_data(t) for t in proto.graph.initializer)
 
 
 def onnx_nm_report(path, n: int = 2, m: int = 4, min_k: int = 0,
@@ -507,7 +502,11 @@ def _integrity_check(out_dir: Path, report: Mapping[str, Any]) -> Check:
     problems = []
     seen: dict[tuple, str] = {}
     for rel, digest in recorded.items():
-        p = out_dir / rel
+        try:  # names from report.json: never opened outside OUT
+            p = resolve_inside(out_dir, rel, "recorded file")
+        except UnsafePathError:
+            problems.append(f"{rel!r} lies outside the folder")
+            continue
         if not p.is_file():
             problems.append(f"{rel} missing")
             continue
@@ -534,13 +533,16 @@ def _integrity_check(out_dir: Path, report: Mapping[str, Any]) -> Check:
 def _read_report(out_dir: Path) -> dict[str, Any]:
     if not out_dir.is_dir():
         raise UsageError(f"{out_dir} is not a folder")
+    # an output holds regular files only (triton/ shares model.onnx by a hard link): a symlink out of OUT or a
+    # named pipe is refused before anything in the folder is opened
+    unsafe = unsafe_entries(out_dir)
+    if unsafe:
+        more = f" (+{len(unsafe) - 3} more)" if len(unsafe) > 3 else ""
+        raise VerificationError(f"{out_dir} is not safe to read: {'; '.join(unsafe[:3])}{more}")
     path = out_dir / REPORT
     if not path.is_file():
         raise UsageError(f"{out_dir} is not a permcompile output folder: {REPORT} is missing")
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}".splitlines()[0]) from exc
+    report = read_json(path, max_bytes=MAX_REPORT_BYTES)
     if not isinstance(report, dict):
         raise UsageError(f"{path} does not hold a JSON object")
     return report
@@ -639,8 +641,10 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
         # what onnx.load would refuse (hard links, symlinks, paths outside the folder), here and in triton/
         # (a graph without external data has nothing to resolve, and its Triton copy is the same bytes)
         problems = check_external_data(onnx_path, onnx_model)
-        if _has_external_data(onnx_model):
-            problems += [p for f in sorted(out_dir.glob("triton/*/*/model.onnx")) for p in check_external_data(f)]
+        for copy in sorted(out_dir.glob("triton/*/*/model.onnx")):
+            if not copy.samefile(onnx_path):  # a hard link is the graph just checked; anything else is read too
+                where = copy.parent.relative_to(out_dir).as_posix()
+                problems += [f"{where}/{p}" for p in check_external_data(copy)]
         if problems:
             raise VerificationError("; ".join(problems))
     except Exception as exc:  # noqa: BLE001
@@ -680,9 +684,14 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
         if cls is None or not str(report["auto_class"]).startswith("Auto"):
             raise ValueError(f"unknown auto class {report['auto_class']!r}")
         set_hf_env(quiet=False)
-        hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+        hf_config = read_json(hf_dir / "config.json", f"{HF_DIR}/config.json")
         if isinstance(hf_config, Mapping) and hf_config.get("auto_map"):  # never run code from an output
             raise ValueError("config.json asks to run custom code (auto_map); permcompile never runs it")
+        from ..models import check_config_against_weights
+
+        # a config.json claiming a larger model than the weights hold would be allocated in full before
+        # transformers compares shapes: the safetensors headers are compared first
+        check_config_against_weights(hf_dir, cls)
         # in the dtype it was saved in (the checkpoint's): a half model's reference still runs in fp32
         model = cls.from_pretrained(str(hf_dir), dtype="auto", local_files_only=True,
                                     trust_remote_code=False).eval()
