@@ -36,7 +36,7 @@ from ..math.gather import replica_columns
 from ..math.nm import nm_mask
 from .checkpoint import Checkpoints, PassCheckpoint
 from .groups import Group, gather_index
-from .sparsify import choose_permutations, consumer_scores, group_progress
+from .sparsify import choose_permutations, consumer_scores, group_progress, kept_fraction
 
 
 @dataclass
@@ -587,7 +587,6 @@ def learned_permutations(loaded, groups: list[Group], stats: dict, batches: list
     checkpoint."""
     from torch.func import functional_call
 
-    from ..math.nm import kept_importance
     from .sparsify import group_score_matrix
 
     n, m = config.sparsity.n, config.sparsity.m
@@ -654,7 +653,7 @@ def learned_permutations(loaded, groups: list[Group], stats: dict, batches: list
         perms[g.name] = res.perms[g.name]
         r = by_name[g.name]
         matrix = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
-        r.kept_chosen = kept_importance(matrix, n, m, perms[g.name]) / float(matrix.sum())
+        r.kept_chosen = kept_fraction(matrix, n, m, perms[g.name])
         r.strategy = "learned"
         r.seconds += res.seconds / max(1, len(movable))
         # the model's loss is one number for all groups: each group reports it

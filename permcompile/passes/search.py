@@ -33,7 +33,7 @@ from ..calib.stats import StopForward
 from ..math.search import Consumer, gram_rows, learn_permutation, objective_gram
 from .checkpoint import Checkpoints, write_atomic
 from .groups import Group
-from .sparsify import choose_permutations, consumer_scores, group_progress, weight_kout
+from .sparsify import choose_permutations, consumer_scores, group_progress, kept_fraction, weight_kout
 
 
 def block_key(module: str) -> str:
@@ -154,7 +154,6 @@ def _chunks(keys, blocks, net, pruned, budget):
 
 def _search_block(block_groups, hooks, net, stats, config, pruned, perms, by_name, gen, bar,
                  sensitivity: dict | None = None) -> dict:
-    from ..math.nm import kept_importance
     from .sparsify import group_score_matrix
 
     n, m = config.sparsity.n, config.sparsity.m
@@ -192,7 +191,7 @@ def _search_block(block_groups, hooks, net, stats, config, pruned, perms, by_nam
         perms[g.name] = res.perm
         r = by_name[g.name]
         scores = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
-        r.kept_chosen = kept_importance(scores, n, m, res.perm) / float(scores.sum())
+        r.kept_chosen = kept_fraction(scores, n, m, res.perm)
         r.strategy = "search"
         _record_search(r, lc.objective, float(res.loss_warm), float(res.loss_best), int(res.swaps),
                        f"{lc.objective} error {res.loss_warm:.5f} ({lc.warm_start}) -> {res.loss_best:.5f}"
@@ -232,7 +231,6 @@ def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) ->
     (a seeded sample beyond that). Returns checkpoint entries like :func:`_search_block`.
     """
     from ..math.search import diagonal_exchanges
-    from ..math.nm import kept_importance
     from .sparsify import group_score_matrix
 
     n, m = config.sparsity.n, config.sparsity.m
@@ -266,7 +264,7 @@ def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) ->
             raise RuntimeError(f"learned permutation for {g.name} breaks its constraints")
         perms[g.name] = perm
         matrix = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
-        r.kept_chosen = kept_importance(matrix, n, m, perm) / float(matrix.sum())
+        r.kept_chosen = kept_fraction(matrix, n, m, perm)
         r.strategy = "search"
         _record_search(r, "diagonal", float(before), float(after), int(kept),
                        f"diagonal error over {len(energies)} readers {before:.5f} ({config.search.warm_start})"

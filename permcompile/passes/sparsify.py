@@ -189,8 +189,7 @@ def choose_permutations(groups: list[Group], model: nn.Module, stats: dict, crit
                 "size not divisible by M" if group.size % m else "every element pinned")
             ident = torch.arange(group.size)
             perms[group.name] = ident
-            k = (kept_importance(scores, n, m) / float(scores.sum().clamp_min(1e-30))
-                 if scores is not None and group.size % m == 0 else 0.0)
+            k = kept_fraction(scores, n, m) if scores is not None and group.size % m == 0 else 0.0
             results.append(GroupResult(group.name, group.kind, group.size, "none", k, k, 0.0,
                                        len(group.consumers), len(set(group.fixed)), note))
             if progress:
@@ -200,15 +199,20 @@ def choose_permutations(groups: list[Group], model: nn.Module, stats: dict, crit
         perm = torch.as_tensor(perm, dtype=torch.long)
         if not group.is_valid(perm):  # post-condition of every strategy
             raise RuntimeError(f"strategy {strategy} returned an invalid permutation for {group.name}")
-        total = float(scores.sum())
-        k0 = kept_importance(scores, n, m) / total
-        k1 = kept_importance(scores, n, m, perm) / total
+        k0, k1 = kept_fraction(scores, n, m), kept_fraction(scores, n, m, perm)
         perms[group.name] = perm
         results.append(GroupResult(group.name, group.kind, group.size, strategy, k0, k1,
                                    time.perf_counter() - start, len(group.consumers), len(set(group.fixed))))
         if progress:
             progress(group.name)
     return perms, results
+
+
+def kept_fraction(scores: torch.Tensor, n: int, m: int, perm=None) -> float:
+    """Share of the total score the N:M mask keeps. An all-zero score matrix (a zero weight, or inputs that are
+    always zero) loses nothing to any mask: 1.0."""
+    total = float(scores.sum())
+    return kept_importance(scores, n, m, perm) / total if total > 0 else 1.0
 
 
 def permute_stats_(stats: dict, groups: list[Group], perms: dict[str, torch.Tensor]) -> None:
