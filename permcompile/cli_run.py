@@ -1,4 +1,4 @@
-"""How every ``permcompile`` command runs: one ``error:`` line per failure, SIGTERM like Ctrl-C.
+"""How every ``permcompile`` command runs: one ``error:`` line per failure, SIGTERM and SIGHUP like Ctrl-C.
 
 Shared by :mod:`permcompile.cli` and :mod:`permcompile.cli_eval` (which ``cli`` registers), so neither
 imports the other's module at run time.
@@ -19,9 +19,14 @@ from .hfenv import set_hf_env
 set_hf_env()
 
 
-def _on_sigterm(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-    raise Terminated()
+# SIGHUP: an ssh session or terminal that goes away; the run is as dead as after SIGTERM and must clean up alike
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _on_signal(signum, frame):
+    for sig in _SIGNALS:  # a second signal must not cut the cleanup short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signal.Signals(signum).name, 128 + signum)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -31,11 +36,12 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 def run_command(fn, debug: bool, precheck=None):
     """Run ``fn`` turning every error into one line; ``precheck`` (torch-free argument checks) runs first,
-    before transformers and torch are imported. SIGTERM unwinds like Ctrl-C (temporaries removed), exit 143."""
+    before transformers and torch are imported. SIGTERM and SIGHUP unwind like Ctrl-C (temporaries removed), exit
+    128 + the signal's number."""
     try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = {sig: signal.signal(sig, _on_signal) for sig in _SIGNALS}
     except ValueError:  # not the main thread: leave signals alone
-        previous = None
+        previous = {}
     try:
         if precheck is not None:
             precheck()
@@ -52,9 +58,9 @@ def run_command(fn, debug: bool, precheck=None):
         sys.exit(exc.exit_code)
     except Terminated as exc:
         hint = getattr(exc, "resume_hint", None)
-        click.echo("error: terminated by SIGTERM (nothing was written to the output"
-                   + (f"; {hint})" if hint else ")"), err=True)
-        sys.exit(143)
+        _echo_error(f"error: terminated by {exc.signal_name} (nothing was written to the output"
+                    + (f"; {hint})" if hint else ")"))
+        sys.exit(exc.exit_status)
     except KeyboardInterrupt as exc:
         # a pass that keeps a checkpoint says what is in it (``passes/checkpoint.py`` sets ``resume_hint``)
         hint = getattr(exc, "resume_hint", None)
@@ -74,8 +80,16 @@ def run_command(fn, debug: bool, precheck=None):
                    err=True)
         sys.exit(1)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _echo_error(line: str) -> None:
+    """The error line; after SIGHUP the terminal may be gone, and a failed write must not become a traceback."""
+    try:
+        click.echo(line, err=True)
+    except OSError:
+        pass
 
 
 def _quiet_hf() -> None:

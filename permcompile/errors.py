@@ -68,5 +68,10 @@ def write_failure(exc: BaseException) -> str | None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``docker stop``, CI timeouts, orchestrators), raised in the main thread like Ctrl-C so that every
-    ``finally`` runs: temporary folders are removed and nothing is left at OUT. The CLI exits 143 (128 + 15)."""
+    """SIGTERM (``docker stop``, CI timeouts, orchestrators) or SIGHUP (the ssh session or terminal went away),
+    raised in the main thread like Ctrl-C so that every ``finally`` runs: temporary folders are removed and
+    nothing is left at OUT. The CLI exits 128 + the signal's number (143 for SIGTERM, 129 for SIGHUP)."""
+
+    def __init__(self, signal_name: str = "SIGTERM", exit_status: int = 143):
+        super().__init__(signal_name)
+        self.signal_name, self.exit_status = signal_name, exit_status
