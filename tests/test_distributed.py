@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -10,23 +9,31 @@ import torch
 from permcompile.config import OptimizeConfig
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _compress(seed_dir: str, rank: int, world: int, port: int) -> None:
+def _init(rendezvous: str, rank: int, world: int) -> None:
+    """Join the group through a file, not a port: a free port picked here can be taken by another process on a
+    shared machine before rank 0 binds it."""
     import torch.distributed as dist
 
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+
+
+def _leave() -> None:
+    """Both ranks reach the barrier before either tears its group down: a rank that destroys its group (or exits)
+    while the other still talks to it can abort in gloo's C++ threads."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _compress(seed_dir: str, rank: int, world: int, rendezvous: str) -> None:
     from permcompile.models import wrap_module
     from permcompile.pipeline import compress_
     from permcompile.testing.zoo import build_tiny
 
     torch.set_num_threads(1)
     if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        _init(rendezvous, rank, world)
     try:
         loaded = wrap_module(build_tiny("llama").eval())
         c = compress_(loaded, OptimizeConfig(permutation="hungarian", calib_samples=16, calib_seq_len=32), quiet=True)
@@ -35,7 +42,7 @@ def _compress(seed_dir: str, rank: int, world: int, port: int) -> None:
                    os.path.join(seed_dir, f"rank{rank}_of{world}.pt"))
     finally:
         if world > 1:
-            dist.destroy_process_group()
+            _leave()
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
@@ -44,10 +51,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    _compress(str(tmp_path), 0, 1, 0)
+    _compress(str(tmp_path), 0, 1, "")
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_compress, args=(str(tmp_path), r, 2, port)) for r in range(2)]
+    rendezvous = str(tmp_path / "rendezvous")
+    procs = [ctx.Process(target=_compress, args=(str(tmp_path), r, 2, rendezvous)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -64,14 +71,11 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         assert torch.equal(w, ranks[1]["state"][name]), name
 
 
-def _helpers(seed_dir: str, rank: int, world: int, port: int) -> None:
-    import torch.distributed as dist
-
+def _helpers(seed_dir: str, rank: int, world: int, rendezvous: str) -> None:
     from permcompile.calib.distributed import check_same_weights, from_rank0, same_on_every_rank
     from permcompile.errors import UsageError
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _init(rendezvous, rank, world)
     try:
         out = {"from_rank0": from_rank0(lambda: {"rank": rank})}
         torch.manual_seed(0)
@@ -90,7 +94,7 @@ def _helpers(seed_dir: str, rank: int, world: int, port: int) -> None:
             out["disagree"] = str(exc)
         torch.save(out, os.path.join(seed_dir, f"helpers{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 def test_rank0_results_and_the_weight_check(tmp_path):
@@ -100,8 +104,8 @@ def test_rank0_results_and_the_weight_check(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_helpers, args=(str(tmp_path), r, 2, port)) for r in range(2)]
+    rendezvous = str(tmp_path / "rendezvous")
+    procs = [ctx.Process(target=_helpers, args=(str(tmp_path), r, 2, rendezvous)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
