@@ -193,6 +193,10 @@ def main() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the single-text warning: this table measures exactly that
                 batches = load_calibration(base.calib, loaded, samples, seq_len, seed, batch_size=4)
+            # the dense model's input statistics depend on the batches only: one forward for every row of the seed
+            from permcompile.calib.stats import collect_input_stats
+
+            stats = collect_input_stats(loaded.model, batches, progress=False, forward_kwargs=loaded.forward_kwargs())
             plan = [(name, head, ov) for name, head, ov in methods]
             if not args.no_unstructured:
                 plan.insert(0, ("unstructured", "unstructured", {}))
@@ -200,11 +204,11 @@ def main() -> None:
                 loaded.model.load_state_dict(dense_state)
                 start = time.perf_counter()
                 if head == "unstructured":
-                    _unstructured_(loaded, batches, base, n, m)
+                    _unstructured_(loaded, stats, base, n, m)
                     timings = {}
                 else:
                     cfg = method_config(base, head, overrides)
-                    c = compress_(loaded, cfg, quiet=True, batches=batches)
+                    c = compress_(loaded, cfg, quiet=True, batches=batches, stats=stats)
                     timings = c.timings
                 seconds = time.perf_counter() - start
                 ppl = score(loaded.model)
@@ -238,8 +242,7 @@ def main() -> None:
     _write(args, meta, rows)
 
 
-def _unstructured_(loaded, batches, base, n: int, m: int) -> None:
-    from permcompile.calib.stats import collect_input_stats
+def _unstructured_(loaded, stats, base, n: int, m: int) -> None:
     from permcompile.capture import capture
     from permcompile.passes.coupling import analyze
     from permcompile.passes.sparsify import select_linears, unstructured_masks_
@@ -247,7 +250,6 @@ def _unstructured_(loaded, batches, base, n: int, m: int) -> None:
     net = loaded.model
     captured = capture(net, loaded.example_inputs(), loaded.forward_kwargs())
     linears = select_linears(net, captured, analyze(captured), m)
-    stats = collect_input_stats(net, batches, progress=False, forward_kwargs=loaded.forward_kwargs())
     unstructured_masks_(net, linears, stats, base.criterion, 1 - n / m)
 
 
