@@ -181,64 +181,64 @@ def main() -> None:
     skip = _peer_skip(args.peer_python)
     if skip:
         print(f"llm-compressor rows skipped: {skip}", file=sys.stderr)
-    for calib_name, spec in calibs.items():
+    # seeds outermost: an interrupted run still has every calibration set of its first seeds
+    for seed, (calib_name, spec) in ((s, c) for s in args.seeds for c in calibs.items()):
         source, samples, seq_len = calib_shape(spec, args.samples, args.seq_len)
-        for seed in args.seeds:
-            base = OptimizeConfig(sparsity=Sparsity(n, m), criterion=args.criterion, seed=seed,
-                                  calib=None if source == "default" else source, calib_samples=samples,
-                                  calib_seq_len=seq_len)
+        base = OptimizeConfig(sparsity=Sparsity(n, m), criterion=args.criterion, seed=seed,
+                              calib=None if source == "default" else source, calib_samples=samples,
+                              calib_seq_len=seq_len)
+        loaded.model.load_state_dict(dense_state)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the single-text warning: this table measures exactly that
+            batches = load_calibration(base.calib, loaded, samples, seq_len, seed, batch_size=4)
+        # the dense model's input statistics depend on the batches only: one forward for every row of the seed
+        from permcompile.calib.stats import collect_input_stats
+
+        stats = collect_input_stats(loaded.model, batches, progress=False, forward_kwargs=loaded.forward_kwargs())
+        plan = [(name, head, ov) for name, head, ov in methods]
+        if not args.no_unstructured:
+            plan.insert(0, ("unstructured", "unstructured", {}))
+        for name, head, overrides in plan:
             loaded.model.load_state_dict(dense_state)
-            import warnings
+            start = time.perf_counter()
+            if head == "unstructured":
+                _unstructured_(loaded, stats, base, n, m)
+                timings = {}
+            else:
+                cfg = method_config(base, head, overrides)
+                c = compress_(loaded, cfg, quiet=True, batches=batches, stats=stats)
+                timings = c.timings
+            seconds = time.perf_counter() - start
+            ppl = score(loaded.model)
+            rows.append({"calib": calib_name, "seed": seed, "method": name, "spec": f"{head}:{overrides}",
+                         "ppl": ppl, "seconds": round(seconds, 1), "timings": timings})
+            print(f"[{calib_name} seed {seed}] {name}: " + "  ".join(f"{k} {v:.1f}" for k, v in ppl.items())
+                  + f"  ({seconds:.0f} s)", file=sys.stderr, flush=True)
+            _write(args, meta, rows, quiet=True)
+        if not skip:
+            ids = torch.cat([b["input_ids"] for b in batches])
+            calib_file = work / f"calib_{calib_name}_{seed}.pt"
+            torch.save(ids, calib_file)
+            out = work / f"sparsegpt_{calib_name}_{seed}"
+            model_dir = _model_dir(loaded)
+            start = time.perf_counter()
+            res = subprocess.run([args.peer_python, str(HERE / "peer_llmcompressor.py"), "--worker", "llmc",
+                                  "--method", "sparsegpt", "--sparsity", args.sparsity, "--calib", str(calib_file),
+                                  "--seed", str(seed), "--model-dir", model_dir, "--out", str(out)],
+                                 capture_output=True, text=True, check=False)
+            if res.returncode:
+                print(f"  sparsegpt failed: {res.stdout[-800:]}{res.stderr[-800:]}", file=sys.stderr)
+                continue
+            from transformers import AutoModelForCausalLM
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the single-text warning: this table measures exactly that
-                batches = load_calibration(base.calib, loaded, samples, seq_len, seed, batch_size=4)
-            # the dense model's input statistics depend on the batches only: one forward for every row of the seed
-            from permcompile.calib.stats import collect_input_stats
-
-            stats = collect_input_stats(loaded.model, batches, progress=False, forward_kwargs=loaded.forward_kwargs())
-            plan = [(name, head, ov) for name, head, ov in methods]
-            if not args.no_unstructured:
-                plan.insert(0, ("unstructured", "unstructured", {}))
-            for name, head, overrides in plan:
-                loaded.model.load_state_dict(dense_state)
-                start = time.perf_counter()
-                if head == "unstructured":
-                    _unstructured_(loaded, stats, base, n, m)
-                    timings = {}
-                else:
-                    cfg = method_config(base, head, overrides)
-                    c = compress_(loaded, cfg, quiet=True, batches=batches, stats=stats)
-                    timings = c.timings
-                seconds = time.perf_counter() - start
-                ppl = score(loaded.model)
-                rows.append({"calib": calib_name, "seed": seed, "method": name, "spec": f"{head}:{overrides}",
-                             "ppl": ppl, "seconds": round(seconds, 1), "timings": timings})
-                print(f"[{calib_name} seed {seed}] {name}: " + "  ".join(f"{k} {v:.1f}" for k, v in ppl.items())
-                      + f"  ({seconds:.0f} s)", file=sys.stderr, flush=True)
-                _write(args, meta, rows, quiet=True)
-            if not skip:
-                ids = torch.cat([b["input_ids"] for b in batches])
-                calib_file = work / f"calib_{calib_name}_{seed}.pt"
-                torch.save(ids, calib_file)
-                out = work / f"sparsegpt_{calib_name}_{seed}"
-                model_dir = _model_dir(loaded)
-                start = time.perf_counter()
-                res = subprocess.run([args.peer_python, str(HERE / "peer_llmcompressor.py"), "--worker", "llmc",
-                                      "--method", "sparsegpt", "--sparsity", args.sparsity, "--calib", str(calib_file),
-                                      "--seed", str(seed), "--model-dir", model_dir, "--out", str(out)],
-                                     capture_output=True, text=True, check=False)
-                if res.returncode:
-                    print(f"  sparsegpt failed: {res.stdout[-800:]}{res.stderr[-800:]}", file=sys.stderr)
-                    continue
-                from transformers import AutoModelForCausalLM
-
-                net = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-                rows.append({"calib": calib_name, "seed": seed, "method": "llm-compressor SparseGPT",
-                             "ppl": score(net), "seconds": round(time.perf_counter() - start, 1)})
-                del net
-                print(f"[{calib_name} seed {seed}] sparsegpt: {rows[-1]['ppl']}", file=sys.stderr, flush=True)
-                _write(args, meta, rows, quiet=True)
+            net = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+            rows.append({"calib": calib_name, "seed": seed, "method": "llm-compressor SparseGPT",
+                         "ppl": score(net), "seconds": round(time.perf_counter() - start, 1)})
+            del net
+            print(f"[{calib_name} seed {seed}] sparsegpt: {rows[-1]['ppl']}", file=sys.stderr, flush=True)
+            _write(args, meta, rows, quiet=True)
     _write(args, meta, rows)
 
 
