@@ -192,7 +192,7 @@ def main() -> None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the single-text warning: this table measures exactly that
-            batches = load_calibration(base.calib, loaded, samples, seq_len, seed, batch_size=4)
+            batches = load_calibration(base.calib, loaded, samples, seq_len, seed)  # as optimize batches them
         # the dense model's input statistics depend on the batches only: one forward for every row of the seed
         from permcompile.calib.stats import collect_input_stats
 
