@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import MissingDependencyError, UsageError
 from .hfenv import set_hf_env
-from .safepath import UnsafePathError, iter_files, read_json, resolve_inside, unsafe_entries
+from .safepath import JSONBoundsError, UnsafePathError, iter_files, read_json, resolve_inside, unsafe_entries
 
 # Nothing here may reach the network: set before transformers / huggingface_hub are imported.
 set_hf_env(quiet=False)
@@ -436,6 +436,13 @@ def _load_folder(folder: Path, *, trust_pickle: bool = False, name: str | None =
         raise UnsafePathError(f"model folder {folder} is not safe to read: {'; '.join(unsafe[:3])}{more}")
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder} has no config.json: not a Hugging Face model folder")
+    for extra in sorted(folder.glob("*.json")):  # what transformers will parse: over the bounds is refused first
+        try:
+            read_json(extra)
+        except JSONBoundsError:
+            raise
+        except UsageError:  # malformed: transformers' own handling (a broken tokenizer file is skipped, warned)
+            pass
     cfg_dict = _read_config_dict(folder)
     _refuse_remote_code(folder, cfg_dict)
     transformers = _transformers()

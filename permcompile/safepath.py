@@ -27,6 +27,10 @@ class UnsafePathError(UsageError):
     """A path in an untrusted folder leaves it, or names something that is not a regular file."""
 
 
+class JSONBoundsError(UsageError):
+    """A JSON file larger or more deeply nested than anything permcompile reads is meant to be."""
+
+
 def _roots(root: Path) -> list[Path]:
     """``root`` resolved, and the Hub cache's blob store when ``root`` is one of its snapshots."""
     base = root.resolve()
@@ -125,44 +129,42 @@ def iter_files(root) -> Iterator[Path]:
             continue
 
 
-def read_json(path, what: str | None = None, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH,
-              error=UsageError) -> Any:
+def read_json(path, what: str | None = None, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse the JSON file ``path`` within bounds: a regular file (a pipe is refused unopened) of at most
-    ``max_bytes``, UTF-8, nested at most ``max_depth`` deep. Every failure is one ``error`` line naming
-    ``what`` (default: the path)."""
+    ``max_bytes``, UTF-8, nested at most ``max_depth`` deep. Every failure is one :class:`UsageError` line naming
+    ``what`` (default: the path); :class:`JSONBoundsError` for a file over the bounds."""
     path = Path(path)
     what = what or str(path)
     try:
         mode = path.stat().st_mode
         if not stat.S_ISREG(mode):
-            raise error(f"{what} is {_kind(mode)}, not a regular file; refusing to open it")
+            raise UnsafePathError(f"{what} is {_kind(mode)}, not a regular file; refusing to open it")
         size = path.stat().st_size
         if size > max_bytes:
-            raise error(f"{what} is {size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB a JSON file "
-                        "here may hold")
+            raise JSONBoundsError(f"{what} is {size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB a "
+                                  "JSON file here may hold")
         with open(path, "rb") as fh:
             raw = fh.read(max_bytes + 1)
     except OSError as exc:
-        raise error(f"cannot read {what}: {exc.strerror or exc}") from None
-    return parse_json(raw, what, max_bytes, max_depth, error)
+        raise UsageError(f"cannot read {what}: {exc.strerror or exc}") from None
+    return parse_json(raw, what, max_bytes, max_depth)
 
 
-def parse_json(raw: bytes | str, what: str, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH,
-               error=UsageError) -> Any:
+def parse_json(raw: bytes | str, what: str, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """:func:`read_json` for bytes or text already read."""
     if len(raw) > max_bytes:
-        raise error(f"{what} is larger than the {max_bytes / 2**20:.0f} MiB a JSON file here may hold")
+        raise JSONBoundsError(f"{what} is larger than the {max_bytes / 2**20:.0f} MiB a JSON file here may hold")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         data = json.loads(text)
     except UnicodeDecodeError:
-        raise error(f"{what} is not a UTF-8 text file") from None
+        raise UsageError(f"{what} is not a UTF-8 text file") from None
     except json.JSONDecodeError as exc:
-        raise error(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        raise UsageError(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
     except RecursionError:
-        raise error(f"{what} is nested more than {max_depth} levels deep; refusing to read it") from None
+        raise JSONBoundsError(f"{what} is nested more than {max_depth} levels deep; refusing to read it") from None
     if _depth(data) > max_depth:
-        raise error(f"{what} is nested more than {max_depth} levels deep; refusing to read it")
+        raise JSONBoundsError(f"{what} is nested more than {max_depth} levels deep; refusing to read it")
     return data
 
 

@@ -249,9 +249,12 @@ def test_config_larger_than_its_weights(case, llama, out, no_model_build):
     _refused(llama, out, "do not match config.json")
 
 
-def test_deeply_nested_config(llama, out):
-    (llama / "config.json").write_text('{"model_type": "llama", "deep": ' + _deep(100_000) + "}", encoding="utf-8")
-    _refused(llama, out, "config.json", "nested")
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+def test_deeply_nested_json_in_a_model_folder(name, llama, out):
+    """config.json is ours to read, generation_config.json transformers': neither may reach the parser unbounded."""
+    path = llama / name
+    path.write_text(path.read_text().rstrip()[:-1] + f', "deep": {_deep(100_000)}}}', encoding="utf-8")
+    _refused(llama, out, name, "nested")
 
 
 # ------------------------------------------------------------------------------------------------ degenerate layers
