@@ -21,6 +21,7 @@ from .errors import UsageError
 
 MAX_JSON_BYTES = 64 << 20
 MAX_JSON_DEPTH = 100
+_SIDE_NAME_BYTES = 32  # what the names of an output's temporaries and lock add to its own (pipeline.py)
 
 
 class UnsafePathError(UsageError):
@@ -196,3 +197,17 @@ def check_output_name(path) -> None:
                          "safetensors cannot write or read such paths: choose another name") from None
     if "\x00" in text:
         raise UsageError("output path holds a NUL character")
+    # the run writes next to OUT under longer names (.OUT.tmp-PID-XXXXXXXX, .OUT.failed.old-PID-XXXXXXXX, the
+    # lock): a name the file system takes for OUT itself can still fail there, after all the work
+    name = os.fsencode(os.path.basename(os.path.normpath(absolute)))
+    parent = os.path.dirname(os.path.normpath(absolute))
+    while parent and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    try:
+        name_max = os.pathconf(parent or "/", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(name) + _SIDE_NAME_BYTES > name_max:
+        raise UsageError(f"output name {os.path.basename(text)[:40]}... is {len(name)} bytes; permcompile writes "
+                         f"next to it under names up to {_SIDE_NAME_BYTES} bytes longer and the file system allows "
+                         f"{name_max}: choose a shorter name")

@@ -354,10 +354,13 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(models, "load_model", boom)
 
 
-def test_output_name_the_toolchain_cannot_take(llama, tmp_path, no_model_load):
-    """A name that is not UTF-8 (a byte the file system takes, ONNX Runtime cannot) is refused before any work."""
-    target = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/out\xff"))
-    assert_one_error(invoke(["optimize", llama, "--out", target, *FAST]), 2, "not valid UTF-8")
+@pytest.mark.parametrize("name,fragment", [(b"out\xff", "not valid UTF-8"), (b"o" * 240, "shorter name")],
+                         ids=["not-utf8", "no-room-for-temporaries"])
+def test_output_name_the_toolchain_cannot_take(name, fragment, llama, tmp_path, no_model_load):
+    """Names the file system takes for OUT but the run cannot use: not UTF-8 (ONNX Runtime fails on it after the
+    export), or too long for the temporary folder written next to OUT. Refused before any work."""
+    target = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/" + name))
+    assert_one_error(invoke(["optimize", llama, "--out", target, *FAST]), 2, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
