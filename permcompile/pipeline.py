@@ -269,6 +269,14 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
     if fold_err > 1e-4:
         raise VerificationError(f"folding changed the model's output (relative error {fold_err:.2e}); "
                                 "this is a bug in the coupling analysis, please report it")
+    smoothing = None
+    if config.quantize.enabled and config.quantize.smooth_alpha is not None:
+        from .passes.smooth import smooth_
+
+        with t.step("smooth"):  # SmoothQuant diagonals, folded and checked like the permutations
+            smoothing = smooth_(net, groups, [i for i in linears if i.prune], local, config.quantize.smooth_alpha,
+                                lambda: _max_rel_err(net, verify_inputs, dense_ref, loaded),
+                                loaded.forward_kwargs(), stats)
     mask_result = None
     if config.prune and config.update == "obs":
         from .passes.reconstruct import reconstruct_
@@ -291,6 +299,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: "_Timer | None" = None, 
                 net, linears, local, config.quantize, precision=config.resolve_precision(model_dtype(net)),
                 stats=stats, forward_kwargs=loaded.forward_kwargs(),
                 weight_scales=getattr(mask_result, "weight_scales", None)))
+            quant_plan.smoothing = smoothing or {}
     check_same_weights(net)  # several processes: every rank must end with rank 0's weights (a warning if not)
     return Compressed(groups, linears, perms, group_results, fold_report, fold_err, mask_result, stats, batches,
                       verify_inputs, t.timings, checkpoints, quant_plan)
