@@ -16,7 +16,6 @@ or ``.last_hidden_state`` in its output works, so an :class:`OnnxModel` can stan
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -756,11 +755,15 @@ class OnnxModel:
 
 # ================================================================================================ evaluate()
 def _read_report(folder: Path) -> dict:
+    """The output folder's report.json; the folder is someone else's files: a symlink out of it or a named pipe in
+    it refuses it before anything is opened (``permcompile/safepath.py``)."""
+    from .safepath import UnsafePathError, read_json, unsafe_entries
+
+    unsafe = unsafe_entries(folder)
+    if unsafe:
+        raise UnsafePathError(f"{folder} is not safe to read: {'; '.join(unsafe[:3])}")
     path = folder / "report.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise UsageError(f"{path} is not a permcompile report (not a JSON object)")
     return data

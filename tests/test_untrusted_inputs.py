@@ -176,6 +176,26 @@ def test_verify_deeply_nested_hf_config(copy):
     assert not checks["hf_load"]["passed"] and "nested" in checks["hf_load"]["detail"], checks["hf_load"]
 
 
+def test_verify_deeply_nested_quantization_plan(tmp_path):
+    from permcompile.export.verify_quant import PLAN_FILE, load_plan
+
+    (tmp_path / PLAN_FILE).write_text('{"mode": "int8", "layers": ' + _deep(100_000) + "}", encoding="utf-8")
+    plan, checks = load_plan(tmp_path, {"quantization": {"mode": "int8"}})
+    assert plan is None and not checks[0].passed and "nested" in checks[0].detail, checks
+
+
+def test_eval_refuses_an_output_with_a_link_out_of_it(copy, tmp_path):
+    from permcompile.evaluate import evaluate
+
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shutil.move(copy / "hf" / "model.safetensors", elsewhere)
+    (copy / "hf" / "model.safetensors").symlink_to(elsewhere)
+    text = tmp_path / "text.txt"
+    text.write_text("Some words to evaluate on. " * 50, encoding="utf-8")
+    with pytest.raises(UsageError, match="symbolic link"):
+        evaluate(str(copy), str(text))
+
+
 # ------------------------------------------------------------------------------------------------ model folders
 def _refused(model: Path, out: Path, *fragments: str) -> None:
     before = snapshot(model)

@@ -9,7 +9,6 @@ with the plan's weight and input scales in its ``DequantizeLinear``/``QuantizeLi
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,18 +19,20 @@ PLAN_FILE = "quantization.json"
 
 def load_plan(out_dir: Path, report: Mapping[str, Any]):
     """``(plan or None, checks)``: None without quantization; a failed check when the plan is missing or bad."""
+    from ..errors import UsageError
     from ..passes.quantize import QuantPlan
+    from ..safepath import read_json
 
     from .verify import Check
 
     path = Path(out_dir) / PLAN_FILE
     if "quantization" not in report and not path.exists():
         return None, []
-    try:
-        plan = QuantPlan.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
+    if not path.exists():
         return None, [Check("quantization", False, f"report.json records quantization but {PLAN_FILE} is missing")]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    try:
+        plan = QuantPlan.from_json(read_json(path, PLAN_FILE))
+    except (UsageError, OSError, ValueError, KeyError, TypeError) as exc:
         return None, [Check("quantization", False, f"{PLAN_FILE}: {str(exc).splitlines()[0][:200]}")]
     pruned = {e.get("param") for e in report.get("pruned_layers", []) if isinstance(e, Mapping)}
     missing = sorted(lp.param for lp in plan.layers.values() if lp.param not in pruned)
