@@ -307,7 +307,7 @@ def masked_least_squares(w_ref: Tensor, keep: Tensor, h: Tensor) -> Tensor:
 @torch.no_grad()
 def choose_update(w_ref: Tensor, h_fit: Tensor, h_val: Tensor, crit: Tensor, n: int, m: int, shrinks, *,
                   damp: float = 0.01, block: int = 32, refit_iters: int = 30, mask: str = "obs",
-                  rows: int = 256) -> tuple[float | None, dict]:
+                  rows: int = 64) -> tuple[float | None, dict]:
     """Which update of ``w_ref`` ([out, K]) carries over to inputs it was not fitted on.
 
     Each candidate is fitted on ``h_fit`` and scored by its output error on ``h_val`` (a held-out part of the
