@@ -350,7 +350,9 @@ def test_sighup_is_handled_like_sigterm(llama, tmp_path):
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lock = tmp_path / ".out.lock"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not lock.exists():  # the run holds OUT
+    # the run holds OUT once its lock exists; the temporary folder of the export is removed by the same unwinding
+    # (test_bad_inputs.py's SIGTERM test waits for the export to begin)
+    while time.time() < deadline and proc.poll() is None and not lock.exists():
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be hung up on: " + log.read_text()[-2000:]
     proc.send_signal(signal.SIGHUP)
