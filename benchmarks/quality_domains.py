@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
 import statistics
 import subprocess
@@ -137,7 +138,13 @@ def main() -> None:
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="write one table from the rows of earlier runs' JSON files (e.g. one run per seed, run side "
+                    "by side); --tag names the result; every other option is ignored")
     args = ap.parse_args()
+    if args.combine:
+        combine(args)
+        return
 
     from permcompile.calib.data import load_calibration
     from permcompile.config import OptimizeConfig, Sparsity
@@ -242,6 +249,30 @@ def main() -> None:
     _write(args, meta, rows)
 
 
+def combine(args) -> None:
+    """One table from several runs: their rows (the dense row once), their commits and commands kept."""
+    runs = [json.loads(Path(f).read_text()) for f in args.combine]
+    first = runs[0]
+    for run in runs[1:]:
+        if run["eval_tokens"] != first["eval_tokens"] or run["calib"] != first["calib"]:
+            sys.exit(f"{args.combine}: the runs measured different calibration sets or held-out tokens")
+    rows, seen = [], set()
+    for run in runs:
+        for r in run["rows"]:
+            key = (r["calib"], r["seed"], r["method"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    rows.sort(key=lambda r: (r["method"] != "dense", r["seed"] if r["seed"] is not None else -1))
+    meta = {**{k: v for k, v in first.items() if k != "rows"}, "git": git_state(),
+            "command": command_line("quality_domains.py"),
+            "runs": [{"file": str(f), "git": r.get("git"), "command": r.get("command")}
+                     for f, r in zip(args.combine, runs)]}
+    args.samples, args.seq_len, args.context = first["samples"], first["seq_len"], first["context"]
+    args.model = first["model"]
+    _write(args, meta, rows)
+
+
 def _unstructured_(loaded, stats, base, n: int, m: int) -> None:
     from permcompile.capture import capture
     from permcompile.passes.coupling import analyze
@@ -277,7 +308,8 @@ def _write(args, meta: dict, rows: list[dict], quiet: bool = False) -> None:
     calib_list = ", ".join(f"{k} = `{v}`" for k, v in meta["calib"].items())
     eval_list = ", ".join(f"{k} `{v}` ({meta['eval_tokens'][k]} tokens)" for k, v in meta["eval"].items())
     lines = [f"# {args.model} {args.sparsity}: held-out perplexity by kind of text", "",
-             *provenance_lines(meta), f"OMP_WAIT_POLICY={meta['omp_wait_policy']}", "",
+             *provenance_lines(meta), f"OMP_WAIT_POLICY={meta['omp_wait_policy']}",
+             *(f"Rows from `{r['file']}`: {' '.join(provenance_lines(r))}" for r in meta.get("runs", [])), "",
              f"Calibration sets (SOURCE@SAMPLESxTOKENS; {args.samples} × {args.seq_len} where not given): "
              f"{calib_list}; the same tokens for every row of a seed. Held-out: the first tokens "
              f"of {eval_list}; "
