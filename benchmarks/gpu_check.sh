@@ -7,12 +7,14 @@
 #   3. `optimize smollm2 --device cuda --permutation learned --update none`: the end-to-end search's GPU time
 #   4. a random model with Llama-3.2-1B's block shape (GPU_CHECK_LAYERS layers, default 4, bf16 on disk) through
 #      `optimize --device cuda --permutation hungarian` (benchmarks/memory_scaling.py): wall time, peak RSS, checks
+#   5. FP8 and INT8 2:4 vs dense (cuSPARSELt; torch._scaled_mm / _int_mm dense) on the real linear shapes of
+#      SmolLM2-135M and Llama-3.2-1B at 1, 16 and 2048 tokens (benchmarks/quant_speed.py, issue 25)
 #
 # Results (device name, git commit, commands) go to $OUT/gpu_check/ when $OUT is set (the device runner brings
 # that folder back), else benchmarks/results/gpu_check/: summary.md, env.json, steps.jsonl, each step's log
 # and JSON. Without a CUDA device it prints one line and exits 0. Each step has its own time limit
-# (GPU_CHECK_LIMIT_SPEED / _SMOLLM2 / _LEARNED / _1B seconds); a step that fails or runs out of time is recorded and the
-# next one still runs. The script's exit status is 0 when every step passed, 1 otherwise.
+# (GPU_CHECK_LIMIT_SPEED / _SMOLLM2 / _LEARNED / _1B / _QUANT seconds); a step that fails or runs out of time is
+# recorded and the next one still runs. The script's exit status is 0 when every step passed, 1 otherwise.
 #
 #   bash benchmarks/gpu_check.sh
 #   PERMCOMPILE_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh   # where the copy has no .git
@@ -120,6 +122,10 @@ done
 step "optimize_llama1b_${LAYERS}l" "${GPU_CHECK_LIMIT_1B:-180}" "$PY" benchmarks/memory_scaling.py --layers "$LAYERS" \
   --device "$DEVICE" --work-dir "$WORK/memscale" --out-dir "$DEST" --tag _gpu_check "${TINY[@]}"
 
+# 5. FP8 / INT8 2:4 vs dense on the real shapes (the quantized deployment of --quantize)
+step quant_speed "${GPU_CHECK_LIMIT_QUANT:-45}" "$PY" benchmarks/quant_speed.py --out-dir "$DEST" --tag _gpu_check \
+  "${SPEED_DRY[@]}"
+
 "$PY" - "$DEST" "$(( $(date +%s) - START_ALL ))" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -141,7 +147,8 @@ for label, name in (("SmolLM2", "optimize_smollm2_report.json"), ("SmolLM2 learn
         checks = r.get("checks", [])
         lines += ["", f"{label}: {sum(c['passed'] for c in checks)}/{len(checks)} checks; stage seconds "
                   + json.dumps(r.get("timings", {}))]
-for name in ("memory_scaling_gpu_check.md", "sparse_speed_gpu_check.md", "sparse_speed_dryrun_gpu_check.md"):
+for name in ("memory_scaling_gpu_check.md", "sparse_speed_gpu_check.md", "sparse_speed_dryrun_gpu_check.md",
+             "quant_speed_gpu_check.md", "quant_speed_dryrun_gpu_check.md"):
     f = dest / name
     if f.is_file():
         lines += [""] + [("#" + ln if ln.startswith("#") else ln) for ln in f.read_text().splitlines()]

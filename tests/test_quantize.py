@@ -159,7 +159,7 @@ def test_quantized_output_passes_verify(which, request):
 
 def _redigest(folder):
     """Refresh report.json's digests: verify must catch a bad scale by its content, not only by the hash."""
-    from permcompile.export.verify import file_digests
+    from permcompile.export.digests import file_digests
 
     report = json.loads((folder / "report.json").read_text())
     report.pop("files")
@@ -429,3 +429,51 @@ def test_smoothing_skips_what_a_diagonal_cannot_pass():
     assert {s["kind"] for s in plan.smoothing["sites"]} == {"norm", "attention"}
     assert [s["kind"] for s in plan.smoothing["skipped"]] == ["mlp:0"]
     assert plan.smoothing["check_rel_err"] <= 1e-4
+
+
+def test_sliced_verification_runs_the_qdq_graph(int8_llama, tmp_path):
+    """Graphs above 512 MB are verified slice by slice (export/ort_chunks.py): the Q/DQ graph, its weights inline or
+    in external data, slices to the same outputs as the whole graph."""
+    import onnx
+
+    from permcompile.export.ort_chunks import run_sliced
+    from permcompile.export.verify import ort_session
+
+    path = int8_llama.out_dir / "model.onnx"
+    external = tmp_path / "model.onnx"
+    onnx.save_model(onnx.load(str(path)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    session = ort_session(path)
+    gen = np.random.default_rng(0)
+    feeds = {i.name: (gen.integers(0, 100, (2, 12)) if i.name == "input_ids" else np.ones((2, 12))).astype(np.int64)
+             for i in session.get_inputs()}
+    whole = session.run(None, feeds)[0]
+    for p in (path, external):
+        sliced = run_sliced(p, [feeds], budget=2000)[0][0]  # a few kB per slice: many slices
+        np.testing.assert_array_equal(sliced, whole)
+
+
+def test_quant_speed_dry_run_and_skip_without_cuda(tmp_path, capsys):
+    """benchmarks/quant_speed.py (gpu_check.sh step 5): its dry run builds every case on the CPU; without CUDA
+    the real run says so and exits 0."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("quant_speed", bench / "quant_speed.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert mod.main(["--dry-run", "--tokens", "1", "--out-dir", str(tmp_path)]) == 0
+        out = json.loads((tmp_path / "quant_speed_dryrun.json").read_text())
+        assert out["dry_run"] and len(out["rows"]) == 4
+        assert all("median_ms" in row[case] for row in out["rows"] for case in mod.CASES)
+        assert "DRY RUN" in (tmp_path / "quant_speed_dryrun.md").read_text()
+        if not torch.cuda.is_available():
+            assert mod.main(["--out-dir", str(tmp_path)]) == 0
+            assert json.loads((tmp_path / "quant_speed.json").read_text())["skipped"] is True
+            assert "skipped: no CUDA device" in capsys.readouterr().out
+    finally:
+        sys.path.remove(str(bench))
