@@ -378,7 +378,7 @@ def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeCon
             prefetch.cancel()
         if trace_dir is not None:
             shutil.rmtree(trace_dir, ignore_errors=True)
-        from .export.verify import clear_session_cache
+        from .export.ort_session import clear_session_cache
 
         clear_session_cache()
 
@@ -564,7 +564,7 @@ def _joint_quant(net, config):
 def _quant_tol(plan, precision: str) -> float | None:
     if plan is None:
         return None
-    from .export.verify import DEFAULT_TOLERANCE
+    from .export.checks import DEFAULT_TOLERANCE
     from .passes.quantize import quant_tolerance
 
     return quant_tolerance(plan, precision, DEFAULT_TOLERANCE[precision])
@@ -574,7 +574,7 @@ def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_resu
                      consume: bool = False, quant_plan=None) -> None:
     from .export.onnx import export_onnx
     from .export.triton import write_triton_repo
-    from .export.verify import onnx_initializer_for_param
+    from .export.onnx_graph import onnx_initializer_for_param
 
     net = loaded.model
     (tmp / "permutations.json").write_text(
@@ -644,7 +644,7 @@ def _jsonable(obj):
 
 def _write_report(folder: Path, report: dict, digests: dict | None = None) -> None:
     """Write ``report.json`` with the sha256 of every other file (``digests`` when already computed)."""
-    from .export.verify import file_digests
+    from .export.digests import file_digests
 
     report = dict(report)
     report.pop("files", None)

@@ -747,7 +747,7 @@ def _first_pruned(folder: Path) -> dict:
 
 def _rerecord_digests(folder: Path) -> None:
     """What someone 'fixing' report.json after editing files would do: integrity then passes."""
-    from permcompile.export.verify import file_digests
+    from permcompile.export.digests import file_digests
 
     report = json.loads((folder / "report.json").read_text())
     report["files"] = file_digests(folder)
@@ -1180,8 +1180,9 @@ def test_ctrl_c_during_search_then_resume(llama, tmp_path):
 
     env = {**os.environ, "PERMCOMPILE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     target = tmp_path / "out"
-    args = ["optimize", str(llama), "--out", str(target), "--calib-samples", "4", "--calib-seq-len", "32",
-            "--permutation", "search", "--update", "none"]
+    args = ["optimize", str(llama), "--out", str(target), "--calib-samples", "2", "--calib-seq-len", "16",
+            "--permutation", "search", "--search", "swap_trials=20", "--search", "residual_trials=0",
+            "--update", "none"]
     # checkpoints from the first block on (by default only once a pass has run CHECKPOINT_AFTER_S)
     main_code = ("import signal, sys\n"
                  "import permcompile.passes.checkpoint as c; c.CHECKPOINT_AFTER_S = 0\n"

@@ -45,6 +45,7 @@ def _compress(seed_dir: str, rank: int, world: int, rendezvous: str) -> None:
             _leave()
 
 
+@pytest.mark.slow  # three tiny compressions in spawned processes: ~55 s on 2 cores; the helpers' test stays default
 def test_two_gloo_ranks_match_one_process(tmp_path):
     import torch.distributed as dist
     import torch.multiprocessing as mp

@@ -125,6 +125,7 @@ def test_bf16_checkpoint_compiles_in_its_dtype(half_dir, tmp_path):
     raise_if_failed(verify_artifacts(out))
 
 
+@pytest.mark.slow  # a full optimize (~25 s); test_bf16_checkpoint_compiles_in_its_dtype covers bf16 by default
 def test_bf16_checkpoint_with_fp32_onnx(half_dir, tmp_path):
     """An explicit fp32 export of a bf16 model: the graph is fp32, hf/ stays bf16, Triton leaves sparsity off."""
     import onnx
@@ -143,6 +144,7 @@ def test_bf16_checkpoint_with_fp32_onnx(half_dir, tmp_path):
     assert "FP32" in report["triton"]["notes"][0] and report["triton"]["sparsity"] is False
 
 
+@pytest.mark.slow  # a full optimize (~20 s); the bf16 case covers half precision by default
 def test_fp16_checkpoint_compiles_in_its_dtype(half_dir, tmp_path):
     out = tmp_path / "out"
     result = optimize(str(half_dir(torch.float16)), out, _config(), quiet=True, prefetch_export=False)
@@ -163,6 +165,7 @@ def test_triton_never_pairs_sparsity_with_fp32(tmp_path):
     assert _trt_params(fp16.config)["trt_sparsity_enable"] == "1" and not fp16.notes
 
 
+@pytest.mark.slow  # two exports of a half-precision model per case (~40 s each)
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_consuming_export_writes_the_same_graph(half_dir, tmp_path, prefetch):
     """``export_onnx(consume=True)`` casts the bf16 model's own parameters (no copy) and writes the same
@@ -195,6 +198,7 @@ def test_consuming_export_writes_the_same_graph(half_dir, tmp_path, prefetch):
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+@pytest.mark.slow  # two full optimize runs (~50 s)
 def test_optimize_releases_the_model_it_loaded_but_not_one_passed_in(half_dir, tmp_path, monkeypatch):
     from permcompile import pipeline
 

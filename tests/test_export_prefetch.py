@@ -38,7 +38,8 @@ def _initializers(path):
     return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
 
 
-@pytest.mark.parametrize("builder,precision", [(tiny_llama, "fp32"), (tiny_gpt2, "fp16")])
+@pytest.mark.parametrize("builder,precision", [pytest.param(tiny_llama, "fp32", marks=pytest.mark.slow),  # ~45 s
+                                               (tiny_gpt2, "fp16")])
 def test_prefetched_graph_binds_the_final_weights(tmp_path, builder, precision):
     model = builder()
     fwd = {"use_cache": False}
@@ -57,6 +58,7 @@ def test_prefetched_graph_binds_the_final_weights(tmp_path, builder, precision):
     assert cmp.passed, cmp
 
 
+@pytest.mark.slow  # ~40 s
 def test_prefetch_falls_back_when_the_structure_changed(tmp_path):
     """A graph prefetched from another model must not be used: the export traces again and says so."""
     other = tiny_llama(seed=0)
@@ -91,6 +93,7 @@ def test_prefetch_cancel_kills_the_child_and_restores_threads(tmp_path):
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.slow  # ~20 s
 def test_streaming_writer_gives_the_same_model(tmp_path, monkeypatch):
     """Large initializers written outside protobuf read back identical, and ONNX Runtime agrees."""
     monkeypatch.setattr(onnx_write, "_BIG_PAYLOAD", 1024)  # stream every weight of the tiny model

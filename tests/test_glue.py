@@ -187,6 +187,7 @@ def test_verify_catches_a_wrong_glue_index(glued, tmp_path):
     assert not checks["hf_nm"].passed and report["glue"][0]["param"] in checks["hf_nm"].detail
 
 
+@pytest.mark.slow  # a full optimize with the learned loop (~40 s); test_learned.py runs it per-layer by default
 def test_learned_per_layer_runs_and_keeps_its_checks(tiny_dir, tmp_path):
     from permcompile.pipeline import optimize
 
@@ -203,7 +204,7 @@ def test_bad_residual_mode_is_a_usage_error():
         OptimizeConfig(residual="bogus")
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("arch", ["bert", pytest.param("gpt2", marks=pytest.mark.slow)])  # each a full CLI run
 def test_cli_per_layer_then_verify(tiny_dir, tmp_path, arch):
     from test_cli import CALIB, describe, invoke
 

@@ -24,7 +24,7 @@ def _config(**kw) -> OptimizeConfig:
     return OptimizeConfig(permutation="hungarian", calib_samples=2, calib_seq_len=16, **kw)
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch", [pytest.param(False, marks=pytest.mark.slow), True])  # each a full run (~30 s)
 def test_external_data_model_optimizes_and_verifies(large, tiny_dir, tmp_path, prefetch):
     """Both export routes: traced after compression, and the graph traced ahead in a forked child."""
     import onnx

@@ -81,6 +81,7 @@ def _weights(folder):
     return out
 
 
+@pytest.mark.slow  # three full runs (one process, two torchrun ranks, verify): ~110 s on 2 cores
 def test_torchrun_two_ranks_write_one_output_equal_to_one_process(tiny_dir, tmp_path):
     model = tiny_dir("llama")
     one = _optimize(model, "--out", tmp_path / "one", *ARGS)
@@ -99,6 +100,7 @@ def test_torchrun_two_ranks_write_one_output_equal_to_one_process(tiny_dir, tmp_
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # ~25 s; test_a_rank_that_never_starts_times_out covers a missing peer by default
 def test_torchrun_failure_on_rank0_fails_the_launch(tiny_dir, tmp_path):
     (tmp_path / "taken").mkdir()  # OUT exists, no --force: rank 0 refuses, rank 1 must not go on alone
     run = _torchrun(tiny_dir("llama"), "--out", tmp_path / "taken", *ARGS)
@@ -107,6 +109,7 @@ def test_torchrun_failure_on_rank0_fails_the_launch(tiny_dir, tmp_path):
     assert list((tmp_path / "taken").iterdir()) == []
 
 
+@pytest.mark.slow  # ~25 s
 def test_rank0_failure_before_the_compression_stops_rank1(tiny_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     args = [tiny_dir("llama"), "--out", tmp_path / "taken", *ARGS]
@@ -115,6 +118,7 @@ def test_rank0_failure_before_the_compression_stops_rank1(tiny_dir, tmp_path):
     assert r1 == 2 and "stopped: rank 0" in e1 and "already exists" in e1, e1
 
 
+@pytest.mark.slow  # two ranks through a whole compression and export: ~60 s
 def test_rank0_failure_after_the_compression_stops_rank1(tiny_dir, tmp_path):
     # --out X.plan without TensorRT: rank 0 fails at the engine build, while rank 1 waits for its status
     pytest.importorskip("onnxruntime")
@@ -129,6 +133,7 @@ def test_rank0_failure_after_the_compression_stops_rank1(tiny_dir, tmp_path):
     assert r1 == 2 and "stopped: rank 0" in e1, e1
 
 
+@pytest.mark.slow  # ~35 s
 def test_rank1_failure_stops_rank0(tiny_dir, tmp_path):
     # rank 1 alone fails in the calibration (1 sample cannot be shared by 2 processes); rank 0 would wait at
     # its first all-reduce: it must stop with rank 1's status, and write nothing

@@ -85,7 +85,7 @@ def _cfg(**kw):
 
 
 @pytest.mark.parametrize("name", ["llama", "bert"])
-def test_e2e_through_compress_is_valid_folded_nm_and_deterministic(name):
+def test_learned_through_compress_is_valid_folded_nm_and_deterministic(name):
     runs = []
     for _ in range(2):
         loaded = load_model(build_tiny(name))
@@ -105,7 +105,7 @@ def test_e2e_through_compress_is_valid_folded_nm_and_deterministic(name):
         assert torch.equal(torch.as_tensor(runs[0].perms[g.name]), torch.as_tensor(runs[1].perms[g.name]))
 
 
-def test_e2e_composes_with_reconstruction():
+def test_learned_composes_with_reconstruction():
     loaded = load_model(build_tiny("llama"))
     c = compress_(loaded, _cfg(update="obs"))
     assert c.mask_result is not None and any(r.strategy == "learned" for r in c.group_results)
@@ -115,8 +115,8 @@ def test_e2e_composes_with_reconstruction():
 
 
 def test_the_learned_loss_is_the_loss_of_the_compiled_model():
-    """What e2e trains on (frozen stored weights times masks chosen in permuted order) is exactly the model the
-    compiler writes (permutations folded, then the N:M mask applied in the folded order)."""
+    """What the learned loop trains on (frozen stored weights times masks chosen in permuted order) is exactly the
+    model the compiler writes (permutations folded, then the N:M mask applied in the folded order)."""
     from permcompile.calib.data import load_calibration
     from permcompile.calib.stats import collect_input_stats
 
@@ -150,8 +150,9 @@ def test_config_is_validated():
     assert LearnedConfig().resolve_loss("causal-lm") == "kl" and LearnedConfig().resolve_loss("encoder") == "cosine"
 
 
-@pytest.mark.parametrize("residual", ["global", "per-layer"])
-def test_optimize_with_e2e_passes_every_check(tiny_dir, tmp_path, residual):
+# the global run (~30 s: a full optimize) is slow; per-layer covers the export of a learned run by default
+@pytest.mark.parametrize("residual", [pytest.param("global", marks=pytest.mark.slow), "per-layer"])
+def test_optimize_with_learned_passes_every_check(tiny_dir, tmp_path, residual):
     import json
 
     from permcompile.pipeline import optimize
@@ -163,10 +164,10 @@ def test_optimize_with_e2e_passes_every_check(tiny_dir, tmp_path, residual):
 
 
 def test_dense_outputs_recomputed_past_the_memory_budget_give_the_same_result(monkeypatch):
-    import permcompile.passes.learned as e2e_mod
+    import permcompile.passes.learned as learned_mod
 
     kept = _learn_planted(1, steps=40)[3]
-    monkeypatch.setattr(e2e_mod, "REF_BUDGET_BYTES", 0)
+    monkeypatch.setattr(learned_mod, "REF_BUDGET_BYTES", 0)
     recomputed = _learn_planted(1, steps=40)[3]
     assert torch.equal(kept.perms["g"], recomputed.perms["g"]) and kept.history == recomputed.history
 
@@ -318,11 +319,11 @@ def _eager_masking(model, sites, shared, perms, qs, n, m, mask_tau):
 def test_lazy_checkpointed_weights_give_the_eager_result_exactly(monkeypatch, name, gumbel):
     """Building each weight inside its layer's forward under torch.utils.checkpoint (the memory fix) changes no
     number: the same losses at every step and the same permutations as the whole-model overrides."""
-    import permcompile.passes.learned as e2e_mod
+    import permcompile.passes.learned as learned_mod
 
     cfg = _cfg(learned=LearnedConfig(steps=6, block_size=16, lr=0.1, gumbel=gumbel))
     lazy = compress_(load_model(build_tiny(name)), cfg)
-    monkeypatch.setattr(e2e_mod, "_masking", _eager_masking)
+    monkeypatch.setattr(learned_mod, "_masking", _eager_masking)
     eager = compress_(load_model(build_tiny(name)), cfg)
     assert [r.error_after for r in lazy.group_results] == [r.error_after for r in eager.group_results]
     for g in lazy.groups:

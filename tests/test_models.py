@@ -298,6 +298,7 @@ def test_image_size_follows_the_image_processor():
 
 
 # ------------------------------------------------------------------------------------------------ extra files
+@pytest.mark.slow  # a full optimize (~20 s)
 def test_sentence_transformers_files_reach_hf(tmp_path, tiny_dir):
     """A sentence-transformers folder (MiniLM) keeps modules.json, 1_Pooling/ ... in OUT/hf; weights, code,
     the model card and hidden files are never copied, and the output still verifies."""

@@ -80,7 +80,8 @@ def test_padding_is_left_out():
     assert not torch.allclose(sens[name], grad.reshape(-1, grad.shape[-1]).square().mean(0), rtol=1e-3)
 
 
-def test_learned_with_task_loss_runs_and_changes_the_objective(tiny_dir, tmp_path):
+@pytest.mark.slow  # two full optimize runs with the search: ~55 s on 2 cores
+def test_search_with_task_loss_runs_and_changes_the_objective(tiny_dir, tmp_path):
     from permcompile.pipeline import optimize
 
     base = dict(permutation="search", calib_samples=4, calib_seq_len=32, residual="per-layer")
