@@ -178,6 +178,15 @@ def _print_summary(report: dict) -> None:
         after = sum(r["rel_error_reconstructed"] for r in recon) / len(recon)
         click.echo(f"reconstruction (update obs): relative layer-output error on the calibration data, mean over "
                    f"{len(recon)} layers: mask only {before:.4f} -> reconstructed {after:.4f}")
+        held = [r["heldout"] for r in recon if "heldout" in r]
+        if held:
+            kinds = {"plain": sum(h["choice"] == "shrink=0" for h in held),
+                     "shrunk": sum(h["choice"] not in ("shrink=0", "mask") for h in held),
+                     "mask alone": sum(h["choice"] == "mask" for h in held)}
+            click.echo(f"  on held-out calibration data (fitted without it): mask only "
+                       f"{sum(h['rel_error_mask_only'] for h in held) / len(held):.4f} -> reconstructed "
+                       f"{sum(h['rel_error_reconstructed'] for h in held) / len(held):.4f}; updates kept: "
+                       + ", ".join(f"{v} {k}" for k, v in kinds.items()))
     checks = report.get("checks", [])
     in_memory = _in_memory_checks(checks)
     why = (f" ({len(checks) - len(in_memory)} on the written files, which `permcompile verify` re-runs; "
