@@ -119,7 +119,8 @@ def _trt_ranges(pairs) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
                    "1,1,8) and seq=MIN,OPT,MAX (default 1,128,512).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading pickled .bin weights (unsafe for untrusted files).")
-@click.option("--quiet", is_flag=True, help="No progress output or notes; warnings and errors still print.")
+@click.option("--quiet", is_flag=True,
+              help="No progress bars, step lines or notes on stderr; warnings, errors and the summary still print.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def optimize(model, out, sparsity, permutation, criterion, calib, calib_samples, calib_seq_len, precision, prune_mode,
              update, quantize, seed, device, search_pairs, residual, resume, trt_profile, force, trust_pickle, quiet,

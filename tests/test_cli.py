@@ -442,6 +442,23 @@ def test_search_pairs_and_trt_profile_reach_the_config(captured_config, tiny_dir
     assert "warning" not in result.stderr
 
 
+def test_a_warning_is_one_plain_line(captured_config, monkeypatch, tiny_dir, tmp_path):
+    """Python's warning format names our source file and line; a CLI user gets ``warning: <message>`` only."""
+    import warnings
+
+    import permcompile.pipeline as pipeline
+
+    def warns(model, out, config, **kwargs):
+        warnings.warn("calibration sequence length 512 exceeds the model's 64 positions; using 64\nsecond line",
+                      UserWarning, stacklevel=2)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "optimize", warns)
+    result = invoke(["optimize", tiny_dir("llama"), "--out", tmp_path / "o", "--quiet"])
+    assert result.stderr.splitlines() == ["warning: calibration sequence length 512 exceeds the model's 64 positions; "
+                                          "using 64"], result.stderr
+
+
 @pytest.mark.parametrize("flag", ["--steps", "--swap-trials", "--sequential", "--no-prune", "--seq", "--learn"])
 def test_retired_flags_are_refused(flag, captured_config, tiny_dir, tmp_path):
     result = invoke(["optimize", tiny_dir("llama"), "--out", tmp_path / "o", flag, "1"])
