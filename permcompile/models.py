@@ -53,7 +53,8 @@ CACHE_ENV = "PERMCOMPILE_CACHE_DIR"  # the one variable that moves the cache (RE
 def cache_root() -> Path:
     """permcompile's cache: ``$PERMCOMPILE_CACHE_DIR`` or ``~/.cache/permcompile``.
 
-    It holds models converted from GGUF (``<name>-fp32/``) and the learned pass's checkpoints (``learn/``).
+    It holds models converted from GGUF (``<name>-fp32/``) and the resumable passes' checkpoints (``search/``,
+    ``learned/``, ``reconstruct/``; ``passes/checkpoint.py``).
     """
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "permcompile"

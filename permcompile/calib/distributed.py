@@ -100,7 +100,7 @@ class RankFailed(PermcompileError):
 # others wait for, so a wait may outlast the collective timeout (rank 0's permutation search, its export).
 _STORE = None
 _SEQ = [0]  # every rank makes the same calls in the same order: the n-th result is key "result/n"
-WAIT_FOR_RANK0_S = 24 * 3600.0  # rank 0's learned search, export, verify and TensorRT build of a large model
+WAIT_FOR_RANK0_S = 24 * 3600.0  # rank 0's permutation search, export, verify and TensorRT build of a large model
 
 
 def use_store(store) -> None:

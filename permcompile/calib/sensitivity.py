@@ -1,6 +1,6 @@
 """How much each output channel of each linear layer matters to the model's end result (``--search task_loss=true``).
 
-Why: the learned permutation minimises the output error of each pruned layer, ``||δy||²``, which counts an
+Why: the search strategy minimises the output error of each pruned layer, ``||δy||²``, which counts an
 error in every output channel alike. The end metric does not: to second order the task loss grows by
 ``½ Σ_r F_r E[δy_r²]`` where ``F_r = E[(∂L/∂y_r)²]`` is the diagonal (empirical) Fisher information of
 output channel ``r``. Weighting each output row of the layer-error objective by ``F_r`` turns it into that

@@ -1,4 +1,5 @@
-"""The learned permutation: block-wise differentiable bipartite matching (pure tensor math).
+"""The search strategy's math: block-wise differentiable bipartite matching, then checked exchanges (pure tensor
+math).
 
 Objective. For a consumer ``y = x W^T`` pruned to ``W ⊙ M``, the output error on calibration inputs
 ``X`` is ``||X (W ⊙ (1-M))^T||² = Σ_rows r G rᵀ`` with ``G = XᵀX`` and ``r = W ⊙ (1-M)``: the exact

@@ -187,7 +187,7 @@ def _search_block(block_groups, hooks, net, stats, config, pruned, perms, by_nam
             tau_start=lc.tau_start, tau_end=lc.tau_end, generator=gen, device=config.device, on_step=on_step,
             swap_trials=lc.swap_trials, amp=lc.resolve_amp(config.device))
         if not g.is_valid(res.perm):
-            raise RuntimeError(f"learned permutation for {g.name} breaks its constraints")
+            raise RuntimeError(f"searched permutation for {g.name} breaks its constraints")
         perms[g.name] = res.perm
         r = by_name[g.name]
         scores = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
@@ -212,7 +212,7 @@ def _record_search(r, objective: str, before: float, after: float, kept: int, no
 
 
 def _entry(r, perm: torch.Tensor) -> dict:
-    """A learned group's checkpoint entry: its permutation and what :func:`_record_search` recorded."""
+    """A searched group's checkpoint entry: its permutation and what :func:`_record_search` recorded."""
     return {"perm": perm.tolist(), "kept": r.kept_chosen, "note": r.note,
             **{key: getattr(r, key) for key in _SEARCH_FIELDS}}
 
@@ -261,7 +261,7 @@ def _refine_residual(groups, net, stats, config, pruned, perms, by_name, gen) ->
                                                        g.fixed_mask(), trials=config.search.residual_trials,
                                                        generator=gen)
         if not g.is_valid(perm):
-            raise RuntimeError(f"learned permutation for {g.name} breaks its constraints")
+            raise RuntimeError(f"searched permutation for {g.name} breaks its constraints")
         perms[g.name] = perm
         matrix = group_score_matrix(g, net, stats, config.criterion, pruned, m, seed=config.seed)
         r.kept_chosen = kept_fraction(matrix, n, m, perm)
@@ -284,8 +284,8 @@ def _block_rank(net: nn.Module) -> dict[str, int]:
 class _SequentialMasks:
     """Sequential calibration: prune the blocks already decided so later blocks see pruned inputs.
 
-    ``mask_before(key, learning)`` zeroes, in place, every pruned weight of the blocks before ``key`` (and of
-    ``key`` itself where its group is not being learned) with the N:M mask
+    ``mask_before(key, searching)`` zeroes, in place, every pruned weight of the blocks before ``key`` (and of
+    ``key`` itself where its group is not being searched) with the N:M mask
     the pipeline will apply (criterion scores in the order given by its group's permutation, mapped back to
     the stored order); ``restore()`` puts the dense weights back. The permutations themselves are not
     folded: a mask in stored coordinates gives the same outputs.
@@ -301,8 +301,8 @@ class _SequentialMasks:
                     self.owner.setdefault(mem.param, (g, mem))
         self.saved: dict[str, torch.Tensor] = {}
 
-    def mask_before(self, key: str, learning: set[str]) -> None:
-        """Mask the blocks before ``key`` and the weights of ``key`` whose groups are not in ``learning``
+    def mask_before(self, key: str, searching: set[str]) -> None:
+        """Mask the blocks before ``key`` and the weights of ``key`` whose groups are not in ``searching``
         (their permutation is already final, e.g. the global residual group's readers q/k/v and gate/up)."""
         from ..math.nm import nm_mask
         from .groups import gather_index
@@ -311,7 +311,7 @@ class _SequentialMasks:
         with torch.no_grad():
             for param, (g, mem) in self.owner.items():
                 r = self.rank.get(block_key(mem.module), limit + 1)
-                if param in self.saved or r > limit or (r == limit and g.name in learning):
+                if param in self.saved or r > limit or (r == limit and g.name in searching):
                     continue
                 w = weight_kout(self.net, mem)
                 scores = consumer_scores(self.net, mem, self.stats, self.criterion)

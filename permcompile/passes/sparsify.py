@@ -45,7 +45,7 @@ class GroupResult:
     consumers: int
     fixed: int
     note: str = ""  # for people; the numbers a program reads are the typed fields below
-    # the learned pass's exchange search (None for the heuristic strategies): its objective's error on this
+    # the search strategy's exchanges (None for the heuristic strategies): its objective's error on this
     # group's pruned consumers with the warm start's permutation and with the one kept, and how many checked
     # exchanges it kept
     objective: str | None = None
