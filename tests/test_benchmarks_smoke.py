@@ -192,6 +192,7 @@ def test_quality_vision_digits_small_run(tmp_path):
     assert row.count("|") == header.count("|")
 
 
+@pytest.mark.slow  # ~25 s; quality_lm's smoke run covers the shared helpers by default
 def test_quality_encoder_on_a_tiny_model_folder(tmp_path, tiny_dir):
     """quality_encoder.py on a tiny BERT folder (a path, not a registry name): the results are named after the
     folder, every row is written and the table carries the peak-memory column and the learned settings."""
@@ -211,6 +212,7 @@ def test_quality_encoder_on_a_tiny_model_folder(tmp_path, tiny_dir):
     assert "swap_trials=50" in table
 
 
+@pytest.mark.slow  # ~20 s
 def test_search_convergence_on_a_tiny_model(tmp_path, tiny_dir):
     """search_convergence.py on a tiny causal LM: every search lies between unstructured and the original order
     (Wanda: unstructured per row drops the least energy of any 50% mask), the table and the command are written."""
