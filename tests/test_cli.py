@@ -28,7 +28,8 @@ from click.testing import CliRunner
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from permcompile.cli import main  # noqa: E402
-from permcompile.export.verify import onnx_initializer_for_param, onnx_nm_report  # noqa: E402
+from permcompile.export.onnx_graph import onnx_initializer_for_param  # noqa: E402
+from permcompile.export.verify import onnx_nm_report  # noqa: E402
 
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "16"]
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt", "bert", "vit", "dinov2"]

@@ -13,14 +13,14 @@ from onnx import numpy_helper
 from torch import nn
 
 from permcompile.errors import MissingDependencyError, PermcompileError, UsageError, VerificationError
+from permcompile.export.digests import file_digests
 from permcompile.export.onnx import OnnxExportError, convert_to_fp16, export_onnx, onnx_io_specs
+from permcompile.export.onnx_graph import onnx_initializer_for_param
 from permcompile.export.triton import parse_pbtxt, triton_dtype, validate_triton_config, write_triton_repo
 from permcompile.export.verify import (
     Check,
     compare_ort_torch,
-    file_digests,
     format_checks,
-    onnx_initializer_for_param,
     onnx_nm_report,
     raise_if_failed,
     verify_artifacts,

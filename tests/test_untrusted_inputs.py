@@ -47,7 +47,7 @@ def _edit_json(path: Path, **changes) -> None:
 
 def _rerecord_digests(folder: Path) -> None:
     """What someone 'fixing' report.json after editing files would do: the digests then match."""
-    from permcompile.export.verify import file_digests
+    from permcompile.export.digests import file_digests
 
     _edit_json(folder / "report.json", files=file_digests(folder))
 

@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..errors import UsageError, VerificationError
+
 _META_WRAPPER = "permcompile.wrapper_prefix"
 
 
@@ -174,3 +176,46 @@ def onnx_io_specs(path_or_proto) -> tuple[list[TensorSpec], list[TensorSpec]]:
     inputs = [_value_spec(v) for v in proto.graph.input if v.name not in inits]
     outputs = [_value_spec(v) for v in proto.graph.output]
     return inputs, outputs
+
+
+def load_onnx(path_or_model, external_data: bool = True):
+    """``path_or_model`` as a ModelProto (returned as is when it already is one); a missing file is a
+    :class:`UsageError`, an unreadable one a :class:`VerificationError`."""
+    import onnx
+
+    if isinstance(path_or_model, onnx.ModelProto):
+        return path_or_model
+    try:
+        return onnx.load(str(path_or_model), load_external_data=external_data)
+    except FileNotFoundError:
+        raise UsageError(f"ONNX file not found: {path_or_model}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise VerificationError(f"cannot read ONNX file {path_or_model}: {exc}".splitlines()[0]) from exc
+
+
+def onnx_initializer_for_param(onnx_model, fqn: str) -> str | None:
+    """The ONNX initializer holding torch parameter ``fqn`` as a MatMul/Gemm weight, or None.
+
+    Tried in order: an initializer named exactly ``fqn`` (what :func:`export_onnx` writes), one whose
+    name ends with ``"." + fqn`` (raw torch exports keep the wrapper's prefix, e.g. GPT-2 Gemm weights),
+    and finally the exporter's node metadata (``name_scopes`` module path, ``fx_node`` placeholder
+    ``p_<fqn with _>``), which also finds anonymous, constant-folded ``val_NN`` weights.
+    """
+    model = load_onnx(onnx_model) if not hasattr(onnx_model, "graph") else onnx_model
+    uses = list(iter_weight_uses(model))
+    used = {u.init for u in uses}
+    if fqn in used:
+        return fqn
+    suffix = [u.init for u in uses if u.init.endswith("." + fqn)]
+    if len(set(suffix)) == 1:
+        return suffix[0]
+    hits = [u.init for u in uses if u.param and (u.param == fqn or u.param.endswith("." + fqn))]
+    if len(set(hits)) == 1:
+        return hits[0]
+    token = fqn.replace(".", "_")
+    nodes = {node.name: node for node in model.graph.node}
+    hits = [u.init for u in uses
+            if any(p == "p_" + token or p.endswith("_" + token) for p in _fx_placeholders(nodes[u.node]))]
+    if len(set(hits)) == 1:
+        return hits[0]
+    return None

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import OnnxExportError
 from ..math.quant import from_codes, to_codes
-from .onnx_graph import iter_weight_uses
+from .onnx_graph import iter_weight_uses, onnx_initializer_for_param
 
 QDQ_OPSET = 19
 _META_KEY = "permcompile.quantization"
@@ -87,8 +87,6 @@ def rewrite_qdq(proto, plan, initializer_map: dict | None = None) -> dict:
     ``{param: {"initializer", "node", "channel_axis"}}`` for every quantized weight."""
     import onnx
     from onnx import helper, numpy_helper
-
-    from .verify import onnx_initializer_for_param
 
     fmt = plan.fmt
     graph = proto.graph

@@ -24,6 +24,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..errors import UsageError
+from .ort_session import session_options
+
 
 class NotSliceable(Exception):
     """The graph cannot be run slice by slice (a node holds a subgraph): run it whole."""
@@ -86,8 +89,6 @@ def _slice_model(model, nodes: list, inputs: dict[str, np.ndarray], outputs: lis
 def _typed_feeds(graph, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``batch`` in the graph's input dtypes (e.g. int64 token ids)."""
     from onnx import helper
-
-    from ..errors import UsageError
 
     feeds = {}
     for inp in graph.input:
@@ -154,8 +155,6 @@ def _externalize_(graph, folder: Path, min_bytes: int = 1 << 16) -> Path:
 
 
 def _run(model, slices, batches, folder: Path, threads) -> list[list[np.ndarray]]:
-    from .verify import session_options
-
     graph = model.graph
     graph_outputs = [o.name for o in graph.output]
     # the last slice that reads each value: after it, the value is dropped

@@ -5,12 +5,14 @@
 * :func:`compare_ort_torch` runs ONNX Runtime (CPU) and the torch model on the same inputs.
 * :func:`verify_artifacts` re-checks an ``optimize`` output folder: file digests (tamper detection),
   N:M of every pruned layer in ``model.onnx`` and in ``hf/`` safetensors, and ONNX Runtime vs the
-  reloaded ``hf/`` model. :func:`raise_if_failed` turns failed checks into a :class:`VerificationError`.
+  reloaded ``hf/`` model, one function per check. :func:`raise_if_failed` turns failed checks into a
+  :class:`VerificationError`.
+
+Sessions live in :mod:`.ort_session`, digests in :mod:`.digests`, the check type in :mod:`.checks`.
 """
 from __future__ import annotations
 
 import gc
-import hashlib
 import math
 import os
 import time
@@ -23,10 +25,16 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError, VerificationError
-from ..safepath import UnsafePathError, read_json, resolve_inside, unsafe_entries
 from ..hfenv import set_hf_env
 from ..modelio import random_inputs, text_config
+from ..safepath import UnsafePathError, read_json, resolve_inside, unsafe_entries
+from .checks import DEFAULT_TOLERANCE, Check, aggregate, format_checks, raise_if_failed
+from .digests import REPORT, sha256_file
 from .onnx import ExportWrapper, iter_weight_uses
+from .onnx_graph import load_onnx, onnx_initializer_for_param
+from .ort_chunks import NotSliceable, run_sliced
+from .ort_session import clear_session_cache, ort_session
+from .verify_quant import load_plan, qdq_check, reference_tolerance
 
 __all__ = [
     "LinearCheck",
@@ -34,24 +42,18 @@ __all__ = [
     "CompareResult",
     "DEFAULT_TOLERANCE",
     "onnx_nm_report",
-    "onnx_initializer_for_param",
     "compare_ort_torch",
     "compare_ort_refs",
     "torch_outputs",
     "check_external_data",
-    "ort_session",
     "format_checks",
     "raise_if_failed",
-    "file_digests",
     "verify_artifacts",
     "random_inputs",
 ]
 
-# max |onnx - torch| / max |torch| allowed, by export precision
-DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 ONNX_FILE = "model.onnx"
 HF_DIR = "hf"
-REPORT = "report.json"
 MAX_REPORT_BYTES = 256 << 20  # report.json lists every pruned layer, and per-layer glue indices
 
 
@@ -90,19 +92,6 @@ def _nm_stats(arr: np.ndarray, k_axis: int, n: int, m: int) -> tuple[bool, int, 
     counts = (moved.reshape(*moved.shape[:-1], k // m, m) != 0).sum(axis=-1)
     bad = int((counts > n).sum())
     return bad == 0, bad, int(counts.size)
-
-
-def _load_onnx(path_or_model, external_data: bool = True):
-    import onnx
-
-    if isinstance(path_or_model, onnx.ModelProto):
-        return path_or_model
-    try:
-        return onnx.load(str(path_or_model), load_external_data=external_data)
-    except FileNotFoundError:
-        raise UsageError(f"ONNX file not found: {path_or_model}") from None
-    except Exception as exc:  # noqa: BLE001
-        raise VerificationError(f"cannot read ONNX file {path_or_model}: {exc}".splitlines()[0]) from exc
 
 
 def _constant_arrays(model, base_dir: str | os.PathLike = "") -> dict[str, Any]:
@@ -163,7 +152,7 @@ def onnx_nm_report(path, n: int = 2, m: int = 4, min_k: int = 0,
     """
     if base_dir is None and not hasattr(path, "graph"):
         base_dir = Path(path).parent
-    model = _load_onnx(path, external_data=False)
+    model = load_onnx(path, external_data=False)
     arrays = _constant_arrays(model, base_dir or "")
     seen: set[tuple[str, int]] = set()
     out: list[LinearCheck] = []
@@ -182,47 +171,9 @@ def onnx_nm_report(path, n: int = 2, m: int = 4, min_k: int = 0,
     return out
 
 
-def onnx_initializer_for_param(onnx_model, fqn: str) -> str | None:
-    """The ONNX initializer holding torch parameter ``fqn`` as a MatMul/Gemm weight, or None.
-
-    Tried in order: an initializer named exactly ``fqn`` (what :func:`export_onnx` writes), one whose
-    name ends with ``"." + fqn`` (raw torch exports keep the wrapper's prefix, e.g. GPT-2 Gemm weights),
-    and finally the exporter's node metadata (``name_scopes`` module path, ``fx_node`` placeholder
-    ``p_<fqn with _>``), which also finds anonymous, constant-folded ``val_NN`` weights.
-    """
-    model = _load_onnx(onnx_model) if not hasattr(onnx_model, "graph") else onnx_model
-    uses = list(iter_weight_uses(model))
-    used = {u.init for u in uses}
-    if fqn in used:
-        return fqn
-    suffix = [u.init for u in uses if u.init.endswith("." + fqn)]
-    if len(set(suffix)) == 1:
-        return suffix[0]
-    hits = [u.init for u in uses if u.param and (u.param == fqn or u.param.endswith("." + fqn))]
-    if len(set(hits)) == 1:
-        return hits[0]
-    from .onnx_graph import _fx_placeholders  # noqa: PLC0415
-
-    token = fqn.replace(".", "_")
-    nodes = {node.name: node for node in model.graph.node}
-    hits = [u.init for u in uses
-            if any(p == "p_" + token or p.endswith("_" + token) for p in _fx_placeholders(nodes[u.node]))]
-    if len(set(hits)) == 1:
-        return hits[0]
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
 # ONNX Runtime vs torch
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class Check:
-    name: str
-    passed: bool
-    detail: str = ""
-    value: float | None = None
-
-
 @dataclass
 class CompareResult:
     max_abs: float
@@ -242,73 +193,6 @@ class CompareResult:
         if self.detail:
             detail += f"; {self.detail}"
         return Check(name, self.passed, detail, self.max_rel)
-
-
-_SESSION_CACHE: dict = {}  # at most one entry: (file identity, options) -> session
-
-
-def clear_session_cache() -> None:
-    """Drop the reused ONNX Runtime session (frees its memory)."""
-    _SESSION_CACHE.clear()
-
-
-def session_options(low_memory: bool = True, threads: int | None = None):
-    """Quiet ONNX Runtime session options; ``low_memory``: see :func:`ort_session`."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    if low_memory:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.enable_cpu_mem_arena = False
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-    return opts
-
-
-def ort_session(onnx_path, providers: Sequence[str] | None = None, threads: int | None = None,
-                low_memory: bool = True):
-    """An ONNX Runtime session (CPU unless ``providers`` says otherwise), quiet.
-
-    ``low_memory`` (default, what verification uses): no graph optimisations, no memory arena, no weight
-    prepacking, so the session holds about one copy of the weights. Fully optimised, the CPU provider
-    constant-folds an fp16 graph's weights to fp32 Casts and prepacks MatMul weights. Measured on a 2-layer
-    1B-shaped fp16 graph (0.77 GB of weights, 2026-12-06): session 1.96 GiB, peak 3.15 GiB fully optimised;
-    0.73 GiB, peak 2.2 GiB while running (the CPU provider still casts fp16 MatMul weights to fp32 at run
-    time) with ``low_memory``, for runs 7x slower (3.7 vs 0.5 s) that three small verification batches can
-    afford. The numbers computed are the graph's own.
-
-    The last session is reused while the file is unchanged (same inode, size and mtime, and the same
-    external data file): ``optimize`` compares against ONNX Runtime twice, and building a session for a
-    500 MB model takes seconds. The previous session is released before a new one is built.
-    """
-    import onnxruntime as ort
-
-    path = Path(onnx_path)
-    key = None
-    try:
-        ids = []
-        for f in (path, path.with_name(path.name + ".data")):
-            if f.exists():
-                st = f.stat()
-                ids.append((str(f.resolve()), st.st_ino, st.st_size, st.st_mtime_ns))
-        key = (tuple(ids), tuple(providers or ()), threads, low_memory)
-    except OSError:
-        pass
-    if key is not None and key in _SESSION_CACHE:
-        return _SESSION_CACHE[key]
-    _SESSION_CACHE.clear()  # one session at a time
-    opts = session_options(low_memory, threads)
-    try:
-        session = ort.InferenceSession(str(onnx_path), sess_options=opts,
-                                       providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as exc:  # noqa: BLE001
-        raise VerificationError(f"ONNX Runtime cannot load {onnx_path}: {str(exc).splitlines()[0][:300]}") from exc
-    _SESSION_CACHE.clear()
-    if key is not None:
-        _SESSION_CACHE[key] = session
-    return session
 
 
 _ORT_NP = {
@@ -421,8 +305,6 @@ def compare_ort_refs(onnx_path, input_batches: Sequence[Mapping[str, Tensor]], r
     start = time.perf_counter()
     outs = None
     if not providers and _weight_bytes(onnx_path) > SLICE_ABOVE_BYTES:
-        from .ort_chunks import NotSliceable, run_sliced
-
         clear_session_cache()  # no whole-graph session beside the slices
         try:
             feeds = [{k: v.detach().cpu().numpy() for k, v in batch.items()} for batch in input_batches]
@@ -441,60 +323,8 @@ def compare_ort_refs(onnx_path, input_batches: Sequence[Mapping[str, Tensor]], r
 
 
 # --------------------------------------------------------------------------------------------------
-# Reporting
-# --------------------------------------------------------------------------------------------------
-def format_checks(checks: Sequence[Check]) -> str:
-    """A plain-text table: status, check name, detail."""
-    if not checks:
-        return "(no checks)"
-    width = max(len(c.name) for c in checks)
-    lines = [f"{'':4}  {'check':<{width}}  detail", f"{'':4}  {'-' * width}  ------"]
-    for c in checks:
-        lines.append(f"{'ok' if c.passed else 'FAIL':<4}  {c.name:<{width}}  {c.detail}")
-    failed = sum(not c.passed for c in checks)
-    lines.append(f"{len(checks) - failed}/{len(checks)} checks passed")
-    return "\n".join(lines)
-
-
-def raise_if_failed(checks: Sequence[Check]) -> None:
-    """Raise :class:`VerificationError` (one line) naming every failed check."""
-    failed = [c for c in checks if not c.passed]
-    if failed:
-        parts = "; ".join(f"{c.name}: {c.detail}" if c.detail else c.name for c in failed)
-        raise VerificationError(f"{len(failed)} of {len(checks)} checks failed: {parts}"[:1000])
-
-
-# --------------------------------------------------------------------------------------------------
 # OUT folder verification
 # --------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_digests(out_dir) -> dict[str, str]:
-    """sha256 of every file under ``out_dir`` (relative POSIX path -> hex), ``report.json`` excluded.
-
-    The writer stores this under ``report["files"]``; :func:`verify_artifacts` recomputes it.
-    """
-    out_dir = Path(out_dir)
-    digests = {}
-    by_inode: dict[tuple, str] = {}  # hard-linked copies (triton/) are hashed once
-    for p in sorted(out_dir.rglob("*")):
-        if p.is_file() and not p.is_symlink():
-            rel = p.relative_to(out_dir).as_posix()
-            if rel != REPORT:
-                st = p.stat()
-                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                if key not in by_inode:
-                    by_inode[key] = _sha256(p)
-                digests[rel] = by_inode[key]
-    return digests
-
-
 def _integrity_check(out_dir: Path, report: Mapping[str, Any]) -> Check:
     recorded = report.get("files")
     if not isinstance(recorded, Mapping) or not recorded:
@@ -513,7 +343,7 @@ def _integrity_check(out_dir: Path, report: Mapping[str, Any]) -> Check:
         st = p.stat()
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         if key not in seen:
-            seen[key] = _sha256(p)
+            seen[key] = sha256_file(p)
         if seen[key] != digest:
             problems.append(f"{rel} changed")
     # unrecorded files that change what gets loaded: anything in hf/ or next to model.onnx
@@ -610,34 +440,53 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
     out_dir = Path(out_dir)
     report = _read_report(out_dir)
     checks: list[Check] = [_integrity_check(out_dir, report)]
+    check, parsed = _report_check(report)
+    checks.append(check)
+    if parsed is None:
+        return checks
+    n, m, precision, layers = parsed
+    plan, plan_checks = load_plan(out_dir, report)  # --quantize: quantization.json (None otherwise)
+    checks += plan_checks
+    # N:M in model.onnx, first: the graph (which holds the weights of a single-file model) is released before
+    # the hf/ model is loaded; its checks are listed after hf_load
+    onnx_path = out_dir / ONNX_FILE
+    onnx_checks, onnx_ok, image_hw = _onnx_checks(out_dir, onnx_path, report, layers, n, m, plan)
+    # hf/ is reloaded for Conv1D orientation and the numerical comparison
+    model, check = _load_hf(out_dir / HF_DIR, report)
+    checks.append(check)
+    checks += onnx_checks
+    checks.append(_hf_nm_check(out_dir / HF_DIR, model, report, layers, n, m))
+    if model is not None and onnx_ok:
+        held, model = [model], None  # released inside, before ONNX Runtime loads the graph
+        checks.append(_ort_vs_torch_check(held, onnx_path, report, plan, precision, tol, seed, shapes, image_hw))
+    return checks
+
+
+def _report_check(report: Mapping[str, Any]) -> tuple[Check, tuple[int, int, str, list] | None]:
+    """``report``: report.json holds what the other checks read; with ``(n, m, precision, pruned layers)``
+    when it does, None otherwise."""
     missing = [k for k in ("sparsity", "precision", "pruned_layers", "input_names", "auto_class") if k not in report]
     if missing:
-        checks.append(Check("report", False, f"report.json lacks {', '.join(missing)}"))
-        return checks
+        return Check("report", False, f"report.json lacks {', '.join(missing)}"), None
     try:
         n, m = _parse_sparsity(report["sparsity"])
     except UsageError as exc:
-        checks.append(Check("report", False, str(exc)))
-        return checks
+        return Check("report", False, str(exc)), None
     precision = str(report["precision"])
     if precision not in DEFAULT_TOLERANCE:
-        checks.append(Check("report", False, f"unknown precision {precision!r} in report.json"))
-        return checks
+        return Check("report", False, f"unknown precision {precision!r} in report.json"), None
     layers = [e for e in report["pruned_layers"] if isinstance(e, Mapping) and e.get("param")]
-    checks.append(Check("report", True, f"{report.get('family', '?')} / {report['auto_class']}, "
-                                         f"{len(layers)} pruned layers, {n}:{m}, {precision}"))
-    from .verify_quant import load_plan, qdq_check, reference_tolerance
+    return Check("report", True, f"{report.get('family', '?')} / {report['auto_class']}, "
+                                 f"{len(layers)} pruned layers, {n}:{m}, {precision}"), (n, m, precision, layers)
 
-    plan, plan_checks = load_plan(out_dir, report)  # --quantize: quantization.json (None otherwise)
-    checks += plan_checks
 
-    # --- N:M in model.onnx, first: the graph (which holds the weights of a single-file model) is released
-    # before the hf/ model is loaded; its checks are listed after hf_load
-    onnx_path = out_dir / ONNX_FILE
-    onnx_model = None
-    onnx_checks: list[Check] = []
+def _onnx_checks(out_dir: Path, onnx_path: Path, report: Mapping[str, Any], layers: list, n: int, m: int,
+                 plan) -> tuple[list[Check], bool, tuple[int, int] | None]:
+    """``onnx_load``, then ``onnx_nm`` (every pruned layer's initializer is N:M along K) and, quantized,
+    ``onnx_qdq``; with whether the graph loaded and its static image size. The graph is released on return."""
+    checks: list[Check] = []
     try:  # the graph without its external weights: those are read one at a time below
-        onnx_model = _load_onnx(onnx_path, external_data=False)
+        onnx_model = load_onnx(onnx_path, external_data=False)
         # what onnx.load would refuse (hard links, symlinks, paths outside the folder), here and in triton/
         # (a graph without external data has nothing to resolve, and its Triton copy is the same bytes)
         problems = check_external_data(onnx_path, onnx_model)
@@ -648,35 +497,30 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
         if problems:
             raise VerificationError("; ".join(problems))
     except Exception as exc:  # noqa: BLE001
-        onnx_model = None
-        onnx_checks.append(Check("onnx_load", False, str(exc).splitlines()[0][:200]))
-    if onnx_model is not None:
-        wanted = {e["param"]: e.get("onnx_initializer") or onnx_initializer_for_param(onnx_model, e["param"])
-                  for e in layers}
-        report_rows = {(r.name): r for r in onnx_nm_report(onnx_model, n, m, base_dir=onnx_path.parent,
-                                                            names={v for v in wanted.values() if v})}
-        bad = []
-        for entry in layers:
-            name = wanted[entry["param"]]
-            row = report_rows.get(name) if name else None
-            if row is None:
-                bad.append(f"{entry['param']}: no ONNX MatMul/Gemm weight" + (f" named {name}" if name else ""))
-            elif not row.is_nm:
-                why = (f"K={row.k} not a multiple of {m}" if row.violations < 0
-                       else f"{row.violations} of {row.groups} groups break {n}:{m}")
-                bad.append(f"{entry['param']} ({name}): {why}")
-        onnx_checks.append(_aggregate("onnx_nm", len(layers), bad,
-                                      f"{len(layers)} pruned weights are {n}:{m} along K"))
-        if plan is not None:
-            onnx_checks.append(qdq_check(onnx_model, onnx_path.parent, plan, report))
+        checks.append(Check("onnx_load", False, str(exc).splitlines()[0][:200]))
+        return checks, False, None
+    wanted = {e["param"]: e.get("onnx_initializer") or onnx_initializer_for_param(onnx_model, e["param"])
+              for e in layers}
+    report_rows = {(r.name): r for r in onnx_nm_report(onnx_model, n, m, base_dir=onnx_path.parent,
+                                                        names={v for v in wanted.values() if v})}
+    bad = []
+    for entry in layers:
+        name = wanted[entry["param"]]
+        row = report_rows.get(name) if name else None
+        if row is None:
+            bad.append(f"{entry['param']}: no ONNX MatMul/Gemm weight" + (f" named {name}" if name else ""))
+        elif not row.is_nm:
+            why = (f"K={row.k} not a multiple of {m}" if row.violations < 0
+                   else f"{row.violations} of {row.groups} groups break {n}:{m}")
+            bad.append(f"{entry['param']} ({name}): {why}")
+    checks.append(aggregate("onnx_nm", len(layers), bad, f"{len(layers)} pruned weights are {n}:{m} along K"))
+    if plan is not None:
+        checks.append(qdq_check(onnx_model, onnx_path.parent, plan, report))
+    return checks, True, _static_image_hw(onnx_model)
 
-    onnx_ok = onnx_model is not None
-    image_hw = _static_image_hw(onnx_model) if onnx_ok else None
-    onnx_model = report_rows = None
 
-    # --- reload hf/ (needed for Conv1D orientation and the numerical comparison)
-    hf_dir = out_dir / HF_DIR
-    model = None
+def _load_hf(hf_dir: Path, report: Mapping[str, Any]) -> tuple[nn.Module | None, Check]:
+    """``hf_load``: the ``hf/`` model in the dtype it was saved in, never running code from the folder."""
     try:
         import transformers
 
@@ -695,76 +539,72 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
         # in the dtype it was saved in (the checkpoint's): a half model's reference still runs in fp32
         model = cls.from_pretrained(str(hf_dir), dtype="auto", local_files_only=True,
                                     trust_remote_code=False).eval()
-        checks.append(Check("hf_load", True, f"{type(model).__name__} from {HF_DIR}/"))
+        return model, Check("hf_load", True, f"{type(model).__name__} from {HF_DIR}/")
     except Exception as exc:  # noqa: BLE001
-        checks.append(Check("hf_load", False, f"cannot load {HF_DIR}/: {str(exc).splitlines()[0][:200]}"))
+        return None, Check("hf_load", False, f"cannot load {HF_DIR}/: {str(exc).splitlines()[0][:200]}")
 
-    checks += onnx_checks
 
-    # --- N:M in hf/ safetensors
+def _hf_nm_check(hf_dir: Path, model: nn.Module | None, report: Mapping[str, Any], layers: list, n: int,
+                 m: int) -> Check:
+    """``hf_nm``: every pruned parameter in ``hf/`` safetensors is N:M along K (in glue order where glued)."""
     try:
         _, read = _safetensors_reader(hf_dir)
     except Exception as exc:  # noqa: BLE001
-        read = None
-        checks.append(Check("hf_nm", False, f"cannot read {HF_DIR}/ safetensors: {str(exc).splitlines()[0][:200]}"))
-    if read is not None:
-        bad = []
-        state = dict(model.named_parameters(remove_duplicate=False)) if model is not None else {}
-        # per-layer residual readers are saved in the model's own order: N:M holds in the glued (deployed) order
-        glue = {r["param"]: r for r in report.get("glue", []) or [] if isinstance(r, Mapping) and "param" in r}
-        for entry in layers:
-            param = entry["param"]
-            weight = read(param)
-            source = "safetensors"
-            if weight is None and param in state:  # tied weights are saved once, under another name
-                weight, source = state[param].detach(), "reloaded model"
-            if weight is None:
-                bad.append(f"{param}: not in {HF_DIR}/")
+        return Check("hf_nm", False, f"cannot read {HF_DIR}/ safetensors: {str(exc).splitlines()[0][:200]}")
+    bad = []
+    state = dict(model.named_parameters(remove_duplicate=False)) if model is not None else {}
+    # per-layer residual readers are saved in the model's own order: N:M holds in the glued (deployed) order
+    glue = {r["param"]: r for r in report.get("glue", []) or [] if isinstance(r, Mapping) and "param" in r}
+    for entry in layers:
+        param = entry["param"]
+        weight = read(param)
+        source = "safetensors"
+        if weight is None and param in state:  # tied weights are saved once, under another name
+            weight, source = state[param].detach(), "reloaded model"
+        if weight is None:
+            bad.append(f"{param}: not in {HF_DIR}/")
+            continue
+        axis = _k_axis_for(model, param, entry)
+        if weight.dim() != 2:
+            bad.append(f"{param}: not a matrix ({tuple(weight.shape)})")
+            continue
+        if param in glue:
+            index = torch.as_tensor(glue[param]["index"], dtype=torch.long)
+            if index.numel() != weight.shape[axis] or not torch.equal(index.sort().values,
+                                                                     torch.arange(index.numel())):
+                bad.append(f"{param}: its glue index in report.json is not a permutation of its "
+                           f"{weight.shape[axis]} inputs")
                 continue
-            axis = _k_axis_for(model, param, entry)
-            if weight.dim() != 2:
-                bad.append(f"{param}: not a matrix ({tuple(weight.shape)})")
-                continue
-            if param in glue:
-                index = torch.as_tensor(glue[param]["index"], dtype=torch.long)
-                if index.numel() != weight.shape[axis] or not torch.equal(index.sort().values,
-                                                                         torch.arange(index.numel())):
-                    bad.append(f"{param}: its glue index in report.json is not a permutation of its "
-                               f"{weight.shape[axis]} inputs")
-                    continue
-                weight = weight.index_select(axis, index)
-                source += " in glue order"
-            ok, violations, groups = _nm_stats(weight.float().numpy(), axis, n, m)
-            if not ok:
-                bad.append(f"{param} ({source}): " + (f"K={weight.shape[axis]} not a multiple of {m}" if violations < 0
-                                                      else f"{violations} of {groups} groups break {n}:{m}"))
-        checks.append(_aggregate("hf_nm", len(layers), bad, f"{len(layers)} pruned parameters are {n}:{m} along K"))
-
-    # --- ONNX Runtime vs torch on the reloaded hf/ model: its outputs are recorded and the model released
-    # before ONNX Runtime loads the graph, so at most one copy of the weights is held at a time
-    if model is not None and onnx_ok:
-        try:
-            gen = torch.Generator().manual_seed(seed)
-            max_pos = getattr(text_config(model.config), "max_position_embeddings", None) or 10**9
-            batches = [random_inputs(report["input_names"], model.config, b, min(s, int(max_pos)), gen, image_hw)
-                       for b, s in shapes]
-            start = time.perf_counter()
-            from ..passes.quantize import fake_quant_model
-
-            with fake_quant_model(model, plan):  # quantized: the function the Q/DQ graph computes
-                refs = torch_outputs(model, batches, report.get("forward_kwargs") or None)
-            state = model = None
-            gc.collect()
-            result = compare_ort_refs(onnx_path, batches, refs, precision, reference_tolerance(plan, precision, tol))
-            result.seconds = time.perf_counter() - start
-            checks.append(result.as_check())
-        except Exception as exc:  # noqa: BLE001
-            checks.append(Check("onnxruntime_vs_torch", False, " ".join(str(exc).split())[:300]))
-    return checks
+            weight = weight.index_select(axis, index)
+            source += " in glue order"
+        ok, violations, groups = _nm_stats(weight.float().numpy(), axis, n, m)
+        if not ok:
+            bad.append(f"{param} ({source}): " + (f"K={weight.shape[axis]} not a multiple of {m}" if violations < 0
+                                                  else f"{violations} of {groups} groups break {n}:{m}"))
+    return aggregate("hf_nm", len(layers), bad, f"{len(layers)} pruned parameters are {n}:{m} along K")
 
 
-def _aggregate(name: str, total: int, bad: list[str], ok_detail: str) -> Check:
-    if bad:
-        shown = "; ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
-        return Check(name, False, f"{len(bad)} of {total} layers: {shown}", float(len(bad)))
-    return Check(name, True, ok_detail, 0.0)
+def _ort_vs_torch_check(held: list, onnx_path: Path, report: Mapping[str, Any], plan, precision: str,
+                        tol: float | None, seed: int, shapes: Sequence[tuple[int, int]],
+                        image_hw: tuple[int, int] | None) -> Check:
+    """``onnxruntime_vs_torch`` on random batches: the reloaded model (``held``, a one-element list, emptied
+    here) runs first and is released before ONNX Runtime loads the graph, so at most one copy of the
+    weights is held at a time."""
+    model = held.pop()
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        max_pos = getattr(text_config(model.config), "max_position_embeddings", None) or 10**9
+        batches = [random_inputs(report["input_names"], model.config, b, min(s, int(max_pos)), gen, image_hw)
+                   for b, s in shapes]
+        start = time.perf_counter()
+        from ..passes.quantize import fake_quant_model
+
+        with fake_quant_model(model, plan):  # quantized: the function the Q/DQ graph computes
+            refs = torch_outputs(model, batches, report.get("forward_kwargs") or None)
+        model = None
+        gc.collect()
+        result = compare_ort_refs(onnx_path, batches, refs, precision, reference_tolerance(plan, precision, tol))
+        result.seconds = time.perf_counter() - start
+        return result.as_check()
+    except Exception as exc:  # noqa: BLE001
+        return Check("onnxruntime_vs_torch", False, " ".join(str(exc).split())[:300])

@@ -14,6 +14,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .checks import DEFAULT_TOLERANCE, Check, aggregate
+from .onnx_graph import onnx_initializer_for_param
+
 PLAN_FILE = "quantization.json"
 
 
@@ -22,8 +25,6 @@ def load_plan(out_dir: Path, report: Mapping[str, Any]):
     from ..errors import UsageError
     from ..passes.quantize import QuantPlan
     from ..safepath import read_json
-
-    from .verify import Check
 
     path = Path(out_dir) / PLAN_FILE
     if "quantization" not in report and not path.exists():
@@ -53,8 +54,6 @@ def qdq_check(onnx_model, base_dir, plan, report: Mapping[str, Any]):
     float type)."""
     import onnx
     from onnx import numpy_helper
-
-    from .verify import _aggregate, onnx_initializer_for_param
 
     want_type = getattr(onnx.TensorProto, plan.fmt.onnx_type)
     inits = {t.name: t for t in onnx_model.graph.initializer}
@@ -123,7 +122,7 @@ def qdq_check(onnx_model, base_dir, plan, report: Mapping[str, Any]):
             if why:
                 bad.append(f"{lp.param}: input {why}")
                 break
-    return _aggregate("onnx_qdq", len(plan.layers), bad,
+    return aggregate("onnx_qdq", len(plan.layers), bad,
                       f"{len(plan.layers)} weights stored as {plan.fmt.onnx_type} codes, Q/DQ scales as planned")
 
 
@@ -131,7 +130,6 @@ def reference_tolerance(plan, precision: str, tol: float | None) -> float | None
     if plan is None or tol is not None:
         return tol
     from ..passes.quantize import quant_tolerance
-    from .verify import DEFAULT_TOLERANCE
 
     return quant_tolerance(plan, precision, DEFAULT_TOLERANCE[precision])
 
