@@ -27,6 +27,7 @@ def _leave() -> None:
 
 
 def _compress(seed_dir: str, rank: int, world: int, rendezvous: str) -> None:
+    from permcompile.calib.data import load_calibration
     from permcompile.models import wrap_module
     from permcompile.pipeline import compress_
     from permcompile.testing.zoo import build_tiny
@@ -36,7 +37,12 @@ def _compress(seed_dir: str, rank: int, world: int, rendezvous: str) -> None:
         _init(rendezvous, rank, world)
     try:
         loaded = wrap_module(build_tiny("llama").eval())
-        c = compress_(loaded, OptimizeConfig(permutation="hungarian", calib_samples=16, calib_seq_len=32), quiet=True)
+        # two batches, one per rank: a sum over more batches in another order rounds differently, and a near tie
+        # in an N:M mask may then go the other way (not a bug, but not a test of the data parallelism either)
+        ids = torch.cat([b["input_ids"] for b in load_calibration(None, loaded, 16, 32, 0)])
+        batches = [{"input_ids": ids[:8]}, {"input_ids": ids[8:]}]
+        c = compress_(loaded, OptimizeConfig(permutation="hungarian", calib_samples=16, calib_seq_len=32), quiet=True,
+                      batches=batches)
         torch.save({"state": loaded.model.state_dict(), "perms": c.perms,
                     "tokens": [r["reconstruction"]["tokens"] for r in c.mask_result.layers]},
                    os.path.join(seed_dir, f"rank{rank}_of{world}.pt"))

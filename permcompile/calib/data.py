@@ -451,7 +451,7 @@ class CalibrationBatches(list):
     def share(self, start: int, step: int) -> "CalibrationBatches":
         """Every ``step``-th batch from ``start``, keeping each one's label and position in the whole set."""
         out = CalibrationBatches(self[start::step])
-        out.sources = self.sources[start::step]
+        out.sources = self.sources[start::step] if len(self.sources) == len(self) else []
         out.documents = self.documents
         out.positions = list(range(len(self)))[start::step]
         out.total = len(self)

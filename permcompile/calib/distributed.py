@@ -38,9 +38,12 @@ def shard(batches: list) -> list:
 
         raise UsageError(f"{len(batches)} calibration batches cannot be shared by {size} processes: "
                          "give more calibration samples")
-    if hasattr(batches, "share"):  # labelled calibration batches keep their labels (calib/data.py)
-        return batches.share(rank, size)
-    return batches[rank::size]
+    from .data import CalibrationBatches
+
+    # each share remembers its batches' places in the whole set: a pass that holds some batches out (the
+    # reconstruction's held-out check) must hold out the same ones in every process
+    whole = batches if isinstance(batches, CalibrationBatches) else CalibrationBatches(batches)
+    return whole.share(rank, size)
 
 
 def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
