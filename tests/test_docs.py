@@ -53,3 +53,12 @@ def test_readme_paths_exist():
     assert "permcompile/heldout/persuasion.txt" in paths
     missing = sorted(p for p in paths if not (ROOT / p).exists())
     assert not missing, missing
+
+
+def test_readme_names_every_permutation_strategy_and_no_retired_one():
+    """The strategy list in the README is the registry's (passes/permute.STRATEGIES), and the retired alias is gone."""
+    from permcompile.passes.permute import STRATEGIES
+
+    line = README[README.index("Strategies:"):].split("\n\n", 1)[0]
+    assert all(f"`{name}`" in line for name in STRATEGIES), line
+    assert "e2e" not in README and not mentions(README, "--learn")
