@@ -693,32 +693,41 @@ def test_stale_temporaries_of_dead_runs_are_cleaned_up(llama, tmp_path, out):
 
 
 def test_sigterm_during_export_leaves_nothing(llama, tmp_path):
-    """SIGTERM (docker stop, CI timeouts) is handled like Ctrl-C: one line, exit 143, no OUT, no temporaries."""
+    """SIGTERM (docker stop, CI timeouts) is handled like Ctrl-C: one line, exit 143, no OUT, no temporaries.
+
+    The child says when its export begins (the temporary output folder exists) and waits there for the signal:
+    the test signals on that line, never after a delay."""
     import signal
-    import time
 
     target = tmp_path / "out"
     before = snapshot(llama)
-    log = tmp_path / "stderr.txt"
-    with open(log, "w") as err_file:
-        proc = subprocess.Popen([sys.executable, "-m", "permcompile", "optimize", str(llama), "--out", str(target),
-                                 *FAST], stdout=subprocess.DEVNULL, stderr=err_file,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # the export has begun once its folder exists
-        if any(".out.tmp-" in p.name for p in tmp_path.iterdir()):
+    main_code = ("import signal, sys\n"
+                 "import permcompile.export.onnx as onnx_export\n"
+                 "real = onnx_export.export_onnx\n"
+                 "def export_onnx(*args, **kwargs):\n"
+                 "    print('TEST: export begins', file=sys.stderr, flush=True)\n"
+                 "    signal.pause()\n"
+                 "    return real(*args, **kwargs)\n"
+                 "onnx_export.export_onnx = export_onnx\n"
+                 "from permcompile.cli import main; main()")
+    proc = subprocess.Popen([sys.executable, "-c", main_code, "optimize", str(llama), "--out", str(target), *FAST],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in proc.stderr:  # blocks until the child writes a line or exits
+        seen.append(line)
+        if line.startswith("TEST: export begins"):
             break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be terminated: " + log.read_text()[-2000:]
+    assert seen and seen[-1].startswith("TEST:"), "the run ended before its export: " + "".join(seen)
+    assert any(".out.tmp-" in p.name for p in tmp_path.iterdir())  # the temporary output exists
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    err = log.read_text()
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert "Traceback" not in err
     lines = message_lines(err)
     assert len(lines) == 1 and lines[0].startswith("error: ") and "SIGTERM" in lines[0], err[-2000:]
     assert_no_output(target)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["stderr.txt"]
+    assert list(tmp_path.iterdir()) == []
     assert snapshot(llama) == before
 
 
