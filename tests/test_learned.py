@@ -342,3 +342,23 @@ def test_lazy_weights_restore_the_modules_and_keep_tied_weights_eager():
         assert "forward" in model[2].__dict__
     assert "forward" not in model[2].__dict__ and isinstance(model[2].weight, nn.Parameter)
     assert torch.equal(model(x), model[2](model[1](model[0](x))))
+
+
+def test_the_loop_announces_its_expected_time_before_the_first_step(tmp_path):
+    """``announce`` is called once, before any step ran, with the steps to run and a positive time estimate."""
+    events = []
+
+    def progress(step, steps, value, tau):
+        events.append(("step", step))
+
+    def announce(steps, seconds, forward_s):
+        events.append(("announce", steps, seconds > 0 and forward_s > 0))
+
+    model, w, batches = _planted(0, 32)
+    group = Group("g", 32, [Member("0.weight", 1, "consumer", module="0")])
+    train_permutations(model, [group], {"g": torch.arange(32)}, {"0.weight": w.abs()}, batches,
+                       lambda o, b: functional_call(model, o, (b["x"],)),
+                       lambda y, r, b: (y - r).pow(2).sum() / r.pow(2).sum(), 2, 4,
+                       LearnedConfig(block_size=32, steps=5, loss="mse"), progress=progress, announce=announce)
+    assert events[0] == ("announce", 5, True) and [e for e in events if e[0] == "announce"] == [events[0]]
+    assert [e[1] for e in events[1:]] == [0, 1, 2, 3, 4]

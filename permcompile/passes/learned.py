@@ -364,7 +364,8 @@ def _split(batches: list, size: int) -> list:
 def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, torch.Tensor],
                        scores: dict[str, torch.Tensor], batches: list, run: Callable, objective: Callable, n: int,
                        m: int, config: LearnedConfig, seed: int = 0, k_axes: dict | None = None,
-                       progress: Callable | None = None, checkpoint: PassCheckpoint | None = None) -> LearnedResult:
+                       progress: Callable | None = None, checkpoint: PassCheckpoint | None = None,
+                       announce: Callable[[int, float, float], None] | None = None) -> LearnedResult:
     """Learn one block-diagonal permutation per movable group on top of ``warm``, end to end.
 
     ``scores[param]``: the criterion's ``[out, K]`` scores of every pruned weight (they move with their columns;
@@ -373,7 +374,9 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
     ``objective(out, ref, batch)``: the scalar loss of ``out`` against the dense model's ``ref`` for ``batch``.
     The model's parameters are never written. Returns the permutations (valid for their groups) and the losses.
     ``checkpoint``: save the loop's state there as it runs, and (``--resume``) continue from it: the result is the
-    same as an uninterrupted run's.
+    same as an uninterrupted run's. ``announce(steps, seconds, forward_seconds)``: called once before the first step
+    with the steps left and the loop's expected time, estimated from the warm start's evaluation (a step costs
+    about three forward passes: the forward, and the backward that recomputes each checkpointed block).
     """
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -433,7 +436,9 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
                 return [float(objective(_run_masked(run, model, sites, shared, perms, None, n, m, cfg.mask_tau, b),
                                         ref(i), b)) for i, b in enumerate(batches)]
 
+        clock = time.perf_counter()
         warm_losses = batch_losses(hard_perms(None))
+        forward_s = (time.perf_counter() - clock) / len(batches)
         loss_warm = sum(warm_losses) / len(batches)
         history: list[float] = []
         qh_last = None
@@ -465,6 +470,8 @@ def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, to
                 if not checkpoint.quiet:
                     print(f"[permcompile] --resume: the learned loop continues at step {first} of {cfg.steps} from "
                           f"{checkpoint.path}", file=sys.stderr, flush=True)
+            if announce is not None and first < cfg.steps:  # the steps, then up to two evaluations of all batches
+                announce(cfg.steps - first, forward_s * (3 * (cfg.steps - first) + 2 * len(batches)), forward_s)
             last_save = time.perf_counter()
 
             def save_state(step_done: int, final: dict | None = None, perms_out: dict | None = None) -> None:
@@ -630,9 +637,16 @@ def learned_permutations(loaded, groups: list[Group], stats: dict, batches: list
     digest = checkpoint_digest(net, batches, learn_groups, warm, scores, n, m, cfg, config.seed,
                                {"loss": loss, "criterion": config.criterion, "k_axes": k_axes})
     ckpt = checkpoints.open("learned", digest, STATE_FILE) if checkpoints is not None else None
+
+    def announce(steps, seconds, forward_s):
+        if bar is not None:  # above the bar, which stays in place
+            bar.write(f"[permcompile] learned: {steps} steps on {device}, at least about {seconds:.0f} s (a step is "
+                      f"~3 forward passes of {forward_s:.2f} s; LearnedConfig.steps sets the budget)", file=sys.stderr)
+
     try:
         res = train_permutations(net, learn_groups, warm, scores, batches, run, model_objective(loss, cfg.distill),
-                                 n, m, cfg, seed=config.seed, k_axes=k_axes, progress=report, checkpoint=ckpt)
+                                 n, m, cfg, seed=config.seed, k_axes=k_axes, progress=report, checkpoint=ckpt,
+                                 announce=announce)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the CLI's error line says how to go on
         if ckpt is not None:
             ckpt.hint(exc)
