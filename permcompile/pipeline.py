@@ -448,14 +448,24 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
                 if reason is None:
                     raise
                 raise OutputWriteError(f"cannot write the output to {out_dir.resolve().parent}: {reason}") from exc
-        if release_model:
+        # a quantized graph small enough to hold beside the model is checked teacher-forced (export/qdq_compare.py)
+        keep = c.quant_plan is not None and _graph_small(tmp / "model.onnx")
+        if release_model and not keep:
             _release_weights_(net)
             net = None
         with t.step("verify"):
             checks = verify_artifacts(tmp)
             # the in-memory model on calibration inputs, besides verify's random inputs on the reloaded hf/
+            calib_tol, note = _quant_tol(c.quant_plan, config.precision), ""
+            if keep:
+                from .export.qdq_compare import reference_outputs
+
+                calib_refs, calib_tol, note = reference_outputs(tmp / "model.onnx", net, c.quant_plan, report,
+                                                                calib_inputs, loaded.forward_kwargs(),
+                                                                config.precision, None)
             calib_cmp = compare_ort_refs(tmp / "model.onnx", calib_inputs, calib_refs, precision=config.precision,
-                                         tol=_quant_tol(c.quant_plan, config.precision))
+                                         tol=calib_tol)
+            calib_cmp.detail = note or calib_cmp.detail
             checks.append(calib_cmp.as_check("onnxruntime_vs_torch_calibration"))
         report["checks"] = [asdict(c) for c in checks]
         report["timings"] = t.timings
@@ -559,6 +569,12 @@ def _joint_quant(net, config):
     from .passes.quantize import JointQuant
 
     return JointQuant.from_config(config.quantize, config.resolve_precision(model_dtype(net)))
+
+
+def _graph_small(onnx_path: Path) -> bool:
+    from .export.qdq_compare import small_enough
+
+    return onnx_path.is_file() and small_enough(onnx_path)
 
 
 def _quant_tol(plan, precision: str) -> float | None:

@@ -34,7 +34,7 @@ from .onnx import ExportWrapper, iter_weight_uses
 from .onnx_graph import load_onnx, onnx_initializer_for_param
 from .ort_chunks import NotSliceable, run_sliced
 from .ort_session import clear_session_cache, ort_session
-from .verify_quant import load_plan, qdq_check, reference_tolerance
+from .verify_quant import load_plan, qdq_check
 
 __all__ = [
     "LinearCheck",
@@ -597,13 +597,15 @@ def _ort_vs_torch_check(held: list, onnx_path: Path, report: Mapping[str, Any], 
         batches = [random_inputs(report["input_names"], model.config, b, min(s, int(max_pos)), gen, image_hw)
                    for b, s in shapes]
         start = time.perf_counter()
-        from ..passes.quantize import fake_quant_model
+        from .qdq_compare import reference_outputs
 
-        with fake_quant_model(model, plan):  # quantized: the function the Q/DQ graph computes
-            refs = torch_outputs(model, batches, report.get("forward_kwargs") or None)
+        # quantized: the function the Q/DQ graph computes, teacher-forced at its quantizers (qdq_compare.py)
+        refs, tol, note = reference_outputs(onnx_path, model, plan, report, batches,
+                                            report.get("forward_kwargs") or None, precision, tol)
         model = None
         gc.collect()
-        result = compare_ort_refs(onnx_path, batches, refs, precision, reference_tolerance(plan, precision, tol))
+        result = compare_ort_refs(onnx_path, batches, refs, precision, tol)
+        result.detail = note
         result.seconds = time.perf_counter() - start
         return result.as_check()
     except Exception as exc:  # noqa: BLE001

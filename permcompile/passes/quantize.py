@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..math.quant import QFormat, fake_quant, get_format, rel_error_diag, snap_rows, tensor_scale, weight_scales
+from ..math.quant import (QFormat, fake_quant, from_codes, get_format, rel_error_diag, snap_rows, tensor_scale,
+                          to_codes, weight_scales)
 
 PLAN_FILE = "quantization.json"
 PLAN_FORMAT = "permcompile.quantization/1"
@@ -240,13 +241,36 @@ def input_ranges(model: nn.Module, batches: list, modules: list[str], forward_kw
     return amax
 
 
-def _fq_forward(module: nn.Module, lp: LayerPlan, fmt: QFormat):
+def _fq_forward(module: nn.Module, lp: LayerPlan, fmt: QFormat, forced: dict | None = None,
+                flips: dict | None = None, slack: float = 0.0):
     """A forward for ``module`` computing ``W_q · Q(x)``: input fake-quantized with its static scale, weight
-    re-snapped to its grid in float32 (a bf16 weight holds ``code × scale`` only up to bf16 rounding)."""
+    re-snapped to its grid in float32 (a bf16 weight holds ``code × scale`` only up to bf16 rounding).
+
+    ``forced[module]``: input codes to use instead of this forward's own rounding (teacher forcing from the ONNX
+    graph's quantizers); ``flips[module]`` then counts ``[codes that differ from the own rounding, codes, codes
+    farther from it than one grid step and ``slack`` of full scale]``."""
     is_linear = isinstance(module, nn.Linear)
 
     def forward(x, *args, **kwargs):
-        xq = fake_quant(x, lp.input_scale, fmt)
+        codes = forced.get(lp.module) if forced is not None else None
+        if codes is not None and codes.numel() == x.numel():  # a Gemm reads [B*S, K] where torch has [B, S, K]
+            codes = codes.reshape(x.shape)
+            own = to_codes(x, lp.input_scale, fmt)
+            if flips is not None:  # [codes that differ, codes, codes farther apart than rounding explains]
+                mine, theirs = own.float(), codes.to(x.device).float()
+                diff = (mine - theirs).abs()
+                if fmt.is_float:  # the grid's spacing where the two codes lie (E4M3: 3 mantissa bits)
+                    top = torch.maximum(mine.abs(), theirs.abs()).clamp_min(2.0 ** -6)
+                    spacing = torch.exp2(torch.floor(torch.log2(top)) - 3)
+                else:
+                    spacing = torch.ones_like(diff)
+                row = flips.setdefault(lp.module, [0, 0, 0])
+                row[0] += int((diff > 0).sum())
+                row[1] += own.numel()
+                row[2] += int(((diff > spacing) & (diff > slack * fmt.qmax)).sum())
+            xq = from_codes(codes.to(x.device), lp.input_scale)
+        else:
+            xq = fake_quant(x, lp.input_scale, fmt)
         w = module.weight
         wk = _kout(w, lp.k_axis).float()
         wq = snap_rows(wk, lp.weight_scale.to(wk.device), fmt)
@@ -263,9 +287,12 @@ def _fq_forward(module: nn.Module, lp: LayerPlan, fmt: QFormat):
 
 
 @contextlib.contextmanager
-def fake_quant_model(model: nn.Module, plan: QuantPlan | None) -> Iterator[nn.Module]:
+def fake_quant_model(model: nn.Module, plan: QuantPlan | None, forced: dict | None = None,
+                     flips: dict | None = None, slack: float = 0.0) -> Iterator[nn.Module]:
     """Run ``model`` as the Q/DQ graph computes: each planned linear quantizes its input with the static scale
-    and multiplies by its dequantized weight (a no-op with ``plan`` None). The forwards are restored on exit."""
+    and multiplies by its dequantized weight (a no-op with ``plan`` None). The forwards are restored on exit.
+    ``forced`` / ``flips``: teacher forcing of the input codes (see ``_fq_forward``; the dict may be refilled
+    between forward passes)."""
     if plan is None or not plan.layers:
         yield model
         return
@@ -275,7 +302,7 @@ def fake_quant_model(model: nn.Module, plan: QuantPlan | None) -> Iterator[nn.Mo
         for name, lp in plan.layers.items():
             module = model.get_submodule(name)
             patched.append((module, module.__dict__.get("forward")))
-            module.forward = _fq_forward(module, lp, fmt)
+            module.forward = _fq_forward(module, lp, fmt, forced, flips, slack)
         yield model
     finally:
         for module, old in patched:
