@@ -24,7 +24,9 @@ def _config(**kw) -> OptimizeConfig:
     return OptimizeConfig(permutation="hungarian", calib_samples=2, calib_seq_len=16, **kw)
 
 
-@pytest.mark.parametrize("prefetch", [pytest.param(False, marks=pytest.mark.slow), True])  # each a full run (~30 s)
+# each a full run (~30 s); the prefetch route is also covered by test_export_prefetch.py by default, the hard-link
+# check below only here
+@pytest.mark.parametrize("prefetch", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_external_data_model_optimizes_and_verifies(large, tiny_dir, tmp_path, prefetch):
     """Both export routes: traced after compression, and the graph traced ahead in a forked child."""
     import onnx
