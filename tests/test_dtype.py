@@ -165,8 +165,8 @@ def test_triton_never_pairs_sparsity_with_fp32(tmp_path):
     assert _trt_params(fp16.config)["trt_sparsity_enable"] == "1" and not fp16.notes
 
 
-@pytest.mark.slow  # two exports of a half-precision model per case (~40 s each)
-@pytest.mark.parametrize("prefetch", [False, True])
+# two exports of a half-precision model per case (30-45 s each): one case by default
+@pytest.mark.parametrize("prefetch", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_consuming_export_writes_the_same_graph(half_dir, tmp_path, prefetch):
     """``export_onnx(consume=True)`` casts the bf16 model's own parameters (no copy) and writes the same
     weights as the copying export; without it the model is left as it was."""
