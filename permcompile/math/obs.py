@@ -306,30 +306,30 @@ def masked_least_squares(w_ref: Tensor, keep: Tensor, h: Tensor) -> Tensor:
 
 @torch.no_grad()
 def choose_update(w_ref: Tensor, h_fit: Tensor, h_val: Tensor, crit: Tensor, n: int, m: int, shrinks, *,
-                  damp: float = 0.01, block: int = 32, refit_iters: int = 30, mask: str = "obs",
-                  rows: int = 64) -> tuple[float | None, dict]:
+                  damp: float = 0.01, refit_iters: int = 30, rows: int = 64) -> tuple[float | None, dict]:
     """Which update of ``w_ref`` ([out, K]) carries over to inputs it was not fitted on.
 
     Each candidate is fitted on ``h_fit`` and scored by its output error on ``h_val`` (a held-out part of the
     calibration data), on at most ``rows`` evenly spaced output rows (rows are independent given H, so a sample
     of them ranks the candidates): ``None`` = the ``crit`` N:M mask with no update (the masks-only result), a float
-    ρ = the OBS update (+ refit) on ``shrink_(h_fit, ρ)``. ``shrinks`` are tried in order and the search stops at
-    the first that beats the mask alone (the fast path: the plain update generalises). Returns the choice and
-    ``{"mask": error, "shrink=ρ": error, ...}``, each relative to the held-out output energy of ``w_ref``.
+    ρ = the least-squares update of the kept weights under that mask on ``shrink_(h_fit, ρ)`` (``refit_iters``
+    conjugate-gradient steps: what the OBS pass and its refit move towards, without the OBS pass's column-by-column
+    loop, which would cost each candidate as much as the layer). ``shrinks`` are tried in order and the search
+    stops at the first that beats the mask alone (the fast path: the plain update generalises). Returns the choice
+    and ``{"mask": error, "shrink=ρ": error, ...}``, each relative to the held-out output energy of ``w_ref``.
     ``h_fit`` is used as scratch and left as it was, up to rounding (``shrinks`` below 1)."""
     from .nm import nm_mask
 
     idx = torch.linspace(0, w_ref.shape[0] - 1, min(rows, w_ref.shape[0])).round().long().unique()
     ref = w_ref[idx]
+    keep = nm_mask(crit[idx], n, m)
+    masked = ref * keep
     total = output_error(ref, torch.zeros_like(ref), h_val) or 1.0
-    errors = {"mask": output_error(ref, ref * nm_mask(crit[idx], n, m), h_val) / total}
+    errors = {"mask": output_error(ref, masked, h_val) / total}
     best, best_err = None, errors["mask"]
     for rho in shrinks:
         h = shrink_(h_fit, float(rho))  # in place and undone below: no K×K copy
-        w = ref.clone()
-        keep = sparsegpt_nm_(w, h, n, m, damp=damp, block=block, scores=crit[idx] if mask == "criterion" else None)
-        if refit_iters:
-            refit_masked_(w, ref, keep, h, iters=refit_iters, damp=damp)
+        w = refit_masked_(masked.clone(), ref, keep, h, iters=max(1, refit_iters), damp=damp)
         unshrink_(h_fit, float(rho))
         err = output_error(ref, w, h_val) / total
         errors[f"shrink={float(rho):g}"] = err

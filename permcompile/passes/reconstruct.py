@@ -68,7 +68,7 @@ def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumula
         fit = acc.count - held.count
         h.mul_(acc.count).sub_(h_val, alpha=held.count).div_(fit)  # the fitted part, in the Hessian's own buffer
         shrink, errors = choose_update(w_ref, h, h_val, crit, n, m, cfg.shrink_steps(), damp=cfg.damp,
-                                       block=cfg.block, refit_iters=cfg.refit_iters, mask=cfg.mask)
+                                       refit_iters=cfg.refit_iters)
         h.mul_(fit).add_(h_val, alpha=held.count).div_(acc.count)  # back to the whole
         del h_val
         chosen = "mask" if shrink is None else f"shrink={shrink:g}"
