@@ -69,14 +69,14 @@ def run_one(model: str, args) -> dict:
     """Runs in the child process: one ``optimize()`` call, timings and peak RSS."""
     import torch
 
-    from permcompile import pipeline
+    from permcompile import timing
     from permcompile.config import OptimizeConfig, Sparsity
     from permcompile.pipeline import optimize
 
     # Process CPU seconds per stage next to the wall seconds the pipeline reports: on a shared machine wall time
     # includes waiting for a core, CPU time does not (it adds up all threads). Wraps the timer at run time only.
     cpu: dict[str, float] = {}
-    orig_step = pipeline._Timer.step
+    orig_step = timing.StepTimer.step
 
     def step(self, name):
         ctx = orig_step(self, name)
@@ -94,7 +94,7 @@ def run_one(model: str, args) -> dict:
         ctx.__class__ = _Cpu
         return ctx
 
-    pipeline._Timer.step = step
+    timing.StepTimer.step = step
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -210,24 +210,20 @@ def inspect(model, as_json, residual, debug):
     """Print MODEL's coupling groups: consumers, producers, passengers and pins."""
 
     def go():
-        from .capture import capture
         from .config import RESIDUAL_MODES
         from .errors import UsageError
         from .models import load_model
-        from .passes.coupling import analyze
         from .passes.groups import groups_to_json
+        from .pipeline import capture_and_analyze
 
         if residual not in RESIDUAL_MODES:
             raise UsageError(f"--residual must be one of {', '.join(RESIDUAL_MODES)}, got {residual!r}")
         loaded = load_model(model)
-        captured = capture(loaded.model, loaded.example_inputs(), loaded.forward_kwargs())
-        groups = analyze(captured)
+        captured, groups, linears = capture_and_analyze(loaded, 4)  # what optimize sees, for 2:4
         if residual == "per-layer":
             from .passes.glue import split_residual
-            from .passes.sparsify import select_linears
 
-            pruned = {i.param for i in select_linears(loaded.model, captured, groups, 4) if i.prune}
-            groups = split_residual(groups, loaded.model, pruned)
+            groups = split_residual(groups, loaded.model, {i.param for i in linears if i.prune})
         if as_json:
             click.echo(groups_to_json(groups))
             return

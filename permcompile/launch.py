@@ -208,25 +208,9 @@ def _is_own_error(exc: BaseException) -> bool:
     return isinstance(exc, (PermcompileError, KeyboardInterrupt, SystemExit))
 
 
-def follow(model, out, config, *, resume: bool, checkpoint_dir, trust_pickle: bool):
-    """What ``optimize`` does on ranks > 0: load the model and run the same compression (its share of the
-    calibration batches, every collective) without writing anything; rank 0 writes OUT."""
-    import dataclasses
-    from pathlib import Path
-
-    from .calib.distributed import world
-    from .dtypes import model_dtype
-    from .models import load_model
-    from .pipeline import OptimizeResult, compress_
-
-    loaded = load_model(model, trust_pickle=trust_pickle)
-    if config.precision == "auto":
-        config = dataclasses.replace(config, precision=config.resolve_precision(model_dtype(loaded.model)))
-    if checkpoint_dir is not None:  # each rank's reconstruction state is its own (its share of the batches)
-        checkpoint_dir = str(Path(checkpoint_dir) / f"rank{world()[0]}")
-    compressed = compress_(loaded, config, quiet=True, resume=resume, checkpoint_dir=checkpoint_dir)
-    _CLEANUP.extend(compressed.checkpoints.cached())
-    return OptimizeResult(Path(out), {}, None)
+def clean_up_on_success(folders) -> None:
+    """Remove ``folders`` (this rank's checkpoints) once rank 0 has written OUT, in :func:`run_ranked`."""
+    _CLEANUP.extend(folders)
 
 
-__all__ = ["launched", "run_ranked", "follow", "local_device", "is_writer"]
+__all__ = ["launched", "run_ranked", "clean_up_on_success", "local_device", "is_writer"]

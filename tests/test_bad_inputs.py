@@ -606,7 +606,7 @@ def test_force_replaces_only_a_permcompile_output(case, llama, tmp_path):
 def test_force_replaces_atomically(tmp_path, monkeypatch):
     """The old output is renamed aside, the new one moved in, and only then the old one deleted: a failure
     in between (here the move-in) leaves the old output in place."""
-    from permcompile import pipeline
+    from permcompile import outdir
 
     old = tmp_path / "out"
     old.mkdir()
@@ -621,12 +621,12 @@ def test_force_replaces_atomically(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
-    monkeypatch.setattr(pipeline.os, "replace", fail_move_in)
+    monkeypatch.setattr(outdir.os, "replace", fail_move_in)
     with pytest.raises(OSError):
-        pipeline._replace(new, old)
+        outdir._replace(new, old)
     assert (old / "report.json").read_text(encoding="utf-8") == "old"
-    monkeypatch.setattr(pipeline.os, "replace", real)
-    pipeline._replace(new, old)
+    monkeypatch.setattr(outdir.os, "replace", real)
+    outdir._replace(new, old)
     assert (old / "report.json").read_text(encoding="utf-8") == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
