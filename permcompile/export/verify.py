@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..config import Sparsity
+from ..dtypes import fp32_compute
 from ..errors import UsageError, VerificationError
 from ..hfenv import set_hf_env
 from ..modelio import random_inputs, text_config
@@ -279,8 +281,6 @@ def torch_outputs(model: nn.Module, input_batches: Sequence[Mapping[str, Tensor]
     function of its stored weights (what an fp32 or fp16 graph of those weights should compute), not
     half-precision rounding; no fp32 copy of the model is made.
     """
-    from ..dtypes import fp32_compute
-
     refs = []
     was_training = model.training
     model.eval()
@@ -379,8 +379,6 @@ def _read_report(out_dir: Path) -> dict[str, Any]:
 
 
 def _parse_sparsity(text: Any) -> tuple[int, int]:
-    from ..config import Sparsity
-
     s = Sparsity.parse(str(text))
     return s.n, s.m
 

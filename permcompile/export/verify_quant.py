@@ -14,6 +14,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..errors import UsageError
+from ..passes.quantize import QuantPlan, quant_tolerance
+from ..safepath import read_json
 from .checks import DEFAULT_TOLERANCE, Check, aggregate
 from .onnx_graph import onnx_initializer_for_param
 
@@ -22,10 +25,6 @@ PLAN_FILE = "quantization.json"
 
 def load_plan(out_dir: Path, report: Mapping[str, Any]):
     """``(plan or None, checks)``: None without quantization; a failed check when the plan is missing or bad."""
-    from ..errors import UsageError
-    from ..passes.quantize import QuantPlan
-    from ..safepath import read_json
-
     path = Path(out_dir) / PLAN_FILE
     if "quantization" not in report and not path.exists():
         return None, []
@@ -129,8 +128,6 @@ def qdq_check(onnx_model, base_dir, plan, report: Mapping[str, Any]):
 def reference_tolerance(plan, precision: str, tol: float | None) -> float | None:
     if plan is None or tol is not None:
         return tol
-    from ..passes.quantize import quant_tolerance
-
     return quant_tolerance(plan, precision, DEFAULT_TOLERANCE[precision])
 
 
