@@ -188,6 +188,15 @@ def _print_summary(report: dict) -> None:
                        f"{sum(h['rel_error_mask_only'] for h in held) / len(held):.4f} -> reconstructed "
                        f"{sum(h['rel_error_reconstructed'] for h in held) / len(held):.4f}; updates kept: "
                        + ", ".join(f"{v} {k}" for k, v in kinds.items()))
+    quant = report.get("quantization")
+    if quant:
+        rounding = [x["rel_error_rounding"] for x in quant.get("layers", []) if x.get("rel_error_rounding") is not None]
+        sites = (quant.get("smoothing") or {}).get("sites") or []
+        click.echo(f"quantized {quant['mode']}: {len(quant.get('layers', []))} layers (weights per output channel, "
+                   "inputs per tensor, static); "
+                   + ("rounded inside the OBS pass (its error is in the reconstruction's)" if quant.get("joint") else
+                      f"weight rounding error, mean {sum(rounding) / max(len(rounding), 1):.4f}")
+                   + (f"; smoothing folded at {len(sites)} sites" if sites else ""))
     checks = report.get("checks", [])
     in_memory = _in_memory_checks(checks)
     why = (f" ({len(checks) - len(in_memory)} on the written files, which `permcompile verify` re-runs; "

@@ -40,7 +40,9 @@ class LayerPlan:
     weight_scale: torch.Tensor  # [out]
     input_scale: float
     input_amax: float
-    rel_error_rounding: float | None = None  # weight rounding alone, diagonal-Hessian output error
+    # weight rounding alone, diagonal-Hessian output error; None when the OBS pass rounded (joint): the layer's
+    # reconstruction error in report.json then holds pruning and rounding together
+    rel_error_rounding: float | None = None
 
     def to_dict(self, full: bool = True) -> dict:
         d = {"module": self.module, "param": self.param, "k_axis": self.k_axis, "input_scale": self.input_scale,
@@ -174,12 +176,13 @@ def quantize_(request: QuantRequest, mode: str) -> QuantPlan:
         w = _kout(model.get_parameter(info.param), info.k_axis)
         ref = w.detach().float()
         scale = given.get(info.module)
+        joint = scale is not None  # already on this grid: its rounding error is inside the reconstruction's
         scale = weight_scales(ref, fmt, sdt) if scale is None else scale.float()
         snapped = snap_rows(ref, scale, fmt)
         if bool(((snapped != 0) & (ref == 0)).any()):
             raise AssertionError(f"{info.module}: quantization turned a pruned zero into a weight")
         stat = (request.stats or {}).get(info.module)
-        err = rel_error_diag(ref, snapped, stat.mean_sq if stat is not None else None)
+        err = None if joint else rel_error_diag(ref, snapped, stat.mean_sq if stat is not None else None)
         w.copy_(snapped.to(w.dtype))
         plan.layers[info.module] = LayerPlan(info.module, info.param, info.k_axis, scale, 0.0, 0.0, err)
     amax = input_ranges(model, request.batches, list(plan.layers), request.forward_kwargs)
