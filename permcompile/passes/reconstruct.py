@@ -27,7 +27,7 @@ from ..calib.distributed import same_on_every_rank
 from ..config import ReconstructConfig
 from ..math.nm import criterion_scores, is_nm
 from ..math.obs import (HessianAccumulator, all_finite, choose_update, dampened_inverse_cholesky, output_error,
-                        refit_masked_, shrink_, sparsegpt_nm_, unshrink_)
+                        refit_masked_, shrink_, sparsegpt_nm_)
 from .checkpoint import Checkpoints, PassCheckpoint
 from .sparsify import LinearInfo, MaskResult, check_nm, weight_kout
 
@@ -102,8 +102,12 @@ def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumula
             refit_masked_(w, w_ref, keep, h, iters=cfg.refit_iters, damp=cfg.damp)
         if quant is not None:  # the refit moved weights off the grid
             quant.finish_(info.module, w)
-        unshrink_(h, shrink)  # the errors below are on the calibration inputs as they are
+        # the error on the calibration inputs as they are: H = (H_ρ − ρ·diag H) / (1 − ρ), so no K×K copy is made
+        # and H_ρ stays as the sibling cache holds it
         err_after = output_error(w_ref, w, h)
+        if shrink:
+            d = w_ref - w
+            err_after = (err_after - shrink * float((d * d * torch.diagonal(h).unsqueeze(0)).sum())) / (1 - shrink)
     if not all_finite(w):
         raise RuntimeError(f"reconstruction of {info.module} produced non-finite weights")
     view.copy_(w.to(view.device, view.dtype))
