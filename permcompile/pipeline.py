@@ -92,7 +92,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
     Post-conditions: folding preserved the function (checked on real and random inputs) and every pruned
     weight is N:M along its input axis.
     """
-    from .calib.data import load_calibration
+    from .calib.data import load_calibration, narrow_calibration
     from .calib.distributed import check_same_weights, from_rank0, shard
     from .calib.stats import collect_input_stats
     from .passes.checkpoint import Checkpoints
@@ -124,6 +124,11 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
         if batches is None:
             batches = load_calibration(config.calib, loaded, config.calib_samples, config.calib_seq_len,
                                        config.seed)
+        narrow = narrow_calibration(batches) if config.prune and config.update == "obs" else None
+        if narrow:
+            import warnings
+
+            warnings.warn(narrow, stacklevel=2)
         # with several processes (calib/distributed.py) each runs its share and the sums are all-reduced
         local = shard(batches)
         if stats is None and str(config.device) != "cpu":  # only one block at a time on the accelerator

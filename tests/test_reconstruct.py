@@ -310,3 +310,18 @@ def test_one_text_holds_out_a_quarter_of_the_batches_in_turn():
     assert [sorted(share.positions[i] for i in heldout_batches(share, "auto")(b)) for b in range(4)] == [
         [], [1, 5], [], [3, 7]]
     assert heldout_batches(CalibrationBatches([{}]), "auto") is None
+
+
+def test_pipeline_warns_when_the_weight_update_is_fitted_on_one_text(tmp_path):
+    from permcompile.calib.text import default_text
+
+    path = tmp_path / "one.txt"
+    path.write_text(default_text())
+    net = build_tiny("llama").eval()
+    with pytest.warns(UserWarning, match="single text: the weight update fits its kind of text"):
+        _compress(net, permutation="none", calib=str(path))
+    import warnings
+
+    with warnings.catch_warnings():  # masks only: nothing is fitted, nothing to warn about
+        warnings.simplefilter("error")
+        _compress(net, permutation="none", calib=str(path), update="none")
