@@ -15,6 +15,7 @@
 # and JSON. Without a CUDA device it prints one line and exits 0. Each step has its own time limit
 # (GPU_CHECK_LIMIT_SPEED / _SMOLLM2 / _LEARNED / _1B / _QUANT seconds); a step that fails or runs out of time is
 # recorded and the next one still runs. The script's exit status is 0 when every step passed, 1 otherwise.
+# The default limits add up to 540 s (565 s with each step's 5 s kill grace): one device call allows 600 s.
 #
 #   bash benchmarks/gpu_check.sh
 #   PERMCOMPILE_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh   # where the copy has no .git
@@ -80,12 +81,12 @@ step() {
   echo "gpu_check: $name (limit ${limit}s): $*"
   start=$(date +%s.%N)
   if [ -x /usr/bin/time ]; then
-    timeout --kill-after=10 "$limit" /usr/bin/time -v -o "$DEST/$name.time" "$@" > "$DEST/$name.log" 2>&1
+    timeout --kill-after=5 "$limit" /usr/bin/time -v -o "$DEST/$name.time" "$@" > "$DEST/$name.log" 2>&1
     rc=$?
     rss=$(awk -F': ' '/Maximum resident set size/ {printf "%.2f", $2 / 1048576}' "$DEST/$name.time" 2>/dev/null)
     [ -n "$rss" ] || rss=null
   else
-    timeout --kill-after=10 "$limit" "$@" > "$DEST/$name.log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" > "$DEST/$name.log" 2>&1
     rc=$?
   fi
   end=$(date +%s.%N)
@@ -101,29 +102,29 @@ EOF
 }
 
 # 1. dense vs 2:4 on the real shapes
-step sparse_speed "${GPU_CHECK_LIMIT_SPEED:-120}" "$PY" benchmarks/sparse_speed.py --dtypes fp16 --tokens 1 16 2048 \
+step sparse_speed "${GPU_CHECK_LIMIT_SPEED:-100}" "$PY" benchmarks/sparse_speed.py --dtypes fp16 --tokens 1 16 2048 \
   --models smollm2-135m llama-3.2-1b --out-dir "$DEST" --tag _gpu_check "${SPEED_DRY[@]}"
 
 # 2. SmolLM2-135M end to end on --device cuda (artifacts in a temporary folder; report.json kept)
-step optimize_smollm2 "${GPU_CHECK_LIMIT_SMOLLM2:-150}" "$PY" -m permcompile optimize "$SMOL" --out "$WORK/smollm2" \
+step optimize_smollm2 "${GPU_CHECK_LIMIT_SMOLLM2:-130}" "$PY" -m permcompile optimize "$SMOL" --out "$WORK/smollm2" \
   --device "$DEVICE" --permutation hungarian --force
 for d in "$WORK/smollm2" "$WORK/smollm2.failed"; do
   [ -f "$d/report.json" ] && cp "$d/report.json" "$DEST/optimize_smollm2_report.json"
 done
 
 # 3. the end-to-end permutation search (`learned`, issue 21) on SmolLM2, masks only (where it pays): its time on a GPU
-step learned_smollm2 "${GPU_CHECK_LIMIT_LEARNED:-120}" "$PY" -m permcompile optimize "$SMOL" --out "$WORK/smollm2_learned" \
+step learned_smollm2 "${GPU_CHECK_LIMIT_LEARNED:-90}" "$PY" -m permcompile optimize "$SMOL" --out "$WORK/smollm2_learned" \
   --device "$DEVICE" --permutation learned --update none --force
 for d in "$WORK/smollm2_learned" "$WORK/smollm2_learned.failed"; do
   [ -f "$d/report.json" ] && cp "$d/report.json" "$DEST/learned_smollm2_report.json"
 done
 
 # 4. Llama-3.2-1B block shape, random weights, bf16 on disk, on --device cuda
-step "optimize_llama1b_${LAYERS}l" "${GPU_CHECK_LIMIT_1B:-180}" "$PY" benchmarks/memory_scaling.py --layers "$LAYERS" \
+step "optimize_llama1b_${LAYERS}l" "${GPU_CHECK_LIMIT_1B:-160}" "$PY" benchmarks/memory_scaling.py --layers "$LAYERS" \
   --device "$DEVICE" --work-dir "$WORK/memscale" --out-dir "$DEST" --tag _gpu_check "${TINY[@]}"
 
 # 5. FP8 / INT8 2:4 vs dense on the real shapes (the quantized deployment of --quantize)
-step quant_speed "${GPU_CHECK_LIMIT_QUANT:-45}" "$PY" benchmarks/quant_speed.py --out-dir "$DEST" --tag _gpu_check \
+step quant_speed "${GPU_CHECK_LIMIT_QUANT:-60}" "$PY" benchmarks/quant_speed.py --out-dir "$DEST" --tag _gpu_check \
   "${SPEED_DRY[@]}"
 
 "$PY" - "$DEST" "$(( $(date +%s) - START_ALL ))" <<'EOF'
