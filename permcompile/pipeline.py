@@ -183,8 +183,15 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
     if config.prune and config.update == "obs":
         from .passes.reconstruct import reconstruct_
 
+        fit_on = local
+        if narrow and config.reconstruct.heldout != "none":
+            from .calib.data import with_reference
+
+            # one text cannot show how an update fitted on it does on others: check it on the embedded mixed set
+            fit_on = with_reference(local, loaded, max(3, config.calib_samples // 4), config.calib_seq_len,
+                                    config.seed)
         with t.step("mask + reconstruct"):
-            mask_result = reconstruct_(net, linears, local, config.criterion, n, m,
+            mask_result = reconstruct_(net, linears, fit_on, config.criterion, n, m,
                                        forward_kwargs=loaded.forward_kwargs(), config=config.reconstruct,
                                        device=config.device, quiet=quiet, checkpoints=checkpoints,
                                        quantize=_joint_quant(net, config))

@@ -325,3 +325,28 @@ def test_pipeline_warns_when_the_weight_update_is_fitted_on_one_text(tmp_path):
     with warnings.catch_warnings():  # masks only: nothing is fitted, nothing to warn about
         warnings.simplefilter("error")
         _compress(net, permutation="none", calib=str(path), update="none")
+
+
+def test_one_text_is_checked_on_the_embedded_set_and_never_fitted_on_it(tmp_path):
+    """A single calibration text cannot show how its update does on other kinds of text: the held-out check
+    scores it on reference batches of the embedded mixed set, which never enter the fitted Hessians."""
+    import warnings
+
+    from permcompile.calib.text import default_text
+
+    path = tmp_path / "one.txt"
+    path.write_text(default_text())
+    net = build_tiny("llama").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the single-text warning (its own test above)
+        _, c = _compress(net, permutation="none", calib=str(path), calib_samples=8, calib_seq_len=32)
+        _, plain = _compress(net, permutation="none", calib=str(path), calib_samples=8, calib_seq_len=32,
+                             reconstruct=ReconstructConfig(heldout="none"))
+    for rec, base in zip(c.mask_result.layers, plain.mask_result.layers):
+        r = rec["reconstruction"]
+        assert r["tokens"] == base["reconstruction"]["tokens"] == 8 * 32  # the reference never fitted on
+        assert r["heldout"]["tokens"] > 0 and r["heldout"]["choice"] in r["heldout"]["tried"]
+        first_block = ".layers.0." in rec["module"]  # later blocks see inputs the earlier choices shaped
+        if first_block and r["heldout"]["choice"] == "shrink=0":  # the plain update kept: as without the check
+            assert r["rel_error_reconstructed"] == pytest.approx(base["reconstruction"]["rel_error_reconstructed"],
+                                                                 rel=1e-4)

@@ -119,6 +119,7 @@ class _HessianHooks:
         self.acc: dict[str, HessianAccumulator] = {}
         self.mask: torch.Tensor | None = None
         self.holding_out = False  # the current batch belongs to the held-out part too
+        self.validating = False  # the current batch belongs to the held-out part only (never fitted on)
         self._last = None  # (input tensor, its XᵀX, its token count): siblings share one product
         self.handles = []
         for name in modules:
@@ -137,13 +138,14 @@ class _HessianHooks:
             last = self._last
             if last is not None and last[0] is x:  # a sibling (q/k/v, gate/up) read this very tensor
                 product, count = last[1], last[2]
-                acc.add_product(product, count)
             else:
                 mask = self.mask
                 rows = x[mask.to(x.device)] if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape) else x
-                product, count = acc.add(rows.detach())
+                product, count = acc.product(rows.detach())
                 self._last = (x, product, count)
-            if self.holding_out and acc.heldout is not None:
+            if not self.validating:
+                acc.add_product(product, count)
+            if (self.holding_out or self.validating) and acc.heldout is not None:
                 acc.heldout.add_product(product, count)
 
         return fn
@@ -179,7 +181,7 @@ def _progress(total: int, desc: str, quiet: bool):
 def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *, forward_kwargs: dict | None = None,
                     device: str | torch.device = "cpu", rerun: bool = True, desc: str = "blocks",
                     quiet: bool = True, start: int = 0, hidden: list | None = None,
-                    on_block_done=None, diagonal: bool = False, heldout=None
+                    on_block_done=None, diagonal: bool = False, heldout=None, validation: set | None = None
                     ) -> Iterator[tuple[str, dict[str, HessianAccumulator]]]:
     """For each block holding some of ``modules``: yield ``(block FQN, {module: HessianAccumulator})``.
 
@@ -195,7 +197,8 @@ def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *
     per batch, as passed to ``on_block_done(index, block FQN, next inputs)`` after each block).
 
     ``heldout(block index) -> set of batch indices``: those batches' ``XᵀX`` also go to each accumulator's
-    ``heldout`` accumulator (the whole Hessian still counts every batch).
+    ``heldout`` accumulator (the whole Hessian still counts every batch). ``validation``: batch indices whose
+    ``XᵀX`` go to the ``heldout`` accumulator only (data to check an update on, never to fit it on).
     """
     forward_kwargs = forward_kwargs or {}
     device = torch.device(device)
@@ -220,12 +223,13 @@ def stream_hessians(model: nn.Module, batches: list[dict], modules: list[str], *
             inside = [x for x in modules if x.startswith(name + ".")]
             held = heldout(index) if heldout is not None else set()
             # every process makes the held-out accumulators (summed across processes) even when it holds none out
-            hooks = _HessianHooks(model, inside, device, diagonal, heldout=heldout is not None)
+            hooks = _HessianHooks(model, inside, device, diagonal, heldout=heldout is not None or bool(validation))
             outputs = []
             try:
                 for i in range(len(inputs.hidden)):
                     hooks.mask = inputs.masks[i]
                     hooks.holding_out = i in held
+                    hooks.validating = bool(validation) and i in validation
                     y = _call_block(block, inputs, i, device)
                     if not rerun:
                         outputs.append(y.to(inputs.hidden[i].device))

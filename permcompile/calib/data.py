@@ -424,6 +424,20 @@ def load_calibration(source: "str | Path | None", loaded: "LoadedModel", n_sampl
     return out
 
 
+def with_reference(batches: list, loaded: "LoadedModel", n_samples: int, seq_len: int,
+                   seed: int) -> "CalibrationBatches":
+    """``batches`` followed by ``n_samples`` of the embedded mixed set, marked ``reference``: data a pass checks
+    an update on and never fits it on (the reconstruction's held-out check, when the user's data is one text
+    and so cannot show how an update fitted on it does on other kinds of text)."""
+    ref = load_calibration(None, loaded, n_samples, seq_len, seed)
+    out = CalibrationBatches(list(batches) + list(ref))
+    sources = list(getattr(batches, "sources", None) or [])
+    out.sources = (sources if len(sources) == len(batches) else ["calibration"] * len(batches)) + ref.sources
+    out.documents = getattr(batches, "documents", None)
+    out.reference = list(range(len(batches), len(out)))
+    return out
+
+
 def narrow_calibration(batches: list) -> str | None:
     """Why ``batches`` are too narrow to fit a weight update that serves other text, or None.
 
@@ -447,6 +461,7 @@ class CalibrationBatches(list):
         self.documents: int | None = None  # texts the batches were cut from (None: the embedded set or images)
         self.positions: list[int] | None = None  # each batch's index in the whole set (a process's share: shard)
         self.total: int | None = None  # batches in the whole set
+        self.reference: list[int] = []  # batches to check on, never to fit on (with_reference)
 
     def share(self, start: int, step: int) -> "CalibrationBatches":
         """Every ``step``-th batch from ``start``, keeping each one's label and position in the whole set."""

@@ -47,10 +47,14 @@ class HessianAccumulator:
         """Add a ``[tokens, K]`` block of inputs (any float dtype; the product runs in fp32).
 
         Returns the block's ``(XᵀX, tokens)`` so a layer reading the same inputs can reuse it."""
+        product, count = self.product(rows)
+        self.add_product(product, count)
+        return product, count
+
+    def product(self, rows: Tensor) -> tuple[Tensor, int]:
+        """The ``(XᵀX, tokens)`` of a ``[tokens, K]`` block of inputs, as :meth:`add` would add it (nothing added)."""
         rows = rows.reshape(-1, self.k).to(self.xtx.device, torch.float32)
-        product = rows.square().sum(0).double() if self.diagonal else rows.T @ rows
-        self.add_product(product, int(rows.shape[0]))
-        return product, int(rows.shape[0])
+        return (rows.square().sum(0).double() if self.diagonal else rows.T @ rows), int(rows.shape[0])
 
     def add_product(self, product: Tensor, count: int) -> None:
         """Add an already computed ``XᵀX`` (or its diagonal) of ``count`` tokens."""

@@ -39,12 +39,13 @@ def _act_norm_from(h: torch.Tensor, count: int) -> torch.Tensor:
 
 def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumulator, criterion: str, n: int,
                         m: int, cfg: ReconstructConfig, device, factors: list | None = None,
-                        share_next: bool = True, quant=None) -> dict:
+                        share_next: bool = True, quant=None, separate: bool = False) -> dict:
     """Prune one linear to N:M with OBS updates (in place); returns its record (errors before/after).
 
     ``acc`` is spent (its buffer becomes the Hessian). With a held-out part (``acc.heldout``) the update is first
     fitted without it and scored on it (:func:`math.obs.choose_update`): the least shrinkage that beats the mask
-    alone there is used, or the mask alone when none does. ``factors`` caches ``(H, Cholesky factor of H⁻¹)``
+    alone there is used, or the mask alone when none does (``separate``: the held-out part is reference data
+    outside ``acc``'s Hessian, not a part of it). ``factors`` caches ``(H, Cholesky factor of H⁻¹)``
     pairs: siblings reading one input (q/k/v) share one; ``share_next=False`` (the next layer reads another
     input) drops it before the refit."""
     from ..math.nm import nm_mask
@@ -63,13 +64,17 @@ def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumula
     err_mask = output_error(w_ref, masked, h)
     shrink, heldout = cfg.shrink, None
     held = acc.heldout
-    if held is not None and 0 < held.count < acc.count:
+    if cfg.heldout != "none" and held is not None and held.count > 0 and (separate or held.count < acc.count):
         h_val = held.hessian(release=True).to(device)
-        fit = acc.count - held.count
-        h.mul_(acc.count).sub_(h_val, alpha=held.count).div_(fit)  # the fitted part, in the Hessian's own buffer
-        shrink, errors = choose_update(w_ref, h, h_val, crit, n, m, cfg.shrink_steps(), damp=cfg.damp,
-                                       refit_iters=cfg.refit_iters)
-        h.mul_(fit).add_(h_val, alpha=held.count).div_(acc.count)  # back to the whole
+        if separate:  # reference batches, never part of H: the whole H is what the update is fitted on
+            shrink, errors = choose_update(w_ref, h, h_val, crit, n, m, cfg.shrink_steps(), damp=cfg.damp,
+                                           refit_iters=cfg.refit_iters)
+        else:
+            fit = acc.count - held.count
+            h.mul_(acc.count).sub_(h_val, alpha=held.count).div_(fit)  # the fitted part, in H's own buffer
+            shrink, errors = choose_update(w_ref, h, h_val, crit, n, m, cfg.shrink_steps(), damp=cfg.damp,
+                                           refit_iters=cfg.refit_iters)
+            h.mul_(fit).add_(h_val, alpha=held.count).div_(acc.count)  # back to the whole
         del h_val
         chosen = "mask" if shrink is None else f"shrink={shrink:g}"
         heldout = {"tokens": held.count, "choice": chosen, "rel_error_mask_only": errors["mask"],
@@ -132,7 +137,7 @@ def heldout_batches(batches: list, mode: str):
     # process makes the same one (and the held-out sums add up to one process's)
     total = getattr(batches, "total", None) or len(batches)
     positions = getattr(batches, "positions", None) or list(range(len(batches)))
-    if mode == "none" or total < 2:
+    if mode == "none" or getattr(batches, "reference", None) or total < 2:
         return None
     sources = list(getattr(batches, "sources", None) or [])
     kinds = sorted(set(sources)) if len(sources) == len(batches) else []
@@ -243,25 +248,30 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
                 ckpt.digest), f"{index + 1} reconstructed blocks are")
 
     # sequential: each block's inputs come from the blocks before it already pruned and reconstructed
+    # reference batches (calib/data.py::with_reference): only ever checked on, never fitted on
+    reference = set(getattr(batches, "reference", None) or ())
     try:
         for _block, hessians in stream_hessians(model, batches, list(by_module), forward_kwargs=forward_kwargs,
                                                 device=device, rerun=True, desc="reconstruct", quiet=quiet,
                                                 start=start, hidden=hidden, on_block_done=block_done,
-                                                heldout=heldout_batches(batches, config.heldout)):
+                                                heldout=heldout_batches(batches, config.heldout),
+                                                validation=reference):
             factors: list = []
             names = list(hessians)
             for i, name in enumerate(names):
                 # siblings (q/k/v) come one after another and read one input: the next may reuse the factor
                 share = i + 1 < len(names) and hessians[names[i + 1]].k == hessians[name].k
                 records[name] = _reconstruct_linear(model, by_module[name], hessians.pop(name), criterion, n, m,
-                                                    config, device, factors, share_next=share, quant=quantize)
+                                                    config, device, factors, share_next=share, quant=quantize,
+                                                    separate=bool(reference))
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the CLI's error line says how to go on
         if ckpt is not None:
             ckpt.hint(exc)
         raise
     rest = [x for x in by_module if x not in records]
     if rest:  # outside the repeated blocks (a pooler, say): one pass over the whole, already pruned, model
-        hessians = model_hessians(model, batches, rest, forward_kwargs=forward_kwargs)
+        fitted = [b for i, b in enumerate(batches) if i not in reference]
+        hessians = model_hessians(model, fitted, rest, forward_kwargs=forward_kwargs)
         home = next(model.parameters()).device
         for name in rest:
             if name not in hessians or hessians[name].count == 0:
