@@ -140,7 +140,8 @@ def main() -> None:
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="write one table from the rows of earlier runs' JSON files (e.g. one run per seed, run side "
-                    "by side); --tag names the result; every other option is ignored")
+                    "by side; where two runs have a row of the same calibration set, seed and method, the first file's "
+                    "is kept); --tag names the result; every other option is ignored")
     args = ap.parse_args()
     if args.combine:
         combine(args)
@@ -253,9 +254,11 @@ def combine(args) -> None:
     """One table from several runs: their rows (the dense row once), their commits and commands kept."""
     runs = [json.loads(Path(f).read_text()) for f in args.combine]
     first = runs[0]
+    calib = dict(first["calib"])
     for run in runs[1:]:
-        if run["eval_tokens"] != first["eval_tokens"] or run["calib"] != first["calib"]:
-            sys.exit(f"{args.combine}: the runs measured different calibration sets or held-out tokens")
+        if run["eval_tokens"] != first["eval_tokens"] or any(calib.get(k, v) != v for k, v in run["calib"].items()):
+            sys.exit(f"{args.combine}: the runs measured different held-out tokens or calibration sets of one name")
+        calib.update(run["calib"])
     rows, seen = [], set()
     for run in runs:
         for r in run["rows"]:
@@ -264,7 +267,7 @@ def combine(args) -> None:
                 seen.add(key)
                 rows.append(r)
     rows.sort(key=lambda r: (r["method"] != "dense", r["seed"] if r["seed"] is not None else -1))
-    meta = {**{k: v for k, v in first.items() if k != "rows"}, "git": git_state(),
+    meta = {**{k: v for k, v in first.items() if k != "rows"}, "calib": calib, "git": git_state(),
             "command": command_line("quality_domains.py"),
             "runs": [{"file": str(f), "git": r.get("git"), "command": r.get("command")}
                      for f, r in zip(args.combine, runs)]}
