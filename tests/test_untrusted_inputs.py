@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -341,29 +340,38 @@ def test_deeply_nested_calibration_table(suffix, tiny_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ signals and names
 def test_sighup_is_handled_like_sigterm(llama, tmp_path):
-    """An ssh session that drops sends SIGHUP: one line, exit 129, no OUT, no lock, no temporaries."""
+    """An ssh session that drops sends SIGHUP: one line, exit 129, no OUT, no lock, no temporaries.
+
+    The child says when it holds OUT's lock (the model is loaded next) and waits there for the signal: the test
+    signals on that line, never after a delay (test_bad_inputs.py's SIGTERM test signals later, in the export)."""
     target = tmp_path / "out"
-    log = tmp_path / "stderr.txt"
-    with open(log, "w") as err_file:
-        proc = subprocess.Popen([sys.executable, "-m", "permcompile", "optimize", str(llama), "--out", str(target),
-                                 *FAST], stdout=subprocess.DEVNULL, stderr=err_file,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lock = tmp_path / ".out.lock"
-    deadline = time.time() + 300
-    # the run holds OUT once its lock exists; the temporary folder of the export is removed by the same unwinding
-    # (test_bad_inputs.py's SIGTERM test waits for the export to begin)
-    while time.time() < deadline and proc.poll() is None and not lock.exists():
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be hung up on: " + log.read_text()[-2000:]
+    main_code = ("import signal, sys\n"
+                 "import permcompile.models as models\n"
+                 "real = models.load_model\n"
+                 "def load_model(*args, **kwargs):\n"  # called once OUT is reserved and locked
+                 "    print('TEST: locked', file=sys.stderr, flush=True)\n"
+                 "    signal.pause()\n"
+                 "    return real(*args, **kwargs)\n"
+                 "models.load_model = load_model\n"
+                 "from permcompile.cli import main; main()")
+    proc = subprocess.Popen([sys.executable, "-c", main_code, "optimize", str(llama), "--out", str(target), *FAST],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in proc.stderr:  # blocks until the child writes a line or exits
+        seen.append(line)
+        if line.startswith("TEST: locked"):
+            break
+    assert seen and seen[-1].startswith("TEST:"), "the run ended before it could be hung up on: " + "".join(seen)
+    assert (tmp_path / ".out.lock").is_file()  # the run holds OUT
     proc.send_signal(signal.SIGHUP)
-    proc.wait(timeout=120)
-    err = log.read_text()
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 129, err[-2000:]
     assert "Traceback" not in err
     lines = message_lines(err)
     assert len(lines) == 1 and lines[0].startswith("error: ") and "SIGHUP" in lines[0], err[-2000:]
     assert_no_output(target)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "stderr.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 @pytest.fixture
