@@ -326,14 +326,17 @@ def _arch_run(tiny_dir, tmp_path, arch: str, strategy: str, sparsity: str = "2:4
     return report
 
 
-@pytest.mark.parametrize("arch,strategy", [("bert", "greedy"), ("vit", "hungarian")])
+# vit + hungarian is slow: the DINOv2 test below runs a vision model through hungarian, 2:4 and verify by default
+@pytest.mark.parametrize("arch,strategy", [("bert", "greedy"),
+                                           pytest.param("vit", "hungarian", marks=pytest.mark.slow)])
 def test_encoder_and_vision_pipeline(tiny_dir, tmp_path, arch, strategy):
     _arch_run(tiny_dir, tmp_path, arch, strategy)
 
 
 def test_vision_model_whose_processor_crop_differs_from_its_config(tiny_dir, tmp_path):
     """DINOv2's config says image_size 518 while its processor crops to 224: the graph is exported at the
-    processor's size, and verification (in optimize and in ``verify``) must feed that size, not the config's."""
+    processor's size, and verification (in optimize and in ``verify``) must feed that size, not the config's.
+    It is also the default suite's vision run of the whole pipeline: hungarian, 2:4 in hf/ and the ONNX graph."""
     import shutil
 
     folder = tmp_path / "dino48"
@@ -344,8 +347,10 @@ def test_vision_model_whose_processor_crop_differs_from_its_config(tiny_dir, tmp
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_rescale": True,
         "rescale_factor": 1 / 255, "resample": 3}))
     out = tmp_path / "out"
-    result = run_optimize(folder, out)
+    result = run_optimize(folder, out, "--permutation", "hungarian")
     assert result.exit_code == 0, describe(result)
+    report = check_pruned_artifacts(out, 2, 4)
+    check_kept(report, "hungarian", strict_aggregate=False)
     import onnx
 
     graph_input = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.input[0]
