@@ -135,8 +135,10 @@ def glued(tiny_dir, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("glue")
     cfg = dict(calib_samples=4, calib_seq_len=32)
+    # prefetch asked for: per-layer must refuse it (test_per_layer_never_binds_weights_...), the output is the same
     per_layer = optimize(str(tiny_dir("llama")), work / "per_layer",
-                         OptimizeConfig(permutation="hungarian", residual="per-layer", **cfg), quiet=True)
+                         OptimizeConfig(permutation="hungarian", residual="per-layer", **cfg), quiet=True,
+                         prefetch_export=True)
     plain = optimize(str(tiny_dir("llama")), work / "global", OptimizeConfig(permutation="hungarian", **cfg),
                      quiet=True)
     return per_layer, plain
@@ -217,12 +219,8 @@ def test_cli_per_layer_then_verify(tiny_dir, tmp_path, arch):
     assert checked.exit_code == 0, describe(checked)
 
 
-def test_per_layer_never_binds_weights_into_a_graph_traced_before_the_gathers(tiny_dir, tmp_path):
-    from permcompile.pipeline import optimize
-
-    res = optimize(str(tiny_dir("llama")), tmp_path / "out",
-                   OptimizeConfig(permutation="hungarian", residual="per-layer", calib_samples=4, calib_seq_len=32),
-                   quiet=True, prefetch_export=True)
+def test_per_layer_never_binds_weights_into_a_graph_traced_before_the_gathers(glued):
+    res, _ = glued  # optimized with prefetch_export=True
     assert res.report["onnx"]["prefetched"] is False
     assert all(c["passed"] for c in res.report["checks"])
     assert _gathers(res.out_dir / "model.onnx") >= res.report["glue_ops"] == 4
