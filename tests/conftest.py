@@ -68,3 +68,23 @@ def call_on_fifo(tmp_path) -> Callable:
         return box.get("exc")
 
     return run
+
+
+@pytest.fixture(scope="session")
+def forced_llama_output(tmp_path_factory, tiny_dir):
+    """The tiny llama optimized (test_bad_inputs.FAST) over an old output at OUT: ``(OUT, refused, forced)``, the
+    results of a run without ``--force`` (refused) and one with it (replaces the old output). One full run shared
+    by test_bad_inputs.py (the --force tests, the verify tampering cases) and test_untrusted_inputs.py (hostile
+    outputs given to verify). Read only: copy OUT before changing it."""
+    import json
+
+    from test_bad_inputs import optimize_cli
+
+    target = tmp_path_factory.mktemp("forced") / "out"
+    target.mkdir()
+    (target / "report.json").write_text(json.dumps({"model": "old"}), encoding="utf-8")
+    (target / "stale.txt").write_text("from an older run", encoding="utf-8")
+    model = tiny_dir("llama")
+    refused = optimize_cli(model, target)
+    forced = optimize_cli(model, target, "--force")
+    return target, refused, forced

@@ -519,18 +519,11 @@ def test_empty_output_path(llama, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
-@pytest.fixture(scope="module")
-def old_and_forced(tmp_path_factory, tiny_dir):
-    """An old output at OUT; optimize without --force (refused), then with --force (replaces it)."""
-    base = tmp_path_factory.mktemp("forced")
-    target = base / "out"
-    target.mkdir()
-    (target / "report.json").write_text(json.dumps({"model": "old"}), encoding="utf-8")
-    (target / "stale.txt").write_text("from an older run", encoding="utf-8")
-    model = tiny_dir("llama")
-    refused = optimize_cli(model, target)
-    forced = optimize_cli(model, target, "--force")
-    return target, refused, forced
+@pytest.fixture
+def old_and_forced(forced_llama_output):
+    """An old output at OUT; optimize without --force (refused), then with --force (replaces it). One session
+    fixture (conftest.py): test_untrusted_inputs.py's verify cases copy the same output. Read only."""
+    return forced_llama_output
 
 
 def test_existing_output_without_force(old_and_forced):

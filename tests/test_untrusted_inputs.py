@@ -6,7 +6,8 @@ allocate a model its weights do not hold, and JSON must not exhaust the parser. 
 ``test_bad_inputs.py`` holds: one ``error:`` line, a non-zero exit, no traceback, nothing half-written, the
 inputs untouched.
 
-One real run (the ``made`` fixture) makes the output the ``verify`` cases copy and tamper with.
+One real run (the ``made`` fixture, shared with test_bad_inputs.py) makes the output the ``verify`` cases copy
+and tamper with.
 """
 from __future__ import annotations
 
@@ -58,11 +59,11 @@ def _secret(tmp_path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ verify
-@pytest.fixture(scope="module")
-def made(tmp_path_factory, tiny_dir) -> Path:
-    target = tmp_path_factory.mktemp("made") / "out"
-    result = invoke(["optimize", tiny_dir("llama"), "--out", target, *FAST, "--update", "none"])
-    assert result.exit_code == 0, describe(result)
+@pytest.fixture
+def made(forced_llama_output) -> Path:
+    """A complete output of the tiny llama: the session's shared run (conftest.py). Read only."""
+    target, _, forced = forced_llama_output
+    assert forced.exit_code == 0, describe(forced)
     return target
 
 
