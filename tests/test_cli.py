@@ -326,9 +326,12 @@ def _arch_run(tiny_dir, tmp_path, arch: str, strategy: str, sparsity: str = "2:4
     return report
 
 
-# vit + hungarian is slow: the DINOv2 test below runs a vision model through hungarian, 2:4 and verify by default
-@pytest.mark.parametrize("arch,strategy", [("bert", "greedy"),
-                                           pytest.param("vit", "hungarian", marks=pytest.mark.slow)])
+# slow: both cases are also in test_every_architecture (slow). By default the DINOv2 test below runs a vision
+# encoder through hungarian, 2:4 and verify; test_glue.py::test_cli_per_layer_then_verify[bert] runs bert through
+# the command and verify; greedy through the pipeline is in test_search.py::test_warm_start_greedy and
+# test_untrusted_inputs.py::test_all_zero_layer_is_kept_not_a_crash
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,strategy", [("bert", "greedy"), ("vit", "hungarian")])
 def test_encoder_and_vision_pipeline(tiny_dir, tmp_path, arch, strategy):
     _arch_run(tiny_dir, tmp_path, arch, strategy)
 
