@@ -186,7 +186,9 @@ def main() -> None:
         print(f"dense {rows[-1]['ppl']}", file=sys.stderr, flush=True)
     del perplexity  # the ids-based scorer above is what every row uses
     work = Path(tempfile.mkdtemp(prefix="pc-domains-"))
-    skip = _peer_skip(args.peer_python)
+    from peer_llmcompressor import _peer_available
+
+    skip = _peer_available(args.peer_python)
     if skip:
         print(f"llm-compressor rows skipped: {skip}", file=sys.stderr)
     # seeds outermost: an interrupted run still has every calibration set of its first seeds
@@ -290,15 +292,6 @@ def _unstructured_(loaded, stats, base, n: int, m: int) -> None:
 def _model_dir(loaded) -> str:
     source = str(loaded.source)
     return source.split("fp32 cache ")[-1] if "fp32 cache" in source else source
-
-
-def _peer_skip(python: str | None) -> str | None:
-    if not python:
-        return "no --peer-python given"
-    if not Path(python).exists():
-        return f"{python} does not exist"
-    ok = subprocess.run([python, "-c", "import llmcompressor"], capture_output=True, check=False)
-    return None if ok.returncode == 0 else f"{python} cannot import llmcompressor"
 
 
 def _write(args, meta: dict, rows: list[dict], quiet: bool = False) -> None:
