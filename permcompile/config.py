@@ -263,6 +263,16 @@ class ReconstructConfig:
     # ``shrink``, then ``shrink + step``, ... that beats the mask alone there, else the mask alone; "none": ``shrink``
     heldout: str = "auto"
     shrink_step: float = 0.25
+    # a calibration that is one text (calib.data.narrow_calibration): the share of the fit's samples drawn from the
+    # embedded mixed set, so the update also fits kinds of text the user's sample lacks; 0: the set is only checked
+    # on (with ``heldout="auto"``). Measured in benchmarks/results/domains_smollm2_2of4_narrow*.md
+    reference_share: float = 0.33
+
+    def reference_samples(self, samples: int) -> int:
+        """How many samples of the embedded mixed set go with ``samples`` of a single-text calibration."""
+        if self.reference_share == 0:
+            return max(3, samples // 4)  # a check set only
+        return max(1, round(samples * self.reference_share / (1 - self.reference_share)))
 
     def shrink_steps(self) -> tuple[float, ...]:
         """The shrinkages the held-out search tries, in order (all below 1: ρ = 1 is the mask alone)."""
@@ -276,6 +286,8 @@ class ReconstructConfig:
         if not 0 <= self.shrink < 1 or not 0 < self.shrink_step <= 1:
             raise UsageError(f"reconstruction needs 0 <= shrink < 1 and 0 < shrink_step <= 1, got {self.shrink!r} "
                              f"and {self.shrink_step!r}")
+        if not 0 <= self.reference_share < 1:
+            raise UsageError(f"reconstruction needs 0 <= reference_share < 1, got {self.reference_share!r}")
         if self.heldout not in HELDOUT_MODES:
             raise UsageError(f"reconstruction heldout must be one of {', '.join(HELDOUT_MODES)}, "
                              f"got {self.heldout!r}")

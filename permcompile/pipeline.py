@@ -183,13 +183,15 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
     if config.prune and config.update == "obs":
         from .passes.reconstruct import reconstruct_
 
-        fit_on = local
-        if narrow and config.reconstruct.heldout != "none":
+        fit_on, rc = local, config.reconstruct
+        if narrow and (rc.reference_share > 0 or rc.heldout != "none"):
             from .calib.data import with_reference
 
-            # one text cannot show how an update fitted on it does on others: check it on the embedded mixed set
-            fit_on = with_reference(local, loaded, max(3, config.calib_samples // 4), config.calib_seq_len,
-                                    config.seed)
+            # one text cannot show how an update fitted on it does on other kinds of text: the embedded mixed set
+            # joins the fit (reference_share > 0) or is only checked on
+            reference = load_calibration(None, loaded, rc.reference_samples(config.calib_samples),
+                                         config.calib_seq_len, config.seed)
+            fit_on = with_reference(local, shard(reference), fit=rc.reference_share > 0)
         with t.step("mask + reconstruct"):
             mask_result = reconstruct_(net, linears, fit_on, config.criterion, n, m,
                                        forward_kwargs=loaded.forward_kwargs(), config=config.reconstruct,

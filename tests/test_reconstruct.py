@@ -328,8 +328,9 @@ def test_pipeline_warns_when_the_weight_update_is_fitted_on_one_text(tmp_path):
 
 
 def test_one_text_is_checked_on_the_embedded_set_and_never_fitted_on_it(tmp_path):
-    """A single calibration text cannot show how its update does on other kinds of text: the held-out check
-    scores it on reference batches of the embedded mixed set, which never enter the fitted Hessians."""
+    """``reference_share=0``: a single calibration text cannot show how its update does on other kinds of text,
+    so the held-out check scores it on reference batches of the embedded mixed set, which never enter the fitted
+    Hessians."""
     import warnings
 
     from permcompile.calib.text import default_text
@@ -339,9 +340,10 @@ def test_one_text_is_checked_on_the_embedded_set_and_never_fitted_on_it(tmp_path
     net = build_tiny("llama").eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the single-text warning (its own test above)
-        _, c = _compress(net, permutation="none", calib=str(path), calib_samples=8, calib_seq_len=32)
+        _, c = _compress(net, permutation="none", calib=str(path), calib_samples=8, calib_seq_len=32,
+                         reconstruct=ReconstructConfig(reference_share=0))
         _, plain = _compress(net, permutation="none", calib=str(path), calib_samples=8, calib_seq_len=32,
-                             reconstruct=ReconstructConfig(heldout="none"))
+                             reconstruct=ReconstructConfig(heldout="none", reference_share=0))
     for rec, base in zip(c.mask_result.layers, plain.mask_result.layers):
         r = rec["reconstruction"]
         assert r["tokens"] == base["reconstruction"]["tokens"] == 8 * 32  # the reference never fitted on
@@ -350,3 +352,40 @@ def test_one_text_is_checked_on_the_embedded_set_and_never_fitted_on_it(tmp_path
         if first_block and r["heldout"]["choice"] == "shrink=0":  # the plain update kept: as without the check
             assert r["rel_error_reconstructed"] == pytest.approx(base["reconstruction"]["rel_error_reconstructed"],
                                                                  rel=1e-4)
+
+
+def test_one_text_is_topped_up_with_the_embedded_set_and_each_kind_held_out_in_turn(tmp_path):
+    """By default a single text's fit also takes ``reference_share`` of its samples from the embedded mixed set,
+    labelled by kind: the blocks hold out the user's text and each embedded kind in turn."""
+    import warnings
+
+    from permcompile.calib.text import default_text
+
+    path = tmp_path / "one.txt"
+    path.write_text(default_text())
+    net = build_tiny("llama").eval()
+    cfg = ReconstructConfig()
+    extra = cfg.reference_samples(8)
+    assert extra == round(8 * cfg.reference_share / (1 - cfg.reference_share)) >= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the single-text warning (its own test above)
+        _, c = _compress(net, permutation="none", calib=str(path), calib_samples=8, calib_seq_len=32)
+        _, plain = _compress(net, permutation="none", calib=str(path), calib_samples=8, calib_seq_len=32,
+                             reconstruct=ReconstructConfig(heldout="none"))
+    for rec, base in zip(c.mask_result.layers, plain.mask_result.layers):
+        # the embedded samples are fitted on, with or without the check
+        assert rec["reconstruction"]["tokens"] == base["reconstruction"]["tokens"] == (8 + extra) * 32
+        held = rec["reconstruction"]["heldout"]
+        assert 0 < held["tokens"] < (8 + extra) * 32 and held["choice"] in held["tried"]
+    # the blocks hold out one kind each, in turn: the user's text is one of the kinds
+    from permcompile.calib.data import CalibrationBatches, with_reference
+    from permcompile.passes.reconstruct import heldout_batches
+
+    user = CalibrationBatches([{}] * 3)
+    user.sources, user.documents = ["one.txt"] * 3, 1
+    ref = CalibrationBatches([{}] * 3)
+    ref.sources = ["code", "docs", "prose"]
+    both = with_reference(user, ref, fit=True)
+    assert both.reference == [] and both.documents is None
+    pick = heldout_batches(both, "auto")
+    assert [pick(b) for b in range(4)] == [{3}, {4}, {0, 1, 2}, {5}]

@@ -424,17 +424,20 @@ def load_calibration(source: "str | Path | None", loaded: "LoadedModel", n_sampl
     return out
 
 
-def with_reference(batches: list, loaded: "LoadedModel", n_samples: int, seq_len: int,
-                   seed: int) -> "CalibrationBatches":
-    """``batches`` followed by ``n_samples`` of the embedded mixed set, marked ``reference``: data a pass checks
-    an update on and never fits it on (the reconstruction's held-out check, when the user's data is one text
-    and so cannot show how an update fitted on it does on other kinds of text)."""
-    ref = load_calibration(None, loaded, n_samples, seq_len, seed)
-    out = CalibrationBatches(list(batches) + list(ref))
+def with_reference(batches: list, reference: list, *, fit: bool) -> "CalibrationBatches":
+    """``batches`` followed by ``reference`` (batches of the embedded mixed set, labelled by kind), for a pass
+    whose user data is one text and so cannot show how an update fitted on it does on other kinds of text.
+
+    ``fit``: the reference batches join the data the update is fitted on, as kinds of text of their own (the
+    held-out check then holds out one kind at a time, the user's text among them); otherwise they are marked
+    ``reference``: checked on, never fitted on."""
+    out = CalibrationBatches(list(batches) + list(reference))
     sources = list(getattr(batches, "sources", None) or [])
-    out.sources = (sources if len(sources) == len(batches) else ["calibration"] * len(batches)) + ref.sources
-    out.documents = getattr(batches, "documents", None)
-    out.reference = list(range(len(batches), len(out)))
+    out.sources = ((sources if len(sources) == len(batches) else ["calibration"] * len(batches))
+                   + list(getattr(reference, "sources", None) or ["reference"] * len(reference)))
+    if not fit:
+        out.documents = getattr(batches, "documents", None)
+        out.reference = list(range(len(batches), len(out)))
     return out
 
 
