@@ -488,3 +488,46 @@ def test_quant_speed_dry_run_and_skip_without_cuda(tmp_path, capsys):
             assert "skipped: no CUDA device" in capsys.readouterr().out
     finally:
         sys.path.remove(str(bench))
+
+
+def test_resume_reuses_a_reconstruction_checkpoint_only_with_the_same_quantization(tmp_path, monkeypatch):
+    """The OBS pass rounds as it prunes with --quantize, so its checkpoint depends on the quantization: a resume
+    with another --quantize (or none) refuses it, and a resume with the same one restores the finished blocks'
+    grids too (the scales the weights are on), to the result of an uninterrupted run."""
+    import copy
+
+    import permcompile.passes.reconstruct as rec
+    from permcompile.passes.checkpoint import Checkpoints
+    from permcompile.passes.quantize import JointQuant
+    from test_reconstruct import _setup_llama
+
+    net, linears, batches = _setup_llama()
+
+    def joint(mode="int8"):
+        return JointQuant.from_config(QuantizeConfig(mode=mode), "fp32")
+
+    whole, quant = copy.deepcopy(net), joint()
+    rec.reconstruct_(whole, linears, batches, "wanda", 2, 4, quantize=quant)
+    real = rec._reconstruct_linear
+
+    def dies_in_block_1(model, info, *a, **k):
+        if info.module.startswith("model.layers.1."):
+            raise KeyboardInterrupt
+        return real(model, info, *a, **k)
+
+    monkeypatch.setattr(rec, "_reconstruct_linear", dies_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        rec.reconstruct_(copy.deepcopy(net), linears, batches, "wanda", 2, 4, quantize=joint(),
+                         checkpoints=Checkpoints(root=tmp_path))
+    monkeypatch.setattr(rec, "_reconstruct_linear", real)
+    resume = Checkpoints(root=tmp_path, resume=True)
+    for other in (None, joint("fp8")):
+        with pytest.raises(UsageError, match="different model, calibration data or configuration"):
+            rec.reconstruct_(copy.deepcopy(net), linears, batches, "wanda", 2, 4, quantize=other, checkpoints=resume)
+    resumed, again = copy.deepcopy(net), joint()
+    result = rec.reconstruct_(resumed, linears, batches, "wanda", 2, 4, quantize=again, checkpoints=resume)
+    pruned = [i for i in linears if i.prune]
+    assert set(result.weight_scales) == set(quant.scales) == {i.module for i in pruned}
+    for info in pruned:
+        assert torch.equal(result.weight_scales[info.module], quant.scales[info.module]), info.module
+        assert torch.equal(resumed.get_parameter(info.param), whole.get_parameter(info.param)), info.param

@@ -189,13 +189,15 @@ class _BlockState:
 
 
 def checkpoint_digest(model: nn.Module, linears: list[LinearInfo], batches: list[dict], criterion: str, n: int,
-                      m: int, config: ReconstructConfig) -> str:
+                      m: int, config: ReconstructConfig, quantize=None) -> str:
     """What a reconstruction depends on: the (folded, still dense) weights, the data and every setting."""
     from .checkpoint import content_digest
 
-    return content_digest(model, batches, {"pass": "reconstruct", "criterion": criterion, "n": n, "m": m,
-                                           "config": config.__dict__, "pruned": [i.param for i in linears
-                                                                                 if i.prune]})
+    settings = {"pass": "reconstruct", "criterion": criterion, "n": n, "m": m, "config": config.__dict__,
+                "pruned": [i.param for i in linears if i.prune]}
+    if quantize is not None:  # --quantize rounds as it prunes (passes.quantize.JointQuant)
+        settings["quantize"] = [quantize.fmt.name, str(quantize.scale_dtype), quantize.refit]
+    return content_digest(model, batches, settings)
 
 
 @torch.no_grad()
@@ -224,11 +226,14 @@ def reconstruct_(model: nn.Module, linears: list[LinearInfo], batches: list[dict
     model.eval()
     ckpt, start, hidden = None, 0, None
     if checkpoints is not None:
-        ckpt = checkpoints.open("reconstruct", checkpoint_digest(model, linears, batches, criterion, n, m, config),
-                                STATE_FILE)
+        ckpt = checkpoints.open("reconstruct", checkpoint_digest(model, linears, batches, criterion, n, m, config,
+                                                                 quantize), STATE_FILE)
         saved = ckpt.load(_BlockState.read)
         if saved is not None:
             start, records = saved["done"], saved["records"]
+            if quantize is not None:  # the restored blocks' grids: fixed from the dense weights, as the pass does
+                for info in by_module.values():
+                    quantize.start(info.module, weight_kout(model, info))
             hidden = _BlockState.restore(ckpt, model, start)
             ckpt.saved = f"{start} reconstructed blocks are"
         if checkpoints.resume:
