@@ -13,8 +13,7 @@ import click
 
 from .cli_eval import eval_cmd
 from .cli_run import run_command
-from .config import UPDATES, SearchConfig
-from .passes.permute import STRATEGIES
+from .config import STRATEGIES, UPDATES, SearchConfig
 from .quantization import QUANT_MODES
 
 
@@ -179,6 +178,12 @@ def _print_summary(report: dict) -> None:
         after = sum(r["rel_error_reconstructed"] for r in recon) / len(recon)
         click.echo(f"reconstruction (update obs): relative layer-output error on the calibration data, mean over "
                    f"{len(recon)} layers: mask only {before:.4f} -> reconstructed {after:.4f}")
+        fit = (report.get("calibration") or {}).get("reconstruction_fit") or {}
+        given = (report.get("calibration") or {}).get("batches") or {}
+        embedded = {k: v for k, v in fit.items() if k not in given}
+        if embedded:
+            click.echo("  the calibration text is one kind of text: the update was also fitted on the embedded mixed "
+                       "set (" + ", ".join(f"{v} batches of {k}" for k, v in embedded.items()) + ")")
         held = [r["heldout"] for r in recon if "heldout" in r]
         if held:
             kinds = {"plain": sum(h["choice"] == "shrink=0" for h in held),

@@ -61,6 +61,7 @@ class Compressed:
     timings: dict
     checkpoints: object = None  # passes.checkpoint.Checkpoints: the resumable passes' folders
     quant_plan: object = None  # passes.quantize.QuantPlan with --quantize, else None
+    calibration: dict | None = None  # batches by kind of text: all of them, and what reconstruction fitted/checked
 
 
 def capture_and_analyze(loaded, m: int = 4, prune_embeddings: bool = False, timer: StepTimer | None = None):
@@ -124,7 +125,8 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
         if batches is None:
             batches = load_calibration(config.calib, loaded, config.calib_samples, config.calib_seq_len,
                                        config.seed)
-        narrow = narrow_calibration(batches) if config.prune and config.update == "obs" else None
+        narrow = (narrow_calibration(batches, config.reconstruct.reference_share)
+                  if config.prune and config.update == "obs" else None)
         if narrow:
             import warnings
 
@@ -212,8 +214,26 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
                 weight_scales=getattr(mask_result, "weight_scales", None)))
             quant_plan.smoothing = smoothing or {}
     check_same_weights(net)  # several processes: every rank must end with rank 0's weights (a warning if not)
+    calibration = {"batches": _by_kind(batches)}
+    if mask_result is not None and config.update == "obs":
+        checked = set(getattr(fit_on, "reference", None) or ())
+        calibration["reconstruction_fit"] = _by_kind(fit_on, skip=checked)
+        if checked:
+            calibration["reconstruction_checked_only"] = _by_kind(fit_on, only=checked)
     return Compressed(groups, linears, perms, group_results, fold_report, fold_err, mask_result, stats, batches,
-                      verify_inputs, t.timings, checkpoints, quant_plan)
+                      verify_inputs, t.timings, checkpoints, quant_plan, calibration)
+
+
+def _by_kind(batches: list, skip: set = frozenset(), only: set | None = None) -> dict[str, int]:
+    """How many of ``batches`` (this process's share) come from each kind of text or file."""
+    sources = list(getattr(batches, "sources", None) or [])
+    if len(sources) != len(batches):
+        sources = ["calibration"] * len(batches)
+    counts: dict[str, int] = {}
+    for i, s in enumerate(sources):
+        if i not in skip and (only is None or i in only):
+            counts[s] = counts.get(s, 0) + 1
+    return counts
 
 
 def optimize(model, out: str | os.PathLike, config: OptimizeConfig = OptimizeConfig(), *, force: bool = False,
@@ -474,7 +494,12 @@ def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_resu
         from .passes.glue import standard_form
 
         with standard_form(net, report.get("glue", [])):  # a plain checkpoint: same function, no gather
-            net.save_pretrained(tmp / "hf", safe_serialization=True)
+            if quant_plan is None:
+                net.save_pretrained(tmp / "hf", safe_serialization=True)
+            else:  # the 8-bit codes and scales as a compressed-tensors checkpoint (export/hf_compressed.py)
+                from .export.hf_compressed import save_compressed
+
+                report["quantization"]["hf"] = save_compressed(net, tmp / "hf", quant_plan, str(config.sparsity))
         for extra in (loaded.tokenizer, loaded.image_processor):
             if extra is not None:
                 try:

@@ -38,6 +38,8 @@ def build_report(loaded, config: OptimizeConfig, compressed, net, timer) -> dict
         "timings": timer.timings,
         "peak_memory_gib": timer.memory_gib,
     }
+    if c.calibration is not None:
+        report["calibration"] = c.calibration
     if c.quant_plan is not None:
         report["quantization"] = c.quant_plan.summary()
     kept = [r for r in c.group_results if r.strategy != "none" or r.kept_identity]

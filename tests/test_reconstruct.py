@@ -318,8 +318,10 @@ def test_pipeline_warns_when_the_weight_update_is_fitted_on_one_text(tmp_path):
     path = tmp_path / "one.txt"
     path.write_text(default_text())
     net = build_tiny("llama").eval()
-    with pytest.warns(UserWarning, match="single text: the weight update fits its kind of text"):
+    with pytest.warns(UserWarning, match="single text: 33% of the weight update's fit comes from the embedded"):
         _compress(net, permutation="none", calib=str(path))
+    with pytest.warns(UserWarning, match="single text: the weight update fits its kind of text"):
+        _compress(net, permutation="none", calib=str(path), reconstruct=ReconstructConfig(reference_share=0))
     import warnings
 
     with warnings.catch_warnings():  # masks only: nothing is fitted, nothing to warn about
@@ -344,6 +346,8 @@ def test_one_text_is_checked_on_the_embedded_set_and_never_fitted_on_it(tmp_path
                          reconstruct=ReconstructConfig(reference_share=0))
         _, plain = _compress(net, permutation="none", calib=str(path), calib_samples=8, calib_seq_len=32,
                              reconstruct=ReconstructConfig(heldout="none", reference_share=0))
+    assert set(c.calibration["reconstruction_checked_only"]) == {"prose", "docs", "code"}
+    assert list(c.calibration["reconstruction_fit"]) == ["one.txt"]
     for rec, base in zip(c.mask_result.layers, plain.mask_result.layers):
         r = rec["reconstruction"]
         assert r["tokens"] == base["reconstruction"]["tokens"] == 8 * 32  # the reference never fitted on
@@ -377,6 +381,10 @@ def test_one_text_is_topped_up_with_the_embedded_set_and_each_kind_held_out_in_t
         assert rec["reconstruction"]["tokens"] == base["reconstruction"]["tokens"] == (8 + extra) * 32
         held = rec["reconstruction"]["heldout"]
         assert 0 < held["tokens"] < (8 + extra) * 32 and held["choice"] in held["tried"]
+    # report.json says what the update was fitted on
+    assert list(c.calibration["batches"]) == ["one.txt"]
+    assert set(c.calibration["reconstruction_fit"]) == {"one.txt", "prose", "docs", "code"}
+    assert "reconstruction_checked_only" not in c.calibration
     # the blocks hold out one kind each, in turn: the user's text is one of the kinds
     from permcompile.calib.data import CalibrationBatches, with_reference
     from permcompile.passes.reconstruct import heldout_batches

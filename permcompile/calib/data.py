@@ -441,17 +441,24 @@ def with_reference(batches: list, reference: list, *, fit: bool) -> "Calibration
     return out
 
 
-def narrow_calibration(batches: list) -> str | None:
+def narrow_calibration(batches: list, reference_share: float = 0.0) -> str | None:
     """Why ``batches`` are too narrow to fit a weight update that serves other text, or None.
 
-    One document (a single text file) is one kind of text: reconstruction fitted on one novel scored twice the
-    masks-only perplexity on Python code (docs/FINDINGS.md). Images and the embedded mixed set are never narrow."""
+    One document (a single text file) is one kind of text: reconstruction fitted on one novel alone scored twice
+    the masks-only perplexity on Python code (docs/FINDINGS.md). ``reference_share``: the share of the fit the
+    pass then takes from the embedded mixed set (``ReconstructConfig.reference_share``), which the message
+    states. Images and the embedded mixed set are never narrow."""
     documents = getattr(batches, "documents", None)
-    if documents == 1:
-        return (f"calibration data {batches.sources[0]} is a single text: the weight update fits its kind of text "
-                "and can lose quality on other kinds; give a folder with samples of each kind of text the model "
-                "will serve, or leave out --calib for the embedded mixed set")
-    return None
+    if documents != 1:
+        return None
+    if reference_share > 0:
+        return (f"calibration data {batches.sources[0]} is a single text: {reference_share:.0%} of the weight "
+                "update's fit comes from the embedded mixed set (prose, documentation, code) so it also holds on "
+                "other kinds of text; for the best quality on what the model serves, give a folder with samples "
+                "of each kind")
+    return (f"calibration data {batches.sources[0]} is a single text: the weight update fits its kind of text "
+            "and can lose quality on other kinds; give a folder with samples of each kind of text the model "
+            "will serve, or leave out --calib for the embedded mixed set")
 
 
 class CalibrationBatches(list):
