@@ -421,6 +421,8 @@ def _finalize(model: nn.Module, keep_half: bool = False) -> nn.Module:
 
     if keep_half and model_dtype(model) in HALF_DTYPES:
         return model.eval()
+    if getattr(model, "is_quantized", False):  # e.g. the compressed-tensors hf/ of --quantize: runs as loaded
+        return model.eval()
     return model.float().eval()
 
 

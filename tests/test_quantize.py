@@ -133,7 +133,7 @@ def test_quantized_output_passes_verify(which, request):
     result = request.getfixturevalue(which)
     checks = {c.name: c for c in verify_artifacts(result.out_dir)}
     assert all(c.passed for c in checks.values()), [(c.name, c.detail) for c in checks.values() if not c.passed]
-    assert {"quantization", "onnx_qdq", "onnx_nm", "onnxruntime_vs_torch"} <= set(checks)
+    assert {"quantization", "onnx_qdq", "onnx_nm", "hf_nm", "hf_quant", "onnxruntime_vs_torch"} <= set(checks)
     plan = json.loads((result.out_dir / "quantization.json").read_text())
     # the graph: 8-bit codes, N:M in the codes themselves, Q/DQ opset
     proto = onnx.load(str(result.out_dir / "model.onnx"))
@@ -217,6 +217,89 @@ def test_densified_quantized_weight_fails_verify(int8_llama, tmp_path):
 
     _edit_onnx(folder, densify)
     assert "onnx_nm" in _failed(folder)
+
+
+def _onnx_codes(folder, report) -> dict:
+    """param -> the 8-bit codes of its ONNX initializer, [out, K] (torch)."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in onnx.load(str(folder / "model.onnx")).graph.initializer}
+    out = {}
+    for entry in report["pruned_layers"]:
+        codes = torch.from_numpy(numpy_helper.to_array(inits[entry["onnx_initializer"]]).copy())
+        axis = report["quantization"]["onnx"][entry["param"]]["channel_axis"]
+        out[entry["param"]] = codes if axis == 0 else codes.t()
+    return out
+
+
+def test_hf_is_a_compressed_tensors_checkpoint_of_the_onnx_codes(int8_llama):
+    """hf/ stores the ONNX graph's codes and scales (compressed-tensors int-quantized); transformers loads it and
+    computes what verify's reference computes (the decompressed hf/ model through the plan's fake quantization)."""
+    from safetensors.torch import load_file
+
+    from permcompile.export.checks import DEFAULT_TOLERANCE
+    from permcompile.export.hf_compressed import load_decompressed
+    from permcompile.export.verify import _safetensors_reader
+    from permcompile.models import load_model
+    from permcompile.passes.quantize import QuantPlan, fake_quant_model, quant_tolerance
+
+    folder, report = int8_llama.out_dir, int8_llama.report
+    assert report["quantization"]["hf"]["format"] == "compressed-tensors"
+    config = json.loads((folder / "hf" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
+    stored = load_file(str(folder / "hf" / "model.safetensors"))
+    plan = QuantPlan.read(folder)
+    for param, codes in _onnx_codes(folder, report).items():
+        assert stored[param].dtype == torch.int8 and torch.equal(stored[param], codes), param
+    for name, lp in plan.layers.items():
+        assert torch.equal(stored[f"{name}.weight_scale"].reshape(-1), lp.weight_scale)
+        assert float(stored[f"{name}.input_scale"]) == lp.input_scale
+
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder / "hf"), local_files_only=True).eval()
+    reference = load_decompressed(folder / "hf", AutoModelForCausalLM, *_safetensors_reader(folder / "hf")).eval()
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), fake_quant_model(reference, plan):
+        ref = reference(input_ids=ids).logits
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    tol = quant_tolerance(plan, "fp32", DEFAULT_TOLERANCE["fp32"])
+    assert float((got - ref).abs().max()) <= tol * float(ref.abs().max())
+    # permcompile's own loader (evaluate's torch backend) runs it as transformers does, quantized inputs included
+    with torch.no_grad():
+        assert torch.equal(load_model(folder / "hf").model(input_ids=ids).logits, got)
+
+
+def _edit_hf(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "hf" / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    _redigest(folder)
+
+
+def test_tampered_hf_checkpoint_fails_verify(int8_llama, tmp_path):
+    """A doubled weight scale in hf/ fails hf_quant; a densified code matrix fails hf_nm (N:M on the codes)."""
+    layers = int8_llama.report["pruned_layers"]
+    scale_key = layers[0]["param"].removesuffix(".weight") + ".weight_scale"
+
+    def double(tensors):
+        tensors[scale_key] = tensors[scale_key] * 2
+
+    def densify(tensors):
+        codes = tensors[layers[1]["param"]]
+        codes[codes == 0] = 1
+
+    for name, edit, check in (("scale", double, "hf_quant"), ("dense", densify, "hf_nm")):
+        folder = tmp_path / name
+        shutil.copytree(int8_llama.out_dir, folder)
+        _edit_hf(folder, edit)
+        assert check in _failed(folder), name
 
 
 @pytest.mark.parametrize("value", [0.0, float("nan")])

@@ -36,7 +36,7 @@ from .onnx import ExportWrapper, iter_weight_uses
 from .onnx_graph import load_onnx, onnx_initializer_for_param
 from .ort_chunks import NotSliceable, run_sliced
 from .ort_session import clear_session_cache, ort_session
-from .verify_quant import load_plan, qdq_check
+from .verify_quant import hf_check, load_plan, qdq_check
 
 __all__ = [
     "LinearCheck",
@@ -454,6 +454,8 @@ def verify_artifacts(out_dir, tol: float | None = None, seed: int = 0,
     checks.append(check)
     checks += onnx_checks
     checks.append(_hf_nm_check(out_dir / HF_DIR, model, report, layers, n, m))
+    if plan is not None:  # the compressed-tensors checkpoint: codes of the plan's type, the plan's scales
+        checks.append(hf_check(out_dir / HF_DIR, plan, report, _safetensors_reader))
     if model is not None and onnx_ok:
         held, model = [model], None  # released inside, before ONNX Runtime loads the graph
         checks.append(_ort_vs_torch_check(held, onnx_path, report, plan, precision, tol, seed, shapes, image_hw))
@@ -535,8 +537,14 @@ def _load_hf(hf_dir: Path, report: Mapping[str, Any]) -> tuple[nn.Module | None,
         # transformers compares shapes: the safetensors headers are compared first
         check_config_against_weights(hf_dir, cls)
         # in the dtype it was saved in (the checkpoint's): a half model's reference still runs in fp32
-        model = cls.from_pretrained(str(hf_dir), dtype="auto", local_files_only=True,
-                                    trust_remote_code=False).eval()
+        from .hf_compressed import is_compressed, load_decompressed
+
+        if is_compressed(hf_config):  # --quantize: codes x weight_scale, without compressed-tensors
+            model = load_decompressed(hf_dir, cls, *_safetensors_reader(hf_dir), dtype="auto",
+                                      local_files_only=True, trust_remote_code=False).eval()
+        else:
+            model = cls.from_pretrained(str(hf_dir), dtype="auto", local_files_only=True,
+                                        trust_remote_code=False).eval()
         return model, Check("hf_load", True, f"{type(model).__name__} from {HF_DIR}/")
     except Exception as exc:  # noqa: BLE001
         return None, Check("hf_load", False, f"cannot load {HF_DIR}/: {str(exc).splitlines()[0][:200]}")

@@ -5,7 +5,8 @@
 ``hf/`` model run through :func:`permcompile.passes.quantize.fake_quant_model` under
 :func:`permcompile.passes.quantize.quant_tolerance`. Here: ``quantization.json`` parses, every scale in it is
 finite and positive, and every quantized layer of ``model.onnx`` stores its weight as codes of the plan's type
-with the plan's weight and input scales in its ``DequantizeLinear``/``QuantizeLinear`` nodes.
+with the plan's weight and input scales in its ``DequantizeLinear``/``QuantizeLinear`` nodes; and ``hf/`` is the
+compressed-tensors checkpoint of the plan (:func:`hf_check`; ``export/hf_compressed.py`` writes it).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..errors import UsageError
 from ..passes.quantize import QuantPlan, quant_tolerance
 from ..safepath import read_json
 from .checks import DEFAULT_TOLERANCE, Check, aggregate
+from .hf_compressed import CODE_DTYPES, FORMATS, is_compressed, quantized_modules
 from .onnx_graph import onnx_initializer_for_param
 
 PLAN_FILE = "quantization.json"
@@ -44,6 +46,18 @@ def load_plan(out_dir: Path, report: Mapping[str, Any]):
         return None, [Check("quantization", False, f"report.json says {recorded}, {PLAN_FILE} says {plan.mode}")]
     return plan, [Check("quantization", True, f"{plan.mode}: {len(plan.layers)} layers, every scale finite and "
                                               f"positive")]
+
+
+def _scale_problem(name: str, got, expected) -> str | None:
+    """Why the stored scale ``got`` cannot stand for ``expected`` (the plan's), or None: not finite and positive,
+    or not bit-equal (in float64, which holds fp32 / fp16 / bf16 scales exactly)."""
+    got = np.asarray(got, dtype=np.float64).reshape(-1)
+    if not (np.isfinite(got).all() and (got > 0).all()):
+        return f"scale {name} is not finite and positive"
+    exp = np.asarray(expected, dtype=np.float64).reshape(-1)
+    if got.shape != exp.shape or not np.array_equal(got, exp):
+        return f"scale {name} differs from {PLAN_FILE}"
+    return None
 
 
 def qdq_check(onnx_model, base_dir, plan, report: Mapping[str, Any]):
@@ -75,15 +89,7 @@ def qdq_check(onnx_model, base_dir, plan, report: Mapping[str, Any]):
 
     def scale_ok(name, expected) -> str | None:
         got = array(name)
-        if got is None:
-            return f"scale {name} is not a constant"
-        got = np.asarray(got, dtype=np.float64).reshape(-1)
-        if not (np.isfinite(got).all() and (got > 0).all()):
-            return f"scale {name} is not finite and positive"
-        exp = np.asarray(expected, dtype=np.float64).reshape(-1)
-        if got.shape != exp.shape or not np.array_equal(got, exp):
-            return f"scale {name} differs from {PLAN_FILE}"
-        return None
+        return f"scale {name} is not a constant" if got is None else _scale_problem(name, got, expected)
 
     bad = []
     for lp in plan.layers.values():
@@ -125,10 +131,65 @@ def qdq_check(onnx_model, base_dir, plan, report: Mapping[str, Any]):
                       f"{len(plan.layers)} weights stored as {plan.fmt.onnx_type} codes, Q/DQ scales as planned")
 
 
+def hf_check(hf_dir: Path, plan, report: Mapping[str, Any], reader) -> Check:
+    """``hf_quant``: ``hf/`` is the compressed-tensors checkpoint of ``plan`` (``export/hf_compressed.py``):
+    config.json's ``quantization_config`` names the plan's format, every planned layer's weight is stored as codes
+    of the plan's type with ``weight_scale`` / ``input_scale`` beside it equal to the plan's (finite, positive),
+    and no other layer carries scales. N:M of the stored codes is ``hf_nm``'s (it reads the same tensors). A run
+    whose layers compressed-tensors cannot hold (GPT-2 Conv1D; report.json says why) keeps dequantized weights,
+    and then config.json must not claim a quantization. ``reader(hf_dir)``: ``(tensor names, read by name)``."""
+    try:
+        bad = _hf_problems(Path(hf_dir), plan, report, reader)
+    except Exception as exc:  # noqa: BLE001 - an unreadable or malformed hf/ is a failed check, not a crash
+        return Check("hf_quant", False, f"cannot read hf/: {str(exc).splitlines()[0][:200]}")
+    if isinstance(bad, Check):
+        return bad
+    return aggregate("hf_quant", len(plan.layers), bad,
+                     f"compressed-tensors {FORMATS[plan.mode][1]}: {len(plan.layers)} weights stored as "
+                     f"{plan.fmt.onnx_type} codes, scales as planned")
+
+
+def _hf_problems(hf_dir: Path, plan, report: Mapping[str, Any], reader) -> list[str] | Check:
+    """What :func:`hf_check` finds wrong per layer, or its whole answer where one line says it."""
+    config = read_json(hf_dir / "config.json", "hf/config.json")
+    keys, read = reader(hf_dir)
+    recorded = (report.get("quantization") or {}).get("hf")
+    recorded = recorded if isinstance(recorded, Mapping) else {}
+    if not is_compressed(config):
+        if recorded.get("format") == "compressed-tensors" or quantized_modules(keys):
+            return Check("hf_quant", False, "hf/config.json has no compressed-tensors quantization_config")
+        why = recorded.get("why") or "written before hf/ held codes"
+        return Check("hf_quant", True, f"hf/ holds dequantized weights (code x scale): {why}")
+    qc = config["quantization_config"]
+    qtype, fmt = FORMATS[plan.mode]
+    groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), Mapping) else {}
+    types = {str(g["weights"].get("type")) if isinstance(g, Mapping) and isinstance(g.get("weights"), Mapping)
+             else "?" for g in groups.values()}
+    if qc.get("format") != fmt or types != {qtype}:
+        return Check("hf_quant", False, f"hf/config.json quantizes as {qc.get('format')} ({', '.join(sorted(types))}), "
+                                        f"{PLAN_FILE} as {plan.mode}")
+    extra = sorted(set(quantized_modules(keys)) - set(plan.layers))
+    bad = [f"{m}: quantized in hf/ but not in {PLAN_FILE}" for m in extra]
+    want = CODE_DTYPES[plan.mode]
+    for name, lp in plan.layers.items():
+        codes = read(lp.param)
+        if codes is None or codes.dtype != want:
+            bad.append(f"{lp.param}: " + ("not in hf/" if codes is None else f"stored as {codes.dtype}, not {want}"))
+            continue
+        for key, expected in ((f"{name}.weight_scale", lp.weight_scale.numpy()), (f"{name}.input_scale",
+                                                                                  [lp.input_scale])):
+            got = read(key)
+            why = f"scale {key} is missing" if got is None else _scale_problem(key, got.float().numpy(), expected)
+            if why:
+                bad.append(why)
+                break
+    return bad
+
+
 def reference_tolerance(plan, precision: str, tol: float | None) -> float | None:
     if plan is None or tol is not None:
         return tol
     return quant_tolerance(plan, precision, DEFAULT_TOLERANCE[precision])
 
 
-__all__ = ["load_plan", "qdq_check", "reference_tolerance", "PLAN_FILE"]
+__all__ = ["load_plan", "qdq_check", "hf_check", "reference_tolerance", "PLAN_FILE"]
