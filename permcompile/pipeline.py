@@ -84,7 +84,8 @@ def capture_and_analyze(loaded, m: int = 4, prune_embeddings: bool = False, time
 def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None, quiet: bool = True,
               resume: bool = False, checkpoint_dir: str | None = None, stats: dict | None = None,
               batches: list | None = None) -> Compressed:
-    """capture → groups → calibrate → permute → fold → mask, in memory, on ``loaded.model`` (in place).
+    """capture → groups → calibrate → permute → fold (→ smooth) → mask/reconstruct (→ quantize), in memory, on
+    ``loaded.model`` (in place).
 
     ``stats``/``batches`` may be passed in to reuse one calibration across several runs (benchmarks).
     ``checkpoint_dir``: where the resumable passes (search, learned, reconstruction) save their state (default: the
@@ -93,57 +94,98 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
     Post-conditions: folding preserved the function (checked on real and random inputs) and every pruned
     weight is N:M along its input axis.
     """
-    from .calib.data import load_calibration, narrow_calibration
-    from .calib.distributed import check_same_weights, from_rank0, shard
-    from .calib.stats import collect_input_stats
+    from .calib.distributed import check_same_weights
     from .passes.checkpoint import Checkpoints
-    from .passes.fold import fold_
-    from .passes.sparsify import apply_masks_, permute_stats_
 
     torch.manual_seed(config.seed)
     t = timer or StepTimer(quiet=quiet)
-    n, m = config.sparsity.n, config.sparsity.m
-    net = loaded.model
     checkpoints = Checkpoints(loaded.name, checkpoint_dir, resume=resume, quiet=quiet)
-    captured, groups, linears = capture_and_analyze(loaded, m, config.prune_embeddings, t)
+    captured, groups, linears = capture_and_analyze(loaded, config.sparsity.m, config.prune_embeddings, t)
     if not any(i.prune for i in linears):
         raise UsageError(f"no linear layer of this model can take {config.sparsity} sparsity "
                          f"(input sizes: {sorted({i.k for i in linears})})")
-    pruned = {i.param for i in linears if i.prune}
     if config.residual == "per-layer":
-        from .passes.glue import split_residual
-
-        groups = split_residual(groups, net, pruned)
-        if not any(g.kind == "residual-site" for g in groups):
-            import warnings
-
-            warnings.warn("--residual per-layer: this model has no permutable residual-stream group (see "
-                          "`permcompile inspect`), so there is no reading site to split; the result is the "
-                          "same as --residual global", stacklevel=2)
-
+        groups = _split_residual(loaded.model, groups, linears)
     with t.step("calibrate"):
-        if batches is None:
-            batches = load_calibration(config.calib, loaded, config.calib_samples, config.calib_seq_len,
-                                       config.seed)
-        narrow = (narrow_calibration(batches, config.reconstruct.reference_share)
-                  if config.prune and config.update == "obs" else None)
-        if narrow:
-            import warnings
+        batches, local, stats = _calibrate(loaded, config, captured, linears, batches, stats, quiet)
+    perms, group_results = _permute(loaded, config, groups, linears, batches, local, stats, t, quiet, checkpoints)
+    verify_inputs, fold_report, fold_err, fold_check = _fold(loaded, groups, perms, stats, batches, t)
+    smoothing = None
+    if config.quantize.enabled and config.quantize.smooth_alpha is not None:
+        from .passes.smooth import smooth_
 
-            warnings.warn(narrow, stacklevel=2)
-        # with several processes (calib/distributed.py) each runs its share and the sums are all-reduced
-        local = shard(batches)
-        if stats is None and str(config.device) != "cpu":  # only one block at a time on the accelerator
-            from .calib.blocks import stream_channel_stats
+        with t.step("smooth"):  # SmoothQuant diagonals, folded and checked like the permutations
+            smoothing = smooth_(loaded.model, groups, [i for i in linears if i.prune], local,
+                                config.quantize.smooth_alpha, fold_check, loaded.forward_kwargs(), stats)
+    mask_result, fit_on = _mask(loaded, config, linears, batches, local, stats, t, quiet, checkpoints)
+    quant_plan = None
+    if config.quantize.enabled:
+        from .passes.quantize import QuantRequest
+        from .quantization import QUANT_MODES
 
-            heads = set(_trailing_heads(captured, linears))
-            stats = stream_channel_stats(net, local, [i.module for i in linears if i.module not in heads],
-                                         forward_kwargs=loaded.forward_kwargs(), device=config.device, quiet=quiet)
-        elif stats is None:
-            stats = collect_input_stats(net, local, progress=not quiet, forward_kwargs=loaded.forward_kwargs(),
-                                        stop_at=_trailing_heads(captured, linears))
-        else:
-            stats = copy.deepcopy(stats)
+        with t.step("quantize"):
+            net = loaded.model
+            quant_plan = QUANT_MODES.get(config.quantize.mode).handler(QuantRequest(
+                net, linears, local, config.quantize, precision=config.resolve_precision(model_dtype(net)),
+                stats=stats, forward_kwargs=loaded.forward_kwargs(),
+                weight_scales=getattr(mask_result, "weight_scales", None)))
+            quant_plan.smoothing = smoothing or {}
+    check_same_weights(loaded.model)  # several processes: every rank must end with rank 0's weights (else a warning)
+    return Compressed(groups, linears, perms, group_results, fold_report, fold_err, mask_result, stats, batches,
+                      verify_inputs, t.timings, checkpoints, quant_plan, _calibration_summary(batches, fit_on))
+
+
+def _split_residual(net, groups: list, linears: list) -> list:
+    """``--residual per-layer``: the residual-stream group split at each reading site (passes/glue.py)."""
+    from .passes.glue import split_residual
+
+    groups = split_residual(groups, net, {i.param for i in linears if i.prune})
+    if not any(g.kind == "residual-site" for g in groups):
+        import warnings
+
+        warnings.warn("--residual per-layer: this model has no permutable residual-stream group (see "
+                      "`permcompile inspect`), so there is no reading site to split; the result is the "
+                      "same as --residual global", stacklevel=3)
+    return groups
+
+
+def _calibrate(loaded, config: OptimizeConfig, captured, linears: list, batches: list | None, stats: dict | None,
+               quiet: bool) -> tuple[list, list, dict]:
+    """The calibration batches, this process's share of them, and every linear's input statistics."""
+    from .calib.data import load_calibration, narrow_calibration
+    from .calib.distributed import shard
+    from .calib.stats import collect_input_stats
+
+    net = loaded.model
+    if batches is None:
+        batches = load_calibration(config.calib, loaded, config.calib_samples, config.calib_seq_len, config.seed)
+    narrow = (narrow_calibration(batches, config.reconstruct.reference_share)
+              if config.prune and config.update == "obs" else None)
+    if narrow:
+        import warnings
+
+        warnings.warn(narrow, stacklevel=3)
+    # with several processes (calib/distributed.py) each runs its share and the sums are all-reduced
+    local = shard(batches)
+    if stats is None and str(config.device) != "cpu":  # only one block at a time on the accelerator
+        from .calib.blocks import stream_channel_stats
+
+        heads = set(_trailing_heads(captured, linears))
+        stats = stream_channel_stats(net, local, [i.module for i in linears if i.module not in heads],
+                                     forward_kwargs=loaded.forward_kwargs(), device=config.device, quiet=quiet)
+    elif stats is None:
+        stats = collect_input_stats(net, local, progress=not quiet, forward_kwargs=loaded.forward_kwargs(),
+                                    stop_at=_trailing_heads(captured, linears))
+    else:
+        stats = copy.deepcopy(stats)
+    return batches, local, stats
+
+
+def _permute(loaded, config: OptimizeConfig, groups, linears, batches, local, stats, t: StepTimer, quiet: bool,
+             checkpoints) -> tuple[dict, list]:
+    """One permutation per coupling group (``passes/permute.py``), scored by the statistics the run asks for."""
+    from .calib.distributed import from_rank0
+    from .passes.permute import PermuteRequest, permute
 
     search_stats, search_config = stats, config
     if config.prune and config.update == "obs" and config.reconstruct.search == "obs" and config.permutation != "none":
@@ -152,76 +194,78 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
         from .calib.blocks import obs_stats
 
         with t.step("OBS statistics"):  # score weights by what reconstruction cannot recover (see obs_stats)
-            search_stats = obs_stats(net, local, sorted({i.module for i in linears if i.prune}),
+            search_stats = obs_stats(loaded.model, local, sorted({i.module for i in linears if i.prune}),
                                      damp=config.reconstruct.damp, forward_kwargs=loaded.forward_kwargs(),
                                      device=config.device, quiet=quiet)
             search_config = replace(config, criterion="wanda")
+    pruned = {i.param for i in linears if i.prune}
     with t.step("permute"):
-        from .passes.permute import PermuteRequest, permute
-
         # several processes: rank 0 searches, the others take its permutations (calib/distributed.py)
-        perms, group_results = from_rank0(lambda: permute(PermuteRequest(
+        return from_rank0(lambda: permute(PermuteRequest(
             loaded, groups, search_stats, batches, search_config, linears, pruned, quiet, checkpoints)))
 
+
+def _fold(loaded, groups, perms, stats, batches, t: StepTimer):
+    """Fold the permutations into the weights and check the function is unchanged: ``(verification inputs,
+    fold report, relative error, a function re-measuring that error)`` (the smoothing step checks with it too)."""
+    from .passes.fold import fold_
+    from .passes.sparsify import permute_stats_
+
+    net = loaded.model
     verify_inputs = _verification_inputs(loaded, batches)
     with torch.no_grad(), fp32_compute(net):  # a bf16/fp16 model is checked in fp32: rounding is not a bug
         dense_ref = [_main_output(net, b, loaded) for b in verify_inputs]
+
+    def error() -> float:
+        return _max_rel_err(net, verify_inputs, dense_ref, loaded)
+
     with t.step("fold"):
         fold_report = fold_(net, groups, perms)
         permute_stats_(stats, groups, perms)
-        fold_err = _max_rel_err(net, verify_inputs, dense_ref, loaded)
+        fold_err = error()
     if fold_err > 1e-4:
         raise VerificationError(f"folding changed the model's output (relative error {fold_err:.2e}); "
                                 "this is a bug in the coupling analysis, please report it")
-    smoothing = None
-    if config.quantize.enabled and config.quantize.smooth_alpha is not None:
-        from .passes.smooth import smooth_
+    return verify_inputs, fold_report, fold_err, error
 
-        with t.step("smooth"):  # SmoothQuant diagonals, folded and checked like the permutations
-            smoothing = smooth_(net, groups, [i for i in linears if i.prune], local, config.quantize.smooth_alpha,
-                                lambda: _max_rel_err(net, verify_inputs, dense_ref, loaded),
-                                loaded.forward_kwargs(), stats)
-    mask_result = None
-    if config.prune and config.update == "obs":
-        from .passes.reconstruct import reconstruct_
 
-        fit_on, rc = local, config.reconstruct
-        if narrow and (rc.reference_share > 0 or rc.heldout != "none"):
-            from .calib.data import with_reference
+def _mask(loaded, config: OptimizeConfig, linears, batches, local, stats, t: StepTimer, quiet: bool, checkpoints):
+    """N:M masks, with the OBS update of the kept weights (``--update obs``): ``(mask result, the batches the
+    update was fitted on)``; ``(None, None)`` with ``--prune none``."""
+    n, m = config.sparsity.n, config.sparsity.m
+    if not config.prune:
+        return None, None
+    if config.update != "obs":
+        from .passes.sparsify import apply_masks_
 
-            # one text cannot show how an update fitted on it does on other kinds of text: the embedded mixed set
-            # joins the fit (reference_share > 0) or is only checked on
-            reference = load_calibration(None, loaded, rc.reference_samples(config.calib_samples),
-                                         config.calib_seq_len, config.seed)
-            fit_on = with_reference(local, shard(reference), fit=rc.reference_share > 0)
-        with t.step("mask + reconstruct"):
-            mask_result = reconstruct_(net, linears, fit_on, config.criterion, n, m,
-                                       forward_kwargs=loaded.forward_kwargs(), config=config.reconstruct,
-                                       device=config.device, quiet=quiet, checkpoints=checkpoints,
-                                       quantize=_joint_quant(net, config))
-    elif config.prune:
         with t.step("mask"):
-            mask_result = apply_masks_(net, linears, stats, config.criterion, n, m)
-    quant_plan = None
-    if config.quantize.enabled:
-        from .passes.quantize import QuantRequest
-        from .quantization import QUANT_MODES
+            return apply_masks_(loaded.model, linears, stats, config.criterion, n, m), None
+    from .calib.data import load_calibration, narrow_calibration, with_reference
+    from .calib.distributed import shard
+    from .passes.reconstruct import reconstruct_
 
-        with t.step("quantize"):
-            quant_plan = QUANT_MODES.get(config.quantize.mode).handler(QuantRequest(
-                net, linears, local, config.quantize, precision=config.resolve_precision(model_dtype(net)),
-                stats=stats, forward_kwargs=loaded.forward_kwargs(),
-                weight_scales=getattr(mask_result, "weight_scales", None)))
-            quant_plan.smoothing = smoothing or {}
-    check_same_weights(net)  # several processes: every rank must end with rank 0's weights (a warning if not)
-    calibration = {"batches": _by_kind(batches)}
-    if mask_result is not None and config.update == "obs":
+    fit_on, rc = local, config.reconstruct
+    if narrow_calibration(batches) and (rc.reference_share > 0 or rc.heldout != "none"):
+        # one text cannot show how an update fitted on it does on other kinds of text: the embedded mixed set
+        # joins the fit (reference_share > 0) or is only checked on
+        reference = load_calibration(None, loaded, rc.reference_samples(config.calib_samples),
+                                     config.calib_seq_len, config.seed)
+        fit_on = with_reference(local, shard(reference), fit=rc.reference_share > 0)
+    with t.step("mask + reconstruct"):
+        return reconstruct_(loaded.model, linears, fit_on, config.criterion, n, m,
+                            forward_kwargs=loaded.forward_kwargs(), config=rc, device=config.device, quiet=quiet,
+                            checkpoints=checkpoints, quantize=_joint_quant(loaded.model, config)), fit_on
+
+
+def _calibration_summary(batches: list, fit_on: list | None) -> dict:
+    """report.json's ``calibration``: batches by kind of text, and which the reconstruction fitted or only checked."""
+    summary = {"batches": _by_kind(batches)}
+    if fit_on is not None:
         checked = set(getattr(fit_on, "reference", None) or ())
-        calibration["reconstruction_fit"] = _by_kind(fit_on, skip=checked)
+        summary["reconstruction_fit"] = _by_kind(fit_on, skip=checked)
         if checked:
-            calibration["reconstruction_checked_only"] = _by_kind(fit_on, only=checked)
-    return Compressed(groups, linears, perms, group_results, fold_report, fold_err, mask_result, stats, batches,
-                      verify_inputs, t.timings, checkpoints, quant_plan, calibration)
+            summary["reconstruction_checked_only"] = _by_kind(fit_on, only=checked)
+    return summary
 
 
 def _by_kind(batches: list, skip: set = frozenset(), only: set | None = None) -> dict[str, int]:
