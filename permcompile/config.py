@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 from .quantization import QuantizeConfig, check_deployable
+from .registry import Registry
 
 CRITERIA = ("magnitude", "wanda", "ria")
 PRECISIONS = ("auto", "fp32", "fp16")  # ONNX precision; "auto" is resolved by OptimizeConfig.resolve_precision
@@ -105,6 +106,10 @@ class SearchConfig:
         if self.objective != "auto":
             return self.objective
         return "diagonal" if family == "causal-lm" else "output"
+
+    def warm_start_kernel(self):
+        """The ``math/strategies`` function of the ``warm_start`` heuristic (:func:`heuristic_kernel`)."""
+        return heuristic_kernel(self.warm_start)
 
     def __post_init__(self) -> None:
         if self.block_size < 2 or self.steps < 0 or self.rounds < 1:
@@ -226,6 +231,72 @@ class LearnedConfig:
             raise UsageError("learned needs micro_batch >= 0, checkpoint_steps >= 1 and checkpoint_seconds > 0")
         if self.autocast not in ("auto", "off"):
             raise UsageError(f"learned autocast must be auto or off, got {self.autocast!r}")
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+class HeuristicStrategy:
+    """Handler of a strategy that scores each group on its own with a pure function of ``math/strategies``
+    (``kernel``); the search and learned strategies start from one of these (their warm start)."""
+
+    def __init__(self, function: str):
+        self.function = function
+
+    @property
+    def kernel(self):
+        from .math import strategies
+
+        return getattr(strategies, self.function)
+
+    def __call__(self, req):
+        from .passes.sparsify import choose_permutations, group_progress
+
+        cfg = req.config
+        with group_progress(len(req.groups), cfg.permutation, req.quiet) as progress:
+            return choose_permutations(req.groups, req.loaded.model, req.stats, cfg.criterion, cfg.permutation,
+                                       cfg.sparsity.n, cfg.sparsity.m, req.pruned, seed=cfg.seed, progress=progress,
+                                       kernel=self.kernel)
+
+
+def _search(req):
+    from .passes.search import search_permutations
+
+    return search_permutations(req.loaded, req.groups, req.stats, req.batches, req.config, pruned=req.pruned,
+                               quiet=req.quiet, checkpoints=req.checkpoints)
+
+
+def _learned(req):
+    from .passes.learned import learned_permutations
+
+    return learned_permutations(req.loaded, req.groups, req.stats, req.batches, req.config, linears=req.linears,
+                                quiet=req.quiet, checkpoints=req.checkpoints)
+
+
+# The permutation strategies of ``--permutation``: name → handler, knobs, help (torchao registers a handler beside
+# its config type). Each handler takes a ``passes.permute.PermuteRequest`` and returns ``(perms by group name,
+# GroupResult per group)``; ``passes.permute.permute`` dispatches and checks the result. The table lives here, below
+# the passes (as quantization.QUANT_MODES does), because ``OptimizeConfig`` validates against it and the CLI reads it
+# before torch is imported; a handler imports its pass when called, and no pass imports this module (the passes get
+# what they need from the table through the config object or the request: ``SearchConfig.warm_start_kernel``).
+STRATEGIES = Registry("permutation strategy", "--permutation")
+STRATEGIES.add("none", HeuristicStrategy("identity"), help="keep the original channel order")
+STRATEGIES.add("random", HeuristicStrategy("random_perm"), help="a seeded random valid permutation (a baseline)")
+STRATEGIES.add("greedy", HeuristicStrategy("greedy"), help="Apex-ASP-style best-swap search on the criterion scores")
+STRATEGIES.add("hungarian", HeuristicStrategy("hungarian"),
+               help="stripe slots reassigned by linear assignment on the criterion scores (the default: with "
+                    "the weight update as good as search and learned, several times faster)")
+STRATEGIES.add("search", _search, config_type=SearchConfig,
+               help="exchange search on a per-layer output proxy, from a hungarian warm start (--search KEY=VALUE)")
+STRATEGIES.add("learned", _learned, config_type=LearnedConfig,
+               help="learned end to end against the model's own output (slowest; pays with --update none)")
+
+
+def heuristic_kernel(name: str):
+    """The ``math/strategies`` function behind heuristic strategy ``name`` (none, random, greedy, hungarian)."""
+    handler = STRATEGIES.get(name).handler
+    if not isinstance(handler, HeuristicStrategy):
+        heuristics = [n for n in STRATEGIES if isinstance(STRATEGIES.get(n).handler, HeuristicStrategy)]
+        raise UsageError(f"{name} is not a per-group heuristic (choose one of {', '.join(heuristics)})")
+    return handler.kernel
 
 
 UPDATES = ("none", "obs")
@@ -355,8 +426,6 @@ class OptimizeConfig:
 
             if not torch.cuda.is_available():
                 raise UsageError(f"--device {dev}: no CUDA device is available on this machine")
-        from .passes.permute import STRATEGIES
-
         STRATEGIES.get(self.permutation)  # an unknown name: one UsageError line listing the strategies
         if self.criterion not in CRITERIA:
             raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")

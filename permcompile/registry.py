@@ -2,7 +2,7 @@
 
 The CLI reads its choices and help from the table, the config validates against it, and the docs are checked
 against it, so adding an implementation touches one place. Two instances exist: the permutation strategies
-(``passes/permute.STRATEGIES``) and the quantization modes (``quantization.QUANT_MODES``).
+(``config.STRATEGIES``) and the quantization modes (``quantization.QUANT_MODES``).
 
 >>> colours = Registry("colour", "--colour")
 >>> @colours.register("red", help="warm")

@@ -23,13 +23,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..errors import VerificationError
+from ..passes.quantize import fake_quant_model, quant_tolerance
+from .checks import DEFAULT_TOLERANCE
+from .compare import SLICE_ABOVE_BYTES, compare_outputs, feeds, torch_outputs, weight_bytes
+from .onnx_graph import onnx_initializer_for_param
+from .ort_session import session_options
+
 MAX_FLIP_SHARE = 0.05
 
 
 def quantizer_outputs(proto, plan, report: Mapping[str, Any]) -> dict[str, str]:
     """module FQN → the name of the ``QuantizeLinear`` output its op reads (through its DequantizeLinear)."""
-    from .onnx_graph import onnx_initializer_for_param
-
     consumers: dict[str, list] = {}
     producer: dict[str, Any] = {}
     for node in proto.graph.node:
@@ -65,8 +70,6 @@ def forced_compare(onnx_path, model, plan, report: Mapping[str, Any], batches: S
     """Run the graph (with its quantizer codes as extra outputs) and ``model`` teacher-forced on those codes;
     returns a ``CompareResult`` (the float tolerance of ``precision``) whose ``detail`` gives the flip share. The
     graph is loaded whole: callers use it for graphs below the sliced-verification threshold."""
-    from .verify import DEFAULT_TOLERANCE, compare_outputs
-
     start = time.perf_counter()
     refs, detail, ok, outs = _forced_refs(onnx_path, model, plan, report, batches, forward_kwargs, with_outputs=True)
     result = compare_outputs(refs, outs, precision, DEFAULT_TOLERANCE[precision])
@@ -87,14 +90,6 @@ def _forced_refs(onnx_path, model, plan, report, batches, forward_kwargs, with_o
     import onnx
     import onnxruntime as ort
 
-    from ..passes.quantize import fake_quant_model
-    from .verify import _feeds, torch_outputs
-
-    try:
-        from .ort_session import session_options
-    except ImportError:  # before sessions moved out of verify.py
-        from .verify import session_options
-
     proto = onnx.load(str(onnx_path), load_external_data=True)
     taps = quantizer_outputs(proto, plan, report)
     want = getattr(onnx.TensorProto, plan.fmt.onnx_type)
@@ -107,7 +102,7 @@ def _forced_refs(onnx_path, model, plan, report, batches, forward_kwargs, with_o
     out_names = [o.name for o in session.get_outputs()]
     outs, codes = [], []
     for batch in batches:
-        values = dict(zip(out_names, session.run(None, _feeds(session, batch))))
+        values = dict(zip(out_names, session.run(None, feeds(session, batch))))
         outs.append(values[out_names[0]])
         codes.append({m: _to_torch_codes(values[n], plan.fmt) for m, n in taps.items()})
     del session
@@ -144,10 +139,6 @@ def reference_outputs(onnx_path, model, plan, report: Mapping[str, Any], batches
     tolerance derived from the grid step (``passes.quantize.quant_tolerance``). Raises ``VerificationError`` when
     the graph's codes are not what the model would quantize (flips above ``MAX_FLIP_SHARE``) or a quantizer is
     missing."""
-    from ..errors import VerificationError
-    from ..passes.quantize import fake_quant_model, quant_tolerance
-    from .verify import DEFAULT_TOLERANCE, torch_outputs
-
     if plan is None:
         return torch_outputs(model, batches, forward_kwargs), tol, ""
     if not small_enough(onnx_path):
@@ -163,9 +154,7 @@ def reference_outputs(onnx_path, model, plan, report: Mapping[str, Any], batches
 
 def small_enough(onnx_path) -> bool:
     """Below the size verification slices at: the graph and the torch model may be held together."""
-    from .verify import SLICE_ABOVE_BYTES, _weight_bytes
-
-    return _weight_bytes(Path(onnx_path)) <= SLICE_ABOVE_BYTES
+    return weight_bytes(Path(onnx_path)) <= SLICE_ABOVE_BYTES
 
 
 __all__ = ["forced_compare", "reference_outputs", "quantizer_outputs", "small_enough", "MAX_FLIP_SHARE"]

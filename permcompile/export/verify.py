@@ -8,12 +8,12 @@
   reloaded ``hf/`` model, one function per check. :func:`raise_if_failed` turns failed checks into a
   :class:`VerificationError`.
 
-Sessions live in :mod:`.ort_session`, digests in :mod:`.digests`, the check type in :mod:`.checks`.
+Sessions live in :mod:`.ort_session`, digests in :mod:`.digests`, the check type in :mod:`.checks`, reference
+outputs and their comparison in :mod:`.compare`.
 """
 from __future__ import annotations
 
 import gc
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,17 +25,19 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Sparsity
-from ..dtypes import fp32_compute
 from ..errors import UsageError, VerificationError
 from ..hfenv import set_hf_env
 from ..modelio import random_inputs, text_config
 from ..safepath import UnsafePathError, read_json, resolve_inside, unsafe_entries
 from .checks import DEFAULT_TOLERANCE, Check, aggregate, format_checks, raise_if_failed
+from .compare import (SLICE_ABOVE_BYTES, SLICE_BYTES, CompareResult, compare_outputs, feeds, torch_outputs,
+                      weight_bytes)
 from .digests import REPORT, sha256_file
-from .onnx import ExportWrapper, iter_weight_uses
+from .onnx import iter_weight_uses
 from .onnx_graph import load_onnx, onnx_initializer_for_param
 from .ort_chunks import NotSliceable, run_sliced
 from .ort_session import clear_session_cache, ort_session
+from .qdq_compare import reference_outputs
 from .verify_quant import hf_check, load_plan, qdq_check
 
 __all__ = [
@@ -176,84 +178,6 @@ def onnx_nm_report(path, n: int = 2, m: int = 4, min_k: int = 0,
 # --------------------------------------------------------------------------------------------------
 # ONNX Runtime vs torch
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class CompareResult:
-    max_abs: float
-    max_rel: float  # max |a - b| / max |reference|
-    cosine: float
-    scale: float  # max |reference|
-    tol: float
-    passed: bool
-    batches: int
-    precision: str
-    seconds: float
-    detail: str = ""
-
-    def as_check(self, name: str = "onnxruntime_vs_torch") -> Check:
-        detail = (f"{self.precision}: max err {self.max_rel:.2e} of output scale {self.scale:.3g} "
-                  f"(tol {self.tol:.0e}), cosine {self.cosine:.6f}, {self.batches} batches")
-        if self.detail:
-            detail += f"; {self.detail}"
-        return Check(name, self.passed, detail, self.max_rel)
-
-
-_ORT_NP = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-}
-
-
-# Graphs with more weights than this run slice by slice on the CPU (export/ort_chunks.py): ONNX Runtime's CPU
-# provider casts every fp16 MatMul weight to fp32 before the first layer runs, which would hold the weights
-# 1.5x over (fp16 + fp32) for the check alone. Slices of SLICE_BYTES of weights each.
-SLICE_ABOVE_BYTES = 512 << 20
-SLICE_BYTES = 256 << 20
-
-
-def _weight_bytes(onnx_path) -> int:
-    path = Path(onnx_path)
-    return sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.is_file())
-
-
-def _feeds(session, batch: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
-    feeds = {}
-    for inp in session.get_inputs():
-        if inp.name not in batch:
-            raise UsageError(f"ONNX input {inp.name!r} is missing from the comparison batch ({', '.join(batch)})")
-        arr = batch[inp.name].detach().cpu().numpy()
-        want = _ORT_NP.get(inp.type)
-        feeds[inp.name] = arr.astype(want) if want is not None and arr.dtype != want else arr
-    return feeds
-
-
-def compare_outputs(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray], precision: str = "fp32",
-                    tol: float | None = None) -> CompareResult:
-    """Compare output arrays pairwise (reference first) with the module's error metrics."""
-    tol = float(DEFAULT_TOLERANCE[precision] if tol is None else tol)
-    max_abs, scale, dot, na, nb = 0.0, 0.0, 0.0, 0.0, 0.0
-    detail = ""
-    for ref, out in zip(refs, outs):
-        ref = np.asarray(ref, dtype=np.float64)
-        out = np.asarray(out, dtype=np.float64)
-        if ref.shape != out.shape:
-            return CompareResult(math.inf, math.inf, 0.0, 0.0, tol, False, len(refs), precision, 0.0,
-                                 f"shape mismatch {out.shape} vs {ref.shape}")
-        if not np.isfinite(out).all():
-            detail = "non-finite values in the output"
-            max_abs = math.inf
-            continue
-        max_abs = max(max_abs, float(np.abs(out - ref).max(initial=0.0)))
-        scale = max(scale, float(np.abs(ref).max(initial=0.0)))
-        dot += float((ref * out).sum())
-        na += float((ref * ref).sum())
-        nb += float((out * out).sum())
-    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    cosine = dot / math.sqrt(na * nb) if na > 0 and nb > 0 else (1.0 if na == nb == 0 else 0.0)
-    passed = bool(math.isfinite(rel) and rel <= tol)
-    return CompareResult(max_abs, rel, cosine, scale, tol, passed, len(refs), precision, 0.0, detail)
-
-
 def compare_ort_torch(model: nn.Module, onnx_path, input_batches: Sequence[Mapping[str, Tensor]],
                       forward_kwargs: Mapping[str, Any] | None = None, precision: str = "fp32",
                       tol: float | None = None, providers: Sequence[str] | None = None) -> CompareResult:
@@ -273,28 +197,6 @@ def compare_ort_torch(model: nn.Module, onnx_path, input_batches: Sequence[Mappi
     return result
 
 
-def torch_outputs(model: nn.Module, input_batches: Sequence[Mapping[str, Tensor]],
-                  forward_kwargs: Mapping[str, Any] | None = None) -> list[np.ndarray]:
-    """``model``'s main output on each batch, as fp32 arrays: references to compare ONNX Runtime with.
-
-    A bf16/fp16 model runs under :func:`permcompile.dtypes.fp32_compute`, so the reference is the fp32
-    function of its stored weights (what an fp32 or fp16 graph of those weights should compute), not
-    half-precision rounding; no fp32 copy of the model is made.
-    """
-    refs = []
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in input_batches:
-            names = list(batch)
-            wrapper = ExportWrapper(model, names, forward_kwargs)
-            with torch.no_grad(), fp32_compute(model):
-                refs.append(wrapper(*[batch[n] for n in names]).float().cpu().numpy())
-    finally:
-        model.train(was_training)
-    return refs
-
-
 def compare_ort_refs(onnx_path, input_batches: Sequence[Mapping[str, Tensor]], refs: Sequence[np.ndarray],
                      precision: str = "fp32", tol: float | None = None,
                      providers: Sequence[str] | None = None) -> CompareResult:
@@ -304,11 +206,11 @@ def compare_ort_refs(onnx_path, input_batches: Sequence[Mapping[str, Tensor]], r
         raise UsageError(f"unknown precision {precision!r}; choose fp32 or fp16")
     start = time.perf_counter()
     outs = None
-    if not providers and _weight_bytes(onnx_path) > SLICE_ABOVE_BYTES:
+    if not providers and weight_bytes(onnx_path) > SLICE_ABOVE_BYTES:
         clear_session_cache()  # no whole-graph session beside the slices
         try:
-            feeds = [{k: v.detach().cpu().numpy() for k, v in batch.items()} for batch in input_batches]
-            outs = [o[0] for o in run_sliced(onnx_path, feeds, budget=SLICE_BYTES)]
+            arrays = [{k: v.detach().cpu().numpy() for k, v in batch.items()} for batch in input_batches]
+            outs = [o[0] for o in run_sliced(onnx_path, arrays, budget=SLICE_BYTES)]
         except NotSliceable:
             outs = None
         except Exception as exc:  # noqa: BLE001
@@ -316,7 +218,7 @@ def compare_ort_refs(onnx_path, input_batches: Sequence[Mapping[str, Tensor]], r
                 from exc
     if outs is None:
         session = ort_session(onnx_path, providers)
-        outs = [session.run(None, _feeds(session, batch))[0] for batch in input_batches]
+        outs = [session.run(None, feeds(session, batch))[0] for batch in input_batches]
     result = compare_outputs(refs, outs, precision, tol)
     result.seconds = time.perf_counter() - start
     return result
@@ -603,8 +505,6 @@ def _ort_vs_torch_check(held: list, onnx_path: Path, report: Mapping[str, Any], 
         batches = [random_inputs(report["input_names"], model.config, b, min(s, int(max_pos)), gen, image_hw)
                    for b, s in shapes]
         start = time.perf_counter()
-        from .qdq_compare import reference_outputs
-
         # quantized: the function the Q/DQ graph computes, teacher-forced at its quantizers (qdq_compare.py)
         refs, tol, note = reference_outputs(onnx_path, model, plan, report, batches,
                                             report.get("forward_kwargs") or None, precision, tol)

@@ -25,18 +25,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-from ..config import LearnedConfig
 from ..math import learned as E
 from ..math.gather import replica_columns
 from ..math.nm import nm_mask
+from ..math.strategies import hungarian
 from .checkpoint import Checkpoints, PassCheckpoint
 from .groups import Group, gather_index
 from .sparsify import choose_permutations, consumer_scores, group_progress, kept_fraction
+
+if TYPE_CHECKING:  # annotations only: config.py's strategy table imports this module when the strategy runs
+    from ..config import LearnedConfig
 
 
 @dataclass
@@ -603,7 +606,7 @@ def learned_permutations(loaded, groups: list[Group], stats: dict, batches: list
     pruned = {i.param for i in linears if i.prune}
     with group_progress(len(groups), "warm start (hungarian)", quiet) as progress:
         warm, results = choose_permutations(groups, net, stats, config.criterion, "hungarian", n, m, pruned,
-                                            seed=config.seed, progress=progress)
+                                            seed=config.seed, progress=progress, kernel=hungarian)
     by_name = {r.name: r for r in results}
     movable = {r.name for r in results if r.strategy != "none"}
     scores = {i.param: consumer_scores(net, i, stats, config.criterion) for i in linears if i.prune}

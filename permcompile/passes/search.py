@@ -339,7 +339,8 @@ def search_permutations(loaded, groups: list[Group], stats: dict, batches: list[
     net.eval()
     with group_progress(len(groups), f"warm start ({config.search.warm_start})", quiet) as progress:
         perms, results = choose_permutations(groups, net, stats, config.criterion, config.search.warm_start, n, m,
-                                             pruned, seed=config.seed, progress=progress)
+                                             pruned, seed=config.seed, progress=progress,
+                                             kernel=config.search.warm_start_kernel())
     by_name = {r.name: r for r in results}
 
     searchable = [g for g in groups if g.kind != "residual" and g.size % m == 0 and g.movable >= 2 * m

@@ -173,11 +173,10 @@ def group_progress(total: int, desc: str, quiet: bool):
 
 def choose_permutations(groups: list[Group], model: nn.Module, stats: dict, criterion: str, strategy: str,
                         n: int, m: int, pruned: set[str], seed: int = 0,
-                        progress=None) -> tuple[dict[str, torch.Tensor], list[GroupResult]]:
-    """One permutation per group with the named heuristic strategy (``none``/``random``/``greedy``/``hungarian``)."""
-    from .permute import heuristic_kernel
-
-    fn = heuristic_kernel(strategy)
+                        progress=None, *, kernel) -> tuple[dict[str, torch.Tensor], list[GroupResult]]:
+    """One permutation per group with heuristic strategy ``strategy`` (``none``/``random``/``greedy``/``hungarian``),
+    whose ``math/strategies`` function is ``kernel`` (``config.heuristic_kernel(strategy)``)."""
+    fn = kernel
     perms: dict[str, torch.Tensor] = {}
     results: list[GroupResult] = []
     gen = torch.Generator().manual_seed(seed)
