@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _helpers import child_at_marker, finish  # noqa: E402
 from permcompile.cli import main  # noqa: E402
 from permcompile.config import OptimizeConfig, SearchConfig, Sparsity  # noqa: E402
 from permcompile.errors import UsageError  # noqa: E402
@@ -694,27 +695,18 @@ def test_sigterm_during_export_leaves_nothing(llama, tmp_path):
 
     target = tmp_path / "out"
     before = snapshot(llama)
-    main_code = ("import signal, sys\n"
-                 "import permcompile.export.onnx as onnx_export\n"
-                 "real = onnx_export.export_onnx\n"
-                 "def export_onnx(*args, **kwargs):\n"
-                 "    print('TEST: export begins', file=sys.stderr, flush=True)\n"
-                 "    signal.pause()\n"
-                 "    return real(*args, **kwargs)\n"
-                 "onnx_export.export_onnx = export_onnx\n"
-                 "from permcompile.cli import main; main()")
-    proc = subprocess.Popen([sys.executable, "-c", main_code, "optimize", str(llama), "--out", str(target), *FAST],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    seen = []
-    for line in proc.stderr:  # blocks until the child writes a line or exits
-        seen.append(line)
-        if line.startswith("TEST: export begins"):
-            break
-    assert seen and seen[-1].startswith("TEST:"), "the run ended before its export: " + "".join(seen)
+    patch = ("import signal, sys\n"
+             "import permcompile.export.onnx as onnx_export\n"
+             "real = onnx_export.export_onnx\n"
+             "def export_onnx(*args, **kwargs):\n"
+             "    print('TEST: export begins', file=sys.stderr, flush=True)\n"
+             "    signal.pause()\n"
+             "    return real(*args, **kwargs)\n"
+             "onnx_export.export_onnx = export_onnx\n")
+    proc, _ = child_at_marker(patch, ["optimize", llama, "--out", target, *FAST], "TEST: export begins")
     assert any(".out.tmp-" in p.name for p in tmp_path.iterdir())  # the temporary output exists
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    err = finish(proc)
     assert proc.returncode == 143, err[-2000:]
     assert "Traceback" not in err
     lines = message_lines(err)
@@ -1181,34 +1173,25 @@ def test_ctrl_c_during_search_then_resume(llama, tmp_path, monkeypatch):
     sends SIGINT on that line, so the signal always lands mid-run (no timing)."""
     import signal
 
-    env = {**os.environ, "PERMCOMPILE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PERMCOMPILE_CACHE_DIR": str(tmp_path / "cache")}
     target = tmp_path / "out"
     args = ["optimize", str(llama), "--out", str(target), "--calib-samples", "2", "--calib-seq-len", "16",
             "--permutation", "search", "--search", "swap_trials=20", "--search", "residual_trials=0",
             "--update", "none"]
     # checkpoints from the first block on (by default only once a pass has run CHECKPOINT_AFTER_S)
-    main_code = ("import signal, sys\n"
-                 "import permcompile.passes.checkpoint as c; c.CHECKPOINT_AFTER_S = 0\n"
-                 "real = c.PassCheckpoint.save\n"
-                 "def save(self, write, saved):\n"
-                 "    done = real(self, write, saved)\n"
-                 "    if done and not self.resume:\n"
-                 "        print('TEST: checkpoint written', file=sys.stderr, flush=True)\n"
-                 "        signal.pause()\n"
-                 "    return done\n"
-                 "c.PassCheckpoint.save = save\n"
-                 "from permcompile.cli import main; main()")
-    proc = subprocess.Popen([sys.executable, "-c", main_code, *args, "--quiet"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    seen = []
-    for line in proc.stderr:  # blocks until the child writes a line or exits
-        seen.append(line)
-        if line.startswith("TEST: checkpoint written"):
-            break
-    assert seen and seen[-1].startswith("TEST:"), "the run ended before its first checkpoint: " + "".join(seen)
+    patch = ("import signal, sys\n"
+             "import permcompile.passes.checkpoint as c; c.CHECKPOINT_AFTER_S = 0\n"
+             "real = c.PassCheckpoint.save\n"
+             "def save(self, write, saved):\n"
+             "    done = real(self, write, saved)\n"
+             "    if done and not self.resume:\n"
+             "        print('TEST: checkpoint written', file=sys.stderr, flush=True)\n"
+             "        signal.pause()\n"
+             "    return done\n"
+             "c.PassCheckpoint.save = save\n")
+    proc, before = child_at_marker(patch, [*args, "--quiet"], "TEST: checkpoint written", env=env)
     proc.send_signal(signal.SIGINT)
-    _, rest = proc.communicate(timeout=120)
-    err = "".join(seen[:-1]) + rest
+    err = before + finish(proc)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     lines = message_lines(err)

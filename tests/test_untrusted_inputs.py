@@ -16,13 +16,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _helpers import child_at_marker, finish
 from test_bad_inputs import FAST, assert_no_output, assert_one_error, describe, invoke, message_lines, snapshot
 
 from permcompile.errors import UsageError, VerificationError
@@ -346,27 +345,18 @@ def test_sighup_is_handled_like_sigterm(llama, tmp_path):
     The child says when it holds OUT's lock (the model is loaded next) and waits there for the signal: the test
     signals on that line, never after a delay (test_bad_inputs.py's SIGTERM test signals later, in the export)."""
     target = tmp_path / "out"
-    main_code = ("import signal, sys\n"
-                 "import permcompile.models as models\n"
-                 "real = models.load_model\n"
-                 "def load_model(*args, **kwargs):\n"  # called once OUT is reserved and locked
-                 "    print('TEST: locked', file=sys.stderr, flush=True)\n"
-                 "    signal.pause()\n"
-                 "    return real(*args, **kwargs)\n"
-                 "models.load_model = load_model\n"
-                 "from permcompile.cli import main; main()")
-    proc = subprocess.Popen([sys.executable, "-c", main_code, "optimize", str(llama), "--out", str(target), *FAST],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    seen = []
-    for line in proc.stderr:  # blocks until the child writes a line or exits
-        seen.append(line)
-        if line.startswith("TEST: locked"):
-            break
-    assert seen and seen[-1].startswith("TEST:"), "the run ended before it could be hung up on: " + "".join(seen)
+    patch = ("import signal, sys\n"
+             "import permcompile.models as models\n"
+             "real = models.load_model\n"
+             "def load_model(*args, **kwargs):\n"  # called once OUT is reserved and locked
+             "    print('TEST: locked', file=sys.stderr, flush=True)\n"
+             "    signal.pause()\n"
+             "    return real(*args, **kwargs)\n"
+             "models.load_model = load_model\n")
+    proc, _ = child_at_marker(patch, ["optimize", llama, "--out", target, *FAST], "TEST: locked")
     assert (tmp_path / ".out.lock").is_file()  # the run holds OUT
     proc.send_signal(signal.SIGHUP)
-    _, err = proc.communicate(timeout=120)
+    err = finish(proc)
     assert proc.returncode == 129, err[-2000:]
     assert "Traceback" not in err
     lines = message_lines(err)
