@@ -88,3 +88,37 @@ def forced_llama_output(tmp_path_factory, tiny_dir):
     refused = optimize_cli(model, target)
     forced = optimize_cli(model, target, "--force")
     return target, refused, forced
+
+
+@pytest.fixture(scope="session")
+def hungarian_llama(tmp_path_factory, tiny_dir):
+    """The tiny llama optimized with hungarian permutations, 4 x 32 calibration tokens, the graph traced ahead in a
+    forked process (``prefetch_export=True``): an ``OptimizeResult``. One full run shared by test_export_prefetch.py
+    (the prefetched pipeline passes its checks) and test_glue.py (the global-residual output that per-layer glue
+    is compared with). Read only."""
+    from permcompile import OptimizeConfig, optimize
+
+    cfg = OptimizeConfig(permutation="hungarian", calib_samples=4, calib_seq_len=32)
+    return optimize(str(tiny_dir("llama")), tmp_path_factory.mktemp("hungarian_llama") / "out", cfg, quiet=True,
+                    prefetch_export=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_onnx(tmp_path_factory):
+    """``(model, {"fp16": path, "fp32": path})``: ``testing.zoo.tiny_llama()`` exported once per session, fp16 as a
+    single file and fp32 with external data (input ``input_ids`` only). Shared by test_ort_slices.py (sliced runs)
+    and test_evaluate.py (``OnnxModel`` on a causal LM). Read only: neither the model nor the files may change."""
+    import torch
+
+    from permcompile.export.onnx import export_onnx
+    from permcompile.testing.zoo import tiny_llama
+
+    model = tiny_llama().eval()
+    example = {"input_ids": torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))}
+    folder = tmp_path_factory.mktemp("tiny_llama_onnx")
+    out = {}
+    for precision, external in (("fp16", False), ("fp32", True)):
+        path = folder / precision / "model.onnx"
+        export_onnx(model, example, path, precision, external_data=external)
+        out[precision] = path
+    return model, out

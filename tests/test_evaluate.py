@@ -212,10 +212,9 @@ def _export(model, example: dict, path: Path, forward_kwargs=None) -> Path:
     return path
 
 
-def test_onnx_model_matches_torch_causal(tmp_path):
-    model = tiny_llama()
-    onnx_path = _export(model, {"input_ids": _ids(16)[None].repeat(2, 1)}, tmp_path / "llama.onnx",
-                        {"use_cache": False})
+def test_onnx_model_matches_torch_causal(tiny_llama_onnx):
+    model, paths = tiny_llama_onnx  # conftest: tiny_llama() exported once per session (fp32: external data)
+    onnx_path = paths["fp32"]
     onnx_model = OnnxModel(onnx_path, family="causal-lm", config=model.config)
     ids = _ids(40, seed=7).view(2, 20)
     with torch.no_grad():

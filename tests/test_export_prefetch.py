@@ -112,13 +112,8 @@ def test_streaming_writer_gives_the_same_model(tmp_path, monkeypatch):
     assert compare_ort_torch(model, tmp_path / "m.onnx", [_batch(2, 9)], {"use_cache": False}).passed
 
 
-def test_optimize_with_prefetch_passes_its_checks(tmp_path):
-    from permcompile import OptimizeConfig, optimize
-    from permcompile.testing.zoo import save_tiny
-
-    save_tiny("llama", tmp_path / "m")
-    cfg = OptimizeConfig(permutation="hungarian", calib_samples=4, calib_seq_len=32)
-    res = optimize(str(tmp_path / "m"), tmp_path / "out", cfg, quiet=True, prefetch_export=True)
+def test_optimize_with_prefetch_passes_its_checks(hungarian_llama):
+    res = hungarian_llama  # conftest: tiny llama, hungarian, prefetch_export=True
     assert res.report["onnx"]["prefetched"] is True
     assert all(c["passed"] for c in res.report["checks"])
     assert "prefetch_wait" in res.report["onnx"]["stages"]

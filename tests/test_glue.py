@@ -130,18 +130,17 @@ def _gathers(path):
 
 
 @pytest.fixture(scope="module")
-def glued(tiny_dir, tmp_path_factory):
+def glued(tiny_dir, tmp_path_factory, hungarian_llama):
+    """``(per-layer run, global run)``: the same model, strategy and calibration; the global run is conftest's
+    ``hungarian_llama`` (shared with test_export_prefetch.py)."""
     from permcompile.pipeline import optimize
 
     work = tmp_path_factory.mktemp("glue")
-    cfg = dict(calib_samples=4, calib_seq_len=32)
     # prefetch asked for: per-layer must refuse it (test_per_layer_never_binds_weights_...), the output is the same
     per_layer = optimize(str(tiny_dir("llama")), work / "per_layer",
-                         OptimizeConfig(permutation="hungarian", residual="per-layer", **cfg), quiet=True,
-                         prefetch_export=True)
-    plain = optimize(str(tiny_dir("llama")), work / "global", OptimizeConfig(permutation="hungarian", **cfg),
-                     quiet=True)
-    return per_layer, plain
+                         OptimizeConfig(permutation="hungarian", residual="per-layer", calib_samples=4,
+                                        calib_seq_len=32), quiet=True, prefetch_export=True)
+    return per_layer, hungarian_llama
 
 
 def test_optimize_per_layer_passes_every_check_with_one_gather_per_site(glued):

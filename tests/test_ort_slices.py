@@ -9,10 +9,8 @@ import torch
 from onnx import TensorProto, helper
 
 from permcompile.export import verify
-from permcompile.export.onnx import export_onnx
 from permcompile.export.ort_chunks import NotSliceable, plan_slices, run_sliced
 from permcompile.export.verify import compare_ort_refs, ort_session, torch_outputs
-from permcompile.testing.zoo import tiny_llama
 
 
 def _batches():
@@ -22,15 +20,9 @@ def _batches():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    model = tiny_llama().eval()
-    folder = tmp_path_factory.mktemp("slices")
-    out = {}
-    for precision, external in (("fp16", False), ("fp32", True)):
-        path = folder / precision / "model.onnx"
-        export_onnx(model, _batches()[0], path, precision, external_data=external)
-        out[precision] = path
-    return model, out
+def exported(tiny_llama_onnx):
+    """conftest's tiny llama graphs: fp16 in one file, fp32 with external data (exported from ``_batches()[0]``)."""
+    return tiny_llama_onnx
 
 
 # a single file, and one with external data; each exports and runs the graph whole and sliced (~35 s)
