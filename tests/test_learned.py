@@ -50,7 +50,8 @@ def _learn_planted(seed: int, k: int = 32, **kw):
     return model, w, group, res
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+# four planted problems of one kind (~2.5 s each): the first by default, the other three with -m slow
+@pytest.mark.parametrize("seed", [0] + [pytest.param(s, marks=pytest.mark.slow) for s in (1, 2, 3)])
 def test_planted_permutation_is_recovered_end_to_end(seed):
     model, w, group, res = _learn_planted(seed)
     assert res.loss_warm > 0.05  # the stored order loses a lot
@@ -315,7 +316,9 @@ def _eager_masking(model, sites, shared, perms, qs, n, m, mask_tau):
     yield _overrides(model, sites, _effective_masks(sites, perms, qs, n, m, mask_tau))
 
 
-@pytest.mark.parametrize("name,gumbel", [("llama", 0.0), ("llama", 1.0), ("bert", 1.0)])
+# llama without exploration noise is slow: the noisy case (its RNG replayed under checkpointing) covers it
+@pytest.mark.parametrize("name,gumbel", [pytest.param("llama", 0.0, marks=pytest.mark.slow), ("llama", 1.0),
+                                         ("bert", 1.0)])
 def test_lazy_checkpointed_weights_give_the_eager_result_exactly(monkeypatch, name, gumbel):
     """Building each weight inside its layer's forward under torch.utils.checkpoint (the memory fix) changes no
     number: the same losses at every step and the same permutations as the whole-model overrides."""
