@@ -106,24 +106,79 @@ def worker_ours(args) -> dict:
     return {"seconds": seconds, "peak_mb": _peak_mb(), **(extra if args.method != "unstructured" else {})}
 
 
+def static_8bit_scheme(kind: str) -> dict:
+    """A compressed-tensors scheme matching ``--quantize fp8|int8`` (``kind`` "float" / "int"): weights symmetric
+    per output channel, inputs symmetric per tensor with a static scale from the calibration max (observer
+    ``static_minmax``). llm-compressor's presets differ: ``FP8`` has per-tensor weights, ``W8A8`` dynamic per-token
+    inputs, and a static input's default observer (``minmax``) is a moving average of the batches' ranges."""
+    common = {"num_bits": 8, "type": kind, "symmetric": True, "dynamic": False}
+    return {"targets": ["Linear"], "weights": {**common, "strategy": "channel"},
+            "input_activations": {**common, "strategy": "tensor", "observer": "static_minmax"}}
+
+
+# llm-compressor one-shot recipes: pruning, then (``+fp8``/``+w8a8``) quantization of the same linears
+LLMC_METHODS = ("sparsegpt", "wanda", "sparsegpt+fp8", "sparsegpt+w8a8")
+
+
+def llmc_recipe(method: str, n: int, m: int) -> list:
+    """``method`` (one of ``LLMC_METHODS``) as a list of llm-compressor modifiers, applied in order.
+
+    ``+fp8``: SparseGPT N:M, then ``QuantizationModifier`` (round to nearest: the 2:4 zeros stay code 0).
+    ``+w8a8``: SparseGPT N:M, ``SmoothQuantModifier(smoothing_strength=0.8)``, then ``GPTQModifier`` (its
+    documented W8A8 recipe, with the static scheme above). llm-compressor 0.14's GPTQ has no sparsity mask: its
+    error updates can fill the pruned weights, which is why the benchmark measures the N:M share of the result."""
+    from llmcompressor.modifiers.obcq import SparseGPTModifier
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    prune, _, quant = method.partition("+")
+    cls = {"sparsegpt": SparseGPTModifier, "wanda": WandaPruningModifier}[prune]
+    recipe = [cls(sparsity=1 - n / m, mask_structure=f"{n}:{m}", targets=[r"re:model.layers.\d*$"],
+                  ignore=["lm_head"])]
+    if quant == "fp8":
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        recipe.append(QuantizationModifier(config_groups={"group_0": static_8bit_scheme("float")},
+                                           ignore=["lm_head"]))
+    elif quant == "w8a8":
+        from llmcompressor.modifiers.quantization import GPTQModifier
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        recipe += [SmoothQuantModifier(smoothing_strength=0.8),
+                   GPTQModifier(config_groups={"group_0": static_8bit_scheme("int")}, ignore=["lm_head"])]
+    elif quant:
+        raise ValueError(f"unknown llm-compressor method {method!r} (choose from {', '.join(LLMC_METHODS)})")
+    return recipe
+
+
+def _processor(model_dir: str):
+    """The folder's tokenizer, or a one-token placeholder for a folder without one (the test zoo's tiny models).
+
+    ``oneshot`` refuses a dataset without a processor, even one already made of token ids like ours (the
+    placeholder never encodes anything: the ids come from the driver)."""
+    if any(Path(model_dir, f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None  # oneshot loads it from the model's folder
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<pad>": 0}, unk_token="<pad>")),
+                                   pad_token="<pad>", unk_token="<pad>")
+
+
 def worker_llmc(args) -> dict:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.obcq import SparseGPTModifier
-    from llmcompressor.modifiers.pruning import WandaPruningModifier
     from transformers import AutoModelForCausalLM
 
     ids = torch.load(args.calib, weights_only=True)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     n, m = (int(x) for x in args.sparsity.split(":"))
-    cls = {"sparsegpt": SparseGPTModifier, "wanda": WandaPruningModifier}[args.method]
-    recipe = cls(sparsity=1 - n / m, mask_structure=f"{n}:{m}", targets=[r"re:model.layers.\d*$"],
-                 ignore=["lm_head"])
+    recipe = llmc_recipe(args.method, n, m)
     start = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=int(ids.shape[0]),
-            max_seq_length=int(ids.shape[1]))
+            max_seq_length=int(ids.shape[1]), processor=_processor(args.model_dir))
     seconds = time.perf_counter() - start
     model.save_pretrained(args.out, safe_serialization=True)
     return {"seconds": seconds, "peak_mb": _peak_mb()}
@@ -177,7 +232,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+",
                     default=["none", "hungarian", "none+obs", "random+obs", "hungarian+obs", "search+obs"],
                     help="our rows: STRATEGY[/per-layer][+obs[+search|+refit|+critmask]] (see quality_encoder.py)")
-    ap.add_argument("--peer-methods", nargs="*", default=["sparsegpt", "wanda"], help="none: our rows only")
+    ap.add_argument("--peer-methods", nargs="*", default=["sparsegpt", "wanda"], choices=LLMC_METHODS,
+                    help="none: our rows only (+fp8/+w8a8: see llmc_recipe)")
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON"))
     ap.add_argument("--no-unstructured", action="store_true")
     ap.add_argument("--learned", default="", help="LearnedConfig knobs for learned rows, e.g. steps=40,"
