@@ -358,7 +358,7 @@ def test_one_text_is_checked_on_the_embedded_set_and_never_fitted_on_it(tmp_path
                                                                  rel=1e-4)
 
 
-def test_one_text_is_topped_up_with_the_embedded_set_and_each_kind_held_out_in_turn(tmp_path):
+def test_one_text_is_topped_up_with_the_embedded_set_and_each_kind_held_out_in_turn(tmp_path, capsys):
     """By default a single text's fit also takes ``reference_share`` of its samples from the embedded mixed set,
     labelled by kind: the blocks hold out the user's text and each embedded kind in turn."""
     import warnings
@@ -385,6 +385,12 @@ def test_one_text_is_topped_up_with_the_embedded_set_and_each_kind_held_out_in_t
     assert list(c.calibration["batches"]) == ["one.txt"]
     assert set(c.calibration["reconstruction_fit"]) == {"one.txt", "prose", "docs", "code"}
     assert "reconstruction_checked_only" not in c.calibration
+    from permcompile.cli import _print_summary
+
+    _print_summary({"model": "tiny", "sparsity": "2:4", "permutation": "none", "criterion": "wanda",
+                    "pruned_layers": c.mask_result.layers, "calibration": c.calibration})
+    line = next(x for x in capsys.readouterr().out.splitlines() if "embedded mixed set" in x)
+    assert all(f"of {kind}" in line for kind in ("prose", "docs", "code")) and "one.txt" not in line
     # the blocks hold out one kind each, in turn: the user's text is one of the kinds
     from permcompile.calib.data import CalibrationBatches, with_reference
     from permcompile.passes.reconstruct import heldout_batches
