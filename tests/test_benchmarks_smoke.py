@@ -435,3 +435,53 @@ def test_every_tracked_benchmark_writes_results_through_write_result():
                  for i, line in enumerate((BENCH.parent / name).read_text().splitlines(), 1)
                  if "write_text(json.dumps" in line]
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("peer", [False, True], ids=["no-llmcompressor", "peer-rows"])
+def test_quality_quant_peer_rows_skip_line_and_ratios(tmp_path, monkeypatch, capsys, peer):
+    """quality_quant --peer-python: one skip line when that Python cannot import llmcompressor (no peer row);
+    otherwise each quantized row's ratio to the llm-compressor row of its precision. optimize, evaluate and the
+    peer worker are replaced by stand-ins: no model runs, no peer venv is needed."""
+    import sys
+
+    mod = _load("quality_quant")
+    import peer_llmcompressor  # benchmarks/ is on sys.path once a benchmark script is loaded
+
+    import permcompile.evaluate
+    import permcompile.pipeline
+
+    class Result:
+        report = {"checks": [{"passed": True}]}
+
+    ours = {"24_0": 10.0, "24_fp8_0": 10.5, "24_int8_0": 11.0}
+    monkeypatch.setattr(permcompile.pipeline, "optimize", lambda model, out, cfg, quiet: Result())
+    monkeypatch.setattr(permcompile.evaluate, "evaluate", lambda out, data, **kw: {
+        "metric": "perplexity", "ppl": ours[Path(out).name], "tokens": 7, "seconds": 0.1})
+    peer_ppl = {"llmc sparsegpt+fp8": 12.0, "llmc sparsegpt+w8a8": 13.0}
+
+    def fake_peer_rows(args, names, seed, work):
+        assert peer, "peer rows asked for although llmcompressor is missing"
+        return [{"row": n, "seed": seed, "a:ppl": peer_ppl[n], "a:tokens": 7, "nm_share": 1.0,
+                 "input_quant_logit_change": 0.01, "static_input_scales": 3} for n in names]
+
+    monkeypatch.setattr(mod, "peer_rows", fake_peer_rows)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+    if peer:
+        monkeypatch.setattr(peer_llmcompressor, "_peer_available", lambda python: None)
+    monkeypatch.setattr(sys, "argv", ["quality_quant.py", "--model", "m", "--seeds", "0", "--rows", "2:4",
+                                      "2:4+fp8", "2:4+int8", "--data", "a.txt",
+                                      "--peer-python", str(tmp_path / "no-python")])
+    mod.main()
+    skip_lines = [line for line in capsys.readouterr().err.splitlines() if "llm-compressor rows skipped" in line]
+    rows = {r["row"]: r for r in json.loads((tmp_path / "quality_quant_m.json").read_text())["rows"]}
+    md = (tmp_path / "quality_quant_m.md").read_text()
+    assert rows["2:4+fp8"]["a:ppl / 2:4"] == pytest.approx(1.05) and "| 2:4+fp8 | ort |" in md
+    if not peer:
+        assert skip_lines == [f"llm-compressor rows skipped: {tmp_path / 'no-python'} does not exist"]
+        assert not any(name.startswith("llmc") for name in rows) and "llmc sparsegpt" not in md
+        return
+    assert not skip_lines
+    assert rows["2:4+fp8"]["a:ppl / llmc"] == pytest.approx(10.5 / 12.0)
+    assert rows["2:4+int8"]["a:ppl / llmc"] == pytest.approx(11.0 / 13.0)
+    assert "a:ppl / llmc" not in rows["2:4"]
+    assert "| llmc sparsegpt+fp8 | torch | 12 ± 0 |" in md and "2:4 share 1.0000" in md
