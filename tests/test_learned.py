@@ -106,6 +106,22 @@ def test_learned_through_compress_is_valid_folded_nm_and_deterministic(name):
         assert torch.equal(torch.as_tensor(runs[0].perms[g.name]), torch.as_tensor(runs[1].perms[g.name]))
 
 
+def test_learned_on_per_layer_sites_is_valid_folded_and_nm():
+    """``--residual per-layer``: every reading site is a group of its own, learned like the block groups (in
+    memory; test_optimize_with_learned_passes_every_check exports it, with -m slow)."""
+    loaded = load_model(build_tiny("llama"))
+    c = compress_(loaded, _cfg(residual="per-layer"))  # raises if folding changed the function or a mask is not N:M
+    assert c.fold_err <= 1e-4
+    sites = [r for r in c.group_results if r.kind == "residual-site"]
+    assert len(sites) == 4 and all(r.strategy == "learned" for r in sites)
+    assert all(r.error_after <= r.error_before for r in sites)
+    for g in c.groups:
+        assert g.is_valid(c.perms[g.name])
+    for info in c.linears:
+        if info.prune:
+            assert is_nm(weight_kout(loaded.model, info), 2, 4), info.param
+
+
 def test_learned_composes_with_reconstruction():
     loaded = load_model(build_tiny("llama"))
     c = compress_(loaded, _cfg(update="obs"))
@@ -151,8 +167,11 @@ def test_config_is_validated():
     assert LearnedConfig().resolve_loss("causal-lm") == "kl" and LearnedConfig().resolve_loss("encoder") == "cosine"
 
 
-# the global run (~30 s: a full optimize) is slow; per-layer covers the export of a learned run by default
-@pytest.mark.parametrize("residual", [pytest.param("global", marks=pytest.mark.slow), "per-layer"])
+# each a full optimize with the learned loop (~15-30 s): slow. By default the learned permutations are checked
+# valid, folded and N:M in memory (test_learned_through_compress_...), and the export does not know which strategy
+# chose the permutations: per-layer export and its checks are test_glue's
+@pytest.mark.slow
+@pytest.mark.parametrize("residual", ["global", "per-layer"])
 def test_optimize_with_learned_passes_every_check(tiny_dir, tmp_path, residual):
     import json
 
