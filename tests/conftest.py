@@ -93,14 +93,19 @@ def forced_llama_output(tmp_path_factory, tiny_dir):
 @pytest.fixture(scope="session")
 def hungarian_llama(tmp_path_factory, tiny_dir):
     """The tiny llama optimized with hungarian permutations, 4 x 32 calibration tokens, the graph traced ahead in a
-    forked process (``prefetch_export=True``): an ``OptimizeResult``. One full run shared by test_export_prefetch.py
-    (the prefetched pipeline passes its checks) and test_glue.py (the global-residual output that per-layer glue
-    is compared with). Read only."""
+    forked process (``prefetch_export=True``), its weights treated as past the 2 GB external-data limit (lowered
+    to 1 KiB for the run: ``model.onnx`` + ``model.onnx.data``): an ``OptimizeResult``. One full run shared by
+    test_export_prefetch.py (the prefetched pipeline passes its checks), test_large_export.py (a large model's
+    output) and test_glue.py (the global-residual output that per-layer glue is compared with). Read only: copy
+    ``out_dir`` before changing it."""
     from permcompile import OptimizeConfig, optimize
+    from permcompile.export import onnx as onnx_export
 
     cfg = OptimizeConfig(permutation="hungarian", calib_samples=4, calib_seq_len=32)
-    return optimize(str(tiny_dir("llama")), tmp_path_factory.mktemp("hungarian_llama") / "out", cfg, quiet=True,
-                    prefetch_export=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1024)
+        return optimize(str(tiny_dir("llama")), tmp_path_factory.mktemp("hungarian_llama") / "out", cfg, quiet=True,
+                        prefetch_export=True)
 
 
 @pytest.fixture(scope="session")

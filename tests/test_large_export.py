@@ -6,6 +6,7 @@ the Triton repository, verify) must treat the result as a real large model would
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -24,16 +25,12 @@ def _config(**kw) -> OptimizeConfig:
     return OptimizeConfig(permutation="hungarian", calib_samples=2, calib_seq_len=16, **kw)
 
 
-# each a full run (~30 s); the prefetch route is also covered by test_export_prefetch.py by default, the hard-link
-# check below only here
-@pytest.mark.parametrize("prefetch", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_external_data_model_optimizes_and_verifies(large, tiny_dir, tmp_path, prefetch):
-    """Both export routes: traced after compression, and the graph traced ahead in a forked child."""
+def _check_large_output(result, out, prefetch: bool) -> None:
+    """``result``'s output, written to ``out`` (the same folder or a copy): external data everywhere, every check
+    passed, the Triton folder standing on its own."""
     import onnx
     import onnxruntime as ort
 
-    out = tmp_path / "out"
-    result = optimize(str(tiny_dir("llama")), out, _config(), quiet=True, prefetch_export=prefetch)
     assert result.report["onnx"]["prefetched"] is prefetch
     assert result.report["onnx"]["external_data"]
     assert all(c["passed"] for c in result.report["checks"]), result.report["checks"]
@@ -41,19 +38,35 @@ def test_external_data_model_optimizes_and_verifies(large, tiny_dir, tmp_path, p
     triton_dir = out / "triton" / "model" / "1"
     assert data.is_file() and (triton_dir / "model.onnx.data").is_file()
     # every loader accepts both copies: the Triton folder must stand on its own (no shared hard link)
-    for folder in (out, triton_dir):
+    for folder in (result.out_dir, result.out_dir / "triton" / "model" / "1"):
         assert os.stat(folder / "model.onnx.data").st_nlink == 1
+    for folder in (out, triton_dir):
         proto = onnx.load(str(folder / "model.onnx"))
         assert proto.graph.initializer
         sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
         ids = torch.randint(0, 128, (1, 5)).numpy()
         assert sess.run(None, {"input_ids": ids})[0].shape[:2] == (1, 5)
     raise_if_failed(verify_artifacts(out))
-    if not prefetch:  # and verify catches a Triton copy that onnx.load would refuse (the old hard link)
-        (triton_dir / "model.onnx.data").unlink()
-        os.link(data, triton_dir / "model.onnx.data")
-        failed = {c.name: c.detail for c in verify_artifacts(out) if not c.passed}
-        assert "hard link" in failed.get("onnx_load", ""), failed
+    # and verify catches a Triton copy that onnx.load would refuse (the old hard link)
+    (triton_dir / "model.onnx.data").unlink()
+    os.link(data, triton_dir / "model.onnx.data")
+    failed = {c.name: c.detail for c in verify_artifacts(out) if not c.passed}
+    assert "hard link" in failed.get("onnx_load", ""), failed
+
+
+def test_external_data_model_optimizes_and_verifies(hungarian_llama, tmp_path):
+    """The graph traced ahead in a forked child, weights bound after compression: conftest's ``hungarian_llama``
+    (the external-data limit lowered for its run), checked on a copy of its output."""
+    out = tmp_path / "out"
+    shutil.copytree(hungarian_llama.out_dir, out)
+    _check_large_output(hungarian_llama, out, prefetch=True)
+
+
+@pytest.mark.slow  # a full run (~15 s); the route traced after compression is every other run's (single file)
+def test_external_data_model_optimizes_and_verifies_traced_after_compression(large, tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    result = optimize(str(tiny_dir("llama")), out, _config(), quiet=True, prefetch_export=False)
+    _check_large_output(result, out, prefetch=False)
 
 
 def test_triton_repo_gets_its_own_external_data(tmp_path):
