@@ -127,3 +127,35 @@ def tiny_llama_onnx(tmp_path_factory):
         export_onnx(model, example, path, precision, external_data=external)
         out[precision] = path
     return model, out
+
+
+@pytest.fixture(scope="session")
+def bf16_llama_plan(tmp_path_factory):
+    """The tiny llama saved in bf16 and optimized (hungarian, 2 x 16 calibration tokens, precision "auto")
+    to ``engine.plan`` with a stand-in TensorRT builder (TensorRT cannot run here), sequence profile 1/16/32:
+    ``(result, plan_path, builder_calls)``; the artifacts are in ``plan_path.with_suffix("")``. One full run shared
+    by test_dtype.py (a bf16 checkpoint compiles in its dtype) and test_pipeline_trt.py (the engine step). Read
+    only."""
+    import torch
+
+    from permcompile import OptimizeConfig, optimize
+    from permcompile.export import tensorrt as trt_mod
+    from permcompile.testing.zoo import tiny_llama
+
+    folder = tmp_path_factory.mktemp("bf16_plan")
+    tiny_llama().to(torch.bfloat16).save_pretrained(folder / "llama_bf16")
+    calls: dict = {}
+
+    def fake_build(onnx_path, plan_path, precision, profiles, sparse=True):
+        calls.update(onnx=str(onnx_path), precision=precision, profiles=profiles, sparse=sparse)
+        with open(plan_path, "wb") as fh:
+            fh.write(b"not a real engine")
+        return {"sparse_layers": ["stand-in"], "plan": str(plan_path)}
+
+    plan = folder / "engine.plan"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trt_mod, "build_engine", fake_build)
+        result = optimize(str(folder / "llama_bf16"), plan,
+                          OptimizeConfig(permutation="hungarian", calib_samples=2, calib_seq_len=16), quiet=True,
+                          prefetch_export=False, seq_range=(1, 16, 32))
+    return result, plan, calls
