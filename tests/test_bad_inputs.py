@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _helpers import child_at_marker, finish  # noqa: E402
+from _helpers import SAFETY_S, child_at_marker, finish  # noqa: E402
 from permcompile.cli import main  # noqa: E402
 from permcompile.config import OptimizeConfig, SearchConfig, Sparsity  # noqa: E402
 from permcompile.errors import UsageError  # noqa: E402
@@ -436,7 +436,7 @@ def test_arguments_are_checked_before_torch_is_imported(tmp_path):
              [tmp_path, "--out", tmp_path / "o5", "--permutation", "bogus"]]
     for args in cases:
         proc = subprocess.run([sys.executable, "-c", code, "optimize", *map(str, args), "--quiet"],
-                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                              capture_output=True, text=True, timeout=SAFETY_S, cwd=tmp_path)
         assert proc.stdout.split() == ["False", "2"], (args, proc.stdout, proc.stderr)
         assert len(message_lines(proc.stderr)) == 1 and proc.stderr.startswith("error: "), proc.stderr
 
@@ -887,7 +887,7 @@ def test_debug_shows_the_traceback(tmp_path, out):
 def _subprocess(args: list) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="default")
     return subprocess.run([sys.executable, "-m", "permcompile.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=300)
+                          text=True, env=env, timeout=SAFETY_S)
 
 
 def test_real_process_error_is_one_line(tmp_path, out):

@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from _helpers import SAFETY_S
+
 from permcompile.config import OptimizeConfig
 
 
@@ -65,7 +67,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(180)
+        p.join(SAFETY_S)
         assert p.exitcode == 0, "a rank failed"
     one = torch.load(tmp_path / "rank0_of1.pt", weights_only=False)
     ranks = [torch.load(tmp_path / f"rank{r}_of2.pt", weights_only=False) for r in range(2)]
@@ -116,7 +118,7 @@ def test_rank0_results_and_the_weight_check(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(SAFETY_S)
         assert p.exitcode == 0, "a rank failed"
     for r in range(2):
         out = torch.load(tmp_path / f"helpers{r}.pt", weights_only=False)

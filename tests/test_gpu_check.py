@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import SAFETY_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,7 +22,7 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path))
     env.pop("GPU_CHECK_DRY_RUN", None)
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
-                         env=env, timeout=120)
+                         env=env, timeout=SAFETY_S)
     assert run.returncode == 0, run.stderr
     assert len(run.stdout.strip().splitlines()) == 1 and "no CUDA device" in run.stdout
     assert not any(tmp_path.iterdir())

@@ -14,8 +14,10 @@ import time
 import pytest
 import torch
 
+from _helpers import SAFETY_S
+
 ARGS = ["--calib-samples", "16", "--calib-seq-len", "32", "--device", "cpu", "--quiet"]
-LIMIT_S = 150  # a hung rank fails the test instead of the whole suite
+LIMIT_S = SAFETY_S  # a hung rank fails the test instead of the whole suite
 
 
 @pytest.fixture(autouse=True)
