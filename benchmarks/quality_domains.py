@@ -125,7 +125,7 @@ def main() -> None:
                     help="NAME=SOURCE[@SAMPLESxSEQ_LEN] (default: narrow=<shared>/austen/emma.txt and "
                     "default=default@32x128, the embedded set at optimize's defaults)")
     ap.add_argument("--eval", action="append", default=None, help="NAME=PATH (default: five domains, see the source)")
-    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS))
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-unstructured", action="store_true")
     ap.add_argument("--samples", type=int, default=32)
@@ -136,6 +136,9 @@ def main() -> None:
     ap.add_argument("--sparsity", default="2:4")
     ap.add_argument("--criterion", default="wanda")
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON"))
+    ap.add_argument("--peer-fit-tokens", action="store_true",
+                    help="a single-text calibration: give the peer the tokens our reconstruction fits on (the text "
+                    "plus the embedded mixed set's share, ReconstructConfig.reference_share), not the text alone")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--combine", nargs="+", metavar="JSON",
@@ -147,7 +150,7 @@ def main() -> None:
         combine(args)
         return
 
-    from permcompile.calib.data import load_calibration
+    from permcompile.calib.data import load_calibration, narrow_calibration
     from permcompile.config import OptimizeConfig, Sparsity
     from permcompile.evaluate import perplexity
     from permcompile.models import load_model
@@ -228,7 +231,15 @@ def main() -> None:
                   + f"  ({seconds:.0f} s)", file=sys.stderr, flush=True)
             _write(args, meta, rows, quiet=True)
         if not skip:
-            ids = torch.cat([b["input_ids"] for b in batches])
+            fit, peer_name = batches, "llm-compressor SparseGPT"
+            if args.peer_fit_tokens and narrow_calibration(batches):
+                from permcompile.config import ReconstructConfig
+
+                # what optimize's reconstruction fits on for a single text (pipeline._mask), at the same length
+                fit = list(batches) + list(load_calibration(None, loaded, ReconstructConfig().reference_samples(
+                    samples), seq_len, seed))
+                peer_name += " (ours' fit tokens)"
+            ids = torch.cat([b["input_ids"] for b in fit])
             calib_file = work / f"calib_{calib_name}_{seed}.pt"
             torch.save(ids, calib_file)
             out = work / f"sparsegpt_{calib_name}_{seed}"
@@ -244,7 +255,7 @@ def main() -> None:
             from transformers import AutoModelForCausalLM
 
             net = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-            rows.append({"calib": calib_name, "seed": seed, "method": "llm-compressor SparseGPT",
+            rows.append({"calib": calib_name, "seed": seed, "method": peer_name,
                          "ppl": score(net), "seconds": round(time.perf_counter() - start, 1)})
             del net
             print(f"[{calib_name} seed {seed}] sparsegpt: {rows[-1]['ppl']}", file=sys.stderr, flush=True)
