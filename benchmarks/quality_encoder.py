@@ -371,14 +371,15 @@ def write_results(stem: str, out: dict, lines: list[str], out_dir: str | Path | 
 
 
 # ------------------------------------------------------------------------------------------------ this benchmark
-def _calib_folder(data_dir: Path) -> Path:
+def calib_folder(data_dir: Path, names=CALIB_NOVELS) -> Path:
+    """A temporary folder with the files ``names`` of ``data_dir`` (the calibration novels), to pass as ``--calib``."""
     tmp = Path(tempfile.mkdtemp(prefix="pc-calib-"))
-    for name in CALIB_NOVELS:
+    for name in names:
         src = data_dir / name
         if src.is_file():
             (tmp / name).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
     if not any(tmp.iterdir()):
-        sys.exit(f"none of {CALIB_NOVELS} found in {data_dir}")
+        sys.exit(f"none of {names} found in {data_dir}")
     return tmp
 
 
@@ -417,7 +418,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     data_dir = Path(args.data_dir)
-    calib_dir = _calib_folder(data_dir)
+    calib_dir = calib_folder(data_dir)
     sentences = _eval_sentences(data_dir, args.eval_sentences, args.eval_seed)
     sparsity = Sparsity.parse(args.sparsity)
     knobs = search_config(args)

@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,24 +39,14 @@ from permcompile.evaluate import perplexity
 from permcompile.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_encoder import (add_search_arguments, add_output_arguments, check_methods, compress_row, method_config,  # noqa: E402
+from quality_encoder import (add_output_arguments, add_search_arguments, calib_folder, check_methods,  # noqa: E402
+                             compress_row, method_config,
                              free_permutation_masks_, search_config, search_note, method_seeds, peak_mb, reset_peak,
                              run_main,
                              text_calibration, text_model_args, timed_compress, unstructured_ceiling_, write_results)
 
 CALIB_NOVELS = ("northanger_abbey.txt", "mansfield_park.txt", "sense_and_sensibility.txt")
 EVAL_NOVELS = ("persuasion.txt",)
-
-
-def _calib_folder(data_dir: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix="pc-calib-"))
-    for name in CALIB_NOVELS:
-        src = data_dir / name
-        if src.is_file():
-            (tmp / name).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
-    if not any(tmp.iterdir()):
-        sys.exit(f"none of {CALIB_NOVELS} found in {data_dir}")
-    return tmp
 
 
 def _eval_text(data_dir: Path) -> str:
@@ -85,7 +74,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     data_dir = Path(args.data_dir)
-    calib_dir = _calib_folder(data_dir)
+    calib_dir = calib_folder(data_dir, CALIB_NOVELS)
     text = _eval_text(data_dir)
     sparsity = Sparsity.parse(args.sparsity)
     knobs = search_config(args)

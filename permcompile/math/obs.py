@@ -134,20 +134,18 @@ def shrink_(h: Tensor, rho: float) -> Tensor:
     calibration data*; text of another kind correlates differently, and there that compensation is error.
     ``ρ = 0`` is the plain update; as ``ρ → 1`` nothing is left to compensate with (a diagonal Hessian: no update,
     the mask by ``w²·Hⱼⱼ``, Wanda's ranking). Returns ``h``."""
-    if rho <= 0:
-        return h
-    diag = torch.diagonal(h).clone()
-    h.mul_(1.0 - rho)
-    torch.diagonal(h).copy_(diag)
-    return h
+    return _off_diagonal_(h, lambda x: x.mul_(1.0 - rho)) if rho > 0 else h
 
 
 def unshrink_(h: Tensor, rho: float) -> Tensor:
     """Undo :func:`shrink_` ``(h, rho)`` in place (``rho < 1``: the correlations were scaled, not erased)."""
-    if rho <= 0:
-        return h
+    return _off_diagonal_(h, lambda x: x.div_(1.0 - rho)) if rho > 0 else h
+
+
+def _off_diagonal_(h: Tensor, scale_) -> Tensor:
+    """``scale_`` (an in-place op) applied to ``h`` with its diagonal kept."""
     diag = torch.diagonal(h).clone()
-    h.div_(1.0 - rho)
+    scale_(h)
     torch.diagonal(h).copy_(diag)
     return h
 

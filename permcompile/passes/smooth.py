@@ -102,18 +102,13 @@ def _scale(amax_x: torch.Tensor, amax_w: torch.Tensor, alpha: float) -> torch.Te
 
 def _apply(model: nn.Module, site: _Site, s: torch.Tensor) -> None:
     """Fold ``s`` into the site's weights (``s`` = 1/s undoes it up to rounding)."""
-    for param, axis, index in site.consumers:
-        p = model.get_parameter(param)
-        col = s[index] if index is not None else s
-        shape = [1] * p.dim()
-        shape[axis] = -1
-        p.mul_(col.to(p.dtype).reshape(shape))
-    for param, axis, index in site.writers:
-        p = model.get_parameter(param)
-        row = s[index] if index is not None else s
-        shape = [1] * p.dim()
-        shape[axis] = -1
-        p.div_(row.to(p.dtype).reshape(shape))
+    for params, scale_ in ((site.consumers, torch.Tensor.mul_), (site.writers, torch.Tensor.div_)):
+        for param, axis, index in params:
+            p = model.get_parameter(param)
+            factor = s[index] if index is not None else s
+            shape = [1] * p.dim()
+            shape[axis] = -1
+            scale_(p, factor.to(p.dtype).reshape(shape))
 
 
 def _index(model: nn.Module, member) -> torch.Tensor:
