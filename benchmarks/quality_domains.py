@@ -2,7 +2,8 @@
 
 Why: calibrated and evaluated on the same author, reconstruction looks great; a user's traffic is other text. This
 script puts in-domain and out-of-domain side by side, for each calibration set (``--calib NAME=SOURCE``; SOURCE
-``default`` is the embedded mixed set, else a file or folder as ``--calib`` takes it) and each calibration seed,
+``default`` is the embedded mixed set, ``default:prose+docs`` some of its kinds in equal shares, else a file or
+folder as ``--calib`` takes it) and each calibration seed,
 on the same calibration tokens for every row:
 
 - ``dense``; ``unstructured`` (50 % by the criterion per row: the ceiling); ``masks`` (our permutation, N:M masks
@@ -150,7 +151,7 @@ def main() -> None:
         combine(args)
         return
 
-    from permcompile.calib.data import load_calibration, narrow_calibration
+    from permcompile.calib.data import embedded_calibration, load_calibration, narrow_calibration
     from permcompile.config import OptimizeConfig, Sparsity
     from permcompile.evaluate import perplexity
     from permcompile.models import load_model
@@ -197,15 +198,19 @@ def main() -> None:
     # seeds outermost: an interrupted run still has every calibration set of its first seeds
     for seed, (calib_name, spec) in ((s, c) for s in args.seeds for c in calibs.items()):
         source, samples, seq_len = calib_shape(spec, args.samples, args.seq_len)
+        # "default:prose+docs": some kinds of the embedded set, in equal shares (what each kind adds)
+        embedded, _, kinds = source.partition(":")
         base = OptimizeConfig(sparsity=Sparsity(n, m), criterion=args.criterion, seed=seed,
-                              calib=None if source == "default" else source, calib_samples=samples,
+                              calib=None if embedded == "default" else source, calib_samples=samples,
                               calib_seq_len=seq_len)
         loaded.model.load_state_dict(dense_state)
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the single-text warning: this table measures exactly that
-            batches = load_calibration(base.calib, loaded, samples, seq_len, seed)  # as optimize batches them
+            batches = (embedded_calibration(loaded, samples, seq_len, seed, kinds=kinds.split("+"))
+                       if embedded == "default" and kinds else
+                       load_calibration(base.calib, loaded, samples, seq_len, seed))  # as optimize batches them
         # the dense model's input statistics depend on the batches only: one forward for every row of the seed
         from permcompile.calib.stats import collect_input_stats
 

@@ -80,6 +80,17 @@ def test_default_set_samples_every_kind_of_text(llama):
     assert rows == {"prose": 11, "docs": 11, "code": 10}
 
 
+def test_some_kinds_of_the_embedded_set_share_the_samples_equally(llama):
+    from permcompile.calib.data import embedded_calibration
+
+    two = embedded_calibration(llama, 8, 16, 0, batch_size=1, kinds=["code", "prose"])
+    assert sorted(two.sources) == ["code"] * 4 + ["prose"] * 4
+    whole = load_calibration(None, llama, n_samples=12, seq_len=16, seed=0, batch_size=1)
+    assert sorted(set(whole.sources)) == ["code", "docs", "prose"]
+    with pytest.raises(UsageError, match="no kind poetry"):
+        embedded_calibration(llama, 8, 16, 0, kinds=["poetry"])
+
+
 def test_single_text_calibration_is_called_narrow(llama, tmp_path):
     path = tmp_path / "one.txt"
     path.write_text(default_text())

@@ -404,23 +404,37 @@ def load_calibration(source: "str | Path | None", loaded: "LoadedModel", n_sampl
     if loaded.family == "vision":
         return _vision_batches(path, loaded, n_samples, seed, batch_size)
 
+    if path is None:
+        return embedded_calibration(loaded, n_samples, seq_len, seed, batch_size=batch_size)
     seq_len = _clamp_seq_len(loaded, seq_len)
-    if path is None:  # every kind of text gets an equal share of the samples, in batches of its own
-        domains = default_domains()
-        shares = [n_samples // len(domains) + (i < n_samples % len(domains)) for i in range(len(domains))]
-        out = CalibrationBatches()
-        for (name, text), share in zip(domains.items(), shares):
-            if share:
-                part = _text_batches([text], loaded, share, seq_len, seed, batch_size, f"(embedded {name})")
-                out.extend(part)
-                out.sources.extend([name] * len(part))
-        return out
     docs, where = _read_texts(path, seed), str(path)
     if not docs:
         raise UsageError(f"calibration source {where} holds no text")
     out = CalibrationBatches(_text_batches(docs, loaded, n_samples, seq_len, seed, batch_size, where))
     out.sources = [path.name] * len(out)
     out.documents = len(docs)
+    return out
+
+
+def embedded_calibration(loaded: "LoadedModel", n_samples: int, seq_len: int, seed: int, *,
+                         batch_size: int = DEFAULT_BATCH_SIZE, kinds: list[str] | None = None) -> "CalibrationBatches":
+    """Batches of the embedded mixed set (text models): every kind of text (or each of ``kinds``) gets an equal
+    share of the samples, in batches of its own labelled with the kind."""
+    domains = default_domains()
+    if kinds is not None:
+        unknown = sorted(set(kinds) - set(domains))
+        if unknown:
+            raise UsageError(f"the embedded calibration set has no kind {', '.join(unknown)} "
+                             f"(kinds: {', '.join(domains)})")
+        domains = {k: v for k, v in domains.items() if k in kinds}
+    seq_len = _clamp_seq_len(loaded, seq_len)
+    shares = [n_samples // len(domains) + (i < n_samples % len(domains)) for i in range(len(domains))]
+    out = CalibrationBatches()
+    for (name, text), share in zip(domains.items(), shares):
+        if share:
+            part = _text_batches([text], loaded, share, seq_len, seed, batch_size, f"(embedded {name})")
+            out.extend(part)
+            out.sources.extend([name] * len(part))
     return out
 
 
