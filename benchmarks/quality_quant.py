@@ -48,7 +48,18 @@ from provenance import command_line, git_state, provenance_lines, write_result  
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = {"2:4": {}, "2:4+int8": {"quantize": "int8"}, "2:4+fp8": {"quantize": "fp8"},
         "2:4+int8 random": {"quantize": "int8", "permutation": "random"},
-        "2:4+fp8 random": {"quantize": "fp8", "permutation": "random"}}
+        "2:4+fp8 random": {"quantize": "fp8", "permutation": "random"},
+        "2:4+int8 smooth": {"quantize": "int8:smooth_alpha=0.5"}}
+
+
+def row_config(name: str, **base):
+    """The OptimizeConfig of row ``name`` (``quantize`` "MODE[:smooth_alpha=A]")."""
+    from permcompile.config import OptimizeConfig, QuantizeConfig
+
+    row = dict(ROWS[name])
+    mode, _, knob = row.pop("quantize", "none").partition(":")
+    quant = QuantizeConfig(mode=mode, **({"smooth_alpha": float(knob.split("=")[1])} if knob else {}))
+    return OptimizeConfig(quantize=quant, **row, **base)
 # peer row -> (peer_llmcompressor worker method, our rows of that precision)
 PEER_ROWS = {"llmc sparsegpt+fp8": ("sparsegpt+fp8", ("2:4+fp8", "2:4+fp8 random")),
              "llmc sparsegpt+w8a8": ("sparsegpt+w8a8", ("2:4+int8", "2:4+int8 random"))}
@@ -144,7 +155,6 @@ def peer_rows(args, names: list[str], seed: int, work: Path) -> list[dict]:
 
 
 def main() -> None:
-    from permcompile.config import OptimizeConfig
     from permcompile.evaluate import evaluate
     from permcompile.pipeline import optimize
 
@@ -174,7 +184,7 @@ def main() -> None:
             if not skip:  # first: the shorter runs, and an interrupted run still has them
                 rows += peer_rows(args, args.peer_rows, seed, work)
             for name in args.rows:
-                cfg = OptimizeConfig(seed=seed, calib_samples=args.calib_samples, **ROWS[name])
+                cfg = row_config(name, seed=seed, calib_samples=args.calib_samples)
                 out = work / f"{name.replace(':', '').replace('+', '_').replace(' ', '_')}_{seed}"
                 start = time.perf_counter()
                 result = optimize(args.model, out, cfg, quiet=True)
