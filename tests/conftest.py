@@ -12,6 +12,80 @@ from typing import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 
+# ------------------------------------------------------------------------------------------ parallel test runs
+# The default run uses two pytest-xdist workers (the `dev` extra installs it): `python -m pytest -q` as in the README
+# and .ci/run. Set here rather than as `-n 2` in pyproject's addopts so that `-p no:xdist`, or an environment
+# without xdist, still runs the suite serially instead of refusing `-n`. `-n 0` runs serially, `-n N` picks N.
+DEFAULT_WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Without ``-n`` (or ``--dist``/``--tx``), run on ``DEFAULT_WORKERS`` (at most one per core) with
+    ``--dist loadgroup`` (see :func:`pytest_collection_modifyitems`). Not in a worker, nor with ``--pdb`` or
+    ``--collect-only``."""
+    option = config.option
+    if (not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput")
+            or getattr(option, "numprocesses", None) is not None or getattr(option, "dist", "no") != "no"
+            or getattr(option, "tx", None) or option.usepdb or option.collectonly):
+        return
+    workers = min(DEFAULT_WORKERS, os.cpu_count() or 1)
+    if workers > 1:
+        option.numprocesses, option.dist = workers, "loadgroup"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist, controller side: a worker parses the command line again, where a ``--dist`` set above is absent;
+    tell it in its ``workerinput`` (read by :func:`pytest_collection_modifyitems`)."""
+    node.workerinput["permcompile_dist"] = node.config.getvalue("dist")
+
+
+def _shared_fixtures(item) -> list[str]:
+    """The fixtures of ``item`` defined in tests/ (conftest.py or a test module) with a scope wider than one
+    test: ``test_x.name`` for a module's own, ``name`` for conftest's (session)."""
+    info = getattr(item, "_fixtureinfo", None)
+    out = []
+    for name, defs in (info.name2fixturedefs.items() if info is not None else ()):
+        fixturedef = defs[-1]
+        if fixturedef.scope == "function" or not fixturedef.baseid or name in CHEAP_SHARED:
+            continue
+        out.append(name if fixturedef.scope == "session" else f"{Path(item.nodeid.split('::')[0]).stem}.{name}")
+    return out
+
+
+# session fixtures cheap enough to build once per worker: they group nothing
+CHEAP_SHARED = {"tiny_dir"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup``, session and module fixtures (each a full run or an export) would be built once
+    per worker that runs one of their tests: every test that shares such a fixture with another, directly or
+    through a chain of them, gets the same ``xdist_group``, so each is built once. Other tests are spread one by
+    one."""
+    workerinput = getattr(config, "workerinput", None)  # None: not an xdist worker
+    if workerinput is None or workerinput.get("permcompile_dist") != "loadgroup":
+        return
+    config.option.loadgroup = True  # xdist's own hook (after this one) then adds each group to its tests' ids
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    shared = {}
+    for item in items:
+        names = _shared_fixtures(item)
+        shared[item] = names
+        for name in names[1:]:
+            parent[find(name)] = find(names[0])
+    for item, names in shared.items():
+        if names:
+            item.add_marker(pytest.mark.xdist_group(find(names[0])))
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Callable[..., Path]:
@@ -36,9 +110,14 @@ def tiny_dir(tmp_path_factory) -> Callable[..., Path]:
 @pytest.fixture
 def call_on_fifo(tmp_path) -> Callable:
     """``call_on_fifo(name, fn)``: make a named pipe ``tmp_path/name``, run ``fn(path)`` in a thread and return
-    the exception it raised (None if none). Fails the test if ``fn`` is still blocked reading after 5 s (the
-    pipe is then closed from the writer side so the thread ends)."""
+    the exception it raised (None if none). Fails the test if ``fn`` opens the pipe for reading (which would
+    block it until a writer comes): the event is seen as it happens, a writer opened without blocking then
+    succeeds, and closing it gives the reader EOF so the thread ends. No time limit decides it (a loaded machine
+    only makes ``fn`` slower); ``SAFETY_S`` bounds a ``fn`` hung elsewhere."""
     import threading
+    import time
+
+    from _helpers import SAFETY_S
 
     if not hasattr(os, "mkfifo"):
         pytest.skip("needs named pipes")
@@ -56,15 +135,18 @@ def call_on_fifo(tmp_path) -> Callable:
 
         thread = threading.Thread(target=target, daemon=True)
         thread.start()
-        thread.join(5)
-        blocked = thread.is_alive()
-        if blocked:  # unblock the reader: a writer that closes at once gives it EOF
-            try:
+        blocked, deadline = False, time.monotonic() + SAFETY_S
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:  # succeeds only while a reader has the pipe open, blocked or not
                 os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
-            thread.join(10)
-        assert not blocked, f"{getattr(fn, '__name__', fn)} blocked on a named pipe"
+            except OSError:  # ENXIO: no reader (yet)
+                thread.join(0.05)
+            else:
+                blocked = True
+                break
+        thread.join(SAFETY_S)
+        assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} still runs after {SAFETY_S} s"
+        assert not blocked, f"{getattr(fn, '__name__', fn)} opened a named pipe for reading"
         return box.get("exc")
 
     return run
