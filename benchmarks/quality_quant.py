@@ -49,16 +49,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = {"2:4": {}, "2:4+int8": {"quantize": "int8"}, "2:4+fp8": {"quantize": "fp8"},
         "2:4+int8 random": {"quantize": "int8", "permutation": "random"},
         "2:4+fp8 random": {"quantize": "fp8", "permutation": "random"},
-        "2:4+int8 smooth": {"quantize": "int8:smooth_alpha=0.5"}}
+        "2:4+int8 smooth": {"quantize": "int8:smooth_alpha=0.5"},
+        "2:4+int8 no-smooth": {"quantize": "int8:smooth_alpha=none"}}
 
 
 def row_config(name: str, **base):
-    """The OptimizeConfig of row ``name`` (``quantize`` "MODE[:smooth_alpha=A]")."""
+    """The OptimizeConfig of row ``name`` (``quantize`` "MODE[:smooth_alpha=A|none]"; INT8 is smoothed by default)."""
     from permcompile.config import OptimizeConfig, QuantizeConfig
 
     row = dict(ROWS[name])
     mode, _, knob = row.pop("quantize", "none").partition(":")
-    quant = QuantizeConfig(mode=mode, **({"smooth_alpha": float(knob.split("=")[1])} if knob else {}))
+    alpha = knob.partition("=")[2]
+    quant = QuantizeConfig(mode=mode, **({"smooth_alpha": None if alpha == "none" else float(alpha)} if knob else {}))
     return OptimizeConfig(quantize=quant, **row, **base)
 # peer row -> (peer_llmcompressor worker method, our rows of that precision)
 PEER_ROWS = {"llmc sparsegpt+fp8": ("sparsegpt+fp8", ("2:4+fp8", "2:4+fp8 random")),

@@ -111,12 +111,12 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
     perms, group_results = _permute(loaded, config, groups, linears, batches, local, stats, t, quiet, checkpoints)
     verify_inputs, fold_report, fold_err, fold_check = _fold(loaded, groups, perms, stats, batches, t)
     smoothing = None
-    if config.quantize.enabled and config.quantize.smooth_alpha is not None:
+    if config.quantize.enabled and config.quantize.smoothing() is not None:
         from .passes.smooth import smooth_
 
         with t.step("smooth"):  # SmoothQuant diagonals, folded and checked like the permutations
             smoothing = smooth_(loaded.model, groups, [i for i in linears if i.prune], local,
-                                config.quantize.smooth_alpha, fold_check, loaded.forward_kwargs(), stats)
+                                config.quantize.smoothing(), fold_check, loaded.forward_kwargs(), stats)
     mask_result, fit_on = _mask(loaded, config, linears, batches, local, stats, t, quiet, checkpoints)
     quant_plan = None
     if config.quantize.enabled:

@@ -101,6 +101,11 @@ def test_modes_are_registered_and_bad_configs_refused():
         OptimizeConfig(quantize="fp8", prune=False)
     with pytest.raises(UsageError, match="smooth_alpha"):
         QuantizeConfig(mode="int8", smooth_alpha=2.0)
+    with pytest.raises(UsageError, match="smooth_alpha"):
+        QuantizeConfig(mode="int8", smooth_alpha="strong")
+    # "auto" (the default): INT8's static per-tensor activations are smoothed, FP8's are not
+    assert QuantizeConfig(mode="int8").smoothing() == 0.5 and QuantizeConfig(mode="fp8").smoothing() is None
+    assert QuantizeConfig(mode="int8", smooth_alpha=None).smoothing() is None
 
 
 # --- the whole pipeline on a tiny model -----------------------------------------------------------
@@ -122,6 +127,11 @@ def int8_llama(tmp_path_factory):  # the default reconstruction: the OBS pass ro
 def fp8_gpt2(tmp_path_factory):  # slow: its own pipeline run
     pytest.importorskip("transformers")  # GPT-2's Conv1D weights are stored [K, out]
     return _optimize(tmp_path_factory, "gpt2", "fp8", update="none", precision="fp16")
+
+
+def test_int8_is_smoothed_by_default(int8_llama):
+    smoothing = int8_llama.report["quantization"]["smoothing"]
+    assert smoothing["alpha"] == 0.5 and smoothing["sites"], smoothing
 
 
 @pytest.mark.parametrize("which", ["int8_llama", pytest.param("fp8_gpt2", marks=pytest.mark.slow)])
