@@ -404,10 +404,12 @@ def _refuse_non_finite(model: nn.Module, folder: "Path | str") -> None:
         # model's 128k-token embedding, twice its bf16 size)
         flat = tensor.detach().reshape(-1)
         step = 1 << 22
+        # float8 codes (a quantized checkpoint's weights) have no isfinite kernel: widen each slice
+        widen = tensor.element_size() == 1
         bad = next((part for part in (flat[i:i + step] for i in range(0, flat.numel(), step))
-                    if not bool(torch.isfinite(part).all())), None)
+                    if not bool(torch.isfinite(part.float() if widen else part).all())), None)
         if bad is not None:
-            bad = "NaN" if bool(torch.isnan(bad).any()) else "Inf"
+            bad = "NaN" if bool(torch.isnan(bad.float()).any()) else "Inf"
             raise UsageError(f"weights in {folder} are not finite: {name} holds {bad} values")
 
 

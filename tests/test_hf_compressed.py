@@ -93,3 +93,36 @@ def test_layers_compressed_tensors_cannot_hold_keep_the_dequantized_checkpoint(t
     import json
 
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_load_model_reads_the_checkpoint_and_refuses_a_nan_code(mode, tmp_path):
+    """``load_model`` (what ``permcompile eval OUT`` runs on ``OUT/hf``) loads the compressed checkpoint, whose
+    weights are 8-bit codes (float8 has no isfinite kernel: that check once crashed on it), runs it as the
+    fake-quant model, and still names a NaN code (float8 E4M3 has one) instead of loading it."""
+    pytest.importorskip("compressed_tensors")
+    from safetensors.torch import load_file, save_file
+
+    from permcompile.errors import UsageError
+    from permcompile.models import load_model
+
+    model, plan, batches = _quantized_llama(mode)
+    save_compressed(model, tmp_path, plan)
+    loaded = load_model(str(tmp_path))
+    with torch.no_grad():
+        got = loaded.model(**batches[0]).logits
+        with fake_quant_model(model, plan):
+            ref = model(**batches[0]).logits
+    assert float((got - ref).abs().max()) <= quant_tolerance(plan, "fp32", DEFAULT_TOLERANCE["fp32"]) * float(
+        ref.abs().max())
+    if mode != "fp8":
+        return
+    path = tmp_path / "model.safetensors"
+    stored = load_file(str(path))
+    param = next(iter(plan.layers.values())).param
+    codes = stored[param].clone()
+    codes.view(torch.uint8)[0, 0] = 0x7F  # E4M3's NaN
+    stored[param] = codes
+    save_file(stored, str(path), metadata={"format": "pt"})
+    with pytest.raises(UsageError, match="not finite.*NaN"):
+        load_model(str(tmp_path))
