@@ -126,3 +126,34 @@ def test_load_model_reads_the_checkpoint_and_refuses_a_nan_code(mode, tmp_path):
     save_file(stored, str(path), metadata={"format": "pt"})
     with pytest.raises(UsageError, match="not finite.*NaN"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_a_half_precision_source_loads_in_fp32_exactly_and_in_half_within_the_grid_tolerance(mode, tmp_path):
+    """A bf16 source model (its parameters bf16, so each quantized weight is ``code × scale`` only up to bf16
+    rounding): the checkpoint holds the exact codes, so loaded in fp32 it computes the fake-quant function of the
+    same parameters exactly (0 measured); loaded in fp16 or bf16 (what a GPU user does), half-precision
+    arithmetic moves some activations across a rounding boundary, so the logits agree within the fp16 graph's
+    grid-step tolerance (measured fp16 0.082 / 0.065, bf16 0.099 / 0.064 of the output scale for FP8 / INT8,
+    against tolerances 0.26 / 0.10)."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    model, plan, batches = _quantized_llama(mode)
+    with torch.no_grad():
+        for p in model.parameters():  # the parameters only: the rotary buffer stays fp32, as a loader rebuilds it
+            p.data = p.data.to(torch.bfloat16)
+        save_compressed(model, tmp_path, plan)
+        for p in model.parameters():
+            p.data = p.data.float()
+    tol = {torch.float32: 0.0, torch.float16: quant_tolerance(plan, "fp16", DEFAULT_TOLERANCE["fp16"])}
+    tol[torch.bfloat16] = tol[torch.float16]
+    for dtype, limit in tol.items():
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), local_files_only=True, dtype=dtype).eval()
+        with torch.no_grad():
+            for batch in batches:
+                got = loaded(**batch).logits.float()
+                with fake_quant_model(model, plan):
+                    ref = model(**batch).logits
+                assert bool(torch.isfinite(got).all())
+                assert float((got - ref).abs().max()) <= limit * float(ref.abs().max()), dtype
