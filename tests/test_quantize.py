@@ -104,7 +104,7 @@ def test_modes_are_registered_and_bad_configs_refused():
     with pytest.raises(UsageError, match="smooth_alpha"):
         QuantizeConfig(mode="int8", smooth_alpha="strong")
     # "auto" (the default): INT8's static per-tensor activations are smoothed, FP8's are not
-    assert QuantizeConfig(mode="int8").smoothing() == 0.5 and QuantizeConfig(mode="fp8").smoothing() is None
+    assert QuantizeConfig(mode="int8").smoothing() == 0.7 and QuantizeConfig(mode="fp8").smoothing() is None
     assert QuantizeConfig(mode="int8", smooth_alpha=None).smoothing() is None
 
 
@@ -131,7 +131,7 @@ def fp8_gpt2(tmp_path_factory):  # slow: its own pipeline run
 
 def test_int8_is_smoothed_by_default(int8_llama):
     smoothing = int8_llama.report["quantization"]["smoothing"]
-    assert smoothing["alpha"] == 0.5 and smoothing["sites"], smoothing
+    assert smoothing["alpha"] == 0.7 and smoothing["sites"], smoothing
 
 
 @pytest.mark.parametrize("which", ["int8_llama", pytest.param("fp8_gpt2", marks=pytest.mark.slow)])
