@@ -485,3 +485,45 @@ def test_quality_quant_peer_rows_skip_line_and_ratios(tmp_path, monkeypatch, cap
     assert rows["2:4+int8"]["a:ppl / llmc"] == pytest.approx(11.0 / 13.0)
     assert "a:ppl / llmc" not in rows["2:4"]
     assert "| llmc sparsegpt+fp8 | torch | 12 ± 0 |" in md and "2:4 share 1.0000" in md
+
+
+@pytest.mark.slow  # ~15-30 s (two pipeline builds); the diagonal's own test below runs by default
+def test_quant_ablation_on_a_tiny_model(tmp_path, tiny_dir):
+    """quant_ablation.py on a tiny causal LM: a row per requested quantizer kind and alpha for the build and its
+    random-permutation control, each with its ratio to the same build's 2:4, and the table with the command."""
+    data = _austen_stand_in(tmp_path / "data")
+    out = tmp_path / "out"
+    _load("quant_ablation").main(
+        ["--model", str(tiny_dir("llama")), "--seeds", "0", "--control", "--data", str(data / "persuasion.txt"),
+         "--max-tokens", "200", "--context", "64", "--calib-samples", "4", "--calib-seq-len", "32",
+         "--formats", "int8", "--kinds", "down", "all", "--alphas", "none", "0.7", "--out-dir", str(out)])
+    stem = f"quant_ablation_{tiny_dir('llama').name}"
+    result = json.loads((out / f"{stem}.json").read_text())
+    labels = ["2:4", "int8 inputs: down", "int8 inputs: all", "int8 down, alpha none", "int8 down, alpha 0.7"]
+    for perm in ("hungarian", "random"):
+        rows = [r for r in result["rows"] if r["permutation"] == perm]
+        assert [r["row"] for r in rows] == labels
+        assert all(r["persuasion"] > 1 for r in rows)
+        assert all(r["persuasion / 2:4"] == r["persuasion"] / rows[0]["persuasion"] for r in rows[1:])
+    table = (out / f"{stem}.md").read_text()
+    assert "| random | int8 down, alpha 0.7 |" in table and "Command: `python benchmarks/quant_ablation.py" in table
+
+
+def test_quant_ablation_diagonal_keeps_the_function_and_is_undone():
+    """The post-hoc SmoothQuant diagonal: with the inputs left in float, the model computes what it computed up to
+    INT8 weight rounding; on exit every weight is exactly what it was."""
+    from permcompile.testing.zoo import build_tiny
+
+    mod = _load("quant_ablation")
+    net = build_tiny("llama").eval()
+    downs = [n for n, _ in net.named_modules() if n.endswith("down_proj")]
+    amax = {n: torch.rand(net.get_submodule(n).in_features) + 0.1 for n in downs}
+    x = {"input_ids": torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        y = net(**x).logits
+        with mod.smoothed_down(net, downs, amax, 0.7) as scales:
+            assert set(scales) == set(downs) and all(s > 0 for s in scales.values())
+            y_s = net(**x).logits
+    assert float((y_s - y).norm() / y.norm()) < 0.02  # INT8 weight rounding only
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
