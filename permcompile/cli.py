@@ -178,9 +178,7 @@ def _print_summary(report: dict) -> None:
         after = sum(r["rel_error_reconstructed"] for r in recon) / len(recon)
         click.echo(f"reconstruction (update obs): relative layer-output error on the calibration data, mean over "
                    f"{len(recon)} layers: mask only {before:.4f} -> reconstructed {after:.4f}")
-        fit = (report.get("calibration") or {}).get("reconstruction_fit") or {}
-        given = (report.get("calibration") or {}).get("batches") or {}
-        embedded = {k: v for k, v in fit.items() if k not in given}
+        embedded = (report.get("calibration") or {}).get("reconstruction_fit_embedded") or {}
         if embedded:
             click.echo("  the calibration text is one kind of text: the update was also fitted on the embedded mixed "
                        "set (" + ", ".join(f"{v} batches of {k}" for k, v in embedded.items()) + ")")

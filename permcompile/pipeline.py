@@ -263,6 +263,9 @@ def _calibration_summary(batches: list, fit_on: list | None) -> dict:
     if fit_on is not None:
         checked = set(getattr(fit_on, "reference", None) or ())
         summary["reconstruction_fit"] = _by_kind(fit_on, skip=checked)
+        embedded = set(getattr(fit_on, "embedded", None) or ()) - checked
+        if embedded:
+            summary["reconstruction_fit_embedded"] = _by_kind(fit_on, only=embedded)
         if checked:
             summary["reconstruction_checked_only"] = _by_kind(fit_on, only=checked)
     return summary

@@ -391,6 +391,22 @@ def test_one_text_is_topped_up_with_the_embedded_set_and_each_kind_held_out_in_t
                     "pruned_layers": c.mask_result.layers, "calibration": c.calibration})
     line = next(x for x in capsys.readouterr().out.splitlines() if "embedded mixed set" in x)
     assert all(f"of {kind}" in line for kind in ("prose", "docs", "code")) and "one.txt" not in line
+    assert set(c.calibration["reconstruction_fit_embedded"]) == {"prose", "docs", "code"}
+    # a user's file named like an embedded kind: the embedded batches are told apart by position, not by name
+    from permcompile.calib.data import CalibrationBatches, with_reference
+    from permcompile.pipeline import _calibration_summary
+
+    mine = CalibrationBatches([{}] * 2)
+    mine.sources, mine.documents = ["prose"] * 2, 1
+    embedded = CalibrationBatches([{}] * 3)
+    embedded.sources = ["prose", "docs", "code"]
+    summary = _calibration_summary(mine, with_reference(mine, embedded, fit=True))
+    assert summary["reconstruction_fit"] == {"prose": 3, "docs": 1, "code": 1}
+    assert summary["reconstruction_fit_embedded"] == {"prose": 1, "docs": 1, "code": 1}
+    _print_summary({"model": "tiny", "sparsity": "2:4", "permutation": "none", "criterion": "wanda",
+                    "pruned_layers": c.mask_result.layers, "calibration": summary})
+    line = next(x for x in capsys.readouterr().out.splitlines() if "embedded mixed set" in x)
+    assert "1 batches of prose" in line
     # the blocks hold out one kind each, in turn: the user's text is one of the kinds
     from permcompile.calib.data import CalibrationBatches, with_reference
     from permcompile.passes.reconstruct import heldout_batches

@@ -449,9 +449,10 @@ def with_reference(batches: list, reference: list, *, fit: bool) -> "Calibration
     sources = list(getattr(batches, "sources", None) or [])
     out.sources = ((sources if len(sources) == len(batches) else ["calibration"] * len(batches))
                    + list(getattr(reference, "sources", None) or ["reference"] * len(reference)))
+    out.embedded = list(range(len(batches), len(out)))
     if not fit:
         out.documents = getattr(batches, "documents", None)
-        out.reference = list(range(len(batches), len(out)))
+        out.reference = list(out.embedded)
     return out
 
 
@@ -486,6 +487,8 @@ class CalibrationBatches(list):
         self.positions: list[int] | None = None  # each batch's index in the whole set (a process's share: shard)
         self.total: int | None = None  # batches in the whole set
         self.reference: list[int] = []  # batches to check on, never to fit on (with_reference)
+        # batches with_reference added from the embedded set (their kind names may equal a user file's)
+        self.embedded: list[int] = []
 
     def share(self, start: int, step: int) -> "CalibrationBatches":
         """Every ``step``-th batch from ``start``, keeping each one's label and position in the whole set."""
