@@ -163,7 +163,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--rows", nargs="+", default=["2:4", "2:4+int8", "2:4+fp8", "2:4+int8 random"],
+    ap.add_argument("--rows", nargs="*", default=["2:4", "2:4+int8", "2:4+fp8", "2:4+int8 random"],
                     choices=list(ROWS))
     ap.add_argument("--data", nargs="+", required=True, help="held-out text files (never the calibration text)")
     ap.add_argument("--max-tokens", type=int, default=8192, help="causal LMs: tokens of each text evaluated")
