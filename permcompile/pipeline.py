@@ -231,7 +231,7 @@ def _fold(loaded, groups, perms, stats, batches, t: StepTimer):
 
 def _mask(loaded, config: OptimizeConfig, linears, batches, local, stats, t: StepTimer, quiet: bool, checkpoints):
     """N:M masks, with the OBS update of the kept weights (``--update obs``): ``(mask result, the batches the
-    update was fitted on)``; ``(None, None)`` with ``--prune none``."""
+    update was fitted on, all processes' together)``; ``(None, None)`` with ``--prune none``."""
     n, m = config.sparsity.n, config.sparsity.m
     if not config.prune:
         return None, None
@@ -244,17 +244,18 @@ def _mask(loaded, config: OptimizeConfig, linears, batches, local, stats, t: Ste
     from .calib.distributed import shard
     from .passes.reconstruct import reconstruct_
 
-    fit_on, rc = local, config.reconstruct
+    fit_on, whole, rc = local, batches, config.reconstruct
     if narrow_calibration(batches) and (rc.reference_share > 0 or rc.heldout != "none"):
         # one text cannot show how an update fitted on it does on other kinds of text: the embedded mixed set
         # joins the fit (reference_share > 0) or is only checked on
         reference = load_calibration(None, loaded, rc.reference_samples(config.calib_samples),
                                      config.calib_seq_len, config.seed)
         fit_on = with_reference(local, shard(reference), fit=rc.reference_share > 0)
+        whole = with_reference(batches, reference, fit=rc.reference_share > 0)  # what report.json counts
     with t.step("mask + reconstruct"):
         return reconstruct_(loaded.model, linears, fit_on, config.criterion, n, m,
                             forward_kwargs=loaded.forward_kwargs(), config=rc, device=config.device, quiet=quiet,
-                            checkpoints=checkpoints, quantize=_joint_quant(loaded.model, config)), fit_on
+                            checkpoints=checkpoints, quantize=_joint_quant(loaded.model, config)), whole
 
 
 def _calibration_summary(batches: list, fit_on: list | None) -> dict:
@@ -272,7 +273,7 @@ def _calibration_summary(batches: list, fit_on: list | None) -> dict:
 
 
 def _by_kind(batches: list, skip: set = frozenset(), only: set | None = None) -> dict[str, int]:
-    """How many of ``batches`` (this process's share) come from each kind of text or file."""
+    """How many of ``batches`` come from each kind of text or file."""
     sources = list(getattr(batches, "sources", None) or [])
     if len(sources) != len(batches):
         sources = ["calibration"] * len(batches)

@@ -46,7 +46,8 @@ def _compress(seed_dir: str, rank: int, world: int, rendezvous: str) -> None:
         c = compress_(loaded, OptimizeConfig(permutation="hungarian", calib_samples=16, calib_seq_len=32), quiet=True,
                       batches=batches)
         torch.save({"state": loaded.model.state_dict(), "perms": c.perms,
-                    "tokens": [r["reconstruction"]["tokens"] for r in c.mask_result.layers]},
+                    "tokens": [r["reconstruction"]["tokens"] for r in c.mask_result.layers],
+                    "calibration": c.calibration},
                    os.path.join(seed_dir, f"rank{rank}_of{world}.pt"))
     finally:
         if world > 1:
@@ -72,6 +73,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     one = torch.load(tmp_path / "rank0_of1.pt", weights_only=False)
     ranks = [torch.load(tmp_path / f"rank{r}_of2.pt", weights_only=False) for r in range(2)]
     assert len(one["tokens"]) and ranks[0]["tokens"] == one["tokens"]  # every rank saw all tokens' statistics
+    # report.json's calibration counts the whole set, not one rank's share
+    assert ranks[0]["calibration"] == ranks[1]["calibration"] == one["calibration"]
+    assert one["calibration"]["reconstruction_fit"] == {"calibration": 2}
     for r in ranks:
         assert {k: v.tolist() for k, v in r["perms"].items()} == {k: v.tolist() for k, v in one["perms"].items()}
         for name, w in one["state"].items():
