@@ -117,7 +117,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
         with t.step("smooth"):  # SmoothQuant diagonals, folded and checked like the permutations
             smoothing = smooth_(loaded.model, groups, [i for i in linears if i.prune], local,
                                 config.quantize.smoothing(), fold_check, loaded.forward_kwargs(), stats)
-    mask_result, fit_on = _mask(loaded, config, linears, batches, local, stats, t, quiet, checkpoints)
+    mask_result, fit_all = _mask(loaded, config, linears, batches, local, stats, t, quiet, checkpoints)
     quant_plan = None
     if config.quantize.enabled:
         from .passes.quantize import QuantRequest
@@ -132,7 +132,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
             quant_plan.smoothing = smoothing or {}
     check_same_weights(loaded.model)  # several processes: every rank must end with rank 0's weights (else a warning)
     return Compressed(groups, linears, perms, group_results, fold_report, fold_err, mask_result, stats, batches,
-                      verify_inputs, t.timings, checkpoints, quant_plan, _calibration_summary(batches, fit_on))
+                      verify_inputs, t.timings, checkpoints, quant_plan, _calibration_summary(batches, fit_all))
 
 
 def _split_residual(net, groups: list, linears: list) -> list:
@@ -258,17 +258,17 @@ def _mask(loaded, config: OptimizeConfig, linears, batches, local, stats, t: Ste
                             checkpoints=checkpoints, quantize=_joint_quant(loaded.model, config)), whole
 
 
-def _calibration_summary(batches: list, fit_on: list | None) -> dict:
+def _calibration_summary(batches: list, fit_all: list | None) -> dict:
     """report.json's ``calibration``: batches by kind of text, and which the reconstruction fitted or only checked."""
     summary = {"batches": _by_kind(batches)}
-    if fit_on is not None:
-        checked = set(getattr(fit_on, "reference", None) or ())
-        summary["reconstruction_fit"] = _by_kind(fit_on, skip=checked)
-        embedded = set(getattr(fit_on, "embedded", None) or ()) - checked
+    if fit_all is not None:
+        checked = set(getattr(fit_all, "reference", None) or ())
+        summary["reconstruction_fit"] = _by_kind(fit_all, skip=checked)
+        embedded = set(getattr(fit_all, "embedded", None) or ()) - checked
         if embedded:
-            summary["reconstruction_fit_embedded"] = _by_kind(fit_on, only=embedded)
+            summary["reconstruction_fit_embedded"] = _by_kind(fit_all, only=embedded)
         if checked:
-            summary["reconstruction_checked_only"] = _by_kind(fit_on, only=checked)
+            summary["reconstruction_checked_only"] = _by_kind(fit_all, only=checked)
     return summary
 
 
