@@ -559,9 +559,12 @@ def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_resu
 
             report["hf_extra_files"] = copy_extra_files(Path(loaded.folder), tmp / "hf")
     stages["save_hf"] = round(time.perf_counter() - clock, 3)
+    # a quantized graph gets Q/DQ and 8-bit weight codes as it is written (export/onnx_qdq.py)
     info = export_onnx(net, loaded.example_inputs(), tmp / "model.onnx", config.precision,
-                       forward_kwargs=loaded.forward_kwargs(), prefetched=prefetch, consume=consume)
+                       forward_kwargs=loaded.forward_kwargs(), prefetched=prefetch, consume=consume,
+                       quant_plan=quant_plan)
     report["onnx"] = jsonable(info)
+    quantized = report["onnx"].pop("quantized")
     clock = time.perf_counter()
     proto = None
     for layer in report["pruned_layers"]:
@@ -576,11 +579,8 @@ def _write_artifacts(tmp: Path, loaded, groups, perms, config, report, mask_resu
             except Exception as exc:  # mapping is best effort; verify falls back to structure checks
                 report["onnx_mapping_error"] = str(exc)
         layer["onnx_initializer"] = name
-    if quant_plan is not None:  # Q/DQ around every quantized MatMul, weights as 8-bit codes (export/onnx_qdq.py)
-        from .export.onnx_qdq import rewrite_qdq_file
-
-        names = {e["param"]: e["onnx_initializer"] for e in report["pruned_layers"] if e.get("onnx_initializer")}
-        report["quantization"]["onnx"] = rewrite_qdq_file(tmp / "model.onnx", quant_plan, names)
+    if quant_plan is not None:
+        report["quantization"]["onnx"] = quantized
         quant_plan.write(tmp)
     triton = write_triton_repo(tmp / "triton", "model", onnx_path=tmp / "model.onnx", sparse=config.prune,
                                precision=config.precision, inputs=info.inputs, outputs=info.outputs,

@@ -624,3 +624,62 @@ def test_resume_reuses_a_reconstruction_checkpoint_only_with_the_same_quantizati
     for info in pruned:
         assert torch.equal(result.weight_scales[info.module], quant.scales[info.module]), info.module
         assert torch.equal(resumed.get_parameter(info.param), whole.get_parameter(info.param)), info.param
+
+
+def test_qdq_rewrite_is_the_same_wherever_the_weights_are(tmp_path):
+    """The Q/DQ rewrite runs inside the export, one weight at a time, whether a weight sits in the proto, in a
+    payload streamed on write, or in external data: the same codes and the same ONNX Runtime outputs."""
+    import onnx
+    from onnx import numpy_helper
+    from torch import nn
+
+    from permcompile.export.onnx import export_onnx
+    from permcompile.export.verify import ort_session
+    from permcompile.math.quant import snap_rows
+    from permcompile.passes.quantize import LayerPlan, QuantPlan
+
+    torch.manual_seed(0)
+    # 128x256 weights are streamed payloads (>= 64 KiB); the 16x128 one stays in the proto
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
+    x = {"x": torch.randn(4, 128)}
+
+    def plan_for(precision):
+        plan = QuantPlan("int8", precision)
+        sdt = torch.float16 if precision == "fp16" else torch.float32
+        for i in (0, 2, 4):
+            w = model[i].weight
+            scale = weight_scales(w.detach(), INT8, sdt)
+            with torch.no_grad():
+                w.copy_(snap_rows(w.detach(), scale, INT8))
+            plan.layers[str(i)] = LayerPlan(str(i), f"{i}.weight", 1, scale, float(tensor_scale(8.0, INT8, sdt)),
+                                            8.0)
+        return plan
+
+    def export(name, precision, **kw):
+        path = tmp_path / name / "model.onnx"
+        info = export_onnx(model, x, path, precision, quant_plan=plan_for(precision), **kw)
+        assert set(info.quantized) == {"0.weight", "2.weight", "4.weight"}
+        proto = onnx.load(str(path))
+        codes = {p: numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == r["initializer"]))
+                 for p, r in info.quantized.items()}
+        session = ort_session(path)
+        want = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+        out = session.run(None, {"x": x["x"].numpy().astype(want)})[0]
+        return path, codes, out
+
+    inline, inline_codes, inline_out = export("inline", "fp32")
+    ext, ext_codes, ext_out = export("external", "fp32", external_data=True)
+    for p, c in inline_codes.items():
+        assert c.dtype == np.int8 and np.array_equal(c, ext_codes[p]), p
+    np.testing.assert_array_equal(inline_out, ext_out)
+    # external data now holds codes (1 byte a weight) plus the biases, and no temporary file is left
+    n_weights = sum(model[i].weight.numel() for i in (0, 2, 4))
+    assert (ext.parent / "model.onnx.data").stat().st_size < 2 * n_weights
+    assert sorted(f.name for f in ext.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    # fp16: the half export streams its weights, the converter rewrites an in-memory graph
+    _, half_codes, half_out = export("half", "fp16", fp16_method="half")
+    _, conv_codes, conv_out = export("convert", "fp16", fp16_method="convert")
+    for p, c in half_codes.items():
+        assert np.array_equal(c, conv_codes[p]), p
+    np.testing.assert_allclose(half_out.astype(np.float32), conv_out.astype(np.float32), atol=2e-2)
+    np.testing.assert_allclose(half_out.astype(np.float32), inline_out, atol=5e-2, rtol=5e-2)

@@ -91,6 +91,7 @@ class OnnxExportInfo:
     warnings: list[str] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)  # seconds per export stage
     prefetched: bool = False  # the graph was traced ahead of time (GraphPrefetch)
+    quantized: dict[str, dict] | None = None  # param -> Q/DQ rewrite record (export/onnx_qdq.py), when quantized
 
 
 def _model_bytes(model: nn.Module, itemsize: int | None) -> int:
@@ -114,7 +115,7 @@ def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: st
                 forward_kwargs: Mapping[str, Any] | None = None, *, fp16_method: str = "auto",
                 external_data: bool | None = None, opset: int | None = None,
                 optimize: str = "fast", prefetched: "GraphPrefetch | None" = None,
-                consume: bool = False) -> OnnxExportInfo:
+                consume: bool = False, quant_plan=None) -> OnnxExportInfo:
     """Export ``model`` to ``path`` (see the module docstring). ``model`` itself is not modified, unless
     ``consume``: then a bf16/fp16 model's parameters may be cast to the graph's dtype in place instead of in
     a copy (one copy of the weights in memory, not two), for a caller done with the model.
@@ -127,6 +128,8 @@ def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: st
     ``prefetched``: a :class:`GraphPrefetch` started on this model (same structure, other weights) before
     its weights changed; its graph is reused with ``model``'s current weights bound by name, which skips
     the trace. If it failed or does not fit, the model is traced here as usual (noted in the warnings).
+    ``quant_plan``: a :class:`~permcompile.passes.quantize.QuantPlan`; its layers are rewritten to Q/DQ with
+    8-bit weight codes (``export/onnx_qdq.py``) before the file is written, one weight at a time.
     """
     import onnx
 
@@ -193,6 +196,13 @@ def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: st
         mapping, more = _postprocess(proto, traced.module, axes, check_values=not use_external, payloads=payloads)
         notes += more
         lap("postprocess")
+        quantized = None
+        if quant_plan is not None:
+            from .onnx_qdq import rewrite_qdq
+
+            quantized = rewrite_qdq(proto, quant_plan, mapping, payloads=payloads,
+                                    folder=path.parent if use_external else None)
+            lap("qdq")
         if payloads:
             write_model_streaming(proto, path, payloads)
         else:
@@ -213,7 +223,7 @@ def export_onnx(model: nn.Module, example_kwargs: Mapping[str, Tensor], path: st
         path=path, precision=precision, opset=opset_found, input_names=traced.names, output_name=traced.out_name,
         inputs=inputs, outputs=outputs, dynamic_axes=axes, initializer_map=mapping,
         export_seconds=time.perf_counter() - start, size_bytes=size, external_data=bool(use_external),
-        fp16_method=method, warnings=notes, stages=stages, prefetched=used_prefetch,
+        fp16_method=method, warnings=notes, stages=stages, prefetched=used_prefetch, quantized=quantized,
     )
 
 

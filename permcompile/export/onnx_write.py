@@ -7,7 +7,7 @@ the file as the protobuf wire format expects them, never holding a second copy o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -73,8 +73,10 @@ def _stream_key(init) -> str | None:
     return None
 
 
-def write_model_streaming(proto, path: str | Path, payloads: Mapping[str, np.ndarray]) -> None:
-    """Write ``proto`` whose large initializers are placeholders (see :func:`_detach_payloads`).
+def write_model_streaming(proto, path: str | Path, payloads: Mapping[str, "np.ndarray | Callable[[], np.ndarray]"]
+                          ) -> None:
+    """Write ``proto`` whose large initializers are placeholders (see :func:`_detach_payloads`); a payload
+    may be a function returning the array, called when its turn to be written comes.
 
     Why: protobuf's serialiser copies bytes fields at ~130 MB/s here (4 s for SmolLM2's 540 MB, plus as
     much again to build the message). A protobuf message is the concatenation of its fields, and a
@@ -104,6 +106,8 @@ def write_model_streaming(proto, path: str | Path, payloads: Mapping[str, np.nda
     with open(path, "wb") as f:
         f.write(head.SerializeToString())
         for header, arr in streamed:
+            if callable(arr):  # computed now, one tensor at a time (e.g. 8-bit codes, export/onnx_qdq.py)
+                arr = np.ascontiguousarray(arr())
             size = arr.nbytes
             raw_tag = b"\x4a" + _varint(size)  # TensorProto.raw_data = 9, length-delimited
             tensor_len = len(header) + len(raw_tag) + size
