@@ -557,6 +557,23 @@ def test_sliced_verification_runs_the_qdq_graph(int8_llama, tmp_path):
         np.testing.assert_array_equal(sliced, whole)
 
 
+def test_each_weight_is_dequantized_right_before_its_reader(int8_llama):
+    """Sliced verification (export/ort_chunks.py) carries a value from one slice to the next: a weight's
+    DequantizeLinear at the top of the graph would make it carry every dequantized weight through the whole run."""
+    import onnx
+
+    proto = onnx.load(str(int8_llama.out_dir / "model.onnx"), load_external_data=False)
+    codes = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2}
+    nodes = list(proto.graph.node)
+    placed = 0
+    for i, node in enumerate(nodes):
+        if node.op_type == "DequantizeLinear" and node.input[0] in codes:
+            reader = next(j for j in range(i + 1, len(nodes)) if node.output[0] in nodes[j].input)
+            assert reader - i <= 3, (node.name, nodes[reader].name)  # at most the activation's Q/DQ pair between
+            placed += 1
+    assert placed == len(int8_llama.report["pruned_layers"])
+
+
 def test_quant_speed_dry_run_and_skip_without_cuda(tmp_path, capsys):
     """benchmarks/quant_speed.py (gpu_check.sh step 5): its dry run builds every case on the CPU; without CUDA
     the real run says so and exits 0."""

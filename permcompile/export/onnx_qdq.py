@@ -231,7 +231,7 @@ def rewrite_qdq(proto, plan, initializer_map: dict | None = None, payloads: dict
         uses.setdefault(use.init, []).append(use)
     out: dict[str, dict] = {}
     new_inits = []
-    dq_nodes = []
+    dq_nodes: dict[str, object] = {}  # weight initializer -> its DequantizeLinear
     renamed: dict[str, str] = {}
     act_for_node: dict[str, tuple[str, float, int]] = {}  # consumer node -> (activation, scale, float type)
     data = _InitializerData(proto, payloads, folder)
@@ -255,8 +255,8 @@ def rewrite_qdq(proto, plan, initializer_map: dict | None = None, payloads: dict
             scale_name, zp_name, dq_out = f"{init_name}_scale", f"{init_name}_zero_point", f"{init_name}_dequantized"
             new_inits.append(numpy_helper.from_array(lp.weight_scale.numpy().astype(_np_float(ftype)), scale_name))
             new_inits.append(_zero_point(zp_name, lp.weight_scale.numpy().size, fmt))
-            dq_nodes.append(helper.make_node("DequantizeLinear", [init_name, scale_name, zp_name], [dq_out],
-                                             name=f"{init_name}_DequantizeLinear", axis=channel_axis))
+            dq_nodes[init_name] = helper.make_node("DequantizeLinear", [init_name, scale_name, zp_name], [dq_out],
+                                                   name=f"{init_name}_DequantizeLinear", axis=channel_axis)
             renamed[init_name] = dq_out
             for u in uses[init_name]:
                 act_for_node[u.node] = (lp.input_scale, ftype)
@@ -270,10 +270,14 @@ def rewrite_qdq(proto, plan, initializer_map: dict | None = None, payloads: dict
 
     nodes = list(graph.node)
     pairs: dict[tuple[str, float], str] = {}
-    rebuilt = list(dq_nodes)
+    # each weight's DequantizeLinear goes right before its first reader, not at the top: a graph run slice by slice
+    # (export/ort_chunks.py) would otherwise carry every dequantized weight from the first slice to the last
+    rebuilt = []
     for node in nodes:
         for i, x in enumerate(node.input):
             if x in renamed:
+                if x in dq_nodes:
+                    rebuilt.append(dq_nodes.pop(x))
                 node.input[i] = renamed[x]
         if node.name in act_for_node:
             scale, ftype = act_for_node[node.name]
@@ -291,6 +295,8 @@ def rewrite_qdq(proto, plan, initializer_map: dict | None = None, payloads: dict
                 pairs[key] = f"{tag}_dequantized"
             node.input[0] = pairs[key]
         rebuilt.append(node)
+    if dq_nodes:
+        raise OnnxExportError(f"no node reads the quantized weight {next(iter(dq_nodes))}")
     del graph.node[:]
     graph.node.extend(rebuilt)
     for opset in proto.opset_import:
