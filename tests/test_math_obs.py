@@ -26,6 +26,36 @@ def test_hessian_accumulates_xtx():
     torch.testing.assert_close(acc.hessian(), (x.T @ x) / x.shape[0], rtol=1e-4, atol=1e-4)
 
 
+def test_a_held_out_part_kept_as_rows_is_the_same_moment_until_it_outgrows_the_matrix():
+    """A held-out accumulator keeps its inputs as rows while they are fewer than K (smaller than XᵀX): the same
+    output errors and Hessian updates as the matrix; once K tokens arrive it becomes the matrix."""
+    from permcompile.math.obs import Moment
+
+    gen = torch.Generator().manual_seed(0)
+    k = 48
+    rows_acc, gram_acc = HessianAccumulator(k, keep_rows=True), HessianAccumulator(k)
+    batches = [torch.randn(10, k, generator=gen), torch.randn(2, 5, k, generator=gen)]
+    for x in batches:
+        for acc in (rows_acc, gram_acc):
+            acc.add(x)
+    assert rows_acc.xtx is None and rows_acc.count == gram_acc.count == 20
+    kept, matrix = rows_acc.moment(), gram_acc.moment()
+    assert kept.rows is not None and kept.rows.shape == (20, k) and matrix.gram is not None
+    torch.testing.assert_close(kept.rows.T @ kept.rows, matrix.gram, rtol=1e-5, atol=1e-6)
+    d = torch.randn(6, k, generator=gen)
+    assert output_error(d, torch.zeros_like(d), kept) == pytest.approx(output_error(d, torch.zeros_like(d), matrix),
+                                                                        rel=1e-5)
+    h = torch.eye(k)
+    torch.testing.assert_close(kept.add_to_(h.clone(), -3.0), matrix.add_to_(h.clone(), -3.0), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(rows_acc.hessian(), gram_acc.hessian(), rtol=1e-5, atol=1e-6)  # asked for: formed
+    grown = HessianAccumulator(k, keep_rows=True)
+    grown.add(torch.randn(40, k, generator=gen))
+    assert grown.xtx is None
+    grown.add(torch.randn(8, k, generator=gen))  # 48 tokens: no smaller than the matrix any more
+    assert grown.xtx is not None and isinstance(grown.moment(), Moment) and grown.moment().gram is not None
+
+
 def test_output_error_is_the_layer_output_error():
     x, w, acc = _problem()
     w2 = w * nm_mask(w.abs(), 2, 4)

@@ -125,8 +125,9 @@ class _HessianHooks:
         for name in modules:
             mod = model.get_submodule(name)
             k = mod.in_features if isinstance(mod, nn.Linear) else int(mod.weight.shape[0])
-            self.acc[name] = HessianAccumulator(k, device, diagonal,
-                                                heldout=HessianAccumulator(k, device, diagonal) if heldout else None)
+            # the held-out part is a few batches: kept as rows while they are smaller than a K×K matrix
+            held = HessianAccumulator(k, device, diagonal, keep_rows=True) if heldout else None
+            self.acc[name] = HessianAccumulator(k, device, diagonal, heldout=held)
             self.handles.append(mod.register_forward_pre_hook(self._hook(name, k)))
 
     def _hook(self, name: str, k: int):
@@ -137,16 +138,19 @@ class _HessianHooks:
             acc = self.acc[name]
             last = self._last
             if last is not None and last[0] is x:  # a sibling (q/k/v, gate/up) read this very tensor
-                product, count = last[1], last[2]
+                product, count, rows = last[1], last[2], last[3]
             else:
                 mask = self.mask
                 rows = x[mask.to(x.device)] if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape) else x
-                product, count = acc.product(rows.detach())
-                self._last = (x, product, count)
+                held = (self.holding_out or self.validating) and acc.heldout is not None
+                # float32 once, so the siblings' held-out accumulators share these rows
+                rows = rows.detach().reshape(-1, k).to(acc.device, torch.float32) if held else rows.detach()
+                product, count = acc.product(rows)
+                self._last = (x, product, count, rows if held else None)
             if not self.validating:
                 acc.add_product(product, count)
             if (self.holding_out or self.validating) and acc.heldout is not None:
-                acc.heldout.add_product(product, count)
+                acc.heldout.add_product(product, count, rows)
 
         return fn
 
@@ -158,7 +162,10 @@ class _HessianHooks:
 
 def _reduce_(accs: dict[str, HessianAccumulator]) -> None:
     """Sum the Hessians and token counts over data-parallel ranks (a no-op in one process)."""
-    from .distributed import all_reduce_counts, all_reduce_sum_
+    from .distributed import all_reduce_counts, all_reduce_sum_, world
+
+    if world()[1] == 1:
+        return
 
     names = sorted(accs)
     all_reduce_sum_([accs[n].xtx for n in names])
@@ -166,6 +173,8 @@ def _reduce_(accs: dict[str, HessianAccumulator]) -> None:
         accs[n].count = c
     held = {n: accs[n].heldout for n in names if accs[n].heldout is not None}
     if held:
+        for acc in held.values():  # ranks' rows cannot be summed: their matrices can
+            acc.to_matrix_()
         _reduce_(held)
 
 

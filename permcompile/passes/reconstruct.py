@@ -65,16 +65,16 @@ def _reconstruct_linear(model: nn.Module, info: LinearInfo, acc: HessianAccumula
     shrink, heldout = cfg.shrink, None
     held = acc.heldout
     if cfg.heldout != "none" and held is not None and held.count > 0 and (separate or held.count < acc.count):
-        h_val = held.hessian(release=True).to(device)
+        h_val = held.moment(release=True).to(device)  # rows where fewer than K tokens were held out
         if separate:  # reference batches, never part of H: the whole H is what the update is fitted on
             shrink, errors = choose_update(w_ref, h, h_val, crit, n, m, cfg.shrink_steps(), damp=cfg.damp,
                                            refit_iters=cfg.refit_iters)
         else:
             fit = acc.count - held.count
-            h.mul_(acc.count).sub_(h_val, alpha=held.count).div_(fit)  # the fitted part, in H's own buffer
+            h_val.add_to_(h.mul_(acc.count), -held.count).div_(fit)  # the fitted part, in H's own buffer
             shrink, errors = choose_update(w_ref, h, h_val, crit, n, m, cfg.shrink_steps(), damp=cfg.damp,
                                            refit_iters=cfg.refit_iters)
-            h.mul_(fit).add_(h_val, alpha=held.count).div_(acc.count)  # back to the whole
+            h_val.add_to_(h.mul_(fit), held.count).div_(acc.count)  # back to the whole
         del h_val
         chosen = "mask" if shrink is None else f"shrink={shrink:g}"
         heldout = {"tokens": held.count, "choice": chosen, "rel_error_mask_only": errors["mask"],
