@@ -72,3 +72,24 @@ def test_subgraphs_are_not_sliced(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     with pytest.raises(NotSliceable):
         plan_slices(graph, 1)
+
+
+def test_single_file_weights_move_to_a_scratch_file_and_give_the_same_outputs(tmp_path):
+    """A single-file graph's weights of 64 KiB and more are moved to a scratch file before slicing (so this process
+    holds none of them): the slices must read them back at the right offsets, bit for bit."""
+    from onnx import numpy_helper
+
+    gen = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(gen.standard_normal((128, 256)).astype(np.float32), "w1")  # 128 KiB each
+    w2 = numpy_helper.from_array(gen.standard_normal((256, 128)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 128])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 128])], [w1, w2])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    feeds = [{"x": gen.standard_normal((4, 128)).astype(np.float32)}]
+    whole = ort_session(path).run(None, feeds[0])[0]
+    assert len(plan_slices(onnx.load(str(path)).graph, budget=64 << 10)) > 1  # several slices
+    sliced = run_sliced(path, feeds, budget=64 << 10)[0][0]
+    assert np.array_equal(sliced, whole)

@@ -28,7 +28,7 @@ import torch
 from ..errors import OnnxExportError
 from ..math.quant import from_codes, to_codes
 from .onnx_graph import iter_weight_uses, onnx_initializer_for_param
-from .onnx_write import _stream_key
+from .onnx_write import _stream_key, point_external
 
 QDQ_OPSET = 19
 _META_KEY = "permcompile.quantization"
@@ -98,14 +98,6 @@ def _code_type(fmt) -> int:
     return onnx.TensorProto.FLOAT8E4M3FN if fmt.is_float else onnx.TensorProto.INT8
 
 
-def _point(init, location: str, offset: int, length: int) -> None:
-    del init.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = init.external_data.add()
-        entry.key, entry.value = key, value
-    init.data_location = init.EXTERNAL
-
-
 _COPY_CHUNK = 64 << 20
 
 
@@ -161,7 +153,7 @@ class _InitializerData:
             offset = f.tell()
             f.write(memoryview(raw.reshape(-1)).cast("B"))
             init.data_type = _code_type(fmt)
-            _point(init, final.name, offset, raw.nbytes)
+            point_external(init, final.name, offset, raw.nbytes)
             self._written.add(init.name)
         else:
             init.CopyFrom(_codes_tensor(init.name, codes_of(), fmt))
@@ -206,7 +198,7 @@ class _InitializerData:
                                 raise OnnxExportError(f"{init.name}: its external data file is truncated")
                             f.write(chunk)
                             left -= len(chunk)
-                    _point(init, final.name, start, length)
+                    point_external(init, final.name, start, length)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -64,6 +64,16 @@ def _detach_payloads(ir_model) -> dict[str, np.ndarray]:
     return payloads
 
 
+def point_external(init, location: str, offset: int, length: int) -> None:
+    """Make ``init`` an external-data reference to ``length`` bytes at ``offset`` of ``location`` (its inline
+    bytes, if any, are the caller's to clear)."""
+    del init.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
+    init.data_location = init.EXTERNAL
+
+
 def _stream_key(init) -> str | None:
     if init.data_location != init.EXTERNAL:
         return None

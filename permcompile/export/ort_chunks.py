@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import UsageError
+from .onnx_write import point_external
 from .ort_session import session_options
 
 
@@ -144,11 +145,7 @@ def _externalize_(graph, folder: Path, min_bytes: int = 1 << 16) -> Path:
             data = init.raw_data
             f.write(data)
             init.ClearField("raw_data")
-            del init.external_data[:]
-            for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(len(data)))):
-                entry = init.external_data.add()
-                entry.key, entry.value = key, value
-            init.data_location = init.EXTERNAL
+            point_external(init, "weights.bin", offset, len(data))
             offset += len(data)
             del data
     return folder
