@@ -386,12 +386,10 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
                 raise OutputWriteError(f"cannot write the output to {out_dir.resolve().parent}: {reason}") from exc
         # a quantized graph small enough to hold beside the model is checked teacher-forced (export/qdq_compare.py)
         keep = c.quant_plan is not None and _graph_small(tmp / "model.onnx")
-        if release_model and not keep:
-            _release_weights_(net)
-            net = None
         with t.step("verify"):
-            checks = verify_artifacts(tmp)
-            # the in-memory model on calibration inputs, besides verify's random inputs on the reloaded hf/
+            # the in-memory model on calibration inputs, besides verify's random inputs on the reloaded hf/; the
+            # teacher-forced references come first, so the model is released before verify_artifacts loads hf/
+            # (both at once set SmolLM2 FP8's peak)
             calib_tol, note = _quant_tol(c.quant_plan, config.precision), ""
             if keep:
                 from .export.qdq_compare import reference_outputs
@@ -399,9 +397,13 @@ def _optimize_loaded(loaded, out_dir, plan_path, config, t, prefetch, batch_rang
                 calib_refs, calib_tol, note = reference_outputs(tmp / "model.onnx", net, c.quant_plan, report,
                                                                 calib_inputs, loaded.forward_kwargs(),
                                                                 config.precision, None)
+            if release_model:
+                _release_weights_(net)
+                net = None
             calib_cmp = compare_ort_refs(tmp / "model.onnx", calib_inputs, calib_refs, precision=config.precision,
                                          tol=calib_tol)
             calib_cmp.detail = note or calib_cmp.detail
+            checks = verify_artifacts(tmp)
             checks.append(calib_cmp.as_check("onnxruntime_vs_torch_calibration"))
         report["checks"] = [asdict(c) for c in checks]
         report["timings"] = t.timings

@@ -693,6 +693,17 @@ def test_qdq_rewrite_is_the_same_wherever_the_weights_are(tmp_path):
     n_weights = sum(model[i].weight.numel() for i in (0, 2, 4))
     assert (ext.parent / "model.onnx.data").stat().st_size < 2 * n_weights
     assert sorted(f.name for f in ext.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    # the teacher-forced check reads the weights from disk in both layouts (inline ones via a scratch file it
+    # removes): the same graph outputs and the same forced references
+    from permcompile.export.qdq_compare import forced_compare
+
+    plan = plan_for("fp32")  # the weights the fp32 graphs hold (already on this grid: unchanged)
+    results = [forced_compare(p, model, plan, {}, [x], None, "fp32") for p in (inline, ext)]
+    for r in results:
+        assert r.passed and "teacher-forced at 3/3" in r.detail, r.detail
+    assert results[0].detail == results[1].detail and results[0].max_abs == results[1].max_abs
+    assert sorted(f.name for f in ext.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert sorted(f.name for f in inline.parent.iterdir()) == ["model.onnx"]
     # fp16: the half export streams its weights, the converter rewrites an in-memory graph
     _, half_codes, half_out = export("half", "fp16", fp16_method="half")
     _, conv_codes, conv_out = export("convert", "fp16", fp16_method="convert")

@@ -19,6 +19,7 @@ the whole-graph session (memory_scaling_update_none_depth.md, where verification
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -105,29 +106,44 @@ def run_sliced(onnx_path, batches: Sequence[Mapping[str, np.ndarray]], budget: i
                threads: int | None = None) -> list[list[np.ndarray]]:
     """The graph's outputs on each of ``batches`` (arrays by input name, cast to the inputs' dtypes), computed
     slice by slice (see the module docstring). Raises :class:`NotSliceable` for graphs it cannot slice."""
+    with weightless_graph(onnx_path) as (model, folder):
+        return _run(model, slices=plan_slices(model.graph, budget), batches=batches, folder=folder,
+                    threads=threads)
+
+
+@contextmanager
+def weightless_graph(onnx_path):
+    """``(model, folder)``: the graph at ``onnx_path`` with every weight of 64 KiB or more left on disk as external
+    data in ``folder`` (the graph's own for a graph with external data, else a scratch folder removed on exit), so
+    this process holds none of them and ONNX Runtime reads them from disk (:func:`external_session`)."""
+    import tempfile
+
     import onnx
 
     path = Path(onnx_path)
-    model = onnx.load(str(path), load_external_data=False)  # external weights stay on disk until a slice reads them
-    graph = model.graph
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="permcompile-slices-") as scratch:
-        # a single-file graph: its weights move to a scratch file, so this process holds none of them and a
-        # slice's model is a few kB that ONNX Runtime completes from disk
-        if _has_external(graph):
+    model = onnx.load(str(path), load_external_data=False)  # external weights stay on disk until a session reads them
+    with tempfile.TemporaryDirectory(prefix="permcompile-weights-") as scratch:
+        if _has_external(model.graph):
             folder = path.parent.resolve()
         else:
-            folder = _externalize_(graph, Path(scratch))
+            folder = _externalize_(model.graph, Path(scratch))
             # cleared fields keep their memory in the message's arena: a fresh parse of the now small graph
             # lets the old message (and the weights' bytes) go
             small = onnx.ModelProto()
             small.ParseFromString(model.SerializeToString())
-            model = graph = None
+            model = None
             gc.collect()
             model = small
-        return _run(model, slices=plan_slices(model.graph, budget), batches=batches, folder=folder,
-                    threads=threads)
+        yield model, folder
+
+
+def external_session(model, folder: Path, threads: int | None = None):
+    """A low-memory ONNX Runtime session of ``model`` (a small proto) whose external weights lie in ``folder``."""
+    import onnxruntime as ort
+
+    opts = session_options(low_memory=True, threads=threads)
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def _has_external(graph) -> bool:
@@ -165,10 +181,6 @@ def _run(model, slices, batches, folder: Path, threads) -> list[list[np.ndarray]
         last_use[name] = len(slices)
     initializers = {i.name for i in graph.initializer}
     envs = [_typed_feeds(graph, b) for b in batches]
-    opts = session_options(low_memory=True, threads=threads)
-    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-    import onnxruntime as ort
-
     for k, idx in enumerate(slices):
         nodes = [graph.node[i] for i in idx]
         produced = [o for node in nodes for o in node.output if o]
@@ -180,8 +192,7 @@ def _run(model, slices, batches, folder: Path, threads) -> list[list[np.ndarray]
                     reads.append(name)
         keep = [o for o in produced if last_use.get(o, -1) > k]
         sub = _slice_model(model, nodes, {n: envs[0][n] for n in reads}, keep)
-        session = ort.InferenceSession(sub.SerializeToString(), sess_options=opts,
-                                       providers=["CPUExecutionProvider"])
+        session = external_session(sub, folder, threads)
         del sub
         for env in envs:
             values = session.run(keep, {n: env[n] for n in reads})
@@ -193,4 +204,4 @@ def _run(model, slices, batches, folder: Path, threads) -> list[list[np.ndarray]
     return [[env[name] for name in graph_outputs] for env in envs]
 
 
-__all__ = ["NotSliceable", "plan_slices", "run_sliced"]
+__all__ = ["NotSliceable", "external_session", "plan_slices", "run_sliced", "weightless_graph"]
