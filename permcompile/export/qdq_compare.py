@@ -92,22 +92,22 @@ def _forced_refs(onnx_path, model, plan, report, batches, forward_kwargs, with_o
     # the graph's weights stay on disk (ONNX Runtime reads them from there): loading them here and serialising the
     # tapped graph again held the weights three times beside the model (SmolLM2 FP8: verify 2.52 GiB, 1.58 every
     # other step)
-    with weightless_graph(onnx_path) as (proto, folder):
-        taps = quantizer_outputs(proto, plan, report)
-        want = getattr(onnx.TensorProto, plan.fmt.onnx_type)
-        present = {o.name for o in proto.graph.output}
-        for name in sorted(set(taps.values()) - present):
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, want, None))
-        session = external_session(proto, folder)
-        del proto
-        out_names = [o.name for o in session.get_outputs()]
-        outs, codes = [], []
-        for batch in batches:
-            values = dict(zip(out_names, session.run(None, feeds(session, batch))))
-            outs.append(values[out_names[0]])
-            codes.append({m: _to_torch_codes(values[n], plan.fmt) for m, n in taps.items()})
-            del values
-        del session
+    proto, folder = weightless_graph(onnx_path)
+    taps = quantizer_outputs(proto, plan, report)
+    want = getattr(onnx.TensorProto, plan.fmt.onnx_type)
+    present = {o.name for o in proto.graph.output}
+    for name in sorted(set(taps.values()) - present):
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, want, None))
+    session = external_session(proto, folder)
+    del proto
+    out_names = [o.name for o in session.get_outputs()]
+    outs, codes = [], []
+    for batch in batches:
+        values = dict(zip(out_names, session.run(None, feeds(session, batch))))
+        outs.append(values[out_names[0]])
+        codes.append({m: _to_torch_codes(values[n], plan.fmt) for m, n in taps.items()})
+        del values
+    del session
     refs, flips = [], {}
     for batch, forced in zip(batches, codes):
         with fake_quant_model(model, plan, forced=forced, flips=flips, slack=ROUNDING_SLACK[plan.precision]):
