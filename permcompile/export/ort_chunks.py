@@ -14,9 +14,10 @@ value crossing a cut is rounded to fp16, as the graph declares it, where the who
 in fp32 between two inserted casts (tests/test_ort_slices.py bounds the difference). Graphs with subgraphs
 (If, Loop) are not sliced (:class:`NotSliceable`). A MatMul weight above half the budget (the vocabulary head)
 runs as column pieces (:func:`split_wide_matmuls_`), and the weights are never read by this process: a
-single-file graph's are referenced in place (``onnx_write.load_weightless``). What it bought at the 1B block shape (``--update none``,
-benchmarks/results/memory_scaling_update_none_sliced.md): 16 layers peak at 3.75 GiB, against 6.29 GiB with
-the whole-graph session (memory_scaling_update_none_depth.md, where verification set every depth's peak).
+single-file graph's are referenced in place (``onnx_write.load_weightless``). What slicing bought at the 1B
+block shape (``--update none``, benchmarks/results/memory_scaling_update_none_sliced.md): 16 layers peak at
+3.75 GiB, against 6.29 GiB with the whole-graph session (memory_scaling_update_none_depth.md, where
+verification set every depth's peak).
 """
 from __future__ import annotations
 
