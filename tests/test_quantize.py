@@ -711,3 +711,32 @@ def test_qdq_rewrite_is_the_same_wherever_the_weights_are(tmp_path):
         assert np.array_equal(c, conv_codes[p]), p
     np.testing.assert_allclose(half_out.astype(np.float32), conv_out.astype(np.float32), atol=2e-2)
     np.testing.assert_allclose(half_out.astype(np.float32), inline_out, atol=5e-2, rtol=5e-2)
+
+
+def test_a_failed_qdq_rewrite_leaves_no_half_written_data_file(tmp_path):
+    """A weight off its grid stops the rewrite of an external-data graph after the first weight was already
+    coded into the new data file: one clear error, the half-written file removed, the old data file intact."""
+    from torch import nn
+
+    from permcompile.errors import OnnxExportError
+    from permcompile.export.onnx import export_onnx
+    from permcompile.math.quant import snap_rows
+    from permcompile.passes.quantize import LayerPlan, QuantPlan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128)).eval()
+    plan = QuantPlan("int8", "fp32")
+    for i in (0, 2):
+        w = model[i].weight
+        scale = weight_scales(w.detach(), INT8, torch.float32)
+        with torch.no_grad():
+            w.copy_(snap_rows(w.detach(), scale, INT8))
+        plan.layers[str(i)] = LayerPlan(str(i), f"{i}.weight", 1, scale, float(tensor_scale(8.0, INT8)), 8.0)
+    with torch.no_grad():
+        model[2].weight[0, :4] += 0.3 * plan.layers["2"].weight_scale[0]  # off the grid: the second weight fails
+    path = tmp_path / "out" / "model.onnx"
+    with pytest.raises(OnnxExportError, match=r"2\.weight: \d+ weights are not on their quantization grid"):
+        export_onnx(model, {"x": torch.randn(4, 128)}, path, "fp32", quant_plan=plan, external_data=True)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    # the old data file still holds the float weights (4 bytes each), untouched by the coding of the first
+    assert (path.parent / "model.onnx.data").stat().st_size >= 4 * (128 * 256 * 2)
