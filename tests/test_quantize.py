@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -704,6 +705,26 @@ def test_qdq_rewrite_is_the_same_wherever_the_weights_are(tmp_path):
     assert results[0].detail == results[1].detail and results[0].max_abs == results[1].max_abs
     assert sorted(f.name for f in ext.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert sorted(f.name for f in inline.parent.iterdir()) == ["model.onnx"]
+    # verify's graph checks read a single-file graph's weights in place, the file hard-linked as Triton's copy is
+    # (onnx's external-data reader refuses such a file): the same N:M rows and the same Q/DQ check as the whole graph
+    from permcompile.export.onnx_write import load_weightless, tensor_array
+    from permcompile.export.verify import onnx_nm_report
+    from permcompile.export.verify_quant import qdq_check
+
+    (inline.parent / "triton").mkdir()
+    os.link(inline, inline.parent / "triton" / "model.onnx")
+    light, whole = load_weightless(inline, min_bytes=1024), onnx.load(str(inline))  # the codes are 2-32 KiB
+    assert sum(i.data_location == onnx.TensorProto.EXTERNAL for i in light.graph.initializer) >= 3
+    assert (onnx_nm_report(light, 2, 4, base_dir=inline.parent, graph_file=inline)
+            == onnx_nm_report(whole, 2, 4))
+    checks = [qdq_check(g, inline.parent, plan, {}, graph_file=inline) for g in (light, whole)]
+    assert checks[0] == checks[1] and checks[0].passed, checks
+    bad = next(i for i in light.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL)
+    for entry in bad.external_data:
+        if entry.key == "offset":
+            entry.value = str(inline.stat().st_size - 10)
+    with pytest.raises(ValueError, match="outside model.onnx"):
+        tensor_array(bad, inline.parent, inline)
     # fp16: the half export streams its weights, the converter rewrites an in-memory graph
     _, half_codes, half_out = export("half", "fp16", fp16_method="half")
     _, conv_codes, conv_out = export("convert", "fp16", fp16_method="convert")

@@ -120,6 +120,37 @@ def load_weightless(path: str | Path, min_bytes: int = _BIG_PAYLOAD):
     return model
 
 
+def tensor_array(tensor, base_dir, graph_file: str | Path | None = None) -> np.ndarray:
+    """``tensor``'s values, ``tensor`` left as it is. External data is read the way ``onnx.load`` reads it (its
+    checks: a file inside ``base_dir``, no symlink, a single hard link, in bounds), except a reference into
+    ``graph_file`` itself (what :func:`load_weightless` makes), read here within the file's bounds: the graph
+    file is the one being read, and it may be hard-linked (a Triton repository links ``model.onnx``)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    probe = onnx.TensorProto()
+    probe.CopyFrom(tensor)
+    where = {e.key: e.value for e in tensor.external_data}
+    if graph_file is not None and where.get("location") == Path(graph_file).name:
+        offset, length = int(where.get("offset", 0)), int(where.get("length", -1))
+        with open(Path(base_dir) / Path(graph_file).name, "rb") as f:
+            size = f.seek(0, 2)
+            if offset < 0 or length < 0 or offset + length > size:
+                raise ValueError(f"{tensor.name}: its data lies outside {Path(graph_file).name} "
+                                 f"(bytes {offset}..{offset + length} of {size})")
+            f.seek(offset)
+            data = f.read(length)
+        del probe.external_data[:]
+        probe.data_location = onnx.TensorProto.DEFAULT
+        probe.raw_data = data
+    else:
+        load_external_data_for_tensor(probe, str(base_dir))
+    return numpy_helper.to_array(probe)
+
+
 def _detach_payloads(ir_model) -> dict[str, np.ndarray]:
     """Swap every large initializer of an ``onnx_ir`` model for a placeholder; return key -> array.
 

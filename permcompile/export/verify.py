@@ -35,6 +35,7 @@ from .compare import (SLICE_ABOVE_BYTES, SLICE_BYTES, CompareResult, compare_out
 from .digests import REPORT, sha256_file
 from .onnx import iter_weight_uses
 from .onnx_graph import load_onnx, onnx_initializer_for_param
+from .onnx_write import load_weightless, tensor_array
 from .ort_chunks import NotSliceable, run_sliced
 from .ort_session import clear_session_cache, ort_session
 from .qdq_compare import reference_outputs
@@ -98,11 +99,11 @@ def _nm_stats(arr: np.ndarray, k_axis: int, n: int, m: int) -> tuple[bool, int, 
     return bad == 0, bad, int(counts.size)
 
 
-def _constant_arrays(model, base_dir: str | os.PathLike = "") -> dict[str, Any]:
+def _constant_arrays(model, base_dir: str | os.PathLike = "", graph_file=None) -> dict[str, Any]:
     """Lazily converted arrays for initializers and Constant-node values (external data read from
-    ``base_dir`` one tensor at a time; nothing is cached, so a large model is never held whole)."""
+    ``base_dir`` one tensor at a time, ``onnx_write.tensor_array``; nothing is cached, so a large model is never
+    held whole)."""
     import onnx
-    from onnx import numpy_helper
 
     tensors: dict[str, Any] = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
@@ -113,7 +114,7 @@ def _constant_arrays(model, base_dir: str | os.PathLike = "") -> dict[str, Any]:
 
     class _Lazy(dict):
         def __missing__(self, key):
-            return numpy_helper.to_array(tensors[key], str(base_dir))
+            return tensor_array(tensors[key], base_dir, graph_file)
 
     return _Lazy()
 
@@ -133,7 +134,7 @@ def check_external_data(path, proto=None) -> list[str]:
         proto = onnx.load(str(path), load_external_data=False)
     problems = []
     for tensor in proto.graph.initializer:
-        if not uses_external_data(tensor):
+        if not uses_external_data(tensor) or _in_graph_file(tensor, path):
             continue
         probe = onnx.TensorProto()
         probe.CopyFrom(tensor)  # a header only: the payload is read into the probe, then dropped
@@ -145,19 +146,26 @@ def check_external_data(path, proto=None) -> list[str]:
     return problems
 
 
+def _in_graph_file(tensor, path: Path) -> bool:
+    """A reference into the graph file itself (``onnx_write.load_weightless``): read, within the file's bounds,
+    by ``onnx_write.tensor_array``."""
+    return any(e.key == "location" and e.value == path.name for e in tensor.external_data)
+
+
 def onnx_nm_report(path, n: int = 2, m: int = 4, min_k: int = 0,
-                   base_dir: str | os.PathLike | None = None, names=None) -> list[LinearCheck]:
+                   base_dir: str | os.PathLike | None = None, names=None, graph_file=None) -> list[LinearCheck]:
     """Every constant MatMul/Gemm weight (K >= ``min_k``) with its N:M status along K.
 
     A weight shared by several nodes with the same K axis is reported once. fp16 / fp32 / fp64 (and any
     numeric) initializers are handled; external data is read from next to the file (or from ``base_dir``
     for a model proto loaded without it), one weight at a time. ``names``: only these initializers (the
-    LM head of a large vocabulary is the largest array of all and is never pruned).
+    LM head of a large vocabulary is the largest array of all and is never pruned). ``graph_file``: the file a
+    weightless ``path`` proto came from (``onnx_write.load_weightless``).
     """
     if base_dir is None and not hasattr(path, "graph"):
         base_dir = Path(path).parent
     model = load_onnx(path, external_data=False)
-    arrays = _constant_arrays(model, base_dir or "")
+    arrays = _constant_arrays(model, base_dir or "", graph_file)
     seen: set[tuple[str, int]] = set()
     out: list[LinearCheck] = []
     for use in iter_weight_uses(model):
@@ -387,8 +395,8 @@ def _onnx_checks(out_dir: Path, onnx_path: Path, report: Mapping[str, Any], laye
     """``onnx_load``, then ``onnx_nm`` (every pruned layer's initializer is N:M along K) and, quantized,
     ``onnx_qdq``; with whether the graph loaded and its static image size. The graph is released on return."""
     checks: list[Check] = []
-    try:  # the graph without its external weights: those are read one at a time below
-        onnx_model = load_onnx(onnx_path, external_data=False)
+    try:  # the graph without its weights (inline ones referenced in the file): read one at a time below
+        onnx_model = load_weightless(onnx_path)
         # what onnx.load would refuse (hard links, symlinks, paths outside the folder), here and in triton/
         # (a graph without external data has nothing to resolve, and its Triton copy is the same bytes)
         problems = check_external_data(onnx_path, onnx_model)
@@ -404,7 +412,8 @@ def _onnx_checks(out_dir: Path, onnx_path: Path, report: Mapping[str, Any], laye
     wanted = {e["param"]: e.get("onnx_initializer") or onnx_initializer_for_param(onnx_model, e["param"])
               for e in layers}
     report_rows = {(r.name): r for r in onnx_nm_report(onnx_model, n, m, base_dir=onnx_path.parent,
-                                                        names={v for v in wanted.values() if v})}
+                                                        names={v for v in wanted.values() if v},
+                                                        graph_file=onnx_path)}
     bad = []
     for entry in layers:
         name = wanted[entry["param"]]
@@ -417,7 +426,7 @@ def _onnx_checks(out_dir: Path, onnx_path: Path, report: Mapping[str, Any], laye
             bad.append(f"{entry['param']} ({name}): {why}")
     checks.append(aggregate("onnx_nm", len(layers), bad, f"{len(layers)} pruned weights are {n}:{m} along K"))
     if plan is not None:
-        checks.append(qdq_check(onnx_model, onnx_path.parent, plan, report))
+        checks.append(qdq_check(onnx_model, onnx_path.parent, plan, report, graph_file=onnx_path))
     return checks, True, _static_image_hw(onnx_model)
 
 

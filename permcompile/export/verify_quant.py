@@ -21,6 +21,7 @@ from ..safepath import read_json
 from .checks import DEFAULT_TOLERANCE, Check, aggregate
 from .hf_compressed import CODE_DTYPES, FORMATS, is_compressed, quantized_modules
 from .onnx_graph import onnx_initializer_for_param
+from .onnx_write import tensor_array
 
 PLAN_FILE = "quantization.json"
 
@@ -60,13 +61,12 @@ def _scale_problem(name: str, got, expected) -> str | None:
     return None
 
 
-def qdq_check(onnx_model, base_dir, plan, report: Mapping[str, Any]):
+def qdq_check(onnx_model, base_dir, plan, report: Mapping[str, Any], graph_file=None):
     """``onnx_qdq``: each quantized layer's weight is stored as codes of the plan's type behind a
     ``DequantizeLinear`` with the plan's per-channel scales, and each op reading it takes its input through
     ``QuantizeLinear → DequantizeLinear`` with the plan's input scale (finite, positive, bit-equal in the graph's
     float type)."""
     import onnx
-    from onnx import numpy_helper
 
     want_type = getattr(onnx.TensorProto, plan.fmt.onnx_type)
     inits = {t.name: t for t in onnx_model.graph.initializer}
@@ -81,11 +81,7 @@ def qdq_check(onnx_model, base_dir, plan, report: Mapping[str, Any]):
 
     def array(name):
         t = inits.get(name)
-        if t is None:
-            return None
-        if onnx.external_data_helper.uses_external_data(t):
-            onnx.external_data_helper.load_external_data_for_tensor(t, str(base_dir))
-        return numpy_helper.to_array(t)
+        return None if t is None else tensor_array(t, base_dir, graph_file)
 
     def scale_ok(name, expected) -> str | None:
         got = array(name)
