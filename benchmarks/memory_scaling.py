@@ -63,7 +63,8 @@ def machine() -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}}
+            "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+                                                     "MALLOC_MMAP_THRESHOLD_")}}
     try:
         import psutil
 

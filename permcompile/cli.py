@@ -54,6 +54,9 @@ class _Group(click.Group):
 @click.version_option(package_name="permcompile")
 def main():
     """permcompile: channel permutations for N:M (2:4) sparse Transformers, folded into the weights."""
+    from .timing import map_large_allocations
+
+    map_large_allocations()  # memory freed by a step goes back to the system (see its docstring)
 
 
 PRUNE_MODES = ("blocks", "all", "none")

@@ -18,6 +18,27 @@ def rss_bytes() -> int:
         return 0
 
 
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """glibc only: serve allocations of ``threshold`` bytes or more with their own memory mappings, so memory
+    freed by one step is returned to the system instead of staying resident for the next; True if set. A
+    ``MALLOC_MMAP_THRESHOLD_`` in the environment is the user's choice and is left alone.
+
+    Why: glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed; blocks below it then
+    come from the heap, and the heap keeps freed memory resident (fragmented between live blocks). Measured on
+    6 Llama-3.2-1B-shaped layers, ``--quantize fp8`` (benchmarks/results/memory_scaling_quant_fp8_6l*.md): peak
+    3.19 GiB by default, 2.89 GiB with a fixed 1 MiB threshold, every step 0.2-0.6 GiB lower; reconstruction took
+    6-10 % longer in a 1-layer probe (the kernel zeroes each fresh mapping)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD; also ends the dynamic adjustment
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to set
+        return False
+
+
 class PeakRSS:
     """Highest resident memory of this process while a step runs, sampled every ``interval`` s by a daemon
     thread."""
@@ -68,4 +89,4 @@ class StepTimer:
         return _Ctx()
 
 
-__all__ = ["rss_bytes", "PeakRSS", "StepTimer"]
+__all__ = ["map_large_allocations", "rss_bytes", "PeakRSS", "StepTimer"]
