@@ -152,3 +152,15 @@ def test_wide_heads_run_in_column_pieces_with_the_same_outputs(tmp_path, precisi
         else:
             assert float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max()) <= 5e-3 * float(np.abs(a).max())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_weight_piece_never_reads_outside_the_graph_folder(tmp_path):
+    from permcompile.export.ort_chunks import WeightPiece
+    from permcompile.safepath import UnsafePathError
+
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 64)
+    (tmp_path / "graph").mkdir()
+    piece = WeightPiece("w", 0, 2, False, (4, 4), np.dtype(np.float32), "../secret.bin", 0)
+    with pytest.raises(UnsafePathError):
+        piece.load(tmp_path / "graph")
+    assert WeightPiece("w", 0, 2, False, (4, 4), np.dtype(np.float32), "secret.bin", 0).load(tmp_path).shape == (4, 2)

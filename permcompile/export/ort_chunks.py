@@ -93,7 +93,11 @@ class WeightPiece:
         return (self.stop - self.start) * other * self.dtype.itemsize
 
     def load(self, folder: Path) -> np.ndarray:
-        data = np.memmap(folder / self.location, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+        from ..safepath import resolve_inside
+
+        # the location comes from the graph (verify reads graphs somebody else made): never outside its folder
+        data = np.memmap(resolve_inside(folder, self.location, "external data"), dtype=self.dtype, mode="r",
+                         offset=self.offset, shape=self.shape)
         part = data[self.start:self.stop].T if self.transposed else data[:, self.start:self.stop]
         out = np.ascontiguousarray(part)
         del data
@@ -150,6 +154,10 @@ def split_wide_matmuls_(graph, limit: int) -> dict[str, WeightPiece]:
     return pieces
 
 
+# what numpy reads natively (a bf16 or 8-bit weight stays whole)
+_PIECE_TYPES = {1, 10, 11}  # TensorProto FLOAT, FLOAT16, DOUBLE
+
+
 def _wide_rhs(node, inits, producer, readers, limit):
     """``(initializer, transposed, transpose node or None)`` when ``node``'s right-hand side is a wide weight."""
     rhs, transposed, via = node.input[1], False, None
@@ -160,7 +168,8 @@ def _wide_rhs(node, inits, producer, readers, limit):
             return None
         rhs, transposed = via.input[0], True
     init = inits.get(rhs)
-    if init is None or len(init.dims) != 2 or init.data_location != init.EXTERNAL or _nbytes(init) <= limit:
+    if (init is None or len(init.dims) != 2 or init.data_location != init.EXTERNAL or _nbytes(init) <= limit
+            or init.data_type not in _PIECE_TYPES):
         return None
     return init, transposed, via
 
