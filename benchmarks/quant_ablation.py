@@ -15,7 +15,16 @@ linear at a time, without rebuilding:
 A row's ratio is its perplexity over the same build's unquantized 2:4 perplexity. Llama-style causal LMs only
 (``q/k/v/o_proj``, ``gate/up/down_proj``).
 
+``--dense`` asks what 8-bit costs the unpruned model, the floor under any quantized 2:4 build: no 2:4 build, the
+base row is the dense model, and for each format the rows are ``inputs: all`` (as above), ``weights`` (every
+``*_proj`` weight rounded to nearest on its per-output-channel grid, the scale ``max|w_i| / qmax``) and
+``weights + inputs: all`` (both: the W8A8 function a plain round-to-nearest quantizer exports). Seeds change only
+the calibration batches, hence the input scales.
+
     OMP_WAIT_POLICY=PASSIVE python benchmarks/quant_ablation.py --model smollm2 --seeds 0 1 --control \\
+        --data ../shared/data/austen/persuasion.txt ../shared/data/python_docs/tutorial.txt
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/quant_ablation.py --model smollm2 --seeds 0 1 --dense --tag dense \\
+        --formats fp8 int8 --kinds all --alphas \\
         --data ../shared/data/austen/persuasion.txt ../shared/data/python_docs/tutorial.txt
 
 Writes ``benchmarks/results/quant_ablation_<model>[_tag].json`` and ``.md`` (with the commit and command).
@@ -89,9 +98,33 @@ def smoothed_down(net, downs: list[str], channel_amax: dict, alpha: float | None
                 net.get_submodule(name.replace("down_proj", "up_proj")).weight.copy_(w_up)
 
 
+@contextlib.contextmanager
+def rounded_weights(net, names: list[str], fmt):
+    """Each named linear's weight rounded to nearest on its per-output-channel grid while inside."""
+    import torch
+
+    from permcompile.math.quant import snap_rows, weight_scales
+
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name in names:
+                w = net.get_submodule(name).weight
+                saved[name] = w.detach().clone()
+                w.copy_(snap_rows(w.float(), weight_scales(w.float(), fmt), fmt).to(w.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                net.get_submodule(name).weight.copy_(w)
+
+
 def measure(args, seed: int, permutation: str, texts: dict) -> list[dict]:
     from permcompile.config import OptimizeConfig
     from permcompile.evaluate import perplexity
+    import torch
+
+    from permcompile.calib.data import load_calibration
     from permcompile.math.quant import INT8, get_format, tensor_scale
     from permcompile.models import load_model
     from permcompile.passes.quantize import input_ranges
@@ -99,11 +132,16 @@ def measure(args, seed: int, permutation: str, texts: dict) -> list[dict]:
     from permcompile.pipeline import compress_
 
     loaded = load_model(args.model)
-    c = compress_(loaded, OptimizeConfig(seed=seed, permutation=permutation, calib_samples=args.calib_samples,
-                                         calib_seq_len=args.calib_seq_len), quiet=False)
+    config = OptimizeConfig(seed=seed, permutation="none" if permutation == "dense" else permutation,
+                            calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
     net = loaded.model.eval()
-    batches = list(c.batches)
-    pruned = [i.module for i in c.linears if i.prune]
+    if permutation == "dense":
+        batches = list(load_calibration(config.calib, loaded, config.calib_samples, config.calib_seq_len, seed))
+        pruned = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and re.search(KINDS["all"], n)]
+    else:
+        c = compress_(loaded, config, quiet=False)
+        batches = list(c.batches)
+        pruned = [i.module for i in c.linears if i.prune]
     amax = input_ranges(net, batches, pruned, loaded.forward_kwargs())
     downs = [n for n in pruned if n.endswith("down_proj")]
     channel_amax = channel_ranges(net, batches, downs, loaded.forward_kwargs())
@@ -115,21 +153,27 @@ def measure(args, seed: int, permutation: str, texts: dict) -> list[dict]:
         print(row, flush=True)
         return row
 
-    rows = [score("2:4")]
+    base = "dense" if permutation == "dense" else "2:4"
+    rows = [score(base)]
     for mode in args.formats:
         fmt = get_format(mode)
         for kind in args.kinds:
             chosen = {n: tensor_scale(a, fmt) for n, a in amax.items() if re.search(KINDS[kind], n)}
             with input_quant(net, chosen, fmt):
                 rows.append(score(f"{mode} inputs: {kind}"))
-    if downs:
+        if permutation == "dense":
+            with rounded_weights(net, pruned, fmt):
+                rows.append(score(f"{mode} weights"))
+                with input_quant(net, {n: tensor_scale(a, fmt) for n, a in amax.items()}, fmt):
+                    rows.append(score(f"{mode} weights + inputs: all"))
+    if downs and args.alphas:
         for alpha in args.alphas:
             a = None if alpha == "none" else float(alpha)
             with smoothed_down(net, downs, channel_amax, a) as scales, input_quant(net, scales, INT8):
                 rows.append(score(f"int8 down, alpha {alpha}"))
     for r in rows[1:]:
         for name in texts:
-            r[f"{name} / 2:4"] = r[name] / rows[0][name]
+            r[f"{name} / {base}"] = r[name] / rows[0][name]
     return rows
 
 
@@ -146,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS))
     ap.add_argument("--alphas", nargs="*", default=["none", "0.5", "0.7", "0.85"])
     ap.add_argument("--control", action="store_true", help="also a random-permutation build per seed")
+    ap.add_argument("--dense", action="store_true", help="the unpruned model instead of 2:4 builds (8-bit's floor)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -158,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     texts = {Path(p).stem: read_text(p) for p in args.data}
     rows = []
     for seed in args.seeds:
-        for permutation in ["hungarian"] + (["random"] if args.control else []):
+        builds = ["dense"] if args.dense else ["hungarian"] + (["random"] if args.control else [])
+        for permutation in builds:
             rows += measure(args, seed, permutation, texts)
     out = {"model": args.model, "rows": rows, "command": command_line("quant_ablation.py", argv), "git": git_state()}
     stem = f"quant_ablation_{Path(args.model).name}" + (f"_{args.tag}" if args.tag else "")
@@ -168,10 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     names = list(texts)
     lines = [f"# Where quantized 2:4 loses quality on {args.model} (torch fake-quant, one quantizer kind at a time)",
              "", f"Held-out perplexity, first {args.max_tokens} tokens of each text; mean ± sd over calibration seeds "
-             f"{', '.join(map(str, args.seeds))}; ratio = row / the same build's unquantized 2:4 (per seed). "
+             f"{', '.join(map(str, args.seeds))}; ratio = row / the same build's unquantized base row (per seed: "
+             "2:4, or the dense model for permutation `dense`). "
              "`KIND inputs`: static per-tensor input quantization of that kind of linear only, weights unquantized; "
              "`int8 down, alpha A`: down_proj inputs INT8 after a SmoothQuant diagonal folded post hoc, down_proj "
-             "weights INT8 per channel. permutation `random` = the random-permutation control.", "",
+             "weights INT8 per channel; `FMT weights`: every pruned-kind weight rounded to nearest per output channel. "
+             "permutation `random` = the random-permutation control, `dense` = the unpruned model.", "",
              "| permutation | row | " + " | ".join(names) + " | " + " | ".join(f"{n} ratio" for n in names) + " |",
              "|---" * (2 + 2 * len(names)) + "|"]
     order = list(dict.fromkeys((r["permutation"], r["row"]) for r in rows))
@@ -183,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
             return f"{statistics.mean(vals):{digits}} ± {statistics.pstdev(vals):.2g}" if vals else ""
 
         lines.append(f"| {perm} | {label} | " + " | ".join(cell(n, ".4g") for n in names) + " | "
-                     + " | ".join(cell(f"{n} / 2:4", ".3f") for n in names) + " |")
+                     + " | ".join(cell(f"{n} / {'dense' if perm == 'dense' else '2:4'}", ".3f") for n in names) + " |")
     lines += [""] + provenance_lines(out)
     write_result(folder / f"{stem}.md", "\n".join(lines) + "\n", provenance=out)
     print("\n".join(lines))

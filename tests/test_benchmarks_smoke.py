@@ -509,6 +509,42 @@ def test_quant_ablation_on_a_tiny_model(tmp_path, tiny_dir):
     assert "| random | int8 down, alpha 0.7 |" in table and "Command: `python benchmarks/quant_ablation.py" in table
 
 
+def test_quant_ablation_dense_rows(tmp_path, tiny_dir):
+    """``--dense``: no 2:4 build; the base row is the unpruned model, then per format its inputs, its rounded weights
+    and both, each with its ratio to the dense row; weights rounded to 8 bits score differently from float ones."""
+    data = _austen_stand_in(tmp_path / "data")
+    out = tmp_path / "out"
+    _load("quant_ablation").main(
+        ["--model", str(tiny_dir("llama")), "--seeds", "0", "--dense", "--tag", "dense",
+         "--data", str(data / "persuasion.txt"), "--max-tokens", "200", "--context", "64", "--calib-samples", "4",
+         "--calib-seq-len", "32", "--formats", "int8", "--kinds", "all", "--alphas", "--out-dir", str(out)])
+    stem = f"quant_ablation_{tiny_dir('llama').name}_dense"
+    rows = json.loads((out / f"{stem}.json").read_text())["rows"]
+    assert [r["row"] for r in rows] == ["dense", "int8 inputs: all", "int8 weights", "int8 weights + inputs: all"]
+    assert all(r["permutation"] == "dense" for r in rows)
+    assert all(r["persuasion / dense"] == r["persuasion"] / rows[0]["persuasion"] for r in rows[1:])
+    assert rows[2]["persuasion"] != rows[0]["persuasion"]
+    assert "| dense | int8 weights + inputs: all |" in (out / f"{stem}.md").read_text()
+
+
+def test_quant_ablation_rounded_weights_are_restored():
+    """``rounded_weights``: inside, every named weight is on its INT8 per-row grid; on exit, exactly what it was."""
+    from permcompile.math.quant import INT8, weight_scales
+    from permcompile.testing.zoo import build_tiny
+
+    mod = _load("quant_ablation")
+    net = build_tiny("llama").eval()
+    names = [n for n, _ in net.named_modules() if n.endswith("_proj")]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with mod.rounded_weights(net, names, INT8):
+        for n in names:
+            w = net.get_submodule(n).weight.float()
+            codes = w / weight_scales(w, INT8).unsqueeze(1)
+            assert torch.allclose(codes, codes.round(), atol=1e-3)
+        assert not all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
 def test_quant_ablation_diagonal_keeps_the_function_and_is_undone():
     """The post-hoc SmoothQuant diagonal: with the inputs left in float, the model computes what it computed up to
     INT8 weight rounding; on exit every weight is exactly what it was."""
