@@ -199,13 +199,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from permcompile.evaluate import read_text
 
-    torch.set_grad_enabled(False)
     texts = {Path(p).stem: read_text(p) for p in args.data}
     rows = []
     for seed in args.seeds:
         builds = ["dense"] if args.dense else ["hungarian"] + (["random"] if args.control else [])
         for permutation in builds:
-            rows += measure(args, seed, permutation, texts)
+            with torch.no_grad():  # a context, not set_grad_enabled: tests call main() in their own process
+                rows += measure(args, seed, permutation, texts)
     out = {"model": args.model, "rows": rows, "command": command_line("quant_ablation.py", argv), "git": git_state()}
     stem = f"quant_ablation_{Path(args.model).name}" + (f"_{args.tag}" if args.tag else "")
     folder = Path(args.out_dir)

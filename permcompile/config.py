@@ -404,6 +404,14 @@ class OptimizeConfig:
     # accepted for QuantizeConfig(mode=...)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
+    @property
+    def trains_with_gradients(self) -> bool:
+        """Whether the permutation strategy runs backward passes (the learned loop, the search's Sinkhorn phase
+        or its task-loss sensitivities)."""
+        if self.permutation == "learned":
+            return self.learned.steps > 0
+        return self.permutation == "search" and (self.search.steps > 0 or self.search.task_loss)
+
     def resolve_precision(self, checkpoint_dtype) -> str:
         """The ONNX precision for a model stored in ``checkpoint_dtype`` (a torch dtype or its name):
         ``precision`` itself unless it is "auto", then "fp16" for bf16/fp16 checkpoints and "fp32" otherwise."""

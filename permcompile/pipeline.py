@@ -97,6 +97,9 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
     from .calib.distributed import check_same_weights
     from .passes.checkpoint import Checkpoints
 
+    if torch.is_inference_mode_enabled() and config.trains_with_gradients:
+        raise UsageError(f"--permutation {config.permutation} as configured trains with gradients, which "
+                         "torch.inference_mode() forbids: call it under torch.no_grad() or outside both")
     torch.manual_seed(config.seed)
     t = timer or StepTimer(quiet=quiet)
     checkpoints = Checkpoints(loaded.name, checkpoint_dir, resume=resume, quiet=quiet)

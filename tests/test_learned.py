@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from permcompile.config import LearnedConfig, OptimizeConfig
+from permcompile.config import LearnedConfig, OptimizeConfig, SearchConfig
+from permcompile.errors import UsageError
 from permcompile.math.nm import is_nm
 from permcompile.models import load_model
 from permcompile.passes.learned import _effective_masks, _overrides, _sites, train_permutations
@@ -120,6 +121,23 @@ def test_learned_on_per_layer_sites_is_valid_folded_and_nm():
     for info in c.linears:
         if info.prune:
             assert is_nm(weight_kout(loaded.model, info), 2, 4), info.param
+
+
+def test_learned_runs_under_no_grad_and_refuses_inference_mode():
+    """A caller inside ``torch.no_grad()`` gets the permutations it gets outside: the learned loop turns gradients on
+    for itself (``backward`` failed with "does not require grad"; the search's Sinkhorn phase:
+    test_math_search.py). Inside ``torch.inference_mode()``, which no code can leave for autograd, a configuration
+    that trains is one clear error."""
+    cfg = _cfg(learned=LearnedConfig(steps=4, block_size=16))
+    assert cfg.trains_with_gradients and _cfg(permutation="search", search=SearchConfig(steps=1)).trains_with_gradients
+    assert not _cfg(permutation="search").trains_with_gradients
+    ref = compress_(load_model(build_tiny("llama")), cfg).perms
+    loaded = load_model(build_tiny("llama"))
+    with torch.no_grad():
+        got = compress_(loaded, cfg).perms
+    assert set(got) == set(ref) and all(torch.equal(torch.as_tensor(got[k]), torch.as_tensor(ref[k])) for k in ref)
+    with torch.inference_mode(), pytest.raises(UsageError, match="trains with gradients.*torch.no_grad"):
+        compress_(load_model(build_tiny("llama")), cfg)
 
 
 def test_learned_composes_with_reconstruction():

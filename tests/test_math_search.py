@@ -78,6 +78,24 @@ def test_never_worse_than_warm_start_and_respects_constraints():
     assert torch.equal(res.perm, again.perm)  # same seed, same result
 
 
+def test_sinkhorn_phase_runs_under_no_grad():
+    """A caller's ``torch.no_grad()`` does not reach the Sinkhorn phase's optimiser: same result as outside."""
+    gen = torch.Generator().manual_seed(3)
+    n = 32
+    w = torch.randn(8, n, generator=gen) ** 3
+    c = Consumer(w, w.abs(), torch.eye(n), torch.arange(n))
+    labels, fixed = _free(n)
+
+    def run():
+        return learn_permutation([c], n, 2, 4, torch.arange(n), labels, fixed, block=8, steps=5, rounds=1,
+                                 generator=torch.Generator().manual_seed(0))
+
+    ref = run()
+    with torch.no_grad():
+        got = run()
+    assert torch.equal(got.perm, ref.perm) and got.loss_best == ref.loss_best and got.history == ref.history
+
+
 def test_replicated_columns_gqa_style():
     """Two query heads share one kv head: each element is carried by two columns."""
     gen = torch.Generator().manual_seed(5)

@@ -225,6 +225,7 @@ def _apply_q(x: torch.Tensor, reps, q: torch.Tensor, back: bool = False) -> torc
 _INIT_SCALE, _MASK_TAU = 2.0, 0.05
 
 
+@torch.enable_grad()  # an optimisation loop: it must run when the caller disabled gradients
 def _optimise_blocks(consumers, factors, cur, idx, n_keep, m, steps, lr, iters, tau0, tau1, gen, dev, best_loss,
                      history, on_step, amp="off"):
     nb, bsz = idx.shape

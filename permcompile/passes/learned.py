@@ -364,6 +364,7 @@ def _split(batches: list, size: int) -> list:
     return out
 
 
+@torch.enable_grad()  # it trains: it must run when the caller disabled gradients (torch.no_grad)
 def train_permutations(model: nn.Module, groups: list[Group], warm: dict[str, torch.Tensor],
                        scores: dict[str, torch.Tensor], batches: list, run: Callable, objective: Callable, n: int,
                        m: int, config: LearnedConfig, seed: int = 0, k_axes: dict | None = None,
