@@ -96,6 +96,28 @@ def test_prefetch_cancel_kills_the_child_and_restores_threads(tmp_path):
     assert torch.get_num_threads() == threads
 
 
+def test_the_parent_gets_its_threads_back_when_the_trace_ends(tmp_path):
+    """The child's core returns to the parent when the child exits (SIGCHLD), not only at export: compression
+    after a short trace used to run on one thread fewer throughout. SIGCHLD's handler is put back afterwards."""
+    import signal
+    import time
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the workers of the test run have one thread each
+    try:
+        prefetch = GraphPrefetch(tiny_llama(), _batch(), "fp32", {"use_cache": False}, workdir=tmp_path / "trace")
+        assert torch.get_num_threads() == 1 and signal.getsignal(signal.SIGCHLD) is not signal.SIG_DFL
+        deadline = time.monotonic() + 120
+        while torch.get_num_threads() != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+        assert torch.get_num_threads() == 2, "the trace child ended but the parent kept one thread"
+        assert prefetch.process.exitcode == 0 and signal.getsignal(signal.SIGCHLD) is signal.SIG_DFL
+        traced, note = prefetch.take(tiny_llama(), ["input_ids"], "fp32", "auto", "fast", None)
+        assert traced is not None and note is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow  # ~20 s
 def test_streaming_writer_gives_the_same_model(tmp_path, monkeypatch):
     """Large initializers written outside protobuf read back identical, and ONNX Runtime agrees."""
