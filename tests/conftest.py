@@ -6,6 +6,12 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Each xdist worker's torch would start one OpenMP thread per core and spin between ops: two workers on two cores
+# fight with four spinning threads. One thread per worker, waiting passively (set before torch is imported; the
+# CLI subprocesses the tests start inherit it). A serial run (`-n 0`) keeps torch's defaults.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
