@@ -98,7 +98,7 @@ def compress_(loaded, config: OptimizeConfig, *, timer: StepTimer | None = None,
     from .passes.checkpoint import Checkpoints
 
     if torch.is_inference_mode_enabled() and config.trains_with_gradients:
-        raise UsageError(f"--permutation {config.permutation} as configured trains with gradients, which "
+        raise UsageError(f"permutation {config.permutation!r} as configured trains with gradients, which "
                          "torch.inference_mode() forbids: call it under torch.no_grad() or outside both")
     torch.manual_seed(config.seed)
     t = timer or StepTimer(quiet=quiet)
